@@ -1,0 +1,239 @@
+"""Quantization-aware training as one line on a Trainer."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import lightning.pytorch as pl
+import torch.nn as nn
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.ao.quantization import QConfigMapping
+
+from lightning_quant.callbacks._shared import (
+    check_strategy,
+    example_inputs_for,
+    log_export_records,
+    resolve_export_dir,
+)
+from lightning_quant.export import ExportRecord, export_int8
+from lightning_quant.quantization.config import QuantizationConfig
+from lightning_quant.quantization.convert import convert_copy
+from lightning_quant.quantization.flows import get_flow
+from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.schedule import (
+    Phase,
+    QATSchedule,
+    is_prepared,
+    observer_states,
+    restore_observer_states,
+    set_bn_frozen,
+    set_observers,
+)
+from lightning_quant.quantization.target import replace_target, resolve_target
+
+log = logging.getLogger(__name__)
+
+
+class QuantizationAwareTraining(Callback):
+    """Train with fake quantization, then convert to int8 and export, from one callback.
+
+    The model is prepared in ``setup``, before Lightning restores a checkpoint, wraps the
+    model in DDP or builds the optimizer, so all three see the QAT modules. Observers learn
+    from training batches only: sanity check, validation, test and predict pause them and
+    restore them afterwards. At the end of fit a CPU deep copy is converted to int8
+    (``quantized_model``) and exported; the QAT model stays trainable.
+
+    Schedule (each an epoch index, "from the start of this epoch on"):
+
+    - ``quant_start_epoch``: fake quantization and observers are off before it (float warm-up);
+    - ``freeze_observers_epoch``: scales and zero points stop moving from it on;
+    - ``freeze_bn_epoch``: BatchNorm running statistics stop updating from it on.
+
+    Args:
+        backend: ``"x86"`` (default), ``"fbgemm"`` or ``"qnnpack"``.
+        flow: ``"fx"`` (default) or ``"eager"``.
+        module: dotted path of the submodule of the LightningModule to quantize; ``None`` picks
+            its only child with parameters.
+        observer: ``"moving_average"`` (default), ``"minmax"`` or ``"histogram"`` (activations).
+        per_channel: per-channel weights; ``None`` = on for x86/fbgemm, off for qnnpack.
+        skip: module names or types kept in float.
+        qconfig_mapping: a torch ``QConfigMapping`` used as is.
+        modules_to_fuse: eager flow: explicit fusion groups, e.g. ``[["conv", "bn", "relu"]]``.
+        quant_start_epoch: first epoch with fake quantization (default 0).
+        freeze_observers_epoch: first epoch with frozen observers (default ``None``: never).
+        freeze_bn_epoch: first epoch with frozen BatchNorm statistics (default ``None``: never).
+        convert_on_fit_end: convert a copy to int8 and export at the end of fit (default True).
+        export: any of ``"torchscript"``, ``"mobile"``, ``"onnx"`` (default ``("torchscript",)``).
+        export_dir: folder for exported files (default ``<trainer.log_dir>/quantized``).
+        batch_to_input: callable turning a batch into the model's input, for batches whose
+            input is not a tensor, the first item of a tuple, or a mapping of keyword arguments.
+
+    Raises:
+        ValueError: an argument outside its allowed values (the message lists them).
+        TypeError: an argument of the wrong type.
+        ModuleNotFoundError: ``export`` names ONNX and ``onnx`` is not installed.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[QuantizationAwareTraining(freeze_observers_epoch=3)], logger=False)
+    """
+
+    STATE_VERSION = 1
+
+    def __init__(
+        self,
+        backend: str = "x86",
+        flow: str = "fx",
+        module: Optional[str] = None,
+        observer: str = "moving_average",
+        per_channel: Optional[bool] = None,
+        skip: Sequence[Union[str, type]] = (),
+        qconfig_mapping: Optional[QConfigMapping] = None,
+        modules_to_fuse: Optional[Sequence[Sequence[str]]] = None,
+        quant_start_epoch: int = 0,
+        freeze_observers_epoch: Optional[int] = None,
+        freeze_bn_epoch: Optional[int] = None,
+        convert_on_fit_end: bool = True,
+        export: Union[str, Sequence[str], None] = ("torchscript",),
+        export_dir: Optional[Union[str, Path]] = None,
+        batch_to_input: Optional[Callable[[Any], Any]] = None,
+    ) -> None:
+        self.config = QuantizationConfig(
+            backend=backend, flow=flow, module=module, observer=observer, per_channel=per_channel, skip=skip,
+            qconfig_mapping=qconfig_mapping, modules_to_fuse=modules_to_fuse, export=export, export_dir=export_dir,
+        )
+        self.schedule = QATSchedule(quant_start_epoch, freeze_observers_epoch, freeze_bn_epoch)
+        if not isinstance(convert_on_fit_end, bool):
+            raise TypeError(f"convert_on_fit_end must be True or False, got {convert_on_fit_end!r}")
+        if batch_to_input is not None and not callable(batch_to_input):
+            raise TypeError(f"batch_to_input must be a callable or None, got {batch_to_input!r}")
+        self.convert_on_fit_end = convert_on_fit_end
+        self.batch_to_input = batch_to_input
+        self.example_inputs: Optional[ExampleInputs] = None
+        self.quantized_model: Optional[nn.Module] = None
+        self.export_paths: dict[str, str] = {}
+        self.export_records: dict[str, ExportRecord] = {}
+        self._target_path: Optional[str] = None
+        self._phase: Optional[Phase] = None
+        self._saved_observers: Optional[dict[str, bool]] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(backend=self.config.backend.value, flow=self.config.flow.value,
+                                        module=self.config.module)
+
+    # ------------------------------------------------------------------ hooks: when
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        check_strategy(trainer, type(self).__name__)
+        self._prepare(trainer, pl_module, stage)
+
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._apply_schedule(pl_module, trainer.current_epoch)
+
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        if self._phase is not None and self._phase.bn_frozen:
+            set_bn_frozen(self.target(pl_module), True)  # Lightning's model.train() after validation unfreezes plain BN
+
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._pause_observers(pl_module)
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._resume_observers(pl_module)
+
+    def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._pause_observers(pl_module)
+
+    def on_test_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._resume_observers(pl_module)
+
+    def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._pause_observers(pl_module)
+
+    def on_predict_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._resume_observers(pl_module)
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self._resume_observers(pl_module)
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.convert_on_fit_end:
+            self._convert_and_export(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": self.STATE_VERSION, "backend": self.config.backend.value, "flow": self.config.flow.value,
+                "module": self._target_path, "schedule": asdict(self.schedule)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("schedule", {})
+        if saved and saved != asdict(self.schedule):
+            rank_zero_warn(f"resuming with schedule {asdict(self.schedule)}, the checkpoint was trained with {saved}")
+
+    # ------------------------------------------------------------------ helpers: what
+    def target(self, pl_module: "pl.LightningModule") -> nn.Module:
+        """The (prepared) submodule this callback quantizes."""
+        if self._target_path is None:
+            raise RuntimeError(f"{type(self).__name__} has not prepared a model yet: it does so in Trainer setup")
+        return pl_module.get_submodule(self._target_path)
+
+    def convert(self, pl_module: "pl.LightningModule", engine: Optional[str] = None) -> nn.Module:
+        """An int8 copy of the current QAT model for ``engine`` (default: the backend's); training is untouched."""
+        return convert_copy(self.target(pl_module), self.config.flow, engine or self.config.engine)
+
+    def _prepare(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        path, target = resolve_target(pl_module, self.config.module)
+        self._target_path = path
+        if self.example_inputs is None:
+            self.example_inputs = example_inputs_for(trainer, pl_module, stage, self.batch_to_input, type(self).__name__)
+        if is_prepared(target):  # a second fit, or test/validate after fit: prepare once
+            return
+        training = pl_module.training
+        prepared = get_flow(self.config.flow).prepare(target, self.config, self.example_inputs, qat=True)
+        replace_target(pl_module, path, prepared)
+        prepared.train(training)
+        self._apply_schedule(pl_module, trainer.current_epoch)
+        rank_zero_info(
+            f"[QAT] prepared {path!r} ({type(target).__name__}) with the {self.config.flow.value} flow for "
+            f"{self.config.backend.value}; schedule {asdict(self.schedule)}"
+        )
+
+    def _apply_schedule(self, pl_module: "pl.LightningModule", epoch: int) -> None:
+        phase = self.schedule.apply(self.target(pl_module), epoch)
+        if phase != self._phase:
+            rank_zero_info(
+                f"[QAT] epoch {epoch}: fake quantization {'on' if phase.fake_quant else 'off'}, observers "
+                f"{'on' if phase.observers else 'off'}, BatchNorm statistics {'frozen' if phase.bn_frozen else 'updating'}"
+            )
+        self._phase = phase
+
+    def _pause_observers(self, pl_module: "pl.LightningModule") -> None:
+        if self._target_path is not None and self._saved_observers is None:
+            target = self.target(pl_module)
+            self._saved_observers = observer_states(target)
+            set_observers(target, False)
+
+    def _resume_observers(self, pl_module: "pl.LightningModule") -> None:
+        if self._saved_observers is not None:
+            restore_observer_states(self.target(pl_module), self._saved_observers)
+            self._saved_observers = None
+
+    def _convert_and_export(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        converted: dict[str, nn.Module] = {}
+
+        def int8_for(engine: str) -> nn.Module:
+            if engine not in converted:
+                converted[engine] = self.convert(pl_module, engine)
+            return converted[engine]
+
+        self.quantized_model = int8_for(self.config.engine)
+        rank_zero_info(f"[QAT] converted {self._target_path!r} to int8 for {self.config.engine}: callback.quantized_model")
+        if not self.config.export or not trainer.is_global_zero:
+            return
+        directory = resolve_export_dir(self.config, trainer)
+        self.export_records = export_int8(int8_for, self.config.export, directory, self.example_inputs, self.config.backend)
+        self.export_paths = log_export_records(trainer, "qat", self.export_records)

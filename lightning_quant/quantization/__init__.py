@@ -1,0 +1,13 @@
+"""The quantization core the callbacks share: config -> qconfig -> flow prepare -> schedule -> convert."""
+
+from lightning_quant.quantization.config import Backend, ExportTarget, Flow, Observer, QuantizationConfig
+from lightning_quant.quantization.convert import convert_copy, quantized_engine
+from lightning_quant.quantization.flows import get_flow
+from lightning_quant.quantization.flows.fx import FxTracingError
+from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.schedule import QATSchedule, quantization_disabled
+
+__all__ = [
+    "Backend", "ExampleInputs", "ExportTarget", "Flow", "FxTracingError", "Observer", "QATSchedule",
+    "QuantizationConfig", "convert_copy", "get_flow", "quantization_disabled", "quantized_engine",
+]

@@ -1,0 +1,211 @@
+"""The options every quantization callback shares, validated once in one place.
+
+The callbacks (QAT, PTQ) take the same ``backend``, ``flow``, ``observer``, ``per_channel``,
+``skip``, ``qconfig_mapping``, ``export`` and ``export_dir`` arguments with the same meaning;
+:class:`QuantizationConfig` holds and checks them so no callback repeats the checks.
+Modes are ``str`` enums so the strings of a Hydra YAML file work unchanged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Optional, Union
+
+import torch.nn as nn
+
+
+class Backend(str, Enum):
+    """The int8 engine the model is quantized for: ``x86``/``fbgemm`` for servers, ``qnnpack`` for ARM."""
+
+    X86 = "x86"
+    FBGEMM = "fbgemm"
+    QNNPACK = "qnnpack"
+
+
+class Flow(str, Enum):
+    """How the model is rewritten: FX graph tracing (automatic) or eager module swapping."""
+
+    FX = "fx"
+    EAGER = "eager"
+
+
+class Observer(str, Enum):
+    """How activation ranges are estimated."""
+
+    MOVING_AVERAGE = "moving_average"
+    MINMAX = "minmax"
+    HISTOGRAM = "histogram"
+
+
+class ExportTarget(str, Enum):
+    """Where an int8 model is written for: TorchScript for servers, lite interpreter for phones, ONNX."""
+
+    TORCHSCRIPT = "torchscript"
+    MOBILE = "mobile"
+    ONNX = "onnx"
+
+
+BACKENDS = tuple(b.value for b in Backend)
+FLOWS = tuple(f.value for f in Flow)
+OBSERVERS = tuple(o.value for o in Observer)
+EXPORT_TARGETS = tuple(e.value for e in ExportTarget)
+
+#: Backends whose int8 kernels take per-channel weight scales by default. qnnpack can run
+#: per-channel weights too, but torch's own qnnpack recipe is per-tensor, so that is the default.
+PER_CHANNEL_BY_DEFAULT = (Backend.X86, Backend.FBGEMM)
+
+
+def parse_enum(enum_cls: type[Enum], value: Any, name: str) -> Any:
+    """Turn a string (or enum member) into ``enum_cls``, or raise a message listing the allowed values."""
+    allowed = tuple(member.value for member in enum_cls)
+    if isinstance(value, enum_cls):
+        return value
+    if isinstance(value, str) and value in allowed:
+        return enum_cls(value)
+    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_epoch(value: Any, name: str, allow_none: bool) -> Optional[int]:
+    """Validate an epoch index: a non-negative int (or ``None`` where that means 'never')."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        allowed = "a non-negative int or None" if allow_none else "a non-negative int"
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+    return value
+
+
+def require_module(module: str, pip_name: str, purpose: str) -> None:
+    """Raise ``ModuleNotFoundError`` with the exact install command when an optional package is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise ModuleNotFoundError(
+            f"{purpose} needs the optional package {module!r}: run `pip install {pip_name}`"
+        )
+
+
+def _normalise_exports(export: Any) -> tuple[ExportTarget, ...]:
+    if export is None:
+        return ()
+    if isinstance(export, (str, ExportTarget)):
+        export = (export,)
+    if not isinstance(export, Sequence):
+        raise TypeError(f"export must be a string or a sequence of {EXPORT_TARGETS}, got {export!r}")
+    targets = tuple(parse_enum(ExportTarget, item, "each export target") for item in export)
+    if len(set(targets)) != len(targets):
+        raise ValueError(f"export lists a target twice: {[t.value for t in targets]}")
+    if ExportTarget.ONNX in targets:
+        require_module("onnx", "onnx", 'export="onnx"')
+    return targets
+
+
+def _normalise_skip(skip: Any) -> tuple[Union[str, type], ...]:
+    if skip is None:
+        return ()
+    if isinstance(skip, (str, type)):
+        skip = (skip,)
+    if not isinstance(skip, Sequence):
+        raise TypeError(f"skip must be a sequence of module names or nn.Module types, got {skip!r}")
+    for item in skip:
+        if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module))):
+            raise TypeError(
+                f"skip entries must be module names (str) or nn.Module subclasses, got {item!r}"
+            )
+    return tuple(skip)
+
+
+def _normalise_fuse(modules_to_fuse: Any) -> Optional[tuple[tuple[str, ...], ...]]:
+    if modules_to_fuse is None:
+        return None
+    error = TypeError(
+        "modules_to_fuse must be a sequence of groups of module names, e.g. "
+        f"[['conv', 'bn', 'relu']], got {modules_to_fuse!r}"
+    )
+    if isinstance(modules_to_fuse, str) or not isinstance(modules_to_fuse, Sequence):
+        raise error
+    groups = []
+    for group in modules_to_fuse:
+        if isinstance(group, str) or not isinstance(group, Sequence) or len(group) < 2:
+            raise error
+        if not all(isinstance(name, str) for name in group):
+            raise error
+        groups.append(tuple(group))
+    return tuple(groups)
+
+
+@dataclass
+class QuantizationConfig:
+    """What to quantize and how; shared by every callback and by :func:`lightning_quant.quantize`.
+
+    Args:
+        backend: ``"x86"`` (default), ``"fbgemm"`` or ``"qnnpack"``; picks qconfig and engine.
+        flow: ``"fx"`` (default; automatic fusion) or ``"eager"`` (module swapping).
+        module: dotted path of the submodule of the LightningModule to quantize; ``None`` picks
+            the only child with parameters.
+        observer: activation observer, ``"moving_average"`` (default), ``"minmax"`` or ``"histogram"``.
+        per_channel: per-channel weight scales; ``None`` means on for x86/fbgemm, off for qnnpack.
+        skip: module names (``"classifier"``) or ``nn.Module`` types kept in float. A string that
+            is not a submodule name but an import path (``"torch.nn.LSTM"``) is taken as a type.
+        qconfig_mapping: a ``torch.ao.quantization.QConfigMapping`` used as is (overrides
+            ``observer``, ``per_channel`` and ``skip``).
+        modules_to_fuse: eager flow only: explicit groups of module names to fuse.
+        export: any of ``"torchscript"``, ``"mobile"``, ``"onnx"``.
+        export_dir: folder for exported files; ``None`` means ``<trainer.log_dir>/quantized``.
+
+    Raises:
+        ValueError: an option outside its allowed values.
+        TypeError: an option of the wrong type.
+        ModuleNotFoundError: ``export`` names ONNX and the ``onnx`` package is missing.
+
+    Example::
+
+        >>> QuantizationConfig(backend="qnnpack").per_channel
+        False
+    """
+
+    backend: Any = Backend.X86
+    flow: Any = Flow.FX
+    module: Optional[str] = None
+    observer: Any = Observer.MOVING_AVERAGE
+    per_channel: Optional[bool] = None
+    skip: Any = ()
+    qconfig_mapping: Any = None
+    modules_to_fuse: Any = None
+    export: Any = (ExportTarget.TORCHSCRIPT,)
+    export_dir: Any = None
+
+    def __post_init__(self) -> None:
+        self.backend = parse_enum(Backend, self.backend, "backend")
+        self.flow = parse_enum(Flow, self.flow, "flow")
+        self.observer = parse_enum(Observer, self.observer, "observer")
+        if self.module is not None and (not isinstance(self.module, str) or not self.module):
+            raise ValueError(f"module must be a dotted attribute path such as 'net' or None, got {self.module!r}")
+        if self.per_channel is None:
+            self.per_channel = self.backend in PER_CHANNEL_BY_DEFAULT
+        elif not isinstance(self.per_channel, bool):
+            raise TypeError(f"per_channel must be True, False or None (backend default), got {self.per_channel!r}")
+        self.skip = _normalise_skip(self.skip)
+        if self.qconfig_mapping is not None:
+            from torch.ao.quantization import QConfigMapping
+
+            if not isinstance(self.qconfig_mapping, QConfigMapping):
+                raise TypeError(
+                    "qconfig_mapping must be a torch.ao.quantization.QConfigMapping or None, "
+                    f"got {type(self.qconfig_mapping).__name__}"
+                )
+        self.modules_to_fuse = _normalise_fuse(self.modules_to_fuse)
+        if self.modules_to_fuse is not None and self.flow is not Flow.EAGER:
+            raise ValueError(
+                f'modules_to_fuse is for flow="eager" only (flow="fx" fuses automatically), got flow={self.flow.value!r}'
+            )
+        self.export = _normalise_exports(self.export)
+        if self.export_dir is not None and not isinstance(self.export_dir, (str, os.PathLike)):
+            raise TypeError(f"export_dir must be a path or None, got {self.export_dir!r}")
+
+    @property
+    def engine(self) -> str:
+        """The ``torch.backends.quantized.engine`` the int8 model runs on."""
+        return self.backend.value

@@ -1,0 +1,49 @@
+"""Convert a prepared model to int8 without touching the model that trains."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+import torch
+import torch.nn as nn
+
+from lightning_quant.quantization.config import Flow
+from lightning_quant.quantization.flows import get_flow
+
+
+@contextlib.contextmanager
+def quantized_engine(engine: str) -> Iterator[None]:
+    """Run int8 code in the block: select ``engine`` and lift deterministic-algorithms mode.
+
+    Quantized kernels have no deterministic implementation, so under a Trainer with
+    ``deterministic=True`` they raise; the mode is lifted inside the block only. The previous
+    engine and mode are restored on exit.
+    """
+    if engine not in torch.backends.quantized.supported_engines:
+        raise RuntimeError(
+            f"this torch build has no {engine!r} quantized engine; it supports {torch.backends.quantized.supported_engines}"
+        )
+    previous = torch.backends.quantized.engine
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.backends.quantized.engine = engine
+    torch.use_deterministic_algorithms(False)
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def convert_copy(prepared: nn.Module, flow: Flow | str, engine: str) -> nn.Module:
+    """An int8 model converted from a CPU, eval-mode deep copy of ``prepared`` for ``engine``.
+
+    ``prepared`` keeps its device, mode and weights, so training, ``fit`` again or
+    ``test(ckpt_path=...)`` still work afterwards. Int8 weights are packed for the engine
+    selected during conversion, so run the result under :func:`quantized_engine` of the same engine.
+    """
+    model = copy.deepcopy(prepared).cpu().eval()
+    with quantized_engine(engine):
+        return get_flow(flow).convert(model)

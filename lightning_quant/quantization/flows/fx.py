@@ -1,0 +1,96 @@
+"""The FX flow: trace the model's graph, fuse Conv/BN/ReLU and Linear/ReLU/BN automatically."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch.fx
+import torch.nn as nn
+from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
+
+from lightning_quant.quantization.config import QuantizationConfig
+from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.qconfig import build_qconfig_mapping, resolve_skip
+from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+
+
+class FxTracingError(RuntimeError):
+    """FX could not trace the model; the message names the submodule and the remedies."""
+
+
+class FxFlow:
+    """Quantize through ``torch.ao.quantization.quantize_fx``.
+
+    Skipped modules are also made non-traceable, so ``skip`` is the way around a submodule
+    that FX cannot trace (data-dependent control flow, say).
+    """
+
+    def prepare(self, model: nn.Module, config: QuantizationConfig, example: ExampleInputs, qat: bool) -> nn.Module:
+        mapping = build_qconfig_mapping(config, model, qat)
+        names, types = resolve_skip(model, config.skip)
+        custom = PrepareCustomConfig().set_non_traceable_module_names(list(names))
+        custom.set_non_traceable_module_classes(list(types))
+        model.train(qat)
+        prepare = prepare_qat_fx if qat else prepare_fx
+        try:
+            with known_torch_warnings_silenced():
+                return prepare(model, mapping, example.args, prepare_custom_config=custom)
+        except Exception as err:
+            raise FxTracingError(_tracing_message(model, err, names, types)) from err
+
+    def convert(self, prepared: nn.Module) -> nn.Module:
+        with known_torch_warnings_silenced():
+            return _drop_string_annotations(convert_fx(prepared))
+
+
+def _drop_string_annotations(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove annotations FX kept as strings (``from __future__ import annotations`` in the model).
+
+    FX writes them into the generated code as names like ``_torch_Tensor_`` that TorchScript
+    cannot resolve; without them TorchScript infers the types itself.
+    """
+    changed = False
+    for node in graph_module.graph.nodes:
+        if isinstance(node.type, str):
+            node.type = None
+            changed = True
+    if changed:
+        graph_module.recompile()
+    return graph_module
+
+
+class _LocatingTracer(torch.fx.Tracer):
+    """A tracer that remembers the innermost submodule whose forward raised."""
+
+    def __init__(self, leaf_names: tuple[str, ...], leaf_types: tuple[type, ...]) -> None:
+        super().__init__()
+        self.failed_at: Optional[str] = None
+        self._leaf_names = leaf_names
+        self._leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self._leaf_names or isinstance(m, self._leaf_types) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:
+                self.failed_at = self.path_of_module(m)
+            raise
+
+
+def _tracing_message(model: nn.Module, err: Exception, names: tuple, types: tuple) -> str:
+    tracer = _LocatingTracer(names, types)
+    try:
+        tracer.trace(model)
+    except Exception:
+        pass
+    if tracer.failed_at:
+        where = f"submodule {tracer.failed_at!r} ({type(model.get_submodule(tracer.failed_at)).__name__})"
+        remedy = f'keep it in float with skip=[{tracer.failed_at!r}], or use flow="eager"'
+    else:
+        where = f"the forward of {type(model).__name__} itself"
+        remedy = 'use flow="eager", or move the untraceable code into a submodule and skip it'
+    return f"FX could not trace {where}: {type(err).__name__}: {err}. To quantize this model, {remedy}."

@@ -1,0 +1,92 @@
+"""Model inputs taken from what Lightning users already have: a batch or ``example_input_array``.
+
+Users never write a dummy input. :class:`ExampleInputs` holds positional and keyword
+arguments for the quantized module; :func:`default_batch_to_input` reads them off a batch the
+way Lightning users expect:
+
+- a tensor is the single positional input;
+- a tuple or list is ``(input, target, ...)``: its first element is the input (and when that
+  first element is itself a tuple/list, its items are the positional inputs; when it is a
+  mapping, its items are keyword inputs);
+- a mapping (a Hugging Face batch, say) is passed as keyword arguments.
+
+Anything else needs a ``batch_to_input`` callable returning one of those forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclass
+class ExampleInputs:
+    """Positional and keyword arguments for one call of a module."""
+
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_value(cls, value: Any) -> "ExampleInputs":
+        """Read inputs off ``example_input_array`` conventions: tensor, tuple of args, or dict of kwargs."""
+        if isinstance(value, ExampleInputs):
+            return value
+        if isinstance(value, torch.Tensor):
+            return cls((value,), {})
+        if isinstance(value, Mapping):
+            return cls((), dict(value))
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            return cls(tuple(value), {})
+        raise TypeError(
+            "model inputs must be a tensor, a tuple/list of positional inputs or a mapping of keyword "
+            f"inputs, got {type(value).__name__}; pass batch_to_input= to say how to read your batches"
+        )
+
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "ExampleInputs":
+        """A copy with ``fn`` applied to every tensor argument."""
+        convert = lambda value: fn(value) if isinstance(value, torch.Tensor) else value  # noqa: E731
+        return ExampleInputs(tuple(convert(a) for a in self.args), {k: convert(v) for k, v in self.kwargs.items()})
+
+    def to(self, device: Any) -> "ExampleInputs":
+        return self.map_tensors(lambda t: t.detach().to(device))
+
+    def with_batch_size(self, size: int) -> "ExampleInputs":
+        """The same inputs with every batched tensor cut or tiled along dim 0 to ``size`` rows."""
+
+        def resize(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.dim() == 0:
+                return tensor
+            repeats = -(-size // tensor.shape[0])
+            return tensor.repeat(repeats, *([1] * (tensor.dim() - 1)))[:size].contiguous()
+
+        return self.map_tensors(resize)
+
+    @property
+    def batch_size(self) -> Optional[int]:
+        for value in (*self.args, *self.kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                return int(value.shape[0])
+        return None
+
+    def __call__(self, module: torch.nn.Module) -> Any:
+        """Run ``module`` on these inputs."""
+        return module(*self.args, **self.kwargs)
+
+
+def default_batch_to_input(batch: Any) -> ExampleInputs:
+    """Take the model input from a batch (see the module docstring for the rules)."""
+    if isinstance(batch, torch.Tensor) or isinstance(batch, Mapping):
+        return ExampleInputs.from_value(batch)
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 0:
+        return ExampleInputs.from_value(batch[0] if not isinstance(batch[0], str) else batch)
+    return ExampleInputs.from_value(batch)
+
+
+def batch_inputs(batch: Any, batch_to_input: Optional[Callable[[Any], Any]] = None) -> ExampleInputs:
+    """Inputs of ``batch``, through the user's ``batch_to_input`` when one is given."""
+    if batch_to_input is None:
+        return default_batch_to_input(batch)
+    return ExampleInputs.from_value(batch_to_input(batch))

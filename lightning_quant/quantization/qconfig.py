@@ -1,0 +1,122 @@
+"""Build the torch ``QConfigMapping`` that says how each layer is quantized.
+
+One function serves QAT and PTQ and both flows, so a backend, observer or skip list means
+the same thing everywhere:
+
+- activations: the chosen ``observer`` (moving average, min/max or histogram), ``quint8``;
+  on x86/fbgemm the range is 0..127 (``reduce_range``: these kernels can overflow without
+  VNNI), on qnnpack the full 0..255;
+- weights: symmetric ``qint8`` -128..127, per channel when ``per_channel`` is on; min/max
+  for PTQ (weights do not change), moving-average min/max for QAT (they do);
+- QAT wraps both in fake quantization (torch's fused kernel for the moving average);
+- torch's per-operator entries for the backend (fixed ranges for sigmoid, tanh, softmax...)
+  are kept, because converting those ops needs them;
+- every ``skip`` entry is mapped to ``None`` (kept in float).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Union
+
+import torch
+import torch.nn as nn
+from torch.ao.quantization import (
+    FakeQuantize,
+    FusedMovingAvgObsFakeQuantize,
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    PerChannelMinMaxObserver,
+    QConfig,
+    QConfigMapping,
+    get_default_qat_qconfig_mapping,
+    get_default_qconfig_mapping,
+)
+
+from lightning_quant.quantization.config import Backend, Observer, QuantizationConfig
+from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+
+_ACTIVATION_OBSERVERS = {
+    Observer.MOVING_AVERAGE: MovingAverageMinMaxObserver,
+    Observer.MINMAX: MinMaxObserver,
+    Observer.HISTOGRAM: HistogramObserver,
+}
+
+
+def activation_range(backend: Backend) -> tuple[int, int]:
+    """The ``quint8`` activation range the backend's kernels use."""
+    return (0, 255) if backend is Backend.QNNPACK else (0, 127)
+
+
+def build_qconfig(config: QuantizationConfig, qat: bool) -> QConfig:
+    """The layer-level ``QConfig`` for the options in ``config`` (QAT: with fake quantization)."""
+    quant_min, quant_max = activation_range(config.backend)
+    act_kwargs = dict(dtype=torch.quint8, quant_min=quant_min, quant_max=quant_max, qscheme=torch.per_tensor_affine)
+    if config.per_channel:
+        weight_kwargs = dict(dtype=torch.qint8, quant_min=-128, quant_max=127, qscheme=torch.per_channel_symmetric)
+        weight_observer = MovingAveragePerChannelMinMaxObserver if qat else PerChannelMinMaxObserver
+    else:
+        weight_kwargs = dict(dtype=torch.qint8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_symmetric)
+        weight_observer = MovingAverageMinMaxObserver if qat else MinMaxObserver
+    act_observer = _ACTIVATION_OBSERVERS[config.observer]
+    if not qat:
+        return QConfig(activation=act_observer.with_args(**act_kwargs), weight=weight_observer.with_args(**weight_kwargs))
+    act_fake_quant = FusedMovingAvgObsFakeQuantize if act_observer is MovingAverageMinMaxObserver else FakeQuantize
+    return QConfig(
+        activation=act_fake_quant.with_args(observer=act_observer, **act_kwargs),
+        weight=FusedMovingAvgObsFakeQuantize.with_args(observer=weight_observer, **weight_kwargs),
+    )
+
+
+def resolve_skip(model: nn.Module, skip: tuple[Union[str, type], ...]) -> tuple[tuple[str, ...], tuple[type, ...]]:
+    """Split ``skip`` into submodule names and module types, checking each against ``model``.
+
+    Raises:
+        ValueError: an entry is neither a submodule name of ``model`` nor an importable module type.
+    """
+    names, types = [], []
+    submodules = dict(model.named_modules())
+    for entry in skip:
+        if isinstance(entry, type):
+            types.append(entry)
+        elif entry in submodules and entry:
+            names.append(entry)
+        else:
+            located = _locate_module_type(entry)
+            if located is None:
+                candidates = [name for name in submodules if name][:20]
+                raise ValueError(
+                    f"skip entry {entry!r} is neither a submodule of {type(model).__name__} "
+                    f"(submodules include {candidates}) nor an importable nn.Module type such as 'torch.nn.LSTM'"
+                )
+            types.append(located)
+    return tuple(names), tuple(types)
+
+
+def _locate_module_type(path: str) -> Union[type, None]:
+    module_path, _, attr = path.rpartition(".")
+    if not module_path:
+        return None
+    try:
+        located = getattr(importlib.import_module(module_path), attr, None)
+    except ImportError:
+        return None
+    return located if isinstance(located, type) and issubclass(located, nn.Module) else None
+
+
+def build_qconfig_mapping(config: QuantizationConfig, model: nn.Module, qat: bool) -> QConfigMapping:
+    """The whole ``QConfigMapping`` for ``model``: ``config.qconfig_mapping`` if given, else built."""
+    if config.qconfig_mapping is not None:
+        return config.qconfig_mapping
+    with known_torch_warnings_silenced():
+        default = get_default_qat_qconfig_mapping if qat else get_default_qconfig_mapping
+        mapping = default(config.engine)
+        mapping.set_global(build_qconfig(config, qat))
+    names, types = resolve_skip(model, config.skip)
+    for name in names:
+        mapping.set_module_name(name, None)
+    for module_type in types:
+        mapping.set_object_type(module_type, None)
+    return mapping
