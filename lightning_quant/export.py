@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from lightning_quant.quantization.config import Backend, ExportTarget, require_module
 from lightning_quant.quantization.convert import quantized_engine
-from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.inputs import ExampleInputs, as_positional
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 
 log = logging.getLogger(__name__)
@@ -171,9 +171,10 @@ def export_int8(
         engine = engine_for(target, backend)
         path = Path(directory) / f"{basename}{SUFFIXES[target]}"
         model = int8_for_engine(engine)
+        inputs = as_positional(model, example)
         with quantized_engine(engine), torch.inference_mode():
-            expected = example(model)
-            reloaded: Optional[Any] = _WRITERS[target](model, path, example)
+            expected = inputs(model)
+            reloaded: Optional[Any] = _WRITERS[target](model, path, inputs)
         diff = max_abs_diff(expected, reloaded) if reloaded is not None else float("nan")
         log.info("exported %s (%s engine) to %s; reloaded output max |diff| = %.3g", target.value, engine, path, diff)
         records[target.value] = ExportRecord(target, path, engine, diff)

@@ -131,6 +131,8 @@ class QuantizationAwareTraining(Callback):
     # ------------------------------------------------------------------ hooks: when
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         check_strategy(trainer, type(self).__name__)
+        if stage == "fit":
+            self._check_schedule_fits(trainer)
         self._prepare(trainer, pl_module, stage)
 
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -184,6 +186,15 @@ class QuantizationAwareTraining(Callback):
     def convert(self, pl_module: "pl.LightningModule", engine: Optional[str] = None) -> nn.Module:
         """An int8 copy of the current QAT model for ``engine`` (default: the backend's); training is untouched."""
         return convert_copy(self.target(pl_module), self.config.flow, engine or self.config.engine)
+
+    def _check_schedule_fits(self, trainer: "pl.Trainer") -> None:
+        max_epochs = trainer.max_epochs
+        if self.convert_on_fit_end and max_epochs is not None and max_epochs >= 0 and (
+                self.schedule.quant_start_epoch >= max_epochs):
+            raise ValueError(
+                f"quant_start_epoch={self.schedule.quant_start_epoch} is not before max_epochs={max_epochs}: the model "
+                "would never be quantized; lower quant_start_epoch or raise max_epochs"
+            )
 
     def _prepare(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         path, target = resolve_target(pl_module, self.config.module)

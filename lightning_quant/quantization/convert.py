@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
+from torch.ao.quantization.observer import ObserverBase
 
 from lightning_quant.quantization.config import Flow
 from lightning_quant.quantization.flows import get_flow
@@ -37,6 +38,32 @@ def quantized_engine(engine: str) -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
+def unobserved(prepared: nn.Module) -> list[str]:
+    """Names of observers in ``prepared`` that have never seen data (their range is still empty)."""
+    names = []
+    for name, module in prepared.named_modules():
+        min_val = getattr(module, "min_val", None)
+        if isinstance(module, ObserverBase) and isinstance(min_val, torch.Tensor):
+            if min_val.numel() == 0 or bool(torch.isinf(min_val).any()):
+                names.append(name)
+    return names
+
+
+def check_observed(prepared: nn.Module) -> None:
+    """Raise before converting a model some of whose observers never saw data.
+
+    Raises:
+        RuntimeError: naming up to five such observers and the likely causes.
+    """
+    missing = unobserved(prepared)
+    if missing:
+        raise RuntimeError(
+            f"cannot convert to int8: {len(missing)} observer(s) never saw data, e.g. {missing[:5]}. "
+            "Quantization must run on at least one batch first: check quant_start_epoch against max_epochs, "
+            "the calibration data, or whether those layers are reached by forward"
+        )
+
+
 def convert_copy(prepared: nn.Module, flow: Flow | str, engine: str) -> nn.Module:
     """An int8 model converted from a CPU, eval-mode deep copy of ``prepared`` for ``engine``.
 
@@ -44,6 +71,7 @@ def convert_copy(prepared: nn.Module, flow: Flow | str, engine: str) -> nn.Modul
     ``test(ckpt_path=...)`` still work afterwards. Int8 weights are packed for the engine
     selected during conversion, so run the result under :func:`quantized_engine` of the same engine.
     """
+    check_observed(prepared)
     model = copy.deepcopy(prepared).cpu().eval()
     with quantized_engine(engine):
         return get_flow(flow).convert(model)

@@ -15,6 +15,7 @@ Anything else needs a ``batch_to_input`` callable returning one of those forms.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -90,3 +91,17 @@ def batch_inputs(batch: Any, batch_to_input: Optional[Callable[[Any], Any]] = No
     if batch_to_input is None:
         return default_batch_to_input(batch)
     return ExampleInputs.from_value(batch_to_input(batch))
+
+
+def as_positional(module: torch.nn.Module, example: ExampleInputs) -> ExampleInputs:
+    """``example`` with keyword inputs moved to their positions in ``module``'s forward signature.
+
+    TorchScript tracing and ONNX export take positional inputs; a module may expose the
+    signature it forwards to as ``input_signature`` (the eager flow's boundary does).
+    """
+    signature = getattr(module, "input_signature", None) or inspect.signature(module.forward)
+    try:
+        bound = signature.bind(*example.args, **example.kwargs)
+    except TypeError:
+        return example
+    return ExampleInputs(tuple(bound.args), dict(bound.kwargs))

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -58,21 +59,26 @@ def _map_outputs(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 class QuantBoundary(nn.Module):
     """Quantizes the floating-point inputs of ``module`` and dequantizes its outputs.
 
-    One ``QuantStub`` per floating-point argument seen in the example inputs (each learns its
-    own range); integer inputs such as token ids pass through untouched.
+    Inputs are matched to ``module.forward``'s parameters by name, so an input gets the same
+    ``QuantStub`` (and learns one range) whether it is passed by position or by keyword.
+    One stub per floating-point input seen in the example; integer inputs such as token ids
+    pass through untouched.
     """
 
     def __init__(self, module: nn.Module, example: ExampleInputs) -> None:
         super().__init__()
         self.module = module
-        self.quant_args = nn.ModuleDict({str(i): QuantStub() for i, a in enumerate(example.args) if _is_float_tensor(a)})
-        self.quant_kwargs = nn.ModuleDict({k: QuantStub() for k, v in example.kwargs.items() if _is_float_tensor(v)})
+        self.input_signature = inspect.signature(module.forward)
+        arguments = self.input_signature.bind(*example.args, **example.kwargs).arguments
+        self.quant = nn.ModuleDict({name: QuantStub() for name, value in arguments.items() if _is_float_tensor(value)})
         self.dequant = DeQuantStub()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        args = tuple(self.quant_args[str(i)](a) if str(i) in self.quant_args else a for i, a in enumerate(args))
-        kwargs = {k: self.quant_kwargs[k](v) if k in self.quant_kwargs else v for k, v in kwargs.items()}
-        return _map_outputs(self.module(*args, **kwargs), self.dequant)
+        bound = self.input_signature.bind(*args, **kwargs)
+        for name, stub in self.quant.items():
+            if name in bound.arguments:
+                bound.arguments[name] = stub(bound.arguments[name])
+        return _map_outputs(self.module(*bound.args, **bound.kwargs), self.dequant)
 
 
 class FloatIsland(nn.Module):

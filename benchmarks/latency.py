@@ -1,0 +1,61 @@
+"""Latency and size of fp32 vs int8 for each backend and flow: the numbers the README quotes.
+
+Run with ``make bench``. Prints one Markdown table; timings are medians of repeated forward
+passes after a warm-up, with torch's default thread count on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+
+import torch
+
+from lightning_quant.models import DigitsCNN
+from lightning_quant.quantization import ExampleInputs, QuantizationConfig, convert_copy, get_flow
+from lightning_quant.report import format_table, latency_ms, state_dict_bytes
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--image-size", type=int, default=8, help="8 for digits, 28 for MNIST")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=100)
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    float_net = DigitsCNN(width=args.width).eval()
+    calibration = torch.rand(256, 1, args.image_size, args.image_size)
+    example = ExampleInputs((calibration[:32],))
+    rows = []
+    for flow in ("fx", "eager"):
+        for backend in ("x86", "fbgemm", "qnnpack"):
+            config = QuantizationConfig(backend=backend, flow=flow)
+            prepared = get_flow(flow).prepare(copy.deepcopy(float_net), config, example, qat=False)
+            with torch.no_grad():
+                prepared(calibration)
+            int8 = convert_copy(prepared, flow, config.engine)
+            row = [flow, backend, f"{state_dict_bytes(float_net) / state_dict_bytes(int8):.2f}x"]
+            for batch in (1, 32):
+                fp32 = latency_ms(float_net, example, batch, args.repeats)
+                q = latency_ms(int8, example, batch, args.repeats, engine=config.engine)
+                row += [f"{fp32:.3f}", f"{q:.3f}", f"{fp32 / q:.2f}x"]
+            rows.append(row)
+    print(f"DigitsCNN(width={args.width}) on {args.image_size}x{args.image_size} inputs; {cpu_name()}, "
+          f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(format_table(("flow", "backend", "size fp32/int8", "fp32 b1 ms", "int8 b1 ms", "speed-up b1",
+                        "fp32 b32 ms", "int8 b32 ms", "speed-up b32"), rows))
+
+
+if __name__ == "__main__":
+    main()

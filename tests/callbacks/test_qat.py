@@ -1,0 +1,362 @@
+"""QuantizationAwareTraining in a real Trainer: preparation, schedule, evaluation, resume, export."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_quant import FxTracingError, QuantizationAwareTraining
+from lightning_quant.quantization.schedule import fake_quantizers, is_prepared
+from tests.helpers import (
+    BoringClassifier,
+    TinyNet,
+    TwoInputClassifier,
+    assert_same_state,
+    fake_quant_flags,
+    quant_state,
+    quiet_trainer,
+)
+
+
+# ---------------------------------------------------------------- argument errors
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"backend": "arm"}, ValueError, r"backend must be one of \('x86', 'fbgemm', 'qnnpack'\), got 'arm'"),
+        ({"flow": "graph"}, ValueError, r"flow must be one of \('fx', 'eager'\), got 'graph'"),
+        ({"observer": "ema"}, ValueError, r"observer must be one of \('moving_average', 'minmax', 'histogram'\), got 'ema'"),
+        ({"quant_start_epoch": -1}, ValueError, r"quant_start_epoch must be a non-negative int, got -1"),
+        ({"freeze_bn_epoch": 1.5}, ValueError, r"freeze_bn_epoch must be a non-negative int or None, got 1.5"),
+        ({"quant_start_epoch": 2, "freeze_observers_epoch": 2}, ValueError,
+         r"freeze_observers_epoch must be after quant_start_epoch so observers see at least one epoch of data, "
+         r"got freeze_observers_epoch=2 and quant_start_epoch=2"),
+        ({"convert_on_fit_end": "yes"}, TypeError, r"convert_on_fit_end must be True or False, got 'yes'"),
+        ({"batch_to_input": 3}, TypeError, r"batch_to_input must be a callable or None, got 3"),
+        ({"export": "tflite"}, ValueError,
+         r"each export target must be one of \('torchscript', 'mobile', 'onnx'\), got 'tflite'"),
+    ],
+)
+def test_qat_raises_on_invalid_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        QuantizationAwareTraining(**kwargs)
+
+
+def test_qat_raises_when_quantization_would_never_start():
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(quant_start_epoch=2)], max_epochs=2)
+    with pytest.raises(ValueError, match=r"quant_start_epoch=2 is not before max_epochs=2: the model would never be "
+                                         r"quantized; lower quant_start_epoch or raise max_epochs"):
+        trainer.fit(BoringClassifier())
+    assert trainer.global_step == 0
+
+
+def test_qat_raises_when_module_is_ambiguous():
+    model = BoringClassifier()
+    model.extra = nn.Linear(2, 2)
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining()])
+    with pytest.raises(ValueError, match=r"module=None needs exactly one child module with parameters in "
+                                         r"BoringClassifier to quantize, found \['net', 'extra'\]: set module="):
+        trainer.fit(model)
+
+
+def test_qat_raises_when_module_path_is_wrong():
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(module="backbone")])
+    with pytest.raises(ValueError, match=r"module='backbone' is not a submodule of BoringClassifier; submodules: \['net'"):
+        trainer.fit(BoringClassifier())
+
+
+def test_qat_raises_on_unknown_skip_entry_before_training():
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(skip=["nohead"])])
+    model = BoringClassifier()
+    with pytest.raises(ValueError, match=r"skip entry 'nohead' is neither a submodule of TinyNet"):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+
+
+def test_qat_raises_on_unsupported_strategy():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining()])
+    trainer._accelerator_connector.strategy = FSDPStrategy()  # what Trainer(strategy="fsdp") would set on GPUs
+    callback = trainer.callbacks[0]
+    trainer.strategy._lightning_module = None
+    with pytest.raises(ValueError, match=r"supports single-device and DDP strategies, got FSDPStrategy: use strategy=\"ddp\""):
+        callback.setup(trainer, BoringClassifier(), "fit")
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: FX cannot trace it
+            return self.linear(x)
+        return x
+
+
+class _GatedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.gate = _Untraceable()
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.gate(self.features(x)))
+
+
+def test_qat_fx_tracing_error_names_the_module_and_remedies():
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining()])
+    with pytest.raises(FxTracingError, match=r"FX could not trace submodule 'gate' \(_Untraceable\): .*"
+                                             r"keep it in float with skip=\['gate'\], or use flow=\"eager\""):
+        trainer.fit(BoringClassifier(net=_GatedNet()))
+
+
+def test_qat_skip_makes_untraceable_module_work_and_stay_float():
+    callback = QuantizationAwareTraining(skip=["gate"], export=None)
+    model = BoringClassifier(net=_GatedNet())
+    quiet_trainer(callbacks=[callback]).fit(model)
+    int8 = callback.quantized_model
+    assert type(int8.gate.linear) is nn.Linear  # kept float
+    assert "Quantized" in type(int8.head).__module__ or "quantized" in type(int8.head).__module__
+
+
+# ---------------------------------------------------------------- preparation
+class _OptimizerSpy(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.optimizer_params = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+        self.model_params = {id(p) for p in pl_module.parameters() if p.requires_grad}
+        self.prepared = is_prepared(pl_module.net)
+
+
+def test_qat_prepares_before_the_optimizer_is_built():
+    spy = _OptimizerSpy()
+    quiet_trainer(callbacks=[QuantizationAwareTraining(export=None), spy], limit_train_batches=1).fit(BoringClassifier())
+    assert spy.prepared
+    assert spy.optimizer_params == spy.model_params
+
+
+def test_qat_swaps_modules_and_keeps_forward_unwrapped():
+    model = BoringClassifier()
+    quiet_trainer(callbacks=[QuantizationAwareTraining(export=None)], limit_train_batches=1).fit(model)
+    assert isinstance(model.net, torch.fx.GraphModule)
+    assert "forward" not in vars(model.net)  # no closure on the instance
+    assert "forward" not in vars(model)
+
+
+def test_qat_silences_known_torch_warnings_only():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_trainer(callbacks=[QuantizationAwareTraining()], limit_train_batches=2, default_root_dir=None).fit(
+            BoringClassifier())
+        warnings.warn("a user's own warning", UserWarning)
+    messages = [str(w.message) for w in caught]
+    assert not any("torch.ao.quantization is deprecated" in m for m in messages)
+    assert not any("reduce_range will be deprecated" in m for m in messages)
+    assert "a user's own warning" in messages
+    assert warnings.filters is not None and not any(
+        f[0] == "ignore" and f[1] is not None and "torch\\.ao" in f[1].pattern for f in warnings.filters)
+
+
+def test_qat_example_input_array_is_used_when_present():
+    model = BoringClassifier()
+    model.example_input_array = torch.zeros(2, 1, 6, 6)
+    callback = QuantizationAwareTraining(export=None)
+    quiet_trainer(callbacks=[callback], limit_train_batches=1).fit(model)
+    assert torch.equal(callback.example_inputs.args[0], model.example_input_array)
+
+
+def test_qat_example_inputs_come_from_first_batch():
+    model = BoringClassifier()
+    callback = QuantizationAwareTraining(export=None)
+    quiet_trainer(callbacks=[callback], limit_train_batches=1).fit(model)
+    first_x = next(iter(model.train_dataloader()))[0]
+    assert torch.equal(callback.example_inputs.args[0], first_x)
+
+
+# ---------------------------------------------------------------- schedule
+class _ScheduleSpy(Callback):
+    def __init__(self) -> None:
+        self.start, self.end, self.flags, self.freeze_bn = {}, {}, {}, {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        epoch = trainer.current_epoch
+        self.start[epoch] = quant_state(pl_module.net)
+        self.flags[epoch] = fake_quant_flags(pl_module.net)
+        self.freeze_bn[epoch] = {m.freeze_bn for m in pl_module.net.modules() if hasattr(m, "freeze_bn")}
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.end[trainer.current_epoch] = quant_state(pl_module.net)
+
+
+def _changed(a, b, suffix):
+    return any(not torch.equal(a[k], b[k]) for k in a if k.endswith(suffix))
+
+
+def test_qat_schedule_points_hold():
+    spy = _ScheduleSpy()
+    callback = QuantizationAwareTraining(quant_start_epoch=1, freeze_bn_epoch=2, freeze_observers_epoch=3, export=None)
+    quiet_trainer(callbacks=[callback, spy], max_epochs=4).fit(BoringClassifier())
+
+    assert spy.flags == {0: {(False, False)}, 1: {(True, True)}, 2: {(True, True)}, 3: {(True, False)}}
+    # warm-up: observers off, so no range is learnt; BN statistics do update
+    assert all(torch.isinf(v).all() for k, v in spy.end[0].items() if k.endswith("min_val"))
+    assert _changed(spy.start[0], spy.end[0], "running_mean")
+    # quantizing: ranges move
+    assert _changed(spy.start[1], spy.end[1], "scale")
+    # BN frozen from epoch 2 on: running statistics constant
+    assert spy.freeze_bn[1] == {False} and spy.freeze_bn[2] == {True} and spy.freeze_bn[3] == {True}
+    for epoch in (2, 3):
+        assert not _changed(spy.start[epoch], spy.end[epoch], "running_mean")
+        assert not _changed(spy.start[epoch], spy.end[epoch], "running_var")
+    # observers frozen from epoch 3 on: scales and zero points constant
+    assert _changed(spy.start[2], spy.end[2], "scale")
+    assert not _changed(spy.start[3], spy.end[3], "scale")
+    assert not _changed(spy.start[3], spy.end[3], "zero_point")
+
+
+def test_qat_plain_batchnorm_stays_frozen_after_validation():
+    """Eager flow without fusion groups for a Linear->BN1d net leaves BN as a plain layer."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.flat = nn.Flatten()
+            self.fc = nn.Linear(36, 8)
+            self.bn = nn.BatchNorm1d(8)
+            self.out = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.out(self.bn(self.fc(self.flat(x))))
+
+    spy = _ScheduleSpy()
+    callback = QuantizationAwareTraining(flow="eager", freeze_bn_epoch=1, export=None)
+    model = BoringClassifier(net=Net())
+    quiet_trainer(callbacks=[callback, spy], max_epochs=2, val_check_interval=2).fit(model)
+    bn = model.net.module.bn
+    assert not bn.training
+    assert not _changed(spy.start[1], spy.end[1], "running_mean")
+
+
+# ---------------------------------------------------------------- evaluation never observes
+def test_qat_validate_test_predict_and_sanity_check_do_not_move_ranges():
+    class SanitySpy(Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.min_vals = [float(m.activation_post_process.min_val) for m in fake_quantizers(pl_module.net)
+                             if m.activation_post_process.min_val.dim() == 0]
+
+    sanity = SanitySpy()
+    callback = QuantizationAwareTraining(export=None)
+    model = BoringClassifier()
+    trainer = quiet_trainer(callbacks=[callback, sanity], num_sanity_val_steps=2, max_epochs=1)
+    trainer.fit(model)
+    assert sanity.min_vals and all(v == float("inf") for v in sanity.min_vals)  # nothing observed in the sanity check
+
+    before = quant_state(model.net)
+    flags = fake_quant_flags(model.net)
+    trainer.validate(model, verbose=False)
+    trainer.test(model, verbose=False)
+    trainer.predict(model)
+    assert_same_state(before, quant_state(model.net))
+    assert fake_quant_flags(model.net) == flags == {(True, True)}  # observers restored afterwards
+
+
+# ---------------------------------------------------------------- convert keeps the QAT model
+def test_qat_convert_leaves_qat_model_trainable_and_fit_can_run_again(tmp_path):
+    callback = QuantizationAwareTraining(export=None)
+    model = BoringClassifier()
+    quiet_trainer(callbacks=[callback], max_epochs=1).fit(model)
+    qat_net = model.net
+    assert is_prepared(qat_net) and qat_net.training
+    first_int8 = callback.quantized_model
+    assert first_int8 is not qat_net
+    assert all(p.device.type == "cpu" for p in qat_net.parameters())
+
+    weights_before = {k: v.clone() for k, v in qat_net.state_dict().items()}
+    quiet_trainer(callbacks=[callback], max_epochs=1).fit(model)  # same callback, same model: prepared once
+    assert model.net is qat_net
+    assert any(not torch.equal(weights_before[k], v) for k, v in qat_net.state_dict().items())
+    assert callback.quantized_model is not first_int8
+
+
+def test_qat_test_from_checkpoint_of_fresh_model(tmp_path):
+    seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = BoringClassifier()
+    quiet_trainer(callbacks=[QuantizationAwareTraining(export=None), checkpoint], enable_checkpointing=True,
+                  max_epochs=2).fit(model)
+    fresh = BoringClassifier()
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(export=None)])
+    trainer.test(fresh, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
+    assert_same_state(quant_state(model.net), quant_state(fresh.net))
+    for key, value in model.net.state_dict().items():
+        assert torch.equal(value, fresh.net.state_dict()[key]), key
+
+
+# ---------------------------------------------------------------- crash, then resume
+class _CrashAt(Callback):
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError("simulated crash")
+
+
+class _PhaseSpy(Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.first = getattr(self, "first", None) or (trainer.current_epoch, fake_quant_flags(pl_module.net),
+                                                      {m.freeze_bn for m in pl_module.net.modules() if hasattr(m, "freeze_bn")})
+
+
+def _schedule_callback():
+    return QuantizationAwareTraining(quant_start_epoch=1, freeze_bn_epoch=2, freeze_observers_epoch=3, export=None)
+
+
+def test_qat_crash_then_resume_matches_uninterrupted_run(tmp_path):
+    seed_everything(0)
+    reference = BoringClassifier()
+    quiet_trainer(callbacks=[_schedule_callback()], max_epochs=4).fit(reference)
+
+    seed_everything(0)
+    crashed = BoringClassifier()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quiet_trainer(callbacks=[_schedule_callback(), checkpoint, _CrashAt(3)], enable_checkpointing=True,
+                      max_epochs=4).fit(crashed)
+
+    resumed = BoringClassifier()
+    spy = _PhaseSpy()
+    callback = _schedule_callback()
+    quiet_trainer(callbacks=[callback, spy], max_epochs=4).fit(resumed, ckpt_path=str(tmp_path / "last.ckpt"))
+    # it resumed in epoch 3 with the schedule of epoch 3: observers frozen, BN frozen
+    assert spy.first == (3, {(True, False)}, {True})
+    for key, value in reference.net.state_dict().items():
+        torch.testing.assert_close(resumed.net.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+# ---------------------------------------------------------------- several inputs, keywords, both flows
+@pytest.mark.parametrize("flow", ["fx", "eager"])
+def test_qat_keyword_and_multi_input_model(flow, tmp_path):
+    callback = QuantizationAwareTraining(flow=flow, export_dir=tmp_path,
+                                         batch_to_input=lambda batch: {"x": batch[0][0], "extra": batch[0][1]})
+    model = TwoInputClassifier()
+    quiet_trainer(callbacks=[callback], max_epochs=2).fit(model)
+    (x, extra), _ = next(iter(model.val_dataloader()))
+    with torch.no_grad():
+        from lightning_quant.quantization.schedule import quantization_disabled
+
+        with quantization_disabled(model.net):
+            float_out = model.net.eval()(x, extra=extra)
+    from lightning_quant.quantization.convert import quantized_engine
+
+    with quantized_engine("x86"), torch.no_grad():
+        int8_out = callback.quantized_model(x, extra=extra)
+    assert int8_out.shape == (8, 4)
+    assert (int8_out - float_out).abs().max() < 0.25 * float_out.abs().max()
+    assert callback.export_records["torchscript"].max_abs_diff == 0.0

@@ -1,0 +1,25 @@
+"""QAT under DDP on two CPU processes (a subprocess, as Lightning relaunches the script per rank)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_qat.py"
+
+
+def test_qat_ddp_two_cpu_processes_end_with_identical_quantization_state(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert rank0.keys() == rank1.keys() and any(k.endswith("scale") for k in rank0)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    assert any(not torch.equal(v, torch.ones_like(v)) for k, v in rank0.items() if k.endswith(".scale"))
+    # only global rank 0 writes the export
+    assert (tmp_path / "rank0_files.txt").read_text() == "model_int8.pt"
+    assert (tmp_path / "rank1_files.txt").read_text() == ""

@@ -1,0 +1,143 @@
+"""Small models, data and a quiet Trainer shared by the tests (Lightning's BoringModel habit)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_quant.quantization.schedule import fake_quantizers
+
+
+class TinyNet(nn.Module):
+    """Conv/BN/ReLU then Linear: the smallest net with every pattern both flows fuse."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.features(x), 1))
+
+
+class TwoInputNet(nn.Module):
+    """A net whose forward takes a second input by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.side = nn.Sequential(nn.Linear(3, 8), nn.ReLU())
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x, extra):
+        return self.head(torch.cat([torch.flatten(self.features(x), 1), self.side(extra)], dim=1))
+
+
+def random_images(n: int = 64, seed: int = 0, classes: int = 4) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    x = torch.randn(n, 1, 6, 6, generator=g) + y.view(-1, 1, 1, 1).float()
+    return TensorDataset(x, y)
+
+
+class BoringClassifier(pl.LightningModule):
+    """Classifies ``random_images`` with any net; loaders built in (no DataModule needed)."""
+
+    def __init__(self, net: nn.Module | None = None, lr: float = 0.01, batch_size: int = 16, n: int = 64) -> None:
+        super().__init__()
+        self.net = net if net is not None else TinyNet()
+        self.lr, self.batch_size, self.n = lr, batch_size, n
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", F.cross_entropy(self(x), y))
+
+    def test_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("test_loss", F.cross_entropy(self(x), y))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self):
+        return DataLoader(random_images(self.n), batch_size=self.batch_size)
+
+    def val_dataloader(self):
+        return DataLoader(random_images(32, seed=1), batch_size=self.batch_size)
+
+    def test_dataloader(self):
+        return DataLoader(random_images(32, seed=2), batch_size=self.batch_size)
+
+    def predict_dataloader(self):
+        return DataLoader(random_images(32, seed=3), batch_size=self.batch_size)
+
+
+class TwoInputClassifier(BoringClassifier):
+    """Batches are ``((x, extra), y)``; the net is called with ``extra`` as a keyword."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(net=TwoInputNet(), **kwargs)
+
+    def forward(self, x, extra):
+        return self.net(x, extra=extra)
+
+    def _loader(self, seed: int) -> DataLoader:
+        base = random_images(32, seed=seed)
+        extra = torch.randn(32, 3, generator=torch.Generator().manual_seed(seed))
+        return DataLoader(list(zip(zip(base.tensors[0], extra), base.tensors[1])), batch_size=8)
+
+    def training_step(self, batch, batch_idx):
+        (x, extra), y = batch
+        return F.cross_entropy(self(x, extra), y)
+
+    def validation_step(self, batch, batch_idx):
+        (x, extra), y = batch
+        self.log("val_loss", F.cross_entropy(self(x, extra), y))
+
+    def train_dataloader(self):
+        return self._loader(0)
+
+    def val_dataloader(self):
+        return self._loader(1)
+
+
+def quiet_trainer(**kwargs: Any) -> pl.Trainer:
+    """A Trainer that prints nothing and writes nothing unless asked."""
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                    enable_checkpointing=False, max_epochs=1, num_sanity_val_steps=0)
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def quant_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every quantization-related buffer: scales, zero points, observed ranges, BN statistics."""
+    keys = ("scale", "zero_point", "min_val", "max_val", "running_mean", "running_var", "num_batches_tracked")
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if k.rsplit(".", 1)[-1] in keys}
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} changed"
+
+
+def fake_quant_flags(module: nn.Module) -> set[tuple[bool, bool]]:
+    """The set of (fake quant on, observer on) pairs over all fake-quantize modules."""
+    return {(bool(fq.fake_quant_enabled[0]), bool(fq.observer_enabled[0])) for fq in fake_quantizers(module)}

@@ -1,0 +1,42 @@
+"""QAT under strategy="ddp" on 2 CPU processes; each rank saves its quantization state.
+
+Run as ``python tests/scripts/ddp_qat.py OUT_DIR``; Lightning relaunches this script for rank 1.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import seed_everything
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from lightning_quant import QuantizationAwareTraining  # noqa: E402
+from tests.helpers import BoringClassifier, quant_state, quiet_trainer  # noqa: E402
+
+
+class RankShiftedClassifier(BoringClassifier):
+    """Each rank sees different data, so only synchronisation can make their ranges agree."""
+
+    def train_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        from tests.helpers import random_images
+
+        return DataLoader(random_images(64, seed=10 + self.global_rank), batch_size=16)
+
+
+def main(out_dir: Path) -> None:
+    seed_everything(0)
+    model = RankShiftedClassifier()
+    callback = QuantizationAwareTraining(quant_start_epoch=0, freeze_observers_epoch=2, export_dir=out_dir / "export")
+    trainer = quiet_trainer(strategy="ddp", devices=2, max_epochs=3, callbacks=[callback], use_distributed_sampler=False)
+    trainer.fit(model)
+    state = {k: v for k, v in quant_state(model.net).items()}
+    torch.save(state, out_dir / f"rank{trainer.global_rank}.pt")
+    written = sorted(p.name for p in (out_dir / "export").glob("*")) if trainer.is_global_zero else []
+    (out_dir / f"rank{trainer.global_rank}_files.txt").write_text("\n".join(written))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

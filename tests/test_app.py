@@ -1,0 +1,38 @@
+"""The `lightning-quant` command end to end, in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_app(tmp_path: Path, *overrides: str) -> tuple[str, dict]:
+    command = [sys.executable, "-m", "lightning_quant.app", f"hydra.run.dir={tmp_path}",
+               "trainer.enable_progress_bar=false", *overrides]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout, json.loads((tmp_path / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("flow", ["fx", "eager"])
+def test_app_qat_on_digits_int8_within_one_point_of_float(flow, tmp_path):
+    stdout, metrics = run_app(tmp_path, f"quant.flow={flow}")
+    assert metrics["float_acc"] >= 0.95
+    assert metrics["int8_acc"] >= metrics["float_acc"] - 0.01
+    assert 3.0 < metrics["fp32_bytes"] / metrics["int8_bytes"] < 4.2
+    assert metrics["overrides"] == [f"quant.flow={flow}"] or f"quant.flow={flow}" in metrics["overrides"]
+    for line in ("| accuracy (test)", "| weights (bytes)", "| latency batch 1 (ms)", "| latency batch 32 (ms)"):
+        assert line in stdout
+    paths = metrics["export_paths"]
+    assert sorted(paths) == ["mobile", "torchscript"]
+    scripted = torch.jit.load(paths["torchscript"])
+    assert scripted is not None and Path(paths["mobile"]).stat().st_size > 10_000
