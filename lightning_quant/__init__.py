@@ -1,6 +1,6 @@
-"""Int8 quantization of PyTorch models as a Lightning callback: QAT, then convert and export."""
+"""Int8 quantization of PyTorch models as Lightning callbacks (QAT, PTQ) and one function (``quantize``)."""
 
-from lightning_quant.callbacks import QuantizationAwareTraining
+from lightning_quant.callbacks import PostTrainingQuantization, QuantizationAwareTraining
 from lightning_quant.quantization import (
     Backend,
     ExampleInputs,
@@ -12,10 +12,13 @@ from lightning_quant.quantization import (
     QuantizationConfig,
     quantization_disabled,
 )
+from lightning_quant.quantization.calibrate import NonFiniteError
+from lightning_quant.quantization.ptq import quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "ExampleInputs", "ExportTarget", "Flow", "FxTracingError", "Observer", "QATSchedule",
-    "QuantizationAwareTraining", "QuantizationConfig", "quantization_disabled",
+    "Backend", "ExampleInputs", "ExportTarget", "Flow", "FxTracingError", "NonFiniteError", "Observer",
+    "PostTrainingQuantization", "QATSchedule", "QuantizationAwareTraining", "QuantizationConfig", "quantization_disabled",
+    "quantize",
 ]

@@ -1,5 +1,6 @@
 """Lightning callbacks: each says *when* a model is quantized; the core in ``quantization`` says *how*."""
 
+from lightning_quant.callbacks.ptq import PostTrainingQuantization
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
 
-__all__ = ["QuantizationAwareTraining"]
+__all__ = ["PostTrainingQuantization", "QuantizationAwareTraining"]

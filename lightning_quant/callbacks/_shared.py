@@ -9,7 +9,10 @@ from typing import Any, Callable, Optional
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info
+import torch.nn as nn
 from torch.utils.data import DataLoader
+
+from lightning_quant.export import export_int8
 
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
@@ -74,6 +77,27 @@ def resolve_export_dir(config: QuantizationConfig, trainer: "pl.Trainer") -> Pat
     if config.export_dir is not None:
         return Path(config.export_dir)
     return Path(trainer.log_dir or trainer.default_root_dir) / "quantized"
+
+
+def export_for_engines(
+    trainer: "pl.Trainer",
+    config: QuantizationConfig,
+    example: ExampleInputs,
+    int8: "nn.Module",
+    convert: Callable[[str], "nn.Module"],
+    prefix: str,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Export ``int8`` (converted for the backend's engine) and, where a target needs another
+    engine, what ``convert(engine)`` returns; returns the records and the paths by target."""
+    converted = {config.engine: int8}
+
+    def int8_for(engine: str) -> "nn.Module":
+        if engine not in converted:
+            converted[engine] = convert(engine)
+        return converted[engine]
+
+    records = export_int8(int8_for, config.export, resolve_export_dir(config, trainer), example, config.backend)
+    return records, log_export_records(trainer, prefix, records)
 
 
 def log_export_records(trainer: "pl.Trainer", prefix: str, records: Mapping[str, Any]) -> dict[str, str]:

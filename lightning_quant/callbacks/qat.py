@@ -17,10 +17,9 @@ from torch.ao.quantization import QConfigMapping
 from lightning_quant.callbacks._shared import (
     check_strategy,
     example_inputs_for,
-    log_export_records,
-    resolve_export_dir,
+    export_for_engines,
 )
-from lightning_quant.export import ExportRecord, export_int8
+from lightning_quant.export import ExportRecord
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.flows import get_flow
@@ -234,17 +233,9 @@ class QuantizationAwareTraining(Callback):
             self._saved_observers = None
 
     def _convert_and_export(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        converted: dict[str, nn.Module] = {}
-
-        def int8_for(engine: str) -> nn.Module:
-            if engine not in converted:
-                converted[engine] = self.convert(pl_module, engine)
-            return converted[engine]
-
-        self.quantized_model = int8_for(self.config.engine)
+        self.quantized_model = self.convert(pl_module)
         rank_zero_info(f"[QAT] converted {self._target_path!r} to int8 for {self.config.engine}: callback.quantized_model")
-        if not self.config.export or not trainer.is_global_zero:
-            return
-        directory = resolve_export_dir(self.config, trainer)
-        self.export_records = export_int8(int8_for, self.config.export, directory, self.example_inputs, self.config.backend)
-        self.export_paths = log_export_records(trainer, "qat", self.export_records)
+        if self.config.export and trainer.is_global_zero:
+            self.export_records, self.export_paths = export_for_engines(
+                trainer, self.config, self.example_inputs, self.quantized_model,
+                lambda engine: self.convert(pl_module, engine), "qat")

@@ -84,7 +84,7 @@ def resolve_skip(model: nn.Module, skip: tuple[Union[str, type], ...]) -> tuple[
         elif entry in submodules and entry:
             names.append(entry)
         else:
-            located = _locate_module_type(entry)
+            located = locate_module_type(entry)
             if located is None:
                 candidates = [name for name in submodules if name][:20]
                 raise ValueError(
@@ -95,7 +95,8 @@ def resolve_skip(model: nn.Module, skip: tuple[Union[str, type], ...]) -> tuple[
     return tuple(names), tuple(types)
 
 
-def _locate_module_type(path: str) -> Union[type, None]:
+def locate_module_type(path: str) -> Union[type, None]:
+    """The ``nn.Module`` subclass at import path ``path`` (``"torch.nn.LSTM"``), or ``None``."""
     module_path, _, attr = path.rpartition(".")
     if not module_path:
         return None

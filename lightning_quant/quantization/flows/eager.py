@@ -65,6 +65,9 @@ class QuantBoundary(nn.Module):
     pass through untouched.
     """
 
+    #: what the wrapped model's module names start with inside the boundary
+    wrapped_prefix = "module."
+
     def __init__(self, module: nn.Module, example: ExampleInputs) -> None:
         super().__init__()
         self.module = module

@@ -1,0 +1,166 @@
+"""Post-training quantization as a callback: calibrate and convert a finished model, then export."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Union
+
+import lightning.pytorch as pl
+import torch.nn as nn
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+from torch.ao.quantization import QConfigMapping
+
+from lightning_quant.callbacks._shared import (
+    check_strategy,
+    example_inputs_for,
+    export_for_engines,
+    stage_dataloader,
+)
+from lightning_quant.export import ExportRecord
+from lightning_quant.quantization.config import QuantizationConfig, parse_enum
+from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, check_dynamic_options, quantize_dynamic_copy
+from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.ptq import Mode, check_calibration_batches, convert_calibrated, prepare_and_calibrate
+from lightning_quant.quantization.target import resolve_target
+
+CALIBRATION_SOURCES = ("train", "val")
+
+
+class PostTrainingQuantization(Callback):
+    """Quantize a trained model without retraining: static (calibrated) or dynamic.
+
+    When: at the end of ``trainer.fit`` and at the end of ``trainer.validate``. The second is
+    how a finished model is quantized: ``trainer.validate(model, datamodule=dm,
+    ckpt_path="best.ckpt")`` reports the float metrics, then calibrates and converts. Test and
+    predict never quantize (they measure, they do not change the model).
+
+    What: a CPU deep copy of the submodule is prepared, fed ``calibration_batches`` batches
+    from ``calibration_data`` with observers on and no gradients (a progress bar shows it),
+    converted and exported. The trained float model is never modified. Dynamic mode needs no
+    calibration. Same quantization arguments, meanings and results (``quantized_model``,
+    ``export_paths``) as :class:`~lightning_quant.QuantizationAwareTraining`.
+
+    Args:
+        mode: ``"static"`` (default) or ``"dynamic"``.
+        calibration_data: ``"train"`` (default: the train dataloader), ``"val"``, or any
+            iterable of batches (a DataLoader, a list).
+        calibration_batches: batches used for calibration (default 32).
+        dtype: dynamic mode: ``"qint8"`` (default) or ``"float16"``.
+        module_types: dynamic mode: module types to quantize (default Linear, LSTM, GRU).
+        backend, flow, module, observer, per_channel, skip, qconfig_mapping, export,
+        export_dir, batch_to_input: as for ``QuantizationAwareTraining``; ``observer``
+            defaults to ``"histogram"``, the best choice for a few calibration batches.
+        progress: show a progress bar while calibrating (rank zero only).
+
+    Raises:
+        ValueError: an argument outside its allowed values; in setup, an empty calibration source.
+        TypeError: an argument of the wrong type.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[PostTrainingQuantization(calibration_batches=16)], logger=False)
+    """
+
+    def __init__(
+        self,
+        mode: str = "static",
+        backend: str = "x86",
+        flow: str = "fx",
+        module: Optional[str] = None,
+        observer: str = "histogram",
+        per_channel: Optional[bool] = None,
+        skip: Sequence[Union[str, type]] = (),
+        qconfig_mapping: Optional[QConfigMapping] = None,
+        modules_to_fuse: Optional[Sequence[Sequence[str]]] = None,
+        calibration_data: Union[str, Iterable[Any]] = "train",
+        calibration_batches: int = 32,
+        dtype: str = "qint8",
+        module_types: Sequence[Union[str, type]] = DEFAULT_DYNAMIC_TYPES,
+        export: Union[str, Sequence[str], None] = ("torchscript",),
+        export_dir: Optional[Union[str, Path]] = None,
+        batch_to_input: Optional[Callable[[Any], Any]] = None,
+        progress: bool = True,
+    ) -> None:
+        self.mode = parse_enum(Mode, mode, "mode")
+        self.config = QuantizationConfig(
+            backend=backend, flow=flow, module=module, observer=observer, per_channel=per_channel, skip=skip,
+            qconfig_mapping=qconfig_mapping, modules_to_fuse=modules_to_fuse, export=export, export_dir=export_dir,
+        )
+        if isinstance(calibration_data, str) and calibration_data not in CALIBRATION_SOURCES:
+            raise ValueError(f"calibration_data must be one of {CALIBRATION_SOURCES} or an iterable of batches, "
+                             f"got {calibration_data!r}")
+        if not isinstance(calibration_data, (str, Iterable)):
+            raise TypeError(f"calibration_data must be one of {CALIBRATION_SOURCES} or an iterable of batches, "
+                            f"got {type(calibration_data).__name__}")
+        self.calibration_data = calibration_data
+        self.calibration_batches = check_calibration_batches(calibration_batches)
+        self.dtype = dtype
+        self.module_types = check_dynamic_options(dtype, module_types)
+        if batch_to_input is not None and not callable(batch_to_input):
+            raise TypeError(f"batch_to_input must be a callable or None, got {batch_to_input!r}")
+        if not isinstance(progress, bool):
+            raise TypeError(f"progress must be True or False, got {progress!r}")
+        self.batch_to_input = batch_to_input
+        self.progress = progress
+        self.example_inputs: Optional[ExampleInputs] = None
+        self.quantized_model: Optional[nn.Module] = None
+        self.export_paths: dict[str, str] = {}
+        self.export_records: dict[str, ExportRecord] = {}
+        self._target_path: Optional[str] = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode.value, backend=self.config.backend.value,
+                                        module=self.config.module)
+
+    # ------------------------------------------------------------------ hooks: when
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage not in ("fit", "validate"):
+            return
+        check_strategy(trainer, type(self).__name__)
+        self._target_path, _ = resolve_target(pl_module, self.config.module)
+        self.example_inputs = example_inputs_for(trainer, pl_module, stage, self.batch_to_input, type(self).__name__)
+        if self.mode is Mode.STATIC:
+            if self._calibration_batches_source(trainer) is None:
+                raise ValueError(f"calibration_data={self.calibration_data!r} but the Trainer has no such dataloader; "
+                                 "give one, or pass calibration_data=<an iterable of batches>")
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._quantize_and_export(trainer, pl_module)
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.state.fn == "validate":
+            self._quantize_and_export(trainer, pl_module)
+
+    # ------------------------------------------------------------------ helpers: what
+    def target(self, pl_module: "pl.LightningModule") -> nn.Module:
+        """The float submodule this callback quantizes."""
+        return resolve_target(pl_module, self._target_path or self.config.module)[1]
+
+    def _calibration_batches_source(self, trainer: "pl.Trainer") -> Optional[Iterable[Any]]:
+        if not isinstance(self.calibration_data, str):
+            return self.calibration_data
+        return stage_dataloader(trainer, "fit" if self.calibration_data == "train" else "validate")
+
+    def _quantize_and_export(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        target = self.target(pl_module)
+        if self.mode is Mode.DYNAMIC:
+            def convert(engine: str) -> nn.Module:
+                return quantize_dynamic_copy(target, self.config, self.module_types, self.dtype, engine)
+        else:
+            calibrated = prepare_and_calibrate(target, self._calibration_batches_source(trainer), self.config,
+                                               self.calibration_batches, self.batch_to_input, self.example_inputs,
+                                               progress=self.progress and trainer.is_global_zero)
+
+            def convert(engine: str) -> nn.Module:
+                return convert_calibrated(calibrated, self.config, engine)
+
+        self.quantized_model = convert(self.config.engine)
+        rank_zero_info(f"[PTQ] {self.mode.value} int8 model of {self._target_path!r} for {self.config.engine}: "
+                       "callback.quantized_model")
+        if self.config.export and trainer.is_global_zero:
+            self.export_records, self.export_paths = export_for_engines(
+                trainer, self.config, self.example_inputs, self.quantized_model, convert, "ptq")

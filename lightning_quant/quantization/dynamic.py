@@ -1,0 +1,103 @@
+"""Dynamic quantization: int8 weights, activations quantized on the fly (``nn.Linear``, LSTM, GRU).
+
+No calibration is needed. Known torch 2.13 pitfalls handled here rather than left to users:
+
+- a dynamically quantized ``nn.TransformerEncoderLayer`` crashes in eval on its fused fast
+  path (it reads ``linear1.weight.device``, a method on quantized Linear), so the fast path
+  is switched off on those layers only (their ``activation_relu_or_gelu`` flag, which gates
+  nothing else);
+- int8 LSTMs give no speed-up on AVX2 machines without VNNI: size shrinks, latency does not.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+from torch.ao.quantization import (
+    default_dynamic_qconfig,
+    float16_dynamic_qconfig,
+    per_channel_dynamic_qconfig,
+    quantize_dynamic,
+)
+
+from lightning_quant.quantization.config import QuantizationConfig
+from lightning_quant.quantization.convert import quantized_engine
+from lightning_quant.quantization.qconfig import locate_module_type, resolve_skip
+from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+
+DEFAULT_DYNAMIC_TYPES: tuple[type, ...] = (nn.Linear, nn.LSTM, nn.GRU)
+DYNAMIC_DTYPES = ("qint8", "float16")
+
+
+def check_dynamic_options(dtype: str, module_types: Sequence[Union[str, type]]) -> tuple[type, ...]:
+    """Validate ``dtype`` and resolve ``module_types`` (types or import paths) to module types.
+
+    Raises:
+        ValueError: an unknown dtype or a module type that cannot be found.
+    """
+    if dtype not in DYNAMIC_DTYPES:
+        raise ValueError(f"dtype must be one of {DYNAMIC_DTYPES}, got {dtype!r}")
+    if isinstance(module_types, (str, type)) or not isinstance(module_types, Sequence) or not module_types:
+        raise ValueError(f"module_types must be a non-empty sequence of nn.Module types, got {module_types!r}")
+    resolved = []
+    for entry in module_types:
+        if isinstance(entry, type) and issubclass(entry, nn.Module):
+            resolved.append(entry)
+            continue
+        located = locate_module_type(entry) if isinstance(entry, str) else None
+        if located is None:
+            raise ValueError(f"module_types entries must be nn.Module types or import paths like 'torch.nn.LSTM', got {entry!r}")
+        resolved.append(located)
+    return tuple(resolved)
+
+
+def _qconfig_for(module_type: type, dtype: str, per_channel: bool):
+    if dtype == "float16":
+        return float16_dynamic_qconfig
+    if per_channel and issubclass(module_type, nn.Linear):
+        return per_channel_dynamic_qconfig
+    return default_dynamic_qconfig
+
+
+def disable_transformer_fast_path(model: nn.Module) -> int:
+    """Switch off the fused fast path of every ``nn.TransformerEncoderLayer``; returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    for layer in layers:
+        layer.activation_relu_or_gelu = False
+    return len(layers)
+
+
+def quantize_dynamic_copy(
+    model: nn.Module, config: QuantizationConfig, module_types: tuple[type, ...], dtype: str,
+    engine: Optional[str] = None,
+) -> nn.Module:
+    """A dynamically quantized copy of ``model``; ``model`` itself is not modified.
+
+    Raises:
+        ValueError: ``model`` has no module of ``module_types`` outside ``skip``.
+    """
+    names, skip_types = resolve_skip(model, config.skip)
+    quantizable = [n for n, m in model.named_modules() if isinstance(m, module_types) and not isinstance(m, skip_types)
+                   and not any(n == s or n.startswith(s + ".") for s in names)]
+    if not quantizable:
+        found = sorted({type(m).__name__ for m in model.modules()})
+        raise ValueError(
+            f"nothing to quantize dynamically: {type(model).__name__} has no "
+            f"{[t.__name__ for t in module_types]} outside skip (its module types: {found}); use mode=\"static\" "
+            "for convolutional models"
+        )
+    spec: dict = {t: _qconfig_for(t, dtype, config.per_channel) for t in module_types if t not in skip_types}
+    # a name maps to None for itself and every module inside it: torch looks types up before
+    # inheriting from the parent, so a skipped container's Linear layers would be quantized otherwise
+    spec.update({n: None for n, _ in model.named_modules() if any(n == s or n.startswith(s + ".") for s in names)})
+    for module_type in skip_types:
+        spec[module_type] = None
+    float_model = copy.deepcopy(model).cpu().eval()
+    with quantized_engine(engine or config.engine), known_torch_warnings_silenced():
+        int8 = quantize_dynamic(float_model, qconfig_spec=spec, dtype=torch.float16 if dtype == "float16" else torch.qint8)
+    disable_transformer_fast_path(int8)
+    return int8

@@ -1,0 +1,154 @@
+"""Post-training quantization of any ``nn.Module``: static (calibrate, convert) or dynamic."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Iterable, Sequence
+from enum import Enum
+from typing import Any, Callable, Optional, Union
+
+import torch.nn as nn
+
+from lightning_quant.quantization.calibrate import calibrate
+from lightning_quant.quantization.config import QuantizationConfig, parse_enum
+from lightning_quant.quantization.convert import convert_copy
+from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, check_dynamic_options, quantize_dynamic_copy
+from lightning_quant.quantization.flows import get_flow
+from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
+
+log = logging.getLogger(__name__)
+
+
+class Mode(str, Enum):
+    """Post-training modes: static (calibrated activations) or dynamic (activations quantized at run time)."""
+
+    STATIC = "static"
+    DYNAMIC = "dynamic"
+
+
+MODES = tuple(m.value for m in Mode)
+
+
+def check_calibration_batches(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"calibration_batches must be a positive int, got {value!r}")
+    return value
+
+
+def _has_quantized_modules(model: nn.Module) -> bool:
+    return any(type(m).__module__.startswith("torch.ao.nn.quantized") and not type(m).__name__.startswith(("Quantize", "DeQuantize"))
+               for m in model.modules())
+
+
+def prepare_and_calibrate(
+    model: nn.Module,
+    calibration_data: Iterable[Any],
+    config: QuantizationConfig,
+    calibration_batches: int = 32,
+    batch_to_input: Optional[Callable[[Any], Any]] = None,
+    example: Optional[ExampleInputs] = None,
+    progress: bool = True,
+) -> nn.Module:
+    """A prepared copy of ``model`` whose observers have seen ``calibration_batches`` batches.
+
+    Convert it with :func:`~lightning_quant.quantization.convert.convert_copy` for each engine
+    needed; ``model`` itself is not modified.
+
+    Raises:
+        ValueError: no calibration batch.
+        NonFiniteError: NaN/Inf in the inputs or a layer's output (named).
+    """
+    batches = iter(calibration_data)
+    if example is None:
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("calibration data yielded no batch: it is empty or an iterator that was already "
+                             "consumed; pass a DataLoader or a list of batches")
+        example = batch_inputs(first, batch_to_input).to("cpu")
+        batches = _chain_first(first, batches)
+    float_copy = copy.deepcopy(model).cpu().eval()
+    prepared = get_flow(config.flow).prepare(float_copy, config, example, qat=False)
+    used = calibrate(prepared, batches, calibration_batches, batch_to_input, progress)
+    log.info("calibrated on %d batch(es)", used)
+    return prepared
+
+
+def convert_calibrated(prepared: nn.Module, config: QuantizationConfig, engine: Optional[str] = None) -> nn.Module:
+    """Convert a calibrated model for ``engine`` (default: the backend's), checking something was quantized.
+
+    Raises:
+        ValueError: no layer was converted to int8.
+    """
+    int8 = convert_copy(prepared, config.flow, engine or config.engine)
+    if not _has_quantized_modules(int8):
+        raise ValueError(
+            "nothing to quantize statically: no layer was converted to int8 (static mode quantizes Conv, "
+            "Linear and their fusions); check skip, or use mode=\"dynamic\" for LSTM/GRU models"
+        )
+    return int8
+
+
+def _chain_first(first: Any, rest: Iterable[Any]) -> Iterable[Any]:
+    yield first
+    yield from rest
+
+
+def quantize(
+    model: nn.Module,
+    calibration_data: Optional[Iterable[Any]] = None,
+    mode: str = "static",
+    backend: str = "x86",
+    flow: str = "fx",
+    observer: str = "histogram",
+    per_channel: Optional[bool] = None,
+    skip: Sequence[Union[str, type]] = (),
+    qconfig_mapping: Any = None,
+    calibration_batches: int = 32,
+    batch_to_input: Optional[Callable[[Any], Any]] = None,
+    dtype: str = "qint8",
+    module_types: Sequence[Union[str, type]] = DEFAULT_DYNAMIC_TYPES,
+    progress: bool = True,
+) -> nn.Module:
+    """Return an int8 copy of ``model``, quantized after training; ``model`` is not modified.
+
+    Args:
+        model: any ``nn.Module`` (a Hugging Face model too).
+        calibration_data: an iterable of batches (a DataLoader, a list); required for static
+            mode, ignored (may be ``None``) for dynamic mode. The model input is read from each
+            batch as Lightning users expect (tensor, first item of a tuple, mapping as keyword
+            arguments) or by ``batch_to_input``.
+        mode: ``"static"`` (default: calibrated int8 activations) or ``"dynamic"``.
+        backend, flow, observer, per_channel, skip, qconfig_mapping: as for
+            :class:`~lightning_quant.QuantizationAwareTraining`. ``observer`` defaults to
+            ``"histogram"`` here: with a few calibration batches it clips outliers best.
+        calibration_batches: batches used for calibration (default 32).
+        batch_to_input: callable from a batch to the model input.
+        dtype: dynamic mode: ``"qint8"`` (default) or ``"float16"`` weights.
+        module_types: dynamic mode: module types to quantize (default Linear, LSTM, GRU).
+        progress: show a progress bar while calibrating.
+
+    Raises:
+        ValueError: an invalid option, empty calibration data, or nothing to quantize.
+        NonFiniteError: NaN/Inf met during calibration, naming the layer.
+
+    Example::
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        >>> int8 = quantize(net, [torch.randn(8, 4) for _ in range(4)], progress=False)
+        >>> int8(torch.randn(2, 4)).shape
+        torch.Size([2, 4])
+    """
+    mode = parse_enum(Mode, mode, "mode")
+    config = QuantizationConfig(backend=backend, flow=flow, observer=observer, per_channel=per_channel, skip=skip,
+                                qconfig_mapping=qconfig_mapping, export=None)
+    calibration_batches = check_calibration_batches(calibration_batches)
+    if mode is Mode.DYNAMIC:
+        types = check_dynamic_options(dtype, module_types)
+        return quantize_dynamic_copy(model, config, types, dtype)
+    if calibration_data is None:
+        raise ValueError('mode="static" needs calibration_data: an iterable of representative batches')
+    prepared = prepare_and_calibrate(model, calibration_data, config, calibration_batches, batch_to_input,
+                                     progress=progress)
+    return convert_calibrated(prepared, config)

@@ -1,0 +1,150 @@
+"""PostTrainingQuantization in a real Trainer: static and dynamic, at fit end and at validate end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from lightning.pytorch import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_quant import PostTrainingQuantization
+from lightning_quant.data import DigitsDataModule
+from lightning_quant.models import DigitsCNN, ImageClassifier
+from lightning_quant.quantization.convert import quantized_engine
+from lightning_quant.report import classification_accuracy
+from tests.helpers import BoringClassifier, quiet_trainer
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"mode": "weights"}, ValueError, r"mode must be one of \('static', 'dynamic'\), got 'weights'"),
+        ({"calibration_batches": 0}, ValueError, r"calibration_batches must be a positive int, got 0"),
+        ({"calibration_batches": -3}, ValueError, r"calibration_batches must be a positive int, got -3"),
+        ({"calibration_data": "test"}, ValueError,
+         r"calibration_data must be one of \('train', 'val'\) or an iterable of batches, got 'test'"),
+        ({"calibration_data": 5}, TypeError,
+         r"calibration_data must be one of \('train', 'val'\) or an iterable of batches, got int"),
+        ({"dtype": "int4"}, ValueError, r"dtype must be one of \('qint8', 'float16'\), got 'int4'"),
+        ({"module_types": ["torch.nn.Nope"]}, ValueError,
+         r"module_types entries must be nn.Module types or import paths like 'torch.nn.LSTM', got 'torch.nn.Nope'"),
+        ({"module_types": []}, ValueError, r"module_types must be a non-empty sequence of nn.Module types, got \[\]"),
+        ({"progress": "no"}, TypeError, r"progress must be True or False, got 'no'"),
+        ({"batch_to_input": 1}, TypeError, r"batch_to_input must be a callable or None, got 1"),
+        ({"backend": "cuda"}, ValueError, r"backend must be one of \('x86', 'fbgemm', 'qnnpack'\), got 'cuda'"),
+    ],
+)
+def test_ptq_raises_on_invalid_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        PostTrainingQuantization(**kwargs)
+
+
+def test_ptq_static_on_digits_within_one_point_of_float(tmp_path):
+    seed_everything(0)
+    dm = DigitsDataModule(batch_size=32)
+    model = ImageClassifier(DigitsCNN(width=16), lr=3e-3)
+    callback = PostTrainingQuantization(calibration_batches=16, export_dir=tmp_path, progress=False)
+    quiet_trainer(callbacks=[callback], max_epochs=4, deterministic=True).fit(model, datamodule=dm)
+    float_state = {k: v.clone() for k, v in model.net.state_dict().items()}
+    test = list(dm.test_dataloader())
+    float_acc = classification_accuracy(model.net, test)
+    int8_acc = classification_accuracy(callback.quantized_model, test, engine="x86")
+    assert float_acc >= 0.95
+    assert int8_acc >= float_acc - 0.01
+    # the trained float model is not modified
+    assert type(model.net) is DigitsCNN
+    assert all(torch.equal(float_state[k], v) for k, v in model.net.state_dict().items())
+    assert callback.export_records["torchscript"].max_abs_diff == 0.0
+
+
+def test_ptq_at_validate_end_from_a_checkpoint_without_training(tmp_path):
+    seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trained = BoringClassifier()
+    quiet_trainer(callbacks=[checkpoint], enable_checkpointing=True, max_epochs=2).fit(trained)
+
+    fresh = BoringClassifier()
+    callback = PostTrainingQuantization(calibration_batches=2, export=None, progress=False)
+    trainer = quiet_trainer(callbacks=[callback])
+    trainer.validate(fresh, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
+    assert trainer.global_step == 0
+    x = next(iter(fresh.val_dataloader()))[0]
+    with torch.no_grad(), quantized_engine("x86"):
+        expected, got = trained.net.eval()(x), callback.quantized_model(x)
+    assert (got - expected).abs().max() < 0.1 * expected.abs().max() + 0.05
+
+
+def test_ptq_calibrates_on_the_requested_number_of_batches():
+    seen = []
+
+    class Counting(list):
+        def __iter__(self):
+            for item in super().__iter__():
+                seen.append(1)
+                yield item
+
+    data = Counting([(torch.randn(4, 1, 6, 6), torch.zeros(4)) for _ in range(10)])
+    callback = PostTrainingQuantization(calibration_data=data, calibration_batches=3, export=None, progress=False)
+    quiet_trainer(callbacks=[callback], max_epochs=1, limit_train_batches=1).fit(BoringClassifier())
+    assert len(seen) == 3
+
+
+def test_ptq_val_calibration_source():
+    callback = PostTrainingQuantization(calibration_data="val", calibration_batches=1, export=None, progress=False)
+    quiet_trainer(callbacks=[callback], limit_train_batches=1).fit(BoringClassifier())
+    assert callback.quantized_model is not None
+
+
+def test_ptq_raises_on_empty_calibration_dataloader():
+    callback = PostTrainingQuantization(calibration_data=[], export=None, progress=False)
+    with pytest.raises(ValueError, match=r"calibration data yielded no batch: it is empty or an iterator that was "
+                                         r"already consumed; pass a DataLoader or a list of batches"):
+        quiet_trainer(callbacks=[callback], limit_train_batches=1).fit(BoringClassifier())
+
+
+class _LSTMClassifier(BoringClassifier):
+    def __init__(self):
+        super().__init__(net=_LSTMNet())
+
+    def _tokens(self, seed):
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.randint(0, 20, (32, 7), generator=g)
+        return torch.utils.data.DataLoader(list(zip(tokens, (tokens[:, 0] > 9).long())), batch_size=8)
+
+    def train_dataloader(self):
+        return self._tokens(0)
+
+    def val_dataloader(self):
+        return self._tokens(1)
+
+
+class _LSTMNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, tokens):
+        out, _ = self.lstm(self.embed(tokens))
+        return self.head(out[:, -1])
+
+
+def test_ptq_dynamic_lstm_and_export(tmp_path):
+    callback = PostTrainingQuantization(mode="dynamic", export_dir=tmp_path, progress=False)
+    model = _LSTMClassifier()
+    quiet_trainer(callbacks=[callback], max_epochs=1).fit(model)
+    int8 = callback.quantized_model
+    assert type(int8.lstm).__name__ == "LSTM" and "dynamic" in type(int8.lstm).__module__
+    assert "dynamic" in type(int8.head).__module__
+    tokens = next(iter(model.val_dataloader()))[0]
+    with torch.no_grad():
+        assert (int8(tokens) - model.net(tokens)).abs().max() < 0.05
+    assert callback.export_records["torchscript"].max_abs_diff == 0.0
+
+
+def test_ptq_static_raises_when_nothing_is_quantizable():
+    callback = PostTrainingQuantization(skip=["features", "head"], export=None, progress=False)
+    with pytest.raises(ValueError, match=r"nothing to quantize statically: no layer was converted to int8"):
+        quiet_trainer(callbacks=[callback], limit_train_batches=1).fit(BoringClassifier())
