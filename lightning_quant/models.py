@@ -42,8 +42,31 @@ class DigitsCNN(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-class ImageClassifier(pl.LightningModule):
-    """Cross-entropy classification of any ``net`` with Adam, logging loss and accuracy.
+class ReviewLSTM(nn.Module):
+    """Embedding, one LSTM layer and a linear head over the mean of the non-padding outputs.
+
+    Args:
+        vocab_size: word ids (id 0 pads).
+        embed_dim: embedding width.
+        hidden_size: LSTM width.
+        num_classes: outputs.
+    """
+
+    def __init__(self, vocab_size: int = 10000, embed_dim: int = 64, hidden_size: int = 128, num_classes: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
+        self.lstm = nn.LSTM(embed_dim, hidden_size, batch_first=True)
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        outputs, _ = self.lstm(self.embed(tokens))
+        mask = (tokens != 0).unsqueeze(-1).to(outputs.dtype)
+        pooled = (outputs * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.head(pooled)
+
+
+class Classifier(pl.LightningModule):
+    """Cross-entropy classification of any ``net`` (images, token ids) with Adam, logging loss and accuracy.
 
     Logs ``train/loss``, ``val/loss``, ``val/acc``, ``test/acc``. The network is passed in
     (Hydra builds it from ``_target_``) and is not saved as a hyperparameter.

@@ -79,3 +79,52 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def compare(
+    float_model: nn.Module,
+    int8_model: nn.Module,
+    test_batches: Sequence[Any],
+    example: ExampleInputs,
+    engine: str,
+    batch_sizes: Sequence[int] = (1, 32),
+    repeats: int = 50,
+    warmup: int = 10,
+    float_eval_model: Optional[nn.Module] = None,
+    batch_to_input: Optional[Callable[[Any], Any]] = None,
+) -> dict[str, Any]:
+    """Float vs int8: test accuracy, weight bytes and median latency at each batch size.
+
+    Args:
+        float_model: the fp32 model timed and sized.
+        int8_model: the quantized model.
+        test_batches: ``(input, target)`` batches for accuracy.
+        example: inputs for timing (tiled or cut to each batch size).
+        engine: quantized engine the int8 model was converted for.
+        float_eval_model: the model whose accuracy counts as "float" when it is not
+            ``float_model`` (a QAT model with quantization switched off, say).
+    """
+    metrics: dict[str, Any] = {
+        "float_acc": classification_accuracy(float_eval_model or float_model, test_batches, batch_to_input=batch_to_input),
+        "int8_acc": classification_accuracy(int8_model, test_batches, engine=engine, batch_to_input=batch_to_input),
+        "fp32_bytes": state_dict_bytes(float_model),
+        "int8_bytes": state_dict_bytes(int8_model),
+    }
+    for bs in batch_sizes:
+        metrics[f"fp32_ms_b{bs}"] = latency_ms(float_model, example, bs, repeats, warmup)
+        metrics[f"int8_ms_b{bs}"] = latency_ms(int8_model, example, bs, repeats, warmup, engine)
+    return metrics
+
+
+def comparison_table(metrics: dict[str, Any], batch_sizes: Sequence[int] = (1, 32)) -> str:
+    """The float-vs-int8 table :func:`compare`'s metrics make: accuracy, size, latency per batch size."""
+    rows = [
+        ("accuracy (test)", f"{metrics['float_acc']:.4f}", f"{metrics['int8_acc']:.4f}",
+         f"{metrics['int8_acc'] - metrics['float_acc']:+.4f}"),
+        ("weights (bytes)", metrics["fp32_bytes"], metrics["int8_bytes"],
+         f"{metrics['fp32_bytes'] / metrics['int8_bytes']:.2f}x smaller"),
+    ]
+    for bs in batch_sizes:
+        fp32, int8 = metrics[f"fp32_ms_b{bs}"], metrics[f"int8_ms_b{bs}"]
+        rows.append((f"latency batch {bs} (ms)", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster"))
+    return format_table(("", "float", "int8", "change"), rows)

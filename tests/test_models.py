@@ -1,6 +1,6 @@
 import torch
 
-from lightning_quant.models import DigitsCNN, ImageClassifier
+from lightning_quant.models import DigitsCNN, Classifier
 
 
 def test_digits_cnn_shapes_for_8x8_and_28x28():
@@ -10,5 +10,5 @@ def test_digits_cnn_shapes_for_8x8_and_28x28():
 
 
 def test_classifier_does_not_save_the_network_as_hyperparameter():
-    model = ImageClassifier(DigitsCNN(width=4), lr=0.1)
+    model = Classifier(DigitsCNN(width=4), lr=0.1)
     assert "net" not in model.hparams and model.hparams.lr == 0.1

@@ -7,6 +7,9 @@ No calibration is needed. Known torch 2.13 pitfalls handled here rather than lef
   is switched off on those layers only (their ``activation_relu_or_gelu`` flag, which gates
   nothing else);
 - int8 LSTMs give no speed-up on AVX2 machines without VNNI: size shrinks, latency does not.
+
+``nn.Embedding`` may be listed in ``module_types``: its rows are stored in int8 with a scale
+each (weight-only), which is where most of a small text model's bytes are.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch.ao.quantization import (
     default_dynamic_qconfig,
+    float_qparams_weight_only_qconfig,
     float16_dynamic_qconfig,
     per_channel_dynamic_qconfig,
     quantize_dynamic,
@@ -56,6 +60,8 @@ def check_dynamic_options(dtype: str, module_types: Sequence[Union[str, type]]) 
 
 
 def _qconfig_for(module_type: type, dtype: str, per_channel: bool):
+    if issubclass(module_type, (nn.Embedding, nn.EmbeddingBag)):
+        return float_qparams_weight_only_qconfig  # int8 rows with their own scale: weight-only
     if dtype == "float16":
         return float16_dynamic_qconfig
     if per_channel and issubclass(module_type, nn.Linear):

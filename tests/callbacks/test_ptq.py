@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_quant import PostTrainingQuantization
 from lightning_quant.data import DigitsDataModule
-from lightning_quant.models import DigitsCNN, ImageClassifier
+from lightning_quant.models import DigitsCNN, Classifier
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.report import classification_accuracy
 from tests.helpers import BoringClassifier, quiet_trainer
@@ -43,7 +43,7 @@ def test_ptq_raises_on_invalid_arguments(kwargs, error, match):
 def test_ptq_static_on_digits_within_one_point_of_float(tmp_path):
     seed_everything(0)
     dm = DigitsDataModule(batch_size=32)
-    model = ImageClassifier(DigitsCNN(width=16), lr=3e-3)
+    model = Classifier(DigitsCNN(width=16), lr=3e-3)
     callback = PostTrainingQuantization(calibration_batches=16, export_dir=tmp_path, progress=False)
     quiet_trainer(callbacks=[callback], max_epochs=4, deterministic=True).fit(model, datamodule=dm)
     float_state = {k: v.clone() for k, v in model.net.state_dict().items()}

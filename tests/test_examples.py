@@ -1,0 +1,48 @@
+"""Every example runs on a small slice of its real data and gives sensible numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ptq_digits_example(tmp_path):
+    metrics = load("ptq_digits").main(["--epochs", "3", "--export-dir", str(tmp_path)])
+    assert metrics["float_acc"] >= 0.9
+    assert metrics["int8_acc"] >= metrics["float_acc"] - 0.01
+    assert (tmp_path / "model_int8.pt").is_file()
+
+
+def test_ptq_mnist5k_example(tmp_path):
+    metrics = load("ptq_mnist5k").main(["--epochs", "4", "--limit", "2000", "--export-dir", str(tmp_path)])
+    assert metrics["float_acc"] >= 0.9
+    assert metrics["int8_acc"] >= metrics["float_acc"] - 0.03
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_int8.pt", "model_int8.ptl"]
+
+
+def test_dynamic_lstm_reviews_example(tmp_path):
+    metrics = load("dynamic_lstm_reviews").main(["--epochs", "2", "--limit", "3000", "--vocab-size", "3000",
+                                                 "--export-dir", str(tmp_path)])
+    assert metrics["float_acc"] >= 0.55
+    assert abs(metrics["int8_acc"] - metrics["float_acc"]) <= 0.02
+    assert metrics["fp32_bytes"] / metrics["int8_bytes"] > 3.0
+
+
+def test_dynamic_minilm_example():
+    results = load("dynamic_minilm").main(["--sentences", "48", "--batch-size", "16", "--repeats", "1"])
+    per_tensor, per_channel, ffn_float = (results[k]["mean_cosine"] for k in
+                                          ("per-tensor", "per-channel", "per-channel, FFN outputs float"))
+    assert 0.85 < per_tensor < per_channel < ffn_float
+    assert ffn_float > 0.975
+    assert results["per-tensor"]["size_ratio"] > 1.4
