@@ -1,6 +1,6 @@
 """Int8 quantization of PyTorch models as Lightning callbacks (QAT, PTQ) and one function (``quantize``)."""
 
-from lightning_quant.callbacks import PostTrainingQuantization, QuantizationAwareTraining
+from lightning_quant.callbacks import KnowledgeDistillation, PostTrainingQuantization, QuantizationAwareTraining
 from lightning_quant.quantization import (
     Backend,
     ExampleInputs,
@@ -18,7 +18,7 @@ from lightning_quant.quantization.ptq import quantize
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "ExampleInputs", "ExportTarget", "Flow", "FxTracingError", "NonFiniteError", "Observer",
+    "Backend", "ExampleInputs", "ExportTarget", "Flow", "FxTracingError", "KnowledgeDistillation", "NonFiniteError", "Observer",
     "PostTrainingQuantization", "QATSchedule", "QuantizationAwareTraining", "QuantizationConfig", "quantization_disabled",
     "quantize",
 ]

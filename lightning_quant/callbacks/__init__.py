@@ -1,6 +1,7 @@
 """Lightning callbacks: each says *when* a model is quantized; the core in ``quantization`` says *how*."""
 
+from lightning_quant.callbacks.distillation import KnowledgeDistillation
 from lightning_quant.callbacks.ptq import PostTrainingQuantization
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
 
-__all__ = ["PostTrainingQuantization", "QuantizationAwareTraining"]
+__all__ = ["KnowledgeDistillation", "PostTrainingQuantization", "QuantizationAwareTraining"]

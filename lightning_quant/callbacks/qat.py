@@ -44,7 +44,9 @@ class QuantizationAwareTraining(Callback):
     The model is prepared in ``setup``, before Lightning restores a checkpoint, wraps the
     model in DDP or builds the optimizer, so all three see the QAT modules. Observers learn
     from training batches only: sanity check, validation, test and predict pause them and
-    restore them afterwards. At the end of fit a CPU deep copy is converted to int8
+    restore them afterwards. Just before preparing, every callback on the Trainer that defines
+    ``on_before_quantization_prepare(trainer, pl_module)`` is called, so one that needs the float
+    model (``KnowledgeDistillation``) sees it in either order. At the end of fit a CPU deep copy is converted to int8
     (``quantized_model``) and exported; the QAT model stays trainable.
 
     Schedule (each an epoch index, "from the start of this epoch on"):
@@ -202,6 +204,10 @@ class QuantizationAwareTraining(Callback):
             self.example_inputs = example_inputs_for(trainer, pl_module, stage, self.batch_to_input, type(self).__name__)
         if is_prepared(target):  # a second fit, or test/validate after fit: prepare once
             return
+        for callback in trainer.callbacks:  # e.g. KnowledgeDistillation copies the float model now
+            hook = getattr(callback, "on_before_quantization_prepare", None)
+            if callable(hook):
+                hook(trainer, pl_module)
         training = pl_module.training
         prepared = get_flow(self.config.flow).prepare(target, self.config, self.example_inputs, qat=True)
         replace_target(pl_module, path, prepared)
