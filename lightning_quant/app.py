@@ -3,31 +3,103 @@
 Configs live in the repository's ``conf/`` folder (install the project editable, as the
 Makefile does, or pass ``--config-dir``). The default experiment trains a small CNN on
 scikit-learn's digits with a float warm-up and QAT, converts it to int8, exports it and
-prints float vs int8 accuracy, size and latency.
+prints float vs int8 accuracy, size and latency. ``-m`` sweeps end with one results table
+(:mod:`lightning_quant.sweep`); ``hparams_search=optuna`` optimises the returned objective.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
+import math
+import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import hydra
 import lightning.pytorch as pl
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from hydra.types import RunMode
+from hydra.utils import get_method, instantiate
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from lightning_quant.callbacks.ptq import PostTrainingQuantization
-from lightning_quant.report import compare, comparison_table
 from lightning_quant.quantization.schedule import quantization_disabled
+from lightning_quant.report import classification_accuracy, compare, comparison_table, latency_ms, state_dict_bytes
 
 log = logging.getLogger(__name__)
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@dataclass
+class BenchmarkConfig:
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    repeats: int = 50
+    warmup: int = 10
+
+
+@dataclass
+class ObjectiveConfig:
+    metric: str = "int8_acc"
+    latency_weight: float = 0.0
+    latency_batch_size: int = 1
+
+
+@dataclass
+class AppConfig:
+    """The schema of the root config: unknown keys and wrong types fail before anything runs."""
+
+    data: Any = MISSING
+    model: Any = MISSING
+    trainer: Any = MISSING
+    quant: Any = MISSING
+    callbacks: Any = field(default_factory=dict)
+    distillation: Any = None
+    seed: int = 0
+    ckpt_path: Optional[str] = None
+    float_epochs: int = 0
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+
+
+ConfigStore.instance().store(name="app_schema", node=AppConfig)
+
+_HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
+
+
+def check_config(node: Any, path: str) -> None:
+    """Check every ``_target_`` node: each key must be an argument of its target.
+
+    Raises:
+        ValueError: naming the key, the target and the arguments it takes.
+    """
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            check_config(item, f"{path}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    target = node.get("_target_")
+    if target:
+        try:
+            signature = inspect.signature(get_method(target) if not isinstance(target, type) else target)
+        except Exception as err:
+            raise ValueError(f"{path}._target_={target!r} cannot be imported: {err}") from err
+        params = signature.parameters
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            for key in node:
+                if key not in params and key not in _HYDRA_KEYS:
+                    allowed = sorted(k for k in params if k != "self")
+                    raise ValueError(f"{path}.{key} is not an argument of {target}; it takes {allowed}")
+    for key in node:
+        if key != "_target_":
+            check_config(node._get_node(key), f"{path}.{key}")
 
 
 def load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
@@ -65,38 +137,106 @@ def measure(cfg: DictConfig, callback: Any, model: pl.LightningModule,
     return metrics
 
 
+def measure_float(cfg: DictConfig, model: pl.LightningModule, datamodule: pl.LightningDataModule) -> dict[str, Any]:
+    """The float baseline alone (``quant=none``): test accuracy, size, latency."""
+    from lightning_quant.quantization.inputs import default_batch_to_input
+
+    net = copy.deepcopy(model.net).cpu().eval()
+    test = list(datamodule.test_dataloader())
+    example = default_batch_to_input(test[0]).to("cpu")
+    metrics: dict[str, Any] = {"float_acc": classification_accuracy(net, test), "fp32_bytes": state_dict_bytes(net)}
+    for bs in cfg.benchmark.batch_sizes:
+        metrics[f"fp32_ms_b{bs}"] = latency_ms(net, example, bs, cfg.benchmark.repeats, cfg.benchmark.warmup)
+    metrics["export_paths"] = {}
+    return metrics
+
+
 def results_table(metrics: dict[str, Any], batch_sizes: list[int]) -> str:
     exports = "\n".join(f"  {target}: {path}" for target, path in metrics["export_paths"].items())
-    return f"{comparison_table(metrics, batch_sizes)}\nexports:\n{exports or '  (none)'}"
+    table = comparison_table(metrics, batch_sizes) if "int8_acc" in metrics else (
+        f"float only: test accuracy {metrics['float_acc']:.4f}, {metrics['fp32_bytes']} bytes")
+    return f"{table}\nexports:\n{exports or '  (none)'}"
+
+
+def objective(cfg: DictConfig, metrics: dict[str, Any]) -> float:
+    """What a sweep optimises: ``metric - latency_weight * int8/fp32 latency ratio`` (NaN if missing)."""
+    value = metrics.get(cfg.objective.metric)
+    if not isinstance(value, (int, float)):
+        return float("nan")
+    if cfg.objective.latency_weight:
+        bs = cfg.objective.latency_batch_size
+        ratio = metrics.get(f"int8_ms_b{bs}", math.nan) / metrics.get(f"fp32_ms_b{bs}", math.nan)
+        value = value - cfg.objective.latency_weight * ratio
+    return float(value)
+
+
+def build_callbacks(cfg: DictConfig) -> tuple[Any, list[pl.Callback]]:
+    """The quantization callback (``None`` for ``quant=none``) and every callback for the Trainer."""
+    quant = instantiate(cfg.quant) if cfg.quant.get("_target_") else None
+    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None and c.get("_target_")]
+    if quant is not None:
+        callbacks.append(quant)
+    if cfg.get("distillation"):
+        callbacks.append(instantiate(cfg.distillation))
+    return quant, callbacks
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and quantize as ``cfg`` says; returns the measured metrics."""
+    for key in ("data", "model", "trainer", "quant", "callbacks", "distillation"):
+        check_config(cfg.get(key), key)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    float_net = copy.deepcopy(model.net).eval()
-    callback = instantiate(cfg.quant)
-    trainer = instantiate(cfg.trainer, callbacks=[callback])
+    quant, callbacks = build_callbacks(cfg)
     if cfg.ckpt_path:
         load_weights(model, cfg.ckpt_path)
-    if cfg.ckpt_path and isinstance(callback, PostTrainingQuantization):
+    if cfg.float_epochs > 0:  # float pre-training, then quantization from those weights
+        instantiate(cfg.trainer, max_epochs=cfg.float_epochs, logger=False, enable_checkpointing=False,
+                    callbacks=[]).fit(model, datamodule=datamodule)
+    float_net = copy.deepcopy(model.net).eval()
+    trainer = instantiate(cfg.trainer, callbacks=callbacks)
+    if cfg.ckpt_path and isinstance(quant, PostTrainingQuantization):
         trainer.validate(model, datamodule=datamodule)  # float metrics, then calibrate + convert: no training
     else:
         trainer.fit(model, datamodule=datamodule)
-    metrics = measure(cfg, callback, model, float_net, datamodule)
+    metrics = measure(cfg, quant, model, float_net, datamodule) if quant else measure_float(cfg, model, datamodule)
     metrics["global_step"] = trainer.global_step
     print(results_table(metrics, list(cfg.benchmark.batch_sizes)))
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    overrides = list(HydraConfig.get().overrides.task)
-    (out_dir / "metrics.json").write_text(json.dumps({**metrics, "overrides": overrides}, indent=2))
     return metrics
+
+
+def describe_error(err: BaseException) -> str:
+    """One line naming the error users must act on (unwrapping Hydra's instantiation wrapper)."""
+    from hydra.errors import InstantiationException
+
+    while isinstance(err, InstantiationException) and err.__cause__ is not None:
+        err = err.__cause__
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
+def _write_metrics(metrics: dict[str, Any]) -> None:
+    hydra_cfg = HydraConfig.get()
+    record = {**metrics, "overrides": list(hydra_cfg.overrides.task)}
+    (Path(hydra_cfg.runtime.output_dir) / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
-    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    return run(cfg)["int8_acc"]
+    """Run one experiment; return the objective (for Optuna). In a multirun a failing run is
+    recorded (traceback logged, error in its ``metrics.json``) and returns NaN, so the sweep and
+    its results table go on; a single run raises."""
+    try:
+        metrics = run(cfg)
+    except Exception as err:
+        if HydraConfig.get().mode is not RunMode.MULTIRUN:
+            raise
+        log.error("run failed:\n%s", traceback.format_exc())
+        _write_metrics({"status": "failed", "error": describe_error(err)})
+        return float("nan")
+    value = objective(cfg, metrics)
+    _write_metrics({"status": "ok", **metrics, "objective": value})
+    return value
 
 
 if __name__ == "__main__":

