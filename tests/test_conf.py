@@ -1,0 +1,166 @@
+"""Every config in every group composes and instantiates, in process, not only the default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf, open_dict
+
+from lightning_quant import KnowledgeDistillation, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_quant.app import build_callbacks, check_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def composed(*overrides: str, tmp_path: Path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra.run.dir={tmp_path}", *overrides], return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(tmp_path)  # what a real run sets
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def instantiate_all(cfg) -> dict:
+    for key in ("data", "model", "trainer", "quant", "callbacks", "distillation"):
+        check_config(cfg.get(key), key)
+    quant, callbacks = build_callbacks(cfg)
+    return {"data": instantiate(cfg.data), "model": instantiate(cfg.model),
+            "trainer": instantiate(cfg.trainer, callbacks=callbacks), "quant": quant, "callbacks": callbacks}
+
+
+def test_every_group_has_its_options():
+    assert options("quant") == ["dynamic", "none", "ptq", "qat", "qat_kd"]
+    assert options("backend") == ["fbgemm", "qnnpack", "x86"]
+    assert options("observer") == ["histogram", "minmax", "moving_average"]
+    assert options("logger") == ["csv", "none", "tensorboard"]
+    assert options("experiment") == ["digits_ptq", "digits_qat", "minilm_dynamic", "mnist5k_qat_kd",
+                                     "reviews_lstm_dynamic"]
+    assert options("hydra/launcher") == ["parallel", "slurm"]
+
+
+@pytest.mark.parametrize("option", options("quant"))
+def test_quant_configs(option, tmp_path):
+    objects = instantiate_all(composed(f"quant={option}", tmp_path=tmp_path))
+    expected = {"qat": QuantizationAwareTraining, "qat_kd": QuantizationAwareTraining, "ptq": PostTrainingQuantization,
+                "dynamic": PostTrainingQuantization, "none": type(None)}[option]
+    assert isinstance(objects["quant"], expected)
+    assert any(isinstance(c, KnowledgeDistillation) for c in objects["callbacks"]) == (option == "qat_kd")
+    if option == "dynamic":
+        assert objects["quant"].mode.value == "dynamic"
+
+
+@pytest.mark.parametrize("quant", ["qat", "ptq"])
+@pytest.mark.parametrize("backend", options("backend"))
+def test_backend_configs(backend, quant, tmp_path):
+    callback = instantiate_all(composed(f"quant={quant}", f"backend={backend}", tmp_path=tmp_path))["quant"]
+    assert callback.config.backend.value == backend
+    assert callback.config.per_channel is (backend != "qnnpack")
+
+
+@pytest.mark.parametrize("observer", options("observer"))
+def test_observer_configs(observer, tmp_path):
+    for quant in ("qat", "ptq"):
+        callback = instantiate_all(composed(f"quant={quant}", f"observer={observer}", tmp_path=tmp_path))["quant"]
+        assert callback.config.observer.value == observer
+
+
+def test_quant_configs_keep_their_own_observer_by_default(tmp_path):
+    assert instantiate_all(composed("quant=qat", tmp_path=tmp_path))["quant"].config.observer.value == "moving_average"
+    assert instantiate_all(composed("quant=ptq", tmp_path=tmp_path))["quant"].config.observer.value == "histogram"
+
+
+@pytest.mark.parametrize("logger", options("logger"))
+def test_logger_configs(logger, tmp_path):
+    trainer = instantiate_all(composed(f"logger={logger}", tmp_path=tmp_path))["trainer"]
+    names = {"csv": "CSVLogger", "tensorboard": "TensorBoardLogger", "none": None}
+    assert (type(trainer.logger).__name__ if trainer.logger else None) == names[logger]
+
+
+@pytest.mark.parametrize("callbacks", options("callbacks"))
+def test_callbacks_configs(callbacks, tmp_path):
+    objects = instantiate_all(composed(f"callbacks={callbacks}", tmp_path=tmp_path))
+    names = {type(c).__name__ for c in objects["callbacks"]}
+    assert ("ModelCheckpoint" in names) == (callbacks == "default")
+
+
+@pytest.mark.parametrize("experiment", options("experiment"))
+def test_experiment_configs(experiment, tmp_path):
+    objects = instantiate_all(composed(f"experiment={experiment}", tmp_path=tmp_path))
+    assert isinstance(objects["model"], pl.LightningModule)
+    assert isinstance(objects["data"], pl.LightningDataModule)
+    assert objects["quant"] is not None
+
+
+@pytest.mark.parametrize(("data", "model"), [("digits", "digits_cnn"), ("mnist5k", "mnist_cnn"),
+                                             ("reviews", "reviews_lstm")])
+def test_data_and_model_configs(data, model, tmp_path):
+    objects = instantiate_all(composed(f"data={data}", f"model={model}", "data.limit=300", tmp_path=tmp_path))
+    datamodule, net = objects["data"], objects["model"].net
+    datamodule.setup("fit")
+    x, _ = next(iter(datamodule.train_dataloader()))
+    assert net(x).shape[-1] == objects["model"].hparams.num_classes
+
+
+def test_minilm_data_and_model_configs(tmp_path):
+    objects = instantiate_all(composed("data=reviews_minilm", "model=minilm_classifier", "data.limit=64",
+                                       tmp_path=tmp_path))
+    objects["data"].setup("fit")
+    x, _ = next(iter(objects["data"].train_dataloader()))
+    assert x.shape[1:] == (2, 48) and objects["model"].net(x[:4]).shape == (4, 2)
+
+
+def test_hparams_search_config(tmp_path):
+    cfg = composed("hparams_search=optuna", tmp_path=tmp_path)
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert set(cfg.hydra.sweeper.params) == {"quant.freeze_bn_epoch", "quant.freeze_observers_epoch", "quant.observer",
+                                             "quant.per_channel", "model.lr"}
+    get_class(cfg.hydra.sweeper._target_)
+
+
+@pytest.mark.parametrize("launcher", options("hydra/launcher"))
+def test_launcher_configs(launcher, tmp_path):
+    cfg = composed(f"hydra/launcher={launcher}", tmp_path=tmp_path)
+    get_class(cfg.hydra.launcher._target_)
+    if launcher == "slurm":
+        assert cfg.hydra.launcher.cpus_per_task == 8 and cfg.hydra.launcher.timeout_min == 60
+    else:
+        assert cfg.hydra.launcher.n_jobs == 2
+
+
+@pytest.mark.parametrize(("override", "match"), [
+    ("quant.freeze_bn_epok=3", r"Could not override 'quant.freeze_bn_epok'"),
+    ("sead=3", r"Could not override 'sead'"),
+    ("seed=abc", r"Error merging override seed=abc"),
+])
+def test_bad_keys_and_values_fail_at_compose(override, match, tmp_path):
+    with pytest.raises(Exception, match=match) as error:
+        composed(override, tmp_path=tmp_path)
+    if override == "seed=abc":
+        assert "Value 'abc' of type 'str' could not be converted to Integer" in str(error.value.__cause__)
+
+
+def test_unknown_key_in_a_yaml_node_is_named(tmp_path):
+    cfg = composed(tmp_path=tmp_path)
+    OmegaConf.set_struct(cfg, False)
+    cfg.quant.freeze_bn_epok = 3
+    with pytest.raises(ValueError, match=r"quant.freeze_bn_epok is not an argument of "
+                                         r"lightning_quant.QuantizationAwareTraining; it takes \['backend', "):
+        check_config(cfg.quant, "quant")
+
+
+def test_bad_value_fails_before_training_naming_the_argument(tmp_path):
+    cfg = composed("quant.observer=ema", tmp_path=tmp_path)
+    with pytest.raises(Exception, match=r"observer must be one of \('moving_average', 'minmax', 'histogram'\), got 'ema'"):
+        instantiate_all(cfg)
