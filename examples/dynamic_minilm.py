@@ -9,7 +9,9 @@ weight size and the speed-up:
 - per-tensor weights (torch's default) lose the most;
 - per-channel weights do much better;
 - keeping the FFN output projections (``encoder.layer.N.output.dense``, whose inputs carry the
-  largest activation outliers) in float gets close to 0.99.
+  largest activation outliers) in float gets close to 0.99;
+- ``max_metric_drop``: the sensitivity search (each layer quantized alone, then the most
+  sensitive kept in float one at a time) finds its own float islands for a cosine budget.
 
 Run: ``.venv/bin/python examples/dynamic_minilm.py``.
 """
@@ -57,11 +59,23 @@ def median_ms(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: i
     return sorted(times)[len(times) // 2] * 1e3
 
 
+def searched_islands(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], max_drop: float):
+    """Dynamic int8 with the float islands the sensitivity search picks for a token-level cosine budget."""
+    from lightning_quant.quantization.config import QuantizationConfig
+    from lightning_quant.quantization.ptq import Mode, builder, quantize_within_budget
+
+    config = QuantizationConfig(per_channel=True, export=None)
+    build = builder(model, config, Mode.DYNAMIC, None, 1, None, "qint8", (torch.nn.Linear,))
+    return quantize_within_budget(model, build, batches, config.engine, max_drop, (torch.nn.Linear,))
+
+
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sentences", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-drop", type=float, default=0.01, help="cosine budget of the sensitivity search")
+    parser.add_argument("--search-batches", type=int, default=2, help="batches that score the search")
     args = parser.parse_args(argv)
 
     tokenizer, model = load_minilm()
@@ -74,10 +88,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         "per-tensor": dict(per_channel=False),
         "per-channel": dict(per_channel=True),
         "per-channel, FFN outputs float": dict(per_channel=True, skip=FFN_OUTPUTS),
+        f"per-channel, searched islands (cosine drop <= {args.max_drop})": dict(per_channel=True),
     }
     results, rows = {}, []
     for name, options in settings.items():
-        int8 = quantize(model, mode="dynamic", **options)
+        if name.startswith("per-channel, searched"):
+            int8, search = searched_islands(model, batches[: args.search_batches], args.max_drop)
+            print(f"sensitivity search kept {len(search.skipped)} layer(s) in float: {search.skipped}")
+        else:
+            int8 = quantize(model, mode="dynamic", **options)
         cosine = torch.cat([(embed(int8, b) * r).sum(-1) for b, r in zip(batches, reference)])
         ms = median_ms(int8, batches[0], args.repeats)
         results[name] = {"mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min()),

@@ -1,6 +1,11 @@
 """Int8 quantization of PyTorch models as Lightning callbacks (QAT, PTQ) and one function (``quantize``)."""
 
-from lightning_quant.callbacks import KnowledgeDistillation, PostTrainingQuantization, QuantizationAwareTraining
+from lightning_quant.callbacks import (
+    KnowledgeDistillation,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    QuantizationReport,
+)
 from lightning_quant.quantization import (
     Backend,
     ExampleInputs,
@@ -19,6 +24,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend", "ExampleInputs", "ExportTarget", "Flow", "FxTracingError", "KnowledgeDistillation", "NonFiniteError", "Observer",
-    "PostTrainingQuantization", "QATSchedule", "QuantizationAwareTraining", "QuantizationConfig", "quantization_disabled",
+    "PostTrainingQuantization", "QATSchedule", "QuantizationAwareTraining", "QuantizationConfig", "QuantizationReport", "quantization_disabled",
     "quantize",
 ]

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
+import logging
+import math
+import os
 import statistics
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -13,6 +18,8 @@ import torch.nn as nn
 
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
+
+log = logging.getLogger(__name__)
 
 
 def state_dict_bytes(module: nn.Module) -> int:
@@ -128,3 +135,197 @@ def comparison_table(metrics: dict[str, Any], batch_sizes: Sequence[int] = (1, 3
         fp32, int8 = metrics[f"fp32_ms_b{bs}"], metrics[f"int8_ms_b{bs}"]
         rows.append((f"latency batch {bs} (ms)", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster"))
     return format_table(("", "float", "int8", "change"), rows)
+
+
+# ---------------------------------------------------------------------------- the full report
+def task_metric(outputs: torch.Tensor, targets: torch.Tensor, metric: Any = None) -> tuple[str, float]:
+    """``(name, value)`` of the task metric: the given torchmetrics ``Metric`` (cloned), else accuracy
+    for integer targets (top-1, torchmetrics) or mean squared error otherwise."""
+    import torchmetrics
+
+    if metric is not None:
+        fresh = metric.clone().cpu()
+        fresh.reset()
+        return type(metric).__name__, float(fresh(outputs, targets))
+    if not targets.is_floating_point() and outputs.dim() >= 2:
+        accuracy = torchmetrics.classification.MulticlassAccuracy(outputs.shape[-1], average="micro")
+        return "accuracy", float(accuracy(outputs, targets))
+    return "mse", float(torchmetrics.functional.mean_squared_error(outputs.float(), targets.float()))
+
+
+def higher_is_better(metric_name: str) -> bool:
+    return metric_name not in ("mse", "MeanSquaredError", "MeanAbsoluteError")
+
+
+@torch.inference_mode()
+def collect_outputs(module: nn.Module, batches: Sequence[Any], engine: Optional[str] = None,
+                    batch_to_input: Optional[Callable[[Any], Any]] = None) -> torch.Tensor:
+    """The first output tensor of ``module`` on every batch, concatenated (dequantized, on CPU).
+
+    Outputs with more than two dimensions (token vectors) become rows of their last dimension,
+    so batches padded to different lengths still line up.
+    """
+    from lightning_quant.export import flat_tensors
+
+    outputs = []
+    module = module.eval()
+    with quantized_engine(engine or torch.backends.quantized.engine):
+        for batch in batches:
+            out = flat_tensors(batch_inputs(batch, batch_to_input).to("cpu")(module))[0]
+            out = (out.dequantize() if out.is_quantized else out).float().cpu()
+            outputs.append(out.reshape(-1, out.shape[-1]) if out.dim() > 2 else out)
+    return torch.cat(outputs)
+
+
+def build_report(
+    *,
+    fp32_model: nn.Module,
+    reference: nn.Module,
+    int8_model: nn.Module,
+    batches: Sequence[Any],
+    example: ExampleInputs,
+    engine: str,
+    prepared: Optional[nn.Module] = None,
+    export_paths: Optional[dict[str, str]] = None,
+    batch_sizes: Sequence[int] = (1, 32),
+    targets: Optional[torch.Tensor] = None,
+    metric: Any = None,
+    threshold: float = 0.01,
+    next_steps: Sequence[str] = (),
+    batch_to_input: Optional[Callable[[Any], Any]] = None,
+    repeats: int = 30,
+) -> dict[str, Any]:
+    """Everything the report says, as plain data (see :func:`write_report`).
+
+    Args:
+        fp32_model: the float architecture timed and sized.
+        reference: the model whose outputs count as float: the trained float model, or a
+            prepared/QAT model with quantization switched off (same module names as ``int8_model``,
+            so per-layer SQNR can match layers).
+        int8_model: the converted model.
+        batches: evaluation batches.
+        example: inputs for latency.
+        engine: quantized engine of ``int8_model``.
+        prepared: the model holding the observers (for their ranges), if any.
+        export_paths: exported files, for their sizes.
+        targets: the targets of ``batches`` (for the task metric); ``None`` skips it.
+        metric: a torchmetrics ``Metric`` to use instead of accuracy/MSE.
+        threshold: largest acceptable metric loss (default 0.01 = 1 point of accuracy).
+        next_steps: remedies to name when the threshold is missed.
+    """
+    from lightning_quant.analysis import observer_ranges, per_layer_sqnr, sqnr_db
+
+    float_out = collect_outputs(reference, batches, batch_to_input=batch_to_input)
+    int8_out = collect_outputs(int8_model, batches, engine, batch_to_input)
+    layers = per_layer_sqnr(reference, int8_model, batches, engine, batch_to_input)
+    worst = sorted(layers.items(), key=lambda kv: -kv[1]["loss_db"])
+    report: dict[str, Any] = {
+        "engine": engine,
+        "output_sqnr_db": sqnr_db(float_out, int8_out),
+        "output_finite": bool(torch.isfinite(int8_out).all()),
+        "sizes": {"fp32_state_dict": state_dict_bytes(fp32_model), "int8_state_dict": state_dict_bytes(int8_model),
+                  "files": {t: os.path.getsize(p) for t, p in (export_paths or {}).items() if os.path.exists(p)}},
+        "latency_ms": {"fp32": {}, "int8": {}},
+        "layers": [{"name": n, **v} for n, v in layers.items()],
+        "worst_layers": [n for n, _ in worst[:3]],
+        "ranges": observer_ranges(prepared) if prepared is not None else {},
+        "warnings": [],
+        "next_steps": [],
+    }
+    report["sizes"]["ratio"] = report["sizes"]["fp32_state_dict"] / report["sizes"]["int8_state_dict"]
+    for bs in batch_sizes:
+        report["latency_ms"]["fp32"][str(bs)] = latency_ms(fp32_model, example, bs, repeats, 5)
+        report["latency_ms"]["int8"][str(bs)] = latency_ms(int8_model, example, bs, repeats, 5, engine)
+    worst_names = ", ".join(f"{n} (adds {v['loss_db']:.1f} dB of error, output {v['sqnr_db']:.1f} dB)"
+                            for n, v in worst[:3])
+    if targets is not None:
+        name, float_value = task_metric(float_out, targets, metric)
+        _, int8_value = task_metric(int8_out, targets, metric)
+        loss = (float_value - int8_value) if higher_is_better(name) else (int8_value - float_value)
+        report["metric"] = {"name": name, "float": float_value, "int8": int8_value, "loss": loss}
+        if loss > threshold:
+            report["warnings"].append(f"int8 loses {loss:.4f} {name} (threshold {threshold}); worst layers: {worst_names}")
+            report["next_steps"] = list(next_steps)
+    if not report["output_finite"]:
+        report["warnings"].append(f"int8 outputs hold NaN or Inf; worst layers: {worst_names}")
+        report["next_steps"] = list(next_steps)
+    return report
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    """The report as Markdown: headline table, per-layer SQNR, observer ranges, warnings and next steps."""
+    lines = ["# Quantization report", ""]
+    rows = []
+    if "metric" in report:
+        m = report["metric"]
+        rows.append((f"{m['name']}", f"{m['float']:.4f}", f"{m['int8']:.4f}", f"loss {m['loss']:+.4f}"))
+    sizes = report["sizes"]
+    rows.append(("weights (bytes)", sizes["fp32_state_dict"], sizes["int8_state_dict"], f"{sizes['ratio']:.2f}x smaller"))
+    for bs, fp32 in report["latency_ms"]["fp32"].items():
+        int8 = report["latency_ms"]["int8"][bs]
+        rows.append((f"latency batch {bs} (ms)", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster"))
+    rows.append(("output SQNR (dB)", "", f"{report['output_sqnr_db']:.1f}", "finite" if report["output_finite"] else "NaN/Inf"))
+    lines += [format_table(("", "float", "int8", ""), rows), ""]
+    if sizes["files"]:
+        lines += ["Exported files: " + ", ".join(f"{t} {b} bytes" for t, b in sizes["files"].items()), ""]
+    lines += ["## Per-layer SQNR, in forward order", "",
+              "Output SQNR accumulates the error of every layer before; *lost* is what the layer itself adds "
+              "(input SQNR - output SQNR).", "",
+              format_table(("layer", "input SQNR (dB)", "output SQNR (dB)", "lost (dB)"),
+                           [(l["name"], f"{l['input_sqnr_db']:.1f}", f"{l['sqnr_db']:.1f}", f"{l['loss_db']:.1f}")
+                            for l in report["layers"]]), "",
+              f"Worst layers: {', '.join(report['worst_layers']) or '-'}", ""]
+    if report["ranges"]:
+        lines += ["## Observer ranges", "", format_table(
+            ("observer", "observes", "min", "max", "scale", "zero point"),
+            [(n, r["observes"] or "-", f"{r['min']:.4g}", f"{r['max']:.4g}", f"{r['scale']:.4g}", r["zero_point"])
+             for n, r in report["ranges"].items()]), ""]
+    for warning in report["warnings"]:
+        lines.append(f"**Warning:** {warning}")
+    if report["next_steps"]:
+        lines += ["", "Next steps, cheapest first:", *[f"1. {step}" for step in report["next_steps"]]]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], directory: os.PathLike | str) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and the PNG plots (per-layer SQNR, observer ranges)."""
+    from lightning_quant.export import atomic_write
+
+    directory = Path(directory)
+    paths = {"json": directory / "report.json", "md": directory / "report.md"}
+    atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    atomic_write(paths["md"], lambda tmp: Path(tmp).write_text(report_markdown(report)))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.info("matplotlib is not installed: report plots skipped (pip install matplotlib)")
+        return paths
+    if report["layers"]:
+        names = [l["name"] for l in report["layers"]][::-1]
+        values = [max(l["sqnr_db"], -10) if math.isfinite(l["sqnr_db"]) else 100 for l in report["layers"]][::-1]
+        colors = ["#c0392b" if n in report["worst_layers"][:1] else "#2e86c1" for n in names]
+        fig, ax = plt.subplots(figsize=(7, 0.3 * len(names) + 1.2))
+        ax.barh(names, values, color=colors)
+        ax.set_xlabel("output SQNR vs float (dB), higher is better")
+        ax.set_title("Per-layer output SQNR, forward order top to bottom (red: adds the most error)")
+        fig.tight_layout()
+        paths["sqnr_png"] = directory / "sqnr.png"
+        fig.savefig(paths["sqnr_png"], dpi=100)
+        plt.close(fig)
+    if report["ranges"]:
+        names = list(report["ranges"])[::-1]
+        labels = [f"{n} ({report['ranges'][n]['observes']})" if report["ranges"][n]["observes"] else n for n in names]
+        fig, ax = plt.subplots(figsize=(7, 0.3 * len(names) + 1.2))
+        lows = [report["ranges"][n]["min"] for n in names]
+        highs = [report["ranges"][n]["max"] for n in names]
+        ax.barh(labels, [h - l for l, h in zip(lows, highs)], left=lows, color="#7d3c98")
+        ax.set_xlabel("observed range")
+        ax.set_title("Observer ranges")
+        fig.tight_layout()
+        paths["ranges_png"] = directory / "ranges.png"
+        fig.savefig(paths["ranges_png"], dpi=100)
+        plt.close(fig)
+    return paths

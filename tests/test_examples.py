@@ -40,9 +40,10 @@ def test_dynamic_lstm_reviews_example(tmp_path):
 
 
 def test_dynamic_minilm_example():
-    results = load("dynamic_minilm").main(["--sentences", "48", "--batch-size", "16", "--repeats", "1"])
-    per_tensor, per_channel, ffn_float = (results[k]["mean_cosine"] for k in
-                                          ("per-tensor", "per-channel", "per-channel, FFN outputs float"))
+    results = load("dynamic_minilm").main(["--sentences", "32", "--batch-size", "16", "--repeats", "1",
+                                           "--search-batches", "1"])
+    per_tensor, per_channel, ffn_float, searched = (results[k]["mean_cosine"] for k in (
+        "per-tensor", "per-channel", "per-channel, FFN outputs float", "per-channel, searched islands (cosine drop <= 0.01)"))
     assert 0.85 < per_tensor < per_channel < ffn_float
-    assert ffn_float > 0.975
+    assert ffn_float > 0.975 and searched > per_channel and searched > 0.98
     assert results["per-tensor"]["size_ratio"] > 1.4

@@ -36,3 +36,69 @@ def test_latency_is_positive_and_grows_with_batch():
 def test_format_table():
     table = format_table(("a", "b"), [(1, 0.123456), ("x", "y")])
     assert table.splitlines() == ["| a | b      |", "|---|--------|", "| 1 | 0.1235 |", "| x | y      |"]
+
+
+# ---------------------------------------------------------------- the full report
+def _mlp_setup(break_fc2: bool):
+    import copy as _copy
+
+    from lightning_quant.quantization import QuantizationConfig, convert_copy, get_flow
+    from tests.test_analysis import MLP
+
+    torch.manual_seed(0)
+    model = MLP().eval()
+    if break_fc2:
+        with torch.no_grad():
+            model.fc1.weight[0] = 0.0
+            model.fc1.bias[0] = -1.0
+            model.fc2.weight[0, 0] = 1000 * model.fc2.weight.abs().max()
+    x = torch.randn(64, 1, 6, 6)
+    y = model(x).argmax(-1)
+    config = QuantizationConfig(per_channel=False, observer="minmax")
+    prepared = get_flow("fx").prepare(_copy.deepcopy(model), config, ExampleInputs((x,)), qat=False)
+    prepared(x)
+    return model, prepared, convert_copy(prepared, "fx", "x86"), x, y
+
+
+def test_report_numbers_agree_with_independent_computations(tmp_path):
+    from lightning_quant.analysis import sqnr_db
+    from lightning_quant.quantization.convert import quantized_engine
+    from lightning_quant.report import build_report, write_report
+
+    model, prepared, int8, x, y = _mlp_setup(break_fc2=False)
+    exported = tmp_path / "model.pt"
+    exported.write_bytes(b"x" * 1234)
+    batches = [(x[:32], y[:32]), (x[32:], y[32:])]
+    report = build_report(fp32_model=model, reference=model, int8_model=int8, batches=batches,
+                          example=ExampleInputs((x[:4],)), engine="x86", prepared=prepared,
+                          export_paths={"torchscript": str(exported)}, batch_sizes=(1, 8), targets=y, repeats=3)
+    with torch.no_grad(), quantized_engine("x86"):
+        float_out, int8_out = model(x), int8(x)
+    assert report["metric"]["float"] == pytest.approx(1.0)  # labels are the float model's own predictions
+    assert report["metric"]["int8"] == pytest.approx(float((int8_out.argmax(-1) == y).float().mean()))
+    assert report["output_sqnr_db"] == pytest.approx(sqnr_db(float_out, int8_out), rel=1e-4)
+    assert report["sizes"]["files"] == {"torchscript": 1234}
+    assert report["sizes"]["int8_state_dict"] == state_dict_bytes(int8)
+    assert set(report["latency_ms"]["int8"]) == {"1", "8"}
+    assert [l["name"] for l in report["layers"]] == ["fc1", "fc2", "fc3"] and report["warnings"] == []
+    paths = write_report(report, tmp_path / "report")
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["ranges.png", "report.json", "report.md",
+                                                                       "sqnr.png"]
+    import json
+
+    assert json.loads(paths["json"].read_text())["output_sqnr_db"] == pytest.approx(report["output_sqnr_db"])
+    assert "| fc2" in paths["md"].read_text()
+
+
+def test_report_warns_and_names_the_broken_layer():
+    from lightning_quant.report import build_report, report_markdown
+
+    model, prepared, int8, x, y = _mlp_setup(break_fc2=True)
+    report = build_report(fp32_model=model, reference=model, int8_model=int8, batches=[(x, y)],
+                          example=ExampleInputs((x[:4],)), engine="x86", prepared=prepared, batch_sizes=(1,),
+                          targets=y, threshold=0.01, next_steps=["per_channel=True"], repeats=3)
+    assert report["worst_layers"][0] == "fc2"
+    assert report["metric"]["loss"] > 0.01
+    assert report["warnings"][0].startswith("int8 loses") and "worst layers: fc2" in report["warnings"][0]
+    assert report["next_steps"] == ["per_channel=True"]
+    assert "**Warning:**" in report_markdown(report) and "1. per_channel=True" in report_markdown(report)

@@ -3,5 +3,6 @@
 from lightning_quant.callbacks.distillation import KnowledgeDistillation
 from lightning_quant.callbacks.ptq import PostTrainingQuantization
 from lightning_quant.callbacks.qat import QuantizationAwareTraining
+from lightning_quant.callbacks.report import QuantizationReport
 
-__all__ = ["KnowledgeDistillation", "PostTrainingQuantization", "QuantizationAwareTraining"]
+__all__ = ["KnowledgeDistillation", "PostTrainingQuantization", "QuantizationAwareTraining", "QuantizationReport"]

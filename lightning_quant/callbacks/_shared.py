@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from lightning_quant.export import export_int8
 
 from lightning_quant.quantization.config import QuantizationConfig
-from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
+from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, target_of  # noqa: F401
 
 
 def check_strategy(trainer: "pl.Trainer", owner: str) -> None:
@@ -108,3 +108,35 @@ def log_export_records(trainer: "pl.Trainer", prefix: str, records: Mapping[str,
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
     return {target: str(record.path) for target, record in records.items()}
+
+
+def notify(trainer: "pl.Trainer", hook: str, *args: Any) -> None:
+    """Call ``hook(*args)`` on every Trainer callback that defines it.
+
+    The quantization callbacks announce two moments this way, so that helpers work in any
+    order in the callbacks list: ``on_before_quantization_prepare(trainer, pl_module)`` (the
+    float model is about to be rewritten) and ``on_quantized(trainer, pl_module, callback)``
+    (``callback.quantized_model`` and ``callback.export_paths`` are ready).
+    """
+    for callback in trainer.callbacks:
+        method = getattr(callback, hook, None)
+        if callable(method):
+            method(*args)
+
+
+def module_metric(pl_module: "pl.LightningModule") -> Any:
+    """The validation metric the LightningModule exposes (a torchmetrics attribute named ``val_*``), if any."""
+    import torchmetrics
+
+    for name, child in pl_module.named_children():
+        if name.startswith("val") and isinstance(child, torchmetrics.Metric):
+            return child
+    return None
+
+
+def metric_name(pl_module: "pl.LightningModule", metric: Any) -> str:
+    """``acc`` for a metric held as ``val_acc`` (the attribute name without its ``val`` prefix)."""
+    for name, child in pl_module.named_children():
+        if child is metric:
+            return name.removeprefix("val").lstrip("_") or "metric"
+    return type(metric).__name__

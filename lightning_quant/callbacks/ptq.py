@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import itertools
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -16,13 +19,22 @@ from lightning_quant.callbacks._shared import (
     check_strategy,
     example_inputs_for,
     export_for_engines,
+    notify,
     stage_dataloader,
 )
+from lightning_quant.analysis import SkipSearch, quantizable_layers, skip_search
 from lightning_quant.export import ExportRecord
 from lightning_quant.quantization.config import QuantizationConfig, parse_enum
 from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, check_dynamic_options, quantize_dynamic_copy
-from lightning_quant.quantization.inputs import ExampleInputs
-from lightning_quant.quantization.ptq import Mode, check_calibration_batches, convert_calibrated, prepare_and_calibrate
+from lightning_quant.quantization.inputs import ExampleInputs, batch_targets
+from lightning_quant.quantization.ptq import (
+    STATIC_LAYER_TYPES,
+    Mode,
+    builder,
+    check_calibration_batches,
+    convert_calibrated,
+    prepare_and_calibrate,
+)
 from lightning_quant.quantization.target import resolve_target
 
 CALIBRATION_SOURCES = ("train", "val")
@@ -53,6 +65,12 @@ class PostTrainingQuantization(Callback):
         export_dir, batch_to_input: as for ``QuantizationAwareTraining``; ``observer``
             defaults to ``"histogram"``, the best choice for a few calibration batches.
         progress: show a progress bar while calibrating (rank zero only).
+        max_metric_drop: keep the most sensitive layers in float, greedily, until int8 is within
+            this much of float on ``eval_batches`` validation batches (top-1 accuracy, or mean
+            cosine of outputs when batches have no targets). ``None`` (default): quantize every
+            layer. The outcome is in ``skip_search`` (which layers stayed float, the score after
+            each step, whether the budget was met) and ``sensitivity`` (each layer's score when
+            quantized alone).
 
     Raises:
         ValueError: an argument outside its allowed values; in setup, an empty calibration source.
@@ -83,6 +101,8 @@ class PostTrainingQuantization(Callback):
         export_dir: Optional[Union[str, Path]] = None,
         batch_to_input: Optional[Callable[[Any], Any]] = None,
         progress: bool = True,
+        max_metric_drop: Optional[float] = None,
+        eval_batches: int = 16,
     ) -> None:
         self.mode = parse_enum(Mode, mode, "mode")
         self.config = QuantizationConfig(
@@ -103,12 +123,21 @@ class PostTrainingQuantization(Callback):
             raise TypeError(f"batch_to_input must be a callable or None, got {batch_to_input!r}")
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be True or False, got {progress!r}")
+        if max_metric_drop is not None and (isinstance(max_metric_drop, bool) or not isinstance(
+                max_metric_drop, (int, float)) or max_metric_drop < 0):
+            raise ValueError(f"max_metric_drop must be a non-negative number or None, got {max_metric_drop!r}")
+        if isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or eval_batches <= 0:
+            raise ValueError(f"eval_batches must be a positive int, got {eval_batches!r}")
         self.batch_to_input = batch_to_input
         self.progress = progress
+        self.max_metric_drop, self.eval_batches = max_metric_drop, eval_batches
+        self.skip_search: Optional[SkipSearch] = None
+        self.sensitivity: dict[str, float] = {}
         self.example_inputs: Optional[ExampleInputs] = None
         self.quantized_model: Optional[nn.Module] = None
         self.export_paths: dict[str, str] = {}
         self.export_records: dict[str, ExportRecord] = {}
+        self.calibrated_model: Optional[nn.Module] = None
         self._target_path: Optional[str] = None
 
     @property
@@ -140,6 +169,31 @@ class PostTrainingQuantization(Callback):
         """The float submodule this callback quantizes."""
         return resolve_target(pl_module, self._target_path or self.config.module)[1]
 
+    def _search_float_islands(self, trainer: "pl.Trainer", target: nn.Module) -> QuantizationConfig:
+        """Run the skip search on validation batches; returns the config with the layers kept in float."""
+        loader = stage_dataloader(trainer, "validate") or self._calibration_batches_source(trainer)
+        batches = list(itertools.islice(iter(loader), self.eval_batches))
+        build = builder(target, self.config, self.mode, self._calibration_batches_source(trainer),
+                        self.calibration_batches, self.batch_to_input, self.dtype, self.module_types)
+        types = self.module_types if self.mode is Mode.DYNAMIC else STATIC_LAYER_TYPES
+        layers = [n for n in quantizable_layers(target, types)]
+        self.skip_search, self.sensitivity = skip_search(target, build, layers, batches, self.config.engine,
+                                                         self.max_metric_drop, batch_targets(batches),
+                                                         self.batch_to_input)
+        search = self.skip_search
+        verdict = "met" if search.met else "MISSED even with every candidate layer in float"
+        rank_zero_info(f"[PTQ] budget {self.max_metric_drop} below float {search.reference:.4f}: {verdict}; "
+                       f"full int8 {search.full_int8:.4f}, final {search.final:.4f}; kept in float: {search.skipped}")
+        return dataclasses.replace(self.config, skip=tuple(self.config.skip) + tuple(search.skipped))
+
+    def float_reference(self, pl_module: "pl.LightningModule") -> nn.Module:
+        """A CPU copy computing float outputs under the int8 model's module names (for per-layer error)."""
+        return copy.deepcopy(self.calibrated_model if self.calibrated_model is not None else self.target(pl_module)).cpu()
+
+    def observed_model(self, pl_module: "pl.LightningModule") -> Optional[nn.Module]:
+        """The model holding the calibrated observers (static mode), for their ranges."""
+        return self.calibrated_model
+
     def _calibration_batches_source(self, trainer: "pl.Trainer") -> Optional[Iterable[Any]]:
         if not isinstance(self.calibration_data, str):
             return self.calibration_data
@@ -147,16 +201,21 @@ class PostTrainingQuantization(Callback):
 
     def _quantize_and_export(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         target = self.target(pl_module)
+        config = self.config
+        if self.max_metric_drop is not None:
+            config = self._search_float_islands(trainer, target)
+        self.calibrated_model = None
         if self.mode is Mode.DYNAMIC:
             def convert(engine: str) -> nn.Module:
-                return quantize_dynamic_copy(target, self.config, self.module_types, self.dtype, engine)
+                return quantize_dynamic_copy(target, config, self.module_types, self.dtype, engine)
         else:
-            calibrated = prepare_and_calibrate(target, self._calibration_batches_source(trainer), self.config,
+            calibrated = prepare_and_calibrate(target, self._calibration_batches_source(trainer), config,
                                                self.calibration_batches, self.batch_to_input, self.example_inputs,
                                                progress=self.progress and trainer.is_global_zero)
+            self.calibrated_model = calibrated
 
             def convert(engine: str) -> nn.Module:
-                return convert_calibrated(calibrated, self.config, engine)
+                return convert_calibrated(calibrated, config, engine)
 
         self.quantized_model = convert(self.config.engine)
         rank_zero_info(f"[PTQ] {self.mode.value} int8 model of {self._target_path!r} for {self.config.engine}: "
@@ -164,3 +223,4 @@ class PostTrainingQuantization(Callback):
         if self.config.export and trainer.is_global_zero:
             self.export_records, self.export_paths = export_for_engines(
                 trainer, self.config, self.example_inputs, self.quantized_model, convert, "ptq")
+        notify(trainer, "on_quantized", trainer, pl_module, self)

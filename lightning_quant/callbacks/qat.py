@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -18,10 +20,16 @@ from lightning_quant.callbacks._shared import (
     check_strategy,
     example_inputs_for,
     export_for_engines,
+    first_of,
+    metric_name,
+    module_metric,
+    notify,
 )
 from lightning_quant.export import ExportRecord
 from lightning_quant.quantization.config import QuantizationConfig
-from lightning_quant.quantization.convert import convert_copy
+from lightning_quant.quantization.convert import convert_copy, unobserved
+from lightning_quant.quantization.inputs import batch_targets
+from lightning_quant.report import collect_outputs, task_metric
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.schedule import (
@@ -31,6 +39,7 @@ from lightning_quant.quantization.schedule import (
     observer_states,
     restore_observer_states,
     set_bn_frozen,
+    set_fake_quant,
     set_observers,
 )
 from lightning_quant.quantization.target import replace_target, resolve_target
@@ -73,6 +82,11 @@ class QuantizationAwareTraining(Callback):
         export_dir: folder for exported files (default ``<trainer.log_dir>/quantized``).
         batch_to_input: callable turning a batch into the model's input, for batches whose
             input is not a tensor, the first item of a tuple, or a mapping of keyword arguments.
+        validate_int8: at the end of each validation epoch of fit, convert a CPU copy and run the
+            validation data through it, logging ``val/<metric>_int8`` beside the fake-quant
+            metrics: the LightningModule's own ``val_*`` torchmetrics attribute when it has one
+            (``val_acc`` gives ``val/acc_int8``), else ``val/accuracy_int8`` or ``val/mse_int8``.
+            Skipped (with a log line) while quantization has not started.
 
     Raises:
         ValueError: an argument outside its allowed values (the message lists them).
@@ -104,6 +118,7 @@ class QuantizationAwareTraining(Callback):
         export: Union[str, Sequence[str], None] = ("torchscript",),
         export_dir: Optional[Union[str, Path]] = None,
         batch_to_input: Optional[Callable[[Any], Any]] = None,
+        validate_int8: bool = False,
     ) -> None:
         self.config = QuantizationConfig(
             backend=backend, flow=flow, module=module, observer=observer, per_channel=per_channel, skip=skip,
@@ -114,7 +129,10 @@ class QuantizationAwareTraining(Callback):
             raise TypeError(f"convert_on_fit_end must be True or False, got {convert_on_fit_end!r}")
         if batch_to_input is not None and not callable(batch_to_input):
             raise TypeError(f"batch_to_input must be a callable or None, got {batch_to_input!r}")
+        if not isinstance(validate_int8, bool):
+            raise TypeError(f"validate_int8 must be True or False, got {validate_int8!r}")
         self.convert_on_fit_end = convert_on_fit_end
+        self.validate_int8 = validate_int8
         self.batch_to_input = batch_to_input
         self.example_inputs: Optional[ExampleInputs] = None
         self.quantized_model: Optional[nn.Module] = None
@@ -148,6 +166,10 @@ class QuantizationAwareTraining(Callback):
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._resume_observers(pl_module)
+
+    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.validate_int8 and trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._validate_int8(trainer, pl_module)
 
     def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._pause_observers(pl_module)
@@ -188,6 +210,17 @@ class QuantizationAwareTraining(Callback):
         """An int8 copy of the current QAT model for ``engine`` (default: the backend's); training is untouched."""
         return convert_copy(self.target(pl_module), self.config.flow, engine or self.config.engine)
 
+    def float_reference(self, pl_module: "pl.LightningModule") -> nn.Module:
+        """A CPU copy of the QAT model with quantization switched off: float outputs, int8 module names."""
+        reference = copy.deepcopy(self.target(pl_module)).cpu().eval()
+        set_fake_quant(reference, False)
+        set_observers(reference, False)
+        return reference
+
+    def observed_model(self, pl_module: "pl.LightningModule") -> nn.Module:
+        """The QAT model, whose fake-quantize modules hold the learnt ranges."""
+        return self.target(pl_module)
+
     def _check_schedule_fits(self, trainer: "pl.Trainer") -> None:
         max_epochs = trainer.max_epochs
         if self.convert_on_fit_end and max_epochs is not None and max_epochs >= 0 and (
@@ -204,10 +237,7 @@ class QuantizationAwareTraining(Callback):
             self.example_inputs = example_inputs_for(trainer, pl_module, stage, self.batch_to_input, type(self).__name__)
         if is_prepared(target):  # a second fit, or test/validate after fit: prepare once
             return
-        for callback in trainer.callbacks:  # e.g. KnowledgeDistillation copies the float model now
-            hook = getattr(callback, "on_before_quantization_prepare", None)
-            if callable(hook):
-                hook(trainer, pl_module)
+        notify(trainer, "on_before_quantization_prepare", trainer, pl_module)  # e.g. KD copies the float model
         training = pl_module.training
         prepared = get_flow(self.config.flow).prepare(target, self.config, self.example_inputs, qat=True)
         replace_target(pl_module, path, prepared)
@@ -238,6 +268,23 @@ class QuantizationAwareTraining(Callback):
             restore_observer_states(self.target(pl_module), self._saved_observers)
             self._saved_observers = None
 
+    def _validate_int8(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        target = self.target(pl_module)
+        if unobserved(target):
+            rank_zero_info(f"[QAT] epoch {trainer.current_epoch}: int8 validation skipped, quantization has not started")
+            return
+        loader = first_of(trainer.val_dataloaders)
+        limit = first_of(trainer.num_val_batches) if trainer.num_val_batches else None
+        batches = list(itertools.islice(iter(loader), int(limit) if limit not in (None, float("inf")) else None))
+        targets = batch_targets(batches)
+        if targets is None:
+            return
+        outputs = collect_outputs(self.convert(pl_module), batches, self.config.engine, self.batch_to_input)
+        metric = module_metric(pl_module)
+        name, value = task_metric(outputs, targets, metric)
+        key = metric_name(pl_module, metric) if metric is not None else name
+        pl_module.log(f"val/{key}_int8", value, on_epoch=True, sync_dist=True)
+
     def _convert_and_export(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.quantized_model = self.convert(pl_module)
         rank_zero_info(f"[QAT] converted {self._target_path!r} to int8 for {self.config.engine}: callback.quantized_model")
@@ -245,3 +292,4 @@ class QuantizationAwareTraining(Callback):
             self.export_records, self.export_paths = export_for_engines(
                 trainer, self.config, self.example_inputs, self.quantized_model,
                 lambda engine: self.convert(pl_module, engine), "qat")
+        notify(trainer, "on_quantized", trainer, pl_module, self)

@@ -105,3 +105,20 @@ def as_positional(module: torch.nn.Module, example: ExampleInputs) -> ExampleInp
     except TypeError:
         return example
     return ExampleInputs(tuple(bound.args), dict(bound.kwargs))
+
+
+def target_of(batch: Any) -> Any:
+    """The target of a batch: the second item of a tuple/list, or ``labels``/``label``/``y``/``target`` of a mapping."""
+    if isinstance(batch, Mapping):
+        return next((batch[k] for k in ("labels", "label", "y", "target") if k in batch), None)
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 1:
+        return batch[1]
+    return None
+
+
+def batch_targets(batches: Sequence[Any]) -> Optional[torch.Tensor]:
+    """Every batch's target concatenated on CPU, or ``None`` when a batch has no tensor target."""
+    targets = [target_of(b) for b in batches]
+    if not targets or not all(isinstance(t, torch.Tensor) for t in targets):
+        return None
+    return torch.cat([t.cpu().reshape(-1) if t.dim() == 0 else t.cpu() for t in targets])

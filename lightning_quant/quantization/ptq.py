@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 import logging
 from collections.abc import Iterable, Sequence
 from enum import Enum
@@ -10,12 +12,13 @@ from typing import Any, Callable, Optional, Union
 
 import torch.nn as nn
 
+from lightning_quant.analysis import SkipSearch, quantizable_layers, skip_search
 from lightning_quant.quantization.calibrate import calibrate
 from lightning_quant.quantization.config import QuantizationConfig, parse_enum
 from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, check_dynamic_options, quantize_dynamic_copy
 from lightning_quant.quantization.flows import get_flow
-from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
+from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, batch_targets
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,51 @@ def convert_calibrated(prepared: nn.Module, config: QuantizationConfig, engine: 
     return int8
 
 
+STATIC_LAYER_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def builder(model: nn.Module, config: QuantizationConfig, mode: Mode, calibration_data: Optional[Iterable[Any]],
+            calibration_batches: int, batch_to_input: Optional[Callable[[Any], Any]], dtype: str,
+            module_types: Sequence[Union[str, type]], progress: bool = False) -> Callable[[list[str]], nn.Module]:
+    """A function from an extra skip list to the int8 model (static mode recalibrates each time)."""
+    types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else ()
+
+    def build(extra_skip: list[str]) -> nn.Module:
+        skipped = dataclasses.replace(config, skip=tuple(config.skip) + tuple(extra_skip), export=None)
+        if mode is Mode.DYNAMIC:
+            return quantize_dynamic_copy(model, skipped, types, dtype)
+        if calibration_data is None:
+            raise ValueError('mode="static" needs calibration_data: an iterable of representative batches')
+        prepared = prepare_and_calibrate(model, calibration_data, skipped, calibration_batches, batch_to_input,
+                                         progress=progress)
+        return convert_calibrated(prepared, skipped)
+
+    return build
+
+
+def quantize_within_budget(
+    model: nn.Module,
+    build: Callable[[list[str]], nn.Module],
+    batches: Sequence[Any],
+    engine: str,
+    max_metric_drop: float,
+    layer_types: Sequence[type],
+    batch_to_input: Optional[Callable[[Any], Any]] = None,
+) -> tuple[nn.Module, SkipSearch]:
+    """The int8 model with the fewest float islands that keeps the score within ``max_metric_drop``.
+
+    Returns:
+        the int8 model (with every candidate in float if even that misses the budget: check
+        ``search.met``) and the :class:`~lightning_quant.analysis.SkipSearch`.
+    """
+    if isinstance(max_metric_drop, bool) or not isinstance(max_metric_drop, (int, float)) or max_metric_drop < 0:
+        raise ValueError(f"max_metric_drop must be a non-negative number or None, got {max_metric_drop!r}")
+    targets = batch_targets(batches)
+    layers = quantizable_layers(model, layer_types)
+    search, _ = skip_search(model, build, layers, batches, engine, max_metric_drop, targets, batch_to_input)
+    return build(list(search.skipped)), search
+
+
 def _chain_first(first: Any, rest: Iterable[Any]) -> Iterable[Any]:
     yield first
     yield from rest
@@ -109,6 +157,9 @@ def quantize(
     dtype: str = "qint8",
     module_types: Sequence[Union[str, type]] = DEFAULT_DYNAMIC_TYPES,
     progress: bool = True,
+    max_metric_drop: Optional[float] = None,
+    eval_data: Optional[Iterable[Any]] = None,
+    eval_batches: int = 16,
 ) -> nn.Module:
     """Return an int8 copy of ``model``, quantized after training; ``model`` is not modified.
 
@@ -127,6 +178,11 @@ def quantize(
         dtype: dynamic mode: ``"qint8"`` (default) or ``"float16"`` weights.
         module_types: dynamic mode: module types to quantize (default Linear, LSTM, GRU).
         progress: show a progress bar while calibrating.
+        max_metric_drop: keep the most sensitive layers in float until the int8 model is within
+            this much of the float model on ``eval_data``: top-1 accuracy when batches carry
+            targets ``(input, target)``, else mean cosine similarity of outputs (float = 1.0).
+            ``None`` (default) quantizes every layer. See :func:`quantize_within_budget`.
+        eval_data: batches for that score (default: the calibration data); ``eval_batches`` of them.
 
     Raises:
         ValueError: an invalid option, empty calibration data, or nothing to quantize.
@@ -144,6 +200,17 @@ def quantize(
     config = QuantizationConfig(backend=backend, flow=flow, observer=observer, per_channel=per_channel, skip=skip,
                                 qconfig_mapping=qconfig_mapping, export=None)
     calibration_batches = check_calibration_batches(calibration_batches)
+    if max_metric_drop is not None:
+        data = eval_data if eval_data is not None else calibration_data
+        if data is None:
+            raise ValueError("max_metric_drop needs eval_data (or calibration_data) to measure the drop on")
+        batches = list(itertools.islice(iter(data), eval_batches))
+        build = builder(model, config, mode, calibration_data, calibration_batches, batch_to_input, dtype, module_types)
+        types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else STATIC_LAYER_TYPES
+        int8, search = quantize_within_budget(model, build, batches, config.engine, max_metric_drop, types,
+                                              batch_to_input)
+        log.info("int8 within budget: %s; layers kept in float: %s", search.met, search.skipped)
+        return int8
     if mode is Mode.DYNAMIC:
         types = check_dynamic_options(dtype, module_types)
         return quantize_dynamic_copy(model, config, types, dtype)

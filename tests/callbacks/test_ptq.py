@@ -148,3 +148,36 @@ def test_ptq_static_raises_when_nothing_is_quantizable():
     callback = PostTrainingQuantization(skip=["features", "head"], export=None, progress=False)
     with pytest.raises(ValueError, match=r"nothing to quantize statically: no layer was converted to int8"):
         quiet_trainer(callbacks=[callback], limit_train_batches=1).fit(BoringClassifier())
+
+
+def test_ptq_max_metric_drop_keeps_the_broken_layer_float():
+    from tests.quantization.test_ptq import _broken_mlp_and_data
+
+    model, batches = _broken_mlp_and_data()
+    dataset = torch.utils.data.TensorDataset(torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches]))
+
+    class Fixed(BoringClassifier):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(dataset, batch_size=32)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(dataset, batch_size=32)
+
+    module = Fixed(net=model, lr=0.0)
+    callback = PostTrainingQuantization(per_channel=False, observer="minmax", max_metric_drop=0.02, export=None,
+                                        progress=False)
+    quiet_trainer(callbacks=[callback], max_epochs=1, limit_train_batches=1).fit(module)
+    search = callback.skip_search
+    assert search.met and search.skipped == ["fc2"] and search.full_int8 < 0.9
+    assert min(callback.sensitivity, key=callback.sensitivity.get) == "fc2"
+    assert type(callback.quantized_model.fc2) is nn.Linear
+    from lightning_quant.report import classification_accuracy
+
+    assert classification_accuracy(callback.quantized_model, batches, engine="x86") >= 0.98
+
+
+def test_ptq_max_metric_drop_argument_checks():
+    with pytest.raises(ValueError, match=r"max_metric_drop must be a non-negative number or None, got -0.5"):
+        PostTrainingQuantization(max_metric_drop=-0.5)
+    with pytest.raises(ValueError, match=r"eval_batches must be a positive int, got 0"):
+        PostTrainingQuantization(eval_batches=0)

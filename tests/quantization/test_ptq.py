@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 
 from lightning_quant import quantize
+from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.convert import quantized_engine
 from tests.helpers import TinyNet, TwoInputNet
 
@@ -65,3 +66,63 @@ def test_quantize_exhausted_iterator_raises():
     list(data)
     with pytest.raises(ValueError, match=r"it is empty or an iterator that was already consumed"):
         quantize(TinyNet().eval(), data, progress=False)
+
+
+def _broken_mlp_and_data():
+    from tests.test_analysis import MLP
+
+    torch.manual_seed(0)
+    model = MLP().eval()
+    with torch.no_grad():
+        model.fc1.weight[0] = 0.0
+        model.fc1.bias[0] = -1.0
+        model.fc2.weight[0, 0] = 1000 * model.fc2.weight.abs().max()
+    x = torch.randn(128, 1, 6, 6)
+    with torch.no_grad():
+        logits = model(x)
+        model.fc3.bias -= logits.mean(0)  # centre the logits: every class is predicted for some inputs
+        model.fc3.weight *= 4 / logits.std()
+        y = model(x).argmax(-1)
+    assert torch.bincount(y, minlength=4).min() >= 16
+    return model, [(x[i : i + 32], y[i : i + 32]) for i in range(0, 128, 32)]
+
+
+def _accuracy(int8, batches):
+    from lightning_quant.report import classification_accuracy
+
+    return classification_accuracy(int8, batches, engine="x86")
+
+
+def test_skip_search_meets_a_budget_plain_ptq_misses():
+    from lightning_quant.quantization.ptq import Mode, builder, quantize_within_budget
+
+    model, batches = _broken_mlp_and_data()
+    options = dict(per_channel=False, observer="minmax", progress=False)
+    plain = quantize(model, batches, **options)
+    assert _accuracy(plain, batches) < 0.9  # float is 1.0 on these labels
+    within = quantize(model, batches, max_metric_drop=0.02, **options)
+    assert _accuracy(within, batches) >= 0.98
+    assert type(within.fc2) is nn.Linear and "quantized" in type(within.fc1).__module__
+
+    config = QuantizationConfig(per_channel=False, observer="minmax", export=None)
+    build = builder(model, config, Mode.STATIC, batches, 32, None, "qint8", ())
+    _, search = quantize_within_budget(model, build, batches, "x86", 0.02, (nn.Linear,))
+    assert search.met and search.skipped[0] == "fc2" and search.full_int8 < 0.9 <= 0.98 <= search.final
+
+
+def test_skip_search_without_targets_uses_output_cosine():
+    model, batches = _broken_mlp_and_data()
+    inputs = [x for x, _ in batches]
+    int8 = quantize(model, inputs, max_metric_drop=0.01, per_channel=False, observer="minmax", progress=False)
+    with torch.no_grad(), quantized_engine("x86"):
+        cosine = torch.nn.functional.cosine_similarity(int8(inputs[0]), model(inputs[0]), dim=-1).mean()
+    assert cosine >= 0.99
+
+
+def test_max_metric_drop_raises():
+    from lightning_quant.quantization.ptq import quantize_within_budget
+
+    with pytest.raises(ValueError, match=r"max_metric_drop must be a non-negative number or None, got -1"):
+        quantize_within_budget(TinyNet(), lambda s: TinyNet(), [], "x86", -1, (nn.Linear,))
+    with pytest.raises(ValueError, match=r"max_metric_drop needs eval_data \(or calibration_data\)"):
+        quantize(TinyNet(), mode="dynamic", max_metric_drop=0.1)

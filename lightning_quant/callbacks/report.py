@@ -1,0 +1,129 @@
+"""A report of what quantization did, written next to the exported files."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import lightning.pytorch as pl
+import torch
+import torch.nn as nn
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_quant.analysis import next_steps
+from lightning_quant.callbacks._shared import module_metric, resolve_export_dir, stage_dataloader
+from lightning_quant.quantization.inputs import batch_targets
+from lightning_quant.quantization.target import resolve_target
+from lightning_quant.report import build_report, write_report
+
+REPORT_DATA = ("val", "test")
+
+
+class QuantizationReport(Callback):
+    """After a quantization callback converts, compare float and int8 and write a report.
+
+    Works beside :class:`~lightning_quant.QuantizationAwareTraining` or
+    :class:`~lightning_quant.PostTrainingQuantization`, in any order: they announce the int8
+    model through ``on_quantized``. On ``max_batches`` batches of ``data`` it measures the task
+    metric (the LightningModule's own ``val_*`` torchmetrics attribute when it has one, else
+    accuracy or MSE), the SQNR of the outputs, every layer's output SQNR, the observer ranges,
+    the size of the state dicts and of the exported files, and the latency of fp32 and int8 at
+    batch 1 and the training batch size (medians after warm-up). It writes ``report.json``,
+    ``report.md``, ``sqnr.png`` and ``ranges.png`` next to the exports, logs the headline
+    figures to the Trainer's loggers (``report/...``), and warns, naming the worst layers and
+    the next steps, when int8 loses more than ``threshold`` or any output is not finite.
+
+    Args:
+        data: ``"val"`` (default), ``"test"`` or an iterable of batches.
+        max_batches: batches used (default 16).
+        threshold: largest acceptable metric loss (default 0.01: one point of accuracy).
+        batch_sizes: latency batch sizes; ``None`` = 1 and the training batch size.
+        report_dir: where to write; ``None`` = the quantization callback's export folder.
+
+    Raises:
+        ValueError: an argument outside its allowed values.
+
+    Example::
+
+        >>> from lightning_quant import QuantizationAwareTraining
+        >>> callbacks = [QuantizationAwareTraining(), QuantizationReport(threshold=0.02)]
+    """
+
+    def __init__(self, data: Union[str, Iterable[Any]] = "val", max_batches: int = 16, threshold: float = 0.01,
+                 batch_sizes: Optional[Sequence[int]] = None, report_dir: Optional[Union[str, Path]] = None) -> None:
+        if isinstance(data, str) and data not in REPORT_DATA:
+            raise ValueError(f"data must be one of {REPORT_DATA} or an iterable of batches, got {data!r}")
+        if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches <= 0:
+            raise ValueError(f"max_batches must be a positive int, got {max_batches!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
+            raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
+        if batch_sizes is not None and (isinstance(batch_sizes, (str, int)) or not all(
+                isinstance(b, int) and b > 0 for b in batch_sizes)):
+            raise ValueError(f"batch_sizes must be a sequence of positive ints or None, got {batch_sizes!r}")
+        self.data, self.max_batches, self.threshold = data, max_batches, float(threshold)
+        self.batch_sizes = tuple(batch_sizes) if batch_sizes is not None else None
+        self.report_dir = report_dir
+        self.report: Optional[dict[str, Any]] = None
+        self.paths: dict[str, Path] = {}
+        self._fp32: Optional[nn.Module] = None
+
+    # ------------------------------------------------------------------ hooks: when
+    def on_before_quantization_prepare(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """QAT is about to rewrite the model: keep its float architecture for fp32 size and latency."""
+        quant = next((c for c in trainer.callbacks if hasattr(c, "config") and hasattr(c, "observed_model")), None)
+        path = quant.config.module if quant is not None else None
+        self._fp32 = copy.deepcopy(resolve_target(pl_module, path)[1]).cpu().eval()
+
+    def on_quantized(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", callback: Any) -> None:
+        if trainer.is_global_zero:
+            self._report(trainer, pl_module, callback)
+
+    # ------------------------------------------------------------------ helpers: what
+    def _batches(self, trainer: "pl.Trainer") -> list[Any]:
+        source = self.data if not isinstance(self.data, str) else stage_dataloader(
+            trainer, "validate" if self.data == "val" else "test")
+        if source is None:
+            raise ValueError(f"QuantizationReport(data={self.data!r}) found no such dataloader on the Trainer: "
+                             "give one, or pass data=<an iterable of batches>")
+        batches = []
+        for batch in source:
+            batches.append(batch)
+            if len(batches) == self.max_batches:
+                break
+        return batches
+
+    def _report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", callback: Any) -> None:
+        batches = self._batches(trainer)
+        config = callback.config
+        fp32 = self._fp32 if self._fp32 is not None else copy.deepcopy(callback.target(pl_module)).cpu().eval()
+        train_bs = callback.example_inputs.batch_size or 32
+        steps = next_steps(config.per_channel, config.observer.value, getattr(callback, "calibration_batches", None),
+                           qat=hasattr(callback, "schedule"))
+        self.report = build_report(
+            fp32_model=fp32, reference=callback.float_reference(pl_module), int8_model=callback.quantized_model,
+            batches=batches, example=callback.example_inputs, engine=config.engine,
+            prepared=callback.observed_model(pl_module), export_paths=callback.export_paths,
+            batch_sizes=self.batch_sizes or tuple(dict.fromkeys((1, train_bs))),
+            targets=batch_targets(batches),
+            metric=module_metric(pl_module), threshold=self.threshold, next_steps=steps,
+            batch_to_input=callback.batch_to_input)
+        directory = Path(self.report_dir) if self.report_dir is not None else resolve_export_dir(config, trainer)
+        self.paths = write_report(self.report, directory)
+        self._log(trainer)
+
+    def _log(self, trainer: "pl.Trainer") -> None:
+        report = self.report
+        headline = {"report/output_sqnr_db": report["output_sqnr_db"], "report/size_ratio": report["sizes"]["ratio"]}
+        for bs, fp32 in report["latency_ms"]["fp32"].items():
+            headline[f"report/speedup_b{bs}"] = fp32 / report["latency_ms"]["int8"][bs]
+        if "metric" in report:
+            headline.update({"report/float_metric": report["metric"]["float"], "report/int8_metric": report["metric"]["int8"],
+                             "report/metric_loss": report["metric"]["loss"]})
+        for logger in trainer.loggers:
+            logger.log_metrics(headline, step=trainer.global_step)
+        rank_zero_info(f"[report] {self.paths['md']}")
+        for warning in report["warnings"]:
+            rank_zero_warn(f"{warning}. Next steps: {'; '.join(report['next_steps'])}")

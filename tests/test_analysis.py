@@ -1,0 +1,118 @@
+"""Layer-level analysis agrees with independent computations and finds a broken layer."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lightning_quant.analysis import (
+    greedy_skip,
+    layer_sensitivity,
+    mean_cosine,
+    next_steps,
+    observer_ranges,
+    per_layer_sqnr,
+    quantizable_layers,
+    sqnr_db,
+)
+from lightning_quant.quantization import ExampleInputs, QuantizationConfig, convert_copy, get_flow
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(36, 32)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(32, 32)
+        self.fc3 = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(self.act(self.fc1(x.flatten(1))))))
+
+
+def _prepared_and_int8(model, x, flow="fx", **options):
+    config = QuantizationConfig(flow=flow, **options)
+    prepared = get_flow(flow).prepare(copy.deepcopy(model).eval(), config, ExampleInputs((x,)), qat=False)
+    prepared(x)
+    return prepared, convert_copy(prepared, flow, "x86")
+
+
+def test_sqnr_and_cosine_match_their_formulas():
+    a = torch.randn(100)
+    b = a + 0.1 * torch.randn(100)
+    expected = 10 * math.log10(float((a ** 2).sum()) / float(((a - b) ** 2).sum()))
+    assert sqnr_db(a, b) == pytest.approx(expected)
+    assert sqnr_db(a, a) == float("inf")
+    rows = torch.randn(5, 8)
+    assert mean_cosine(rows, rows) == pytest.approx(1.0)
+    assert mean_cosine(rows, -rows) == pytest.approx(-1.0)
+
+
+@pytest.mark.parametrize("flow", ["fx", "eager"])
+def test_broken_layer_is_named_worst(flow):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    with torch.no_grad():  # fc1's unit 0 is dead after ReLU, so fc2's huge weight on it changes nothing in float,
+        model.fc1.weight[0] = 0.0  # but a per-tensor int8 scale sized for it rounds every other weight of fc2 to 0
+        model.fc1.bias[0] = -1.0
+        model.fc2.weight[0, 0] = 1000 * model.fc2.weight.abs().max()
+    x = torch.randn(64, 1, 6, 6)
+    prepared, int8 = _prepared_and_int8(model, x, flow=flow, per_channel=False, observer="minmax")
+    layers = per_layer_sqnr(prepared, int8, [x[:32], x[32:]], "x86")
+    assert list(layers) == ["fc1", "fc2", "fc3"]
+    worst = max(layers, key=lambda n: layers[n]["loss_db"])
+    assert worst == "fc2"
+    assert layers["fc2"]["sqnr_db"] < 5 < 25 < layers["fc1"]["sqnr_db"], layers
+    assert layers["fc2"]["loss_db"] > 20 > max(layers["fc1"]["loss_db"], layers["fc3"]["loss_db"]), layers
+
+
+def test_per_layer_output_sqnr_agrees_with_hooks_computed_here():
+    torch.manual_seed(1)
+    model = MLP().eval()
+    x = torch.randn(32, 1, 6, 6)
+    prepared, int8 = _prepared_and_int8(model, x)
+    outputs = {}
+    for tag, net in (("ref", prepared), ("int8", int8)):
+        handle = dict(net.named_modules())["fc1"].register_forward_hook(
+            lambda m, i, o, tag=tag: outputs.__setitem__(tag, o.dequantize() if o.is_quantized else o))
+        net(x)
+        handle.remove()
+    expected = sqnr_db(outputs["ref"].detach(), outputs["int8"])
+    assert per_layer_sqnr(prepared, int8, [x], "x86")["fc1"]["sqnr_db"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_observer_ranges_are_the_observed_min_and_max():
+    x = torch.rand(16, 1, 6, 6) * 3
+    prepared, _ = _prepared_and_int8(MLP(), x, observer="minmax")
+    ranges = observer_ranges(prepared)
+    first = ranges["activation_post_process_0"]
+    assert first["observes"] == "output of flatten"  # x.flatten(1): same values as x
+    assert first["min"] == pytest.approx(float(x.min())) and first["max"] == pytest.approx(float(x.max()))
+    assert first["scale"] == pytest.approx((float(x.max()) - min(0.0, float(x.min()))) / 127, rel=1e-4)
+    assert any(r["observes"] == "output of fc1" for r in ranges.values())
+
+
+def test_sensitivity_and_greedy_skip_on_a_toy_scorer():
+    layers = ["a", "b", "c"]
+    cost = {"a": 0.05, "b": 0.3, "c": 0.01}
+    build = lambda skip: tuple(skip)  # noqa: E731  the "model" is the skip list
+    score = lambda skipped: 1.0 - sum(v for k, v in cost.items() if k not in skipped)  # noqa: E731
+    sensitivity = layer_sensitivity(layers, build, score)
+    assert sensitivity == pytest.approx({"a": 0.95, "b": 0.7, "c": 0.99})
+    search = greedy_skip(layers, sensitivity, build, score, reference=1.0, target=0.96)
+    assert search.met and search.skipped == ["b", "a"] and search.final == pytest.approx(0.99)
+    impossible = greedy_skip(layers, sensitivity, build, score, reference=1.0, target=1.5)
+    assert not impossible.met and impossible.skipped == ["b", "a", "c"]
+
+
+def test_quantizable_layers_and_next_steps():
+    assert quantizable_layers(MLP()) == ["fc1", "fc2", "fc3"]
+    steps = next_steps(per_channel=False, observer="minmax", calibration_batches=8, qat=False)
+    assert steps[0].startswith("per_channel=True") and any("histogram" in s for s in steps)
+    assert any("calibration_batches=8 -> 128" in s for s in steps) and steps[-1].startswith("quantization-aware")
+    assert next_steps(True, "histogram", None, qat=True) == [
+        "keep the most sensitive layers in float (max_metric_drop / skip)"]
