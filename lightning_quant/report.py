@@ -287,6 +287,18 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _bar_chart(plt: Any, path: Path, labels: list[str], widths: list[float], lefts: list[float], color: Any,
+               xlabel: str, title: str) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(labels) + 1.2))
+    ax.barh(labels, widths, left=lefts, color=color)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def write_report(report: dict[str, Any], directory: os.PathLike | str) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and the PNG plots (per-layer SQNR, observer ranges)."""
     from lightning_quant.export import atomic_write
@@ -307,25 +319,15 @@ def write_report(report: dict[str, Any], directory: os.PathLike | str) -> dict[s
         names = [l["name"] for l in report["layers"]][::-1]
         values = [max(l["sqnr_db"], -10) if math.isfinite(l["sqnr_db"]) else 100 for l in report["layers"]][::-1]
         colors = ["#c0392b" if n in report["worst_layers"][:1] else "#2e86c1" for n in names]
-        fig, ax = plt.subplots(figsize=(7, 0.3 * len(names) + 1.2))
-        ax.barh(names, values, color=colors)
-        ax.set_xlabel("output SQNR vs float (dB), higher is better")
-        ax.set_title("Per-layer output SQNR, forward order top to bottom (red: adds the most error)")
-        fig.tight_layout()
-        paths["sqnr_png"] = directory / "sqnr.png"
-        fig.savefig(paths["sqnr_png"], dpi=100)
-        plt.close(fig)
+        paths["sqnr_png"] = _bar_chart(plt, directory / "sqnr.png", names, values, [0] * len(names), colors,
+                                       "output SQNR vs float (dB), higher is better",
+                                       "Per-layer output SQNR, in forward order\n(red: the layer that adds the most error)")
     if report["ranges"]:
-        names = list(report["ranges"])[::-1]
-        labels = [f"{n} ({report['ranges'][n]['observes']})" if report["ranges"][n]["observes"] else n for n in names]
-        fig, ax = plt.subplots(figsize=(7, 0.3 * len(names) + 1.2))
-        lows = [report["ranges"][n]["min"] for n in names]
-        highs = [report["ranges"][n]["max"] for n in names]
-        ax.barh(labels, [h - l for l, h in zip(lows, highs)], left=lows, color="#7d3c98")
-        ax.set_xlabel("observed range")
-        ax.set_title("Observer ranges")
-        fig.tight_layout()
-        paths["ranges_png"] = directory / "ranges.png"
-        fig.savefig(paths["ranges_png"], dpi=100)
-        plt.close(fig)
+        ranges = report["ranges"]
+        names = list(ranges)[::-1]
+        labels = [f"{n} ({ranges[n]['observes']})" if ranges[n]["observes"] else n for n in names]
+        paths["ranges_png"] = _bar_chart(plt, directory / "ranges.png", labels,
+                                         [ranges[n]["max"] - ranges[n]["min"] for n in names],
+                                         [ranges[n]["min"] for n in names], "#7d3c98", "observed range",
+                                         "Observer ranges")
     return paths

@@ -211,11 +211,5 @@ def quantize(
                                               batch_to_input)
         log.info("int8 within budget: %s; layers kept in float: %s", search.met, search.skipped)
         return int8
-    if mode is Mode.DYNAMIC:
-        types = check_dynamic_options(dtype, module_types)
-        return quantize_dynamic_copy(model, config, types, dtype)
-    if calibration_data is None:
-        raise ValueError('mode="static" needs calibration_data: an iterable of representative batches')
-    prepared = prepare_and_calibrate(model, calibration_data, config, calibration_batches, batch_to_input,
-                                     progress=progress)
-    return convert_calibrated(prepared, config)
+    return builder(model, config, mode, calibration_data, calibration_batches, batch_to_input, dtype, module_types,
+                   progress)([])
