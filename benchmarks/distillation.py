@@ -75,12 +75,20 @@ def main() -> None:
         alone = [qat_run(student, datamodule, args.qat_epochs, s, teacher=False) for s in range(args.seeds)]
         with_kd = [qat_run(student, datamodule, args.qat_epochs, s, teacher=teacher) for s in range(args.seeds)]
         wins = sum(k >= a for k, a in zip(with_kd, alone))
-        rows.append((name, f"{teacher_acc:.4f}", f"{statistics.mean(alone):.4f} ± {statistics.stdev(alone):.4f}",
-                     f"{statistics.mean(with_kd):.4f} ± {statistics.stdev(with_kd):.4f}",
-                     f"{statistics.mean(with_kd) - statistics.mean(alone):+.4f}", f"{wins}/{args.seeds}"))
+        rows.append(
+            (
+                name,
+                f"{teacher_acc:.4f}",
+                f"{statistics.mean(alone):.4f} ± {statistics.stdev(alone):.4f}",
+                f"{statistics.mean(with_kd):.4f} ± {statistics.stdev(with_kd):.4f}",
+                f"{statistics.mean(with_kd) - statistics.mean(alone):+.4f}",
+                f"{wins}/{args.seeds}",
+            )
+        )
     print(f"\nint8 test accuracy, {args.seeds} seeds, {args.qat_epochs} QAT epochs (mean ± stdev)")
-    print(format_table(("setting", "teacher float acc", "QAT alone", "QAT + KD", "difference", "seeds KD >= alone"),
-                       rows))
+    print(
+        format_table(("setting", "teacher float acc", "QAT alone", "QAT + KD", "difference", "seeds KD >= alone"), rows)
+    )
 
 
 if __name__ == "__main__":

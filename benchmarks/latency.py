@@ -51,10 +51,26 @@ def main() -> None:
                 q = latency_ms(int8, example, batch, args.repeats, engine=config.engine)
                 row += [f"{fp32:.3f}", f"{q:.3f}", f"{fp32 / q:.2f}x"]
             rows.append(row)
-    print(f"DigitsCNN(width={args.width}) on {args.image_size}x{args.image_size} inputs; {cpu_name()}, "
-          f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(format_table(("flow", "backend", "size fp32/int8", "fp32 b1 ms", "int8 b1 ms", "speed-up b1",
-                        "fp32 b32 ms", "int8 b32 ms", "speed-up b32"), rows))
+    print(
+        f"DigitsCNN(width={args.width}) on {args.image_size}x{args.image_size} inputs; {cpu_name()}, "
+        f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    print(
+        format_table(
+            (
+                "flow",
+                "backend",
+                "size fp32/int8",
+                "fp32 b1 ms",
+                "int8 b1 ms",
+                "speed-up b1",
+                "fp32 b32 ms",
+                "int8 b32 ms",
+                "speed-up b32",
+            ),
+            rows,
+        )
+    )
 
 
 if __name__ == "__main__":

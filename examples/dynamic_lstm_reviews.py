@@ -35,8 +35,11 @@ def main(argv: list[str] | None = None) -> dict:
     datamodule = RottenTomatoesDataModule(batch_size=64, vocab_size=args.vocab_size, limit=args.limit)
     model = Classifier(ReviewLSTM(vocab_size=args.vocab_size), num_classes=2, lr=2e-3)
     # the embedding holds most of the bytes: quantize it too (int8 rows, weight-only)
-    ptq = PostTrainingQuantization(mode="dynamic", module_types=["torch.nn.Embedding", "torch.nn.LSTM", "torch.nn.Linear"],
-                                   export_dir=args.export_dir)
+    ptq = PostTrainingQuantization(
+        mode="dynamic",
+        module_types=["torch.nn.Embedding", "torch.nn.LSTM", "torch.nn.Linear"],
+        export_dir=args.export_dir,
+    )
     trainer(args.epochs, [ptq], gradient_clip_val=1.0).fit(model, datamodule=datamodule)
     return report("Rotten Tomatoes LSTM, dynamic int8 (x86)", model.net, ptq, datamodule)
 

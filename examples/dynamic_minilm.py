@@ -80,8 +80,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     tokenizer, model = load_minilm()
     texts, _ = RottenTomatoesDataModule().read_reviews()
-    batches = [dict(tokenizer(texts[i : i + args.batch_size], padding=True, truncation=True, max_length=64,
-                              return_tensors="pt")) for i in range(0, args.sentences, args.batch_size)]
+    batches = [
+        dict(
+            tokenizer(texts[i : i + args.batch_size], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        )
+        for i in range(0, args.sentences, args.batch_size)
+    ]
     reference = [embed(model, b) for b in batches]
     fp32_ms = median_ms(model, batches[0], args.repeats)
     settings = {
@@ -99,10 +103,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             int8 = quantize(model, mode="dynamic", **options)
         cosine = torch.cat([(embed(int8, b) * r).sum(-1) for b, r in zip(batches, reference)])
         ms = median_ms(int8, batches[0], args.repeats)
-        results[name] = {"mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min()),
-                         "size_ratio": state_dict_bytes(model) / state_dict_bytes(int8), "speedup": fp32_ms / ms}
-        rows.append((name, f"{cosine.mean():.4f}", f"{cosine.min():.4f}", f"{results[name]['size_ratio']:.2f}x",
-                     f"{fp32_ms:.1f} / {ms:.1f}", f"{fp32_ms / ms:.2f}x"))
+        results[name] = {
+            "mean_cosine": float(cosine.mean()),
+            "min_cosine": float(cosine.min()),
+            "size_ratio": state_dict_bytes(model) / state_dict_bytes(int8),
+            "speedup": fp32_ms / ms,
+        }
+        rows.append(
+            (
+                name,
+                f"{cosine.mean():.4f}",
+                f"{cosine.min():.4f}",
+                f"{results[name]['size_ratio']:.2f}x",
+                f"{fp32_ms:.1f} / {ms:.1f}",
+                f"{fp32_ms / ms:.2f}x",
+            )
+        )
     print(f"\nall-MiniLM-L6-v2, dynamic int8 (x86), {args.sentences} review snippets, batch {args.batch_size}")
     print(format_table(("setting", "mean cosine", "min cosine", "size fp32/int8", "ms fp32 / int8", "speed-up"), rows))
     return results

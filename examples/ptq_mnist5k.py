@@ -32,8 +32,12 @@ def main(argv: list[str] | None = None) -> dict:
     pl.seed_everything(0)
     datamodule = MNIST5kDataModule(batch_size=64, limit=args.limit)
     model = Classifier(DigitsCNN(width=32), num_classes=10)
-    ptq = PostTrainingQuantization(backend=args.backend, calibration_batches=args.calibration_batches,
-                                   export=("torchscript", "mobile"), export_dir=args.export_dir)
+    ptq = PostTrainingQuantization(
+        backend=args.backend,
+        calibration_batches=args.calibration_batches,
+        export=("torchscript", "mobile"),
+        export_dir=args.export_dir,
+    )
     trainer(args.epochs, [ptq]).fit(model, datamodule=datamodule)
     return report(f"MNIST-5k CNN, static PTQ ({args.backend})", model.net, ptq, datamodule)
 

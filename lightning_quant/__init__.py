@@ -23,7 +23,19 @@ from lightning_quant.quantization.ptq import quantize
 __version__ = "0.1.0"
 
 __all__ = [
-    "Backend", "ExampleInputs", "ExportTarget", "Flow", "FxTracingError", "KnowledgeDistillation", "NonFiniteError", "Observer",
-    "PostTrainingQuantization", "QATSchedule", "QuantizationAwareTraining", "QuantizationConfig", "QuantizationReport", "quantization_disabled",
+    "Backend",
+    "ExampleInputs",
+    "ExportTarget",
+    "Flow",
+    "FxTracingError",
+    "KnowledgeDistillation",
+    "NonFiniteError",
+    "Observer",
+    "PostTrainingQuantization",
+    "QATSchedule",
+    "QuantizationAwareTraining",
+    "QuantizationConfig",
+    "QuantizationReport",
+    "quantization_disabled",
     "quantize",
 ]

@@ -72,14 +72,20 @@ def _compared_layers(model: nn.Module) -> dict[str, nn.Module]:
             if type(module).__name__ not in ("Quantize", "DeQuantize", "FloatFunctional", "QFunctional"):
                 layers[name] = module
         elif not any(not isinstance(c, (ObserverBase, FakeQuantizeBase)) for c in module.children()) and any(
-                True for _ in module.parameters(recurse=False)):
+            True for _ in module.parameters(recurse=False)
+        ):
             layers[name] = module
     return layers
 
 
 @torch.inference_mode()
-def per_layer_sqnr(reference: nn.Module, int8: nn.Module, batches: Iterable[Any], engine: str,
-                   batch_to_input: Optional[Callable[[Any], Any]] = None) -> dict[str, dict[str, float]]:
+def per_layer_sqnr(
+    reference: nn.Module,
+    int8: nn.Module,
+    batches: Iterable[Any],
+    engine: str,
+    batch_to_input: Optional[Callable[[Any], Any]] = None,
+) -> dict[str, dict[str, float]]:
     """For each int8 layer, against the same-named layer of ``reference`` (in forward order):
 
     - ``sqnr_db``: SQNR of the layer's output (error accumulated from every layer before it);
@@ -101,6 +107,7 @@ def per_layer_sqnr(reference: nn.Module, int8: nn.Module, batches: Iterable[Any]
     for side, model in (("ref", reference), ("int8", int8)):
         modules = dict(model.named_modules())
         for name in names:
+
             def hook(mod, inputs, output, side=side, name=name):
                 for kind, value in (("in", inputs), ("out", output)):
                     tensor = _dequantized(value)
@@ -108,6 +115,7 @@ def per_layer_sqnr(reference: nn.Module, int8: nn.Module, batches: Iterable[Any]
                         captured.setdefault((side, kind, name), []).append(tensor.float().cpu().flatten())
                 if side == "int8" and name not in order:
                     order.append(name)
+
             handles.append(modules[name].register_forward_hook(hook))
     try:
         reference.eval(), int8.eval()
@@ -135,8 +143,11 @@ def per_layer_sqnr(reference: nn.Module, int8: nn.Module, batches: Iterable[Any]
         # SQNRs above SQNR_CEILING_DB count as exact, so exact inputs and outputs compare sensibly
         ceiling = lambda v: SQNR_CEILING_DB if v is None or math.isnan(v) else min(v, SQNR_CEILING_DB)  # noqa: E731
         loss = ceiling(inp) - ceiling(out)
-        result[name.removeprefix(prefix)] = {"sqnr_db": out, "input_sqnr_db": inp if inp is not None else float("nan"),
-                                             "loss_db": loss}
+        result[name.removeprefix(prefix)] = {
+            "sqnr_db": out,
+            "input_sqnr_db": inp if inp is not None else float("nan"),
+            "loss_db": loss,
+        }
     return result
 
 
@@ -147,8 +158,13 @@ def _observed_values(prepared: nn.Module) -> dict[str, str]:
     for node in graph.nodes if graph is not None else ():
         if node.op == "call_module" and node.args and hasattr(node.args[0], "op"):
             source = node.args[0]
-            labels[str(node.target)] = (f"input {source.name}" if source.op == "placeholder" else
-                                        f"output of {source.target}" if source.op == "call_module" else f"output of {source.name}")
+            labels[str(node.target)] = (
+                f"input {source.name}"
+                if source.op == "placeholder"
+                else f"output of {source.target}"
+                if source.op == "call_module"
+                else f"output of {source.name}"
+            )
     return labels
 
 
@@ -175,10 +191,14 @@ def observer_ranges(prepared: nn.Module) -> dict[str, dict[str, Any]]:
             scale, zero_point = observer.calculate_qparams()
         except Exception:  # an observer that cannot give parameters (never saw data)
             continue
-        ranges[name] = {"observes": labels.get(name, "weight" if name.endswith("weight_fake_quant") else ""),
-                        "min": float(min_val.min()), "max": float(observer.max_val.max()),
-                        "scale": float(scale.float().mean()), "zero_point": int(zero_point.float().mean().round()),
-                        "per_channel": bool(min_val.numel() > 1)}
+        ranges[name] = {
+            "observes": labels.get(name, "weight" if name.endswith("weight_fake_quant") else ""),
+            "min": float(min_val.min()),
+            "max": float(observer.max_val.max()),
+            "scale": float(scale.float().mean()),
+            "zero_point": int(zero_point.float().mean().round()),
+            "per_channel": bool(min_val.numel() > 1),
+        }
     return ranges
 
 
@@ -203,8 +223,9 @@ class SkipSearch:
         return self.history[-1][1] if self.history else self.full_int8
 
 
-def layer_sensitivity(layers: Sequence[str], build: Callable[[list[str]], nn.Module],
-                      score: Callable[[nn.Module], float]) -> dict[str, float]:
+def layer_sensitivity(
+    layers: Sequence[str], build: Callable[[list[str]], nn.Module], score: Callable[[nn.Module], float]
+) -> dict[str, float]:
     """Score each layer quantized alone (every other layer in ``skip``); lower score = more sensitive.
 
     Args:
@@ -215,9 +236,16 @@ def layer_sensitivity(layers: Sequence[str], build: Callable[[list[str]], nn.Mod
     return {name: score(build([other for other in layers if other != name])) for name in layers}
 
 
-def greedy_skip(layers: Sequence[str], sensitivity: dict[str, float], build: Callable[[list[str]], nn.Module],
-                score: Callable[[nn.Module], float], reference: float, target: float,
-                full_int8: Optional[float] = None, max_skipped: Optional[int] = None) -> SkipSearch:
+def greedy_skip(
+    layers: Sequence[str],
+    sensitivity: dict[str, float],
+    build: Callable[[list[str]], nn.Module],
+    score: Callable[[nn.Module], float],
+    reference: float,
+    target: float,
+    full_int8: Optional[float] = None,
+    max_skipped: Optional[int] = None,
+) -> SkipSearch:
     """Keep layers in float, most sensitive first, until ``score >= target`` (or nothing is left to skip)."""
     full = score(build([])) if full_int8 is None else full_int8
     search = SkipSearch(target=target, reference=reference, full_int8=full, met=full >= target)
@@ -239,7 +267,9 @@ def next_steps(per_channel: bool, observer: str, calibration_batches: Optional[i
     if observer != "histogram":
         steps.append('observer="histogram" (clips activation outliers)')
     if calibration_batches is not None and calibration_batches < 128:
-        steps.append(f"more calibration data (calibration_batches={calibration_batches} -> {max(128, 4 * calibration_batches)})")
+        steps.append(
+            f"more calibration data (calibration_batches={calibration_batches} -> {max(128, 4 * calibration_batches)})"
+        )
     steps.append("keep the most sensitive layers in float (max_metric_drop / skip)")
     if not qat:
         steps.append("quantization-aware training (QuantizationAwareTraining), which learns around the rounding")

@@ -26,7 +26,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import get_method, instantiate
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig
 
 from lightning_quant.callbacks.ptq import PostTrainingQuantization
 from lightning_quant.quantization.schedule import quantization_disabled
@@ -119,8 +119,13 @@ def load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
     log.info("loaded weights from %s", path)
 
 
-def measure(cfg: DictConfig, callback: Any, model: pl.LightningModule,
-            float_net: torch.nn.Module, datamodule: pl.LightningDataModule) -> dict[str, Any]:
+def measure(
+    cfg: DictConfig,
+    callback: Any,
+    model: pl.LightningModule,
+    float_net: torch.nn.Module,
+    datamodule: pl.LightningDataModule,
+) -> dict[str, Any]:
     """Float vs int8 accuracy on the test split, weight size, and latency at each benchmark batch size.
 
     "float" accuracy is the trained weights in float (for QAT: the QAT weights with quantization
@@ -130,9 +135,17 @@ def measure(cfg: DictConfig, callback: Any, model: pl.LightningModule,
     trained = copy.deepcopy(callback.target(model)).cpu()
     bench = cfg.benchmark
     with quantization_disabled(trained):  # a QAT model in float; a no-op on a PTQ model's float net
-        metrics = compare(float_net, callback.quantized_model, list(datamodule.test_dataloader()),
-                          callback.example_inputs, callback.config.engine, list(bench.batch_sizes),
-                          bench.repeats, bench.warmup, float_eval_model=trained)
+        metrics = compare(
+            float_net,
+            callback.quantized_model,
+            list(datamodule.test_dataloader()),
+            callback.example_inputs,
+            callback.config.engine,
+            list(bench.batch_sizes),
+            bench.repeats,
+            bench.warmup,
+            float_eval_model=trained,
+        )
     metrics["export_paths"] = dict(callback.export_paths)
     return metrics
 
@@ -153,8 +166,11 @@ def measure_float(cfg: DictConfig, model: pl.LightningModule, datamodule: pl.Lig
 
 def results_table(metrics: dict[str, Any], batch_sizes: list[int]) -> str:
     exports = "\n".join(f"  {target}: {path}" for target, path in metrics["export_paths"].items())
-    table = comparison_table(metrics, batch_sizes) if "int8_acc" in metrics else (
-        f"float only: test accuracy {metrics['float_acc']:.4f}, {metrics['fp32_bytes']} bytes")
+    table = (
+        comparison_table(metrics, batch_sizes)
+        if "int8_acc" in metrics
+        else (f"float only: test accuracy {metrics['float_acc']:.4f}, {metrics['fp32_bytes']} bytes")
+    )
     return f"{table}\nexports:\n{exports or '  (none)'}"
 
 
@@ -192,8 +208,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.ckpt_path:
         load_weights(model, cfg.ckpt_path)
     if cfg.float_epochs > 0:  # float pre-training, then quantization from those weights
-        instantiate(cfg.trainer, max_epochs=cfg.float_epochs, logger=False, enable_checkpointing=False,
-                    callbacks=[]).fit(model, datamodule=datamodule)
+        instantiate(
+            cfg.trainer, max_epochs=cfg.float_epochs, logger=False, enable_checkpointing=False, callbacks=[]
+        ).fit(model, datamodule=datamodule)
     float_net = copy.deepcopy(model.net).eval()
     trainer = instantiate(cfg.trainer, callbacks=callbacks)
     if cfg.ckpt_path and isinstance(quant, PostTrainingQuantization):

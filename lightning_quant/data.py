@@ -75,8 +75,14 @@ class SplitDataModule(pl.LightningDataModule):
 
     num_classes = 10
 
-    def __init__(self, batch_size: int = 32, val_fraction: float = 0.1, test_fraction: float = 0.2,
-                 seed: int = 0, limit: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        batch_size: int = 32,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        limit: Optional[int] = None,
+    ) -> None:
         super().__init__()
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -88,7 +94,12 @@ class SplitDataModule(pl.LightningDataModule):
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
             raise ValueError(f"limit must be a positive int or None, got {limit!r}")
         self.batch_size, self.val_fraction, self.test_fraction, self.seed, self.limit = (
-            batch_size, val_fraction, test_fraction, seed, limit)
+            batch_size,
+            val_fraction,
+            test_fraction,
+            seed,
+            limit,
+        )
         self.splits: dict[str, TensorDataset] = {}
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +112,10 @@ class SplitDataModule(pl.LightningDataModule):
         if self.limit is not None:
             inputs, labels = inputs[: self.limit], labels[: self.limit]
         train, val, test = stratified_split(labels, (self.val_fraction, self.test_fraction), self.seed)
-        self.splits = {name: TensorDataset(inputs[idx], labels[idx]) for name, idx in
-                       (("train", train), ("val", val), ("test", test))}
+        self.splits = {
+            name: TensorDataset(inputs[idx], labels[idx])
+            for name, idx in (("train", train), ("val", val), ("test", test))
+        }
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         self.setup()
@@ -178,8 +191,9 @@ class RottenTomatoesDataModule(SplitDataModule):
     num_classes = 2
     PAD, UNK = 0, 1
 
-    def __init__(self, batch_size: int = 64, vocab_size: int = 10000, max_length: int = 48,
-                 tokenizer: str = "words", **kwargs) -> None:
+    def __init__(
+        self, batch_size: int = 64, vocab_size: int = 10000, max_length: int = 48, tokenizer: str = "words", **kwargs
+    ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         if vocab_size < 3 or max_length < 1:
             raise ValueError(f"vocab_size must be >= 3 and max_length >= 1, got {vocab_size} and {max_length}")
@@ -202,8 +216,9 @@ class RottenTomatoesDataModule(SplitDataModule):
 
             if self.limit is not None:
                 texts, label_tensor = texts[: self.limit], label_tensor[: self.limit]
-            encoded = load_minilm_tokenizer()(texts, padding="max_length", truncation=True, max_length=self.max_length,
-                                              return_tensors="pt")
+            encoded = load_minilm_tokenizer()(
+                texts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
             return torch.stack([encoded["input_ids"], encoded["attention_mask"]], dim=1), label_tensor
         n = len(texts) if self.limit is None else min(self.limit, len(texts))
         train_idx, _, _ = stratified_split(label_tensor[:n], (self.val_fraction, self.test_fraction), self.seed)

@@ -38,12 +38,15 @@ def logits_of(output: Any) -> torch.Tensor:
         return logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise TypeError(f"cannot find logits in a {type(output).__name__}: return a tensor, a tuple starting with "
-                    "the logits, or an object with a .logits tensor")
+    raise TypeError(
+        f"cannot find logits in a {type(output).__name__}: return a tensor, a tuple starting with "
+        "the logits, or an object with a .logits tensor"
+    )
 
 
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, loss: Union[str, DistillationLoss] = "kl",
-                      temperature: float = 4.0) -> torch.Tensor:
+def distillation_loss(
+    student: torch.Tensor, teacher: torch.Tensor, loss: Union[str, DistillationLoss] = "kl", temperature: float = 4.0
+) -> torch.Tensor:
     """The distillation term between student and teacher logits (classes on the last dimension).
 
     Example::
@@ -75,7 +78,7 @@ def load_teacher_weights(architecture: nn.Module, ckpt_path: Union[str, Path], m
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
     prefix = f"{module_path}."
-    weights = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     teacher = copy.deepcopy(architecture)
     result = teacher.load_state_dict(weights, strict=False) if weights else None
     if not weights or result.missing_keys:

@@ -117,7 +117,9 @@ def _export_mobile(model: nn.Module, path: Path, example: ExampleInputs) -> Any:
 
         scripted = optimize_for_mobile(scripted)
     else:
-        log.info("this torch build has no XNNPACK: %s saved for the lite interpreter without optimize_for_mobile", path.name)
+        log.info(
+            "this torch build has no XNNPACK: %s saved for the lite interpreter without optimize_for_mobile", path.name
+        )
     with known_torch_warnings_silenced():
         atomic_write(path, lambda tmp: scripted._save_for_lite_interpreter(tmp))
         return example(_load_for_lite_interpreter(str(path)))
@@ -144,7 +146,11 @@ def _export_onnx(model: nn.Module, path: Path, example: ExampleInputs) -> Any:
     return [torch.from_numpy(o) for o in session.run(None, feeds)]
 
 
-_WRITERS = {ExportTarget.TORCHSCRIPT: _export_torchscript, ExportTarget.MOBILE: _export_mobile, ExportTarget.ONNX: _export_onnx}
+_WRITERS = {
+    ExportTarget.TORCHSCRIPT: _export_torchscript,
+    ExportTarget.MOBILE: _export_mobile,
+    ExportTarget.ONNX: _export_onnx,
+}
 
 
 def export_int8(

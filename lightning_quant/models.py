@@ -56,7 +56,9 @@ class ReviewLSTM(nn.Module):
         num_classes: outputs.
     """
 
-    def __init__(self, vocab_size: int = 10000, embed_dim: int = 64, hidden_size: int = 128, num_classes: int = 2) -> None:
+    def __init__(
+        self, vocab_size: int = 10000, embed_dim: int = 64, hidden_size: int = 128, num_classes: int = 2
+    ) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, embed_dim, padding_idx=0)
         self.lstm = nn.LSTM(embed_dim, hidden_size, batch_first=True)
@@ -128,8 +130,15 @@ class Classifier(pl.LightningModule):
         example_input_array: optional input for summaries and for quantization callbacks.
     """
 
-    def __init__(self, net: nn.Module, num_classes: int = 10, lr: float = 3e-3, weight_decay: float = 0.0,
-                 cosine_schedule: bool = True, example_input_array: Optional[torch.Tensor] = None) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        num_classes: int = 10,
+        lr: float = 3e-3,
+        weight_decay: float = 0.0,
+        cosine_schedule: bool = True,
+        example_input_array: Optional[torch.Tensor] = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "example_input_array"])
         self.net = net

@@ -112,7 +112,9 @@ def compare(
             ``float_model`` (a QAT model with quantization switched off, say).
     """
     metrics: dict[str, Any] = {
-        "float_acc": classification_accuracy(float_eval_model or float_model, test_batches, batch_to_input=batch_to_input),
+        "float_acc": classification_accuracy(
+            float_eval_model or float_model, test_batches, batch_to_input=batch_to_input
+        ),
         "int8_acc": classification_accuracy(int8_model, test_batches, engine=engine, batch_to_input=batch_to_input),
         "fp32_bytes": state_dict_bytes(float_model),
         "int8_bytes": state_dict_bytes(int8_model),
@@ -126,10 +128,18 @@ def compare(
 def comparison_table(metrics: dict[str, Any], batch_sizes: Sequence[int] = (1, 32)) -> str:
     """The float-vs-int8 table :func:`compare`'s metrics make: accuracy, size, latency per batch size."""
     rows = [
-        ("accuracy (test)", f"{metrics['float_acc']:.4f}", f"{metrics['int8_acc']:.4f}",
-         f"{metrics['int8_acc'] - metrics['float_acc']:+.4f}"),
-        ("weights (bytes)", metrics["fp32_bytes"], metrics["int8_bytes"],
-         f"{metrics['fp32_bytes'] / metrics['int8_bytes']:.2f}x smaller"),
+        (
+            "accuracy (test)",
+            f"{metrics['float_acc']:.4f}",
+            f"{metrics['int8_acc']:.4f}",
+            f"{metrics['int8_acc'] - metrics['float_acc']:+.4f}",
+        ),
+        (
+            "weights (bytes)",
+            metrics["fp32_bytes"],
+            metrics["int8_bytes"],
+            f"{metrics['fp32_bytes'] / metrics['int8_bytes']:.2f}x smaller",
+        ),
     ]
     for bs in batch_sizes:
         fp32, int8 = metrics[f"fp32_ms_b{bs}"], metrics[f"int8_ms_b{bs}"]
@@ -158,8 +168,12 @@ def higher_is_better(metric_name: str) -> bool:
 
 
 @torch.inference_mode()
-def collect_outputs(module: nn.Module, batches: Sequence[Any], engine: Optional[str] = None,
-                    batch_to_input: Optional[Callable[[Any], Any]] = None) -> torch.Tensor:
+def collect_outputs(
+    module: nn.Module,
+    batches: Sequence[Any],
+    engine: Optional[str] = None,
+    batch_to_input: Optional[Callable[[Any], Any]] = None,
+) -> torch.Tensor:
     """The first output tensor of ``module`` on every batch, concatenated (dequantized, on CPU).
 
     Outputs with more than two dimensions (token vectors) become rows of their last dimension,
@@ -223,8 +237,11 @@ def build_report(
         "engine": engine,
         "output_sqnr_db": sqnr_db(float_out, int8_out),
         "output_finite": bool(torch.isfinite(int8_out).all()),
-        "sizes": {"fp32_state_dict": state_dict_bytes(fp32_model), "int8_state_dict": state_dict_bytes(int8_model),
-                  "files": {t: os.path.getsize(p) for t, p in (export_paths or {}).items() if os.path.exists(p)}},
+        "sizes": {
+            "fp32_state_dict": state_dict_bytes(fp32_model),
+            "int8_state_dict": state_dict_bytes(int8_model),
+            "files": {t: os.path.getsize(p) for t, p in (export_paths or {}).items() if os.path.exists(p)},
+        },
         "latency_ms": {"fp32": {}, "int8": {}},
         "layers": [{"name": n, **v} for n, v in layers.items()],
         "worst_layers": [n for n, _ in worst[:3]],
@@ -236,15 +253,18 @@ def build_report(
     for bs in batch_sizes:
         report["latency_ms"]["fp32"][str(bs)] = latency_ms(fp32_model, example, bs, repeats, 5)
         report["latency_ms"]["int8"][str(bs)] = latency_ms(int8_model, example, bs, repeats, 5, engine)
-    worst_names = ", ".join(f"{n} (adds {v['loss_db']:.1f} dB of error, output {v['sqnr_db']:.1f} dB)"
-                            for n, v in worst[:3])
+    worst_names = ", ".join(
+        f"{n} (adds {v['loss_db']:.1f} dB of error, output {v['sqnr_db']:.1f} dB)" for n, v in worst[:3]
+    )
     if targets is not None:
         name, float_value = task_metric(float_out, targets, metric)
         _, int8_value = task_metric(int8_out, targets, metric)
         loss = (float_value - int8_value) if higher_is_better(name) else (int8_value - float_value)
         report["metric"] = {"name": name, "float": float_value, "int8": int8_value, "loss": loss}
         if loss > threshold:
-            report["warnings"].append(f"int8 loses {loss:.4f} {name} (threshold {threshold}); worst layers: {worst_names}")
+            report["warnings"].append(
+                f"int8 loses {loss:.4f} {name} (threshold {threshold}); worst layers: {worst_names}"
+            )
             report["next_steps"] = list(next_steps)
     if not report["output_finite"]:
         report["warnings"].append(f"int8 outputs hold NaN or Inf; worst layers: {worst_names}")
@@ -260,26 +280,55 @@ def report_markdown(report: dict[str, Any]) -> str:
         m = report["metric"]
         rows.append((f"{m['name']}", f"{m['float']:.4f}", f"{m['int8']:.4f}", f"loss {m['loss']:+.4f}"))
     sizes = report["sizes"]
-    rows.append(("weights (bytes)", sizes["fp32_state_dict"], sizes["int8_state_dict"], f"{sizes['ratio']:.2f}x smaller"))
+    rows.append(
+        ("weights (bytes)", sizes["fp32_state_dict"], sizes["int8_state_dict"], f"{sizes['ratio']:.2f}x smaller")
+    )
     for bs, fp32 in report["latency_ms"]["fp32"].items():
         int8 = report["latency_ms"]["int8"][bs]
         rows.append((f"latency batch {bs} (ms)", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster"))
-    rows.append(("output SQNR (dB)", "", f"{report['output_sqnr_db']:.1f}", "finite" if report["output_finite"] else "NaN/Inf"))
+    rows.append(
+        ("output SQNR (dB)", "", f"{report['output_sqnr_db']:.1f}", "finite" if report["output_finite"] else "NaN/Inf")
+    )
     lines += [format_table(("", "float", "int8", ""), rows), ""]
     if sizes["files"]:
         lines += ["Exported files: " + ", ".join(f"{t} {b} bytes" for t, b in sizes["files"].items()), ""]
-    lines += ["## Per-layer SQNR, in forward order", "",
-              "Output SQNR accumulates the error of every layer before; *lost* is what the layer itself adds "
-              "(input SQNR - output SQNR).", "",
-              format_table(("layer", "input SQNR (dB)", "output SQNR (dB)", "lost (dB)"),
-                           [(l["name"], f"{l['input_sqnr_db']:.1f}", f"{l['sqnr_db']:.1f}", f"{l['loss_db']:.1f}")
-                            for l in report["layers"]]), "",
-              f"Worst layers: {', '.join(report['worst_layers']) or '-'}", ""]
+    lines += [
+        "## Per-layer SQNR, in forward order",
+        "",
+        "Output SQNR accumulates the error of every layer before; *lost* is what the layer itself adds "
+        "(input SQNR - output SQNR).",
+        "",
+        format_table(
+            ("layer", "input SQNR (dB)", "output SQNR (dB)", "lost (dB)"),
+            [
+                (l["name"], f"{l['input_sqnr_db']:.1f}", f"{l['sqnr_db']:.1f}", f"{l['loss_db']:.1f}")
+                for l in report["layers"]
+            ],
+        ),
+        "",
+        f"Worst layers: {', '.join(report['worst_layers']) or '-'}",
+        "",
+    ]
     if report["ranges"]:
-        lines += ["## Observer ranges", "", format_table(
-            ("observer", "observes", "min", "max", "scale", "zero point"),
-            [(n, r["observes"] or "-", f"{r['min']:.4g}", f"{r['max']:.4g}", f"{r['scale']:.4g}", r["zero_point"])
-             for n, r in report["ranges"].items()]), ""]
+        lines += [
+            "## Observer ranges",
+            "",
+            format_table(
+                ("observer", "observes", "min", "max", "scale", "zero point"),
+                [
+                    (
+                        n,
+                        r["observes"] or "-",
+                        f"{r['min']:.4g}",
+                        f"{r['max']:.4g}",
+                        f"{r['scale']:.4g}",
+                        r["zero_point"],
+                    )
+                    for n, r in report["ranges"].items()
+                ],
+            ),
+            "",
+        ]
     for warning in report["warnings"]:
         lines.append(f"**Warning:** {warning}")
     if report["next_steps"]:
@@ -287,8 +336,16 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _bar_chart(plt: Any, path: Path, labels: list[str], widths: list[float], lefts: list[float], color: Any,
-               xlabel: str, title: str) -> Path:
+def _bar_chart(
+    plt: Any,
+    path: Path,
+    labels: list[str],
+    widths: list[float],
+    lefts: list[float],
+    color: Any,
+    xlabel: str,
+    title: str,
+) -> Path:
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(labels) + 1.2))
     ax.barh(labels, widths, left=lefts, color=color)
     ax.set_xlabel(xlabel)
@@ -319,15 +376,28 @@ def write_report(report: dict[str, Any], directory: os.PathLike | str) -> dict[s
         names = [l["name"] for l in report["layers"]][::-1]
         values = [max(l["sqnr_db"], -10) if math.isfinite(l["sqnr_db"]) else 100 for l in report["layers"]][::-1]
         colors = ["#c0392b" if n in report["worst_layers"][:1] else "#2e86c1" for n in names]
-        paths["sqnr_png"] = _bar_chart(plt, directory / "sqnr.png", names, values, [0] * len(names), colors,
-                                       "output SQNR vs float (dB), higher is better",
-                                       "Per-layer output SQNR, in forward order\n(red: the layer that adds the most error)")
+        paths["sqnr_png"] = _bar_chart(
+            plt,
+            directory / "sqnr.png",
+            names,
+            values,
+            [0] * len(names),
+            colors,
+            "output SQNR vs float (dB), higher is better",
+            "Per-layer output SQNR, in forward order\n(red: the layer that adds the most error)",
+        )
     if report["ranges"]:
         ranges = report["ranges"]
         names = list(ranges)[::-1]
         labels = [f"{n} ({ranges[n]['observes']})" if ranges[n]["observes"] else n for n in names]
-        paths["ranges_png"] = _bar_chart(plt, directory / "ranges.png", labels,
-                                         [ranges[n]["max"] - ranges[n]["min"] for n in names],
-                                         [ranges[n]["min"] for n in names], "#7d3c98", "observed range",
-                                         "Observer ranges")
+        paths["ranges_png"] = _bar_chart(
+            plt,
+            directory / "ranges.png",
+            labels,
+            [ranges[n]["max"] - ranges[n]["min"] for n in names],
+            [ranges[n]["min"] for n in names],
+            "#7d3c98",
+            "observed range",
+            "Observer ranges",
+        )
     return paths

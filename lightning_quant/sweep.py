@@ -24,8 +24,20 @@ from lightning_quant.report import format_table
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("run", "overrides", "status", "float_acc", "int8_acc", "delta", "size_ratio", "int8_ms_b1",
-           "int8_ms_b32", "speedup_b32", "pareto", "error")
+COLUMNS = (
+    "run",
+    "overrides",
+    "status",
+    "float_acc",
+    "int8_acc",
+    "delta",
+    "size_ratio",
+    "int8_ms_b1",
+    "int8_ms_b32",
+    "speedup_b32",
+    "pareto",
+    "error",
+)
 
 
 def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -48,8 +60,11 @@ def pareto_front(runs: list[dict[str, Any]], metric: str, latency: str) -> set[s
     """Names of runs no other run beats on both ``metric`` (higher) and ``latency`` (lower)."""
     points = [(r["run"], _number(r.get(metric)), _number(r.get(latency))) for r in runs]
     points = [(n, m, t) for n, m, t in points if m is not None and t is not None]
-    return {n for n, m, t in points
-            if not any(m2 >= m and t2 <= t and (m2 > m or t2 < t) for n2, m2, t2 in points if n2 != n)}
+    return {
+        n
+        for n, m, t in points
+        if not any(m2 >= m and t2 <= t and (m2 > m or t2 < t) for n2, m2, t2 in points if n2 != n)
+    }
 
 
 def common_overrides(runs: list[dict[str, Any]]) -> list[str]:
@@ -59,7 +74,9 @@ def common_overrides(runs: list[dict[str, Any]]) -> list[str]:
     return [o for o in (runs[0].get("overrides", []) if runs else []) if o in shared]
 
 
-def results_rows(runs: list[dict[str, Any]], metric: str = "int8_acc", latency: str = "int8_ms_b1") -> list[dict[str, Any]]:
+def results_rows(
+    runs: list[dict[str, Any]], metric: str = "int8_acc", latency: str = "int8_ms_b1"
+) -> list[dict[str, Any]]:
     """One row per run with the table's columns, sorted by ``metric`` (failed runs last).
 
     The overrides column lists what defines each run: the overrides all runs share are left out.
@@ -70,20 +87,26 @@ def results_rows(runs: list[dict[str, Any]], metric: str = "int8_acc", latency: 
     for r in runs:
         float_acc, int8_acc = _number(r.get("float_acc")), _number(r.get("int8_acc"))
         fp32_b32, int8_b32 = _number(r.get("fp32_ms_b32")), _number(r.get("int8_ms_b32"))
-        rows.append({
-            "run": r["run"],
-            "overrides": " ".join(o for o in r.get("overrides", []) if o not in shared) or "-",
-            "status": r.get("status", "ok"),
-            "float_acc": float_acc, "int8_acc": int8_acc,
-            "delta": int8_acc - float_acc if float_acc is not None and int8_acc is not None else None,
-            "size_ratio": (r["fp32_bytes"] / r["int8_bytes"]) if r.get("int8_bytes") else None,
-            "int8_ms_b1": _number(r.get("int8_ms_b1")), "int8_ms_b32": int8_b32,
-            "speedup_b32": fp32_b32 / int8_b32 if fp32_b32 and int8_b32 else None,
-            "pareto": "*" if r["run"] in front else "",
-            "error": " ".join(str(r.get("error", "")).split())[:300],
-        })
+        rows.append(
+            {
+                "run": r["run"],
+                "overrides": " ".join(o for o in r.get("overrides", []) if o not in shared) or "-",
+                "status": r.get("status", "ok"),
+                "float_acc": float_acc,
+                "int8_acc": int8_acc,
+                "delta": int8_acc - float_acc if float_acc is not None and int8_acc is not None else None,
+                "size_ratio": (r["fp32_bytes"] / r["int8_bytes"]) if r.get("int8_bytes") else None,
+                "int8_ms_b1": _number(r.get("int8_ms_b1")),
+                "int8_ms_b32": int8_b32,
+                "speedup_b32": fp32_b32 / int8_b32 if fp32_b32 and int8_b32 else None,
+                "pareto": "*" if r["run"] in front else "",
+                "error": " ".join(str(r.get("error", "")).split())[:300],
+            }
+        )
     key = _number
-    rows.sort(key=lambda row: (row["status"] != "ok", -(key(row.get(metric)) if key(row.get(metric)) is not None else -1)))
+    rows.sort(
+        key=lambda row: (row["status"] != "ok", -(key(row.get(metric)) if key(row.get(metric)) is not None else -1))
+    )
     return rows
 
 

@@ -18,7 +18,9 @@ class TinyNet(nn.Module):
 
     def __init__(self, num_classes: int = 4) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+        )
         self.head = nn.Linear(8, num_classes)
 
     def forward(self, x):
@@ -30,7 +32,9 @@ class TwoInputNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+        )
         self.side = nn.Sequential(nn.Linear(3, 8), nn.ReLU())
         self.head = nn.Linear(16, 4)
 
@@ -120,8 +124,16 @@ class TwoInputClassifier(BoringClassifier):
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     """A Trainer that prints nothing and writes nothing unless asked."""
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                    enable_checkpointing=False, max_epochs=1, num_sanity_val_steps=0)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        max_epochs=1,
+        num_sanity_val_steps=0,
+    )
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
 

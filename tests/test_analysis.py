@@ -44,7 +44,7 @@ def _prepared_and_int8(model, x, flow="fx", **options):
 def test_sqnr_and_cosine_match_their_formulas():
     a = torch.randn(100)
     b = a + 0.1 * torch.randn(100)
-    expected = 10 * math.log10(float((a ** 2).sum()) / float(((a - b) ** 2).sum()))
+    expected = 10 * math.log10(float((a**2).sum()) / float(((a - b) ** 2).sum()))
     assert sqnr_db(a, b) == pytest.approx(expected)
     assert sqnr_db(a, a) == float("inf")
     rows = torch.randn(5, 8)
@@ -78,7 +78,8 @@ def test_per_layer_output_sqnr_agrees_with_hooks_computed_here():
     outputs = {}
     for tag, net in (("ref", prepared), ("int8", int8)):
         handle = dict(net.named_modules())["fc1"].register_forward_hook(
-            lambda m, i, o, tag=tag: outputs.__setitem__(tag, o.dequantize() if o.is_quantized else o))
+            lambda m, i, o, tag=tag: outputs.__setitem__(tag, o.dequantize() if o.is_quantized else o)
+        )
         net(x)
         handle.remove()
     expected = sqnr_db(outputs["ref"].detach(), outputs["int8"])
@@ -115,4 +116,5 @@ def test_quantizable_layers_and_next_steps():
     assert steps[0].startswith("per_channel=True") and any("histogram" in s for s in steps)
     assert any("calibration_batches=8 -> 128" in s for s in steps) and steps[-1].startswith("quantization-aware")
     assert next_steps(True, "histogram", None, qat=True) == [
-        "keep the most sensitive layers in float (max_metric_drop / skip)"]
+        "keep the most sensitive layers in float (max_metric_drop / skip)"
+    ]

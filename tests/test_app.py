@@ -15,10 +15,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_app(tmp_path: Path, *overrides: str) -> tuple[str, dict]:
-    command = [sys.executable, "-m", "lightning_quant.app", f"hydra.run.dir={tmp_path}",
-               "trainer.enable_progress_bar=false", *overrides]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_quant.app",
+        f"hydra.run.dir={tmp_path}",
+        "trainer.enable_progress_bar=false",
+        *overrides,
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout, json.loads((tmp_path / "metrics.json").read_text())
 
@@ -57,8 +64,14 @@ def test_app_dynamic_mode_quantizes_only_the_classifier(tmp_path):
 
 
 def test_app_missing_checkpoint_is_a_clear_error(tmp_path):
-    command = [sys.executable, "-m", "lightning_quant.app", f"hydra.run.dir={tmp_path}", "quant=ptq",
-               "ckpt_path=/nonexistent/model.ckpt"]
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_quant.app",
+        f"hydra.run.dir={tmp_path}",
+        "quant=ptq",
+        "ckpt_path=/nonexistent/model.ckpt",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode != 0
     assert "ckpt_path='/nonexistent/model.ckpt': no such file" in result.stderr

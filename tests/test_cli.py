@@ -13,11 +13,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_lightning_cli_yaml_runs_qat_and_distillation(tmp_path):
     config = (ROOT / "examples" / "lightning_cli" / "qat_digits.yaml").read_text()
     config = config.replace("default_root_dir: outputs/lightning_cli", f"default_root_dir: {tmp_path}")
-    config = config.replace("max_epochs: 4", "max_epochs: 2").replace("freeze_observers_epoch: 3", "freeze_observers_epoch: null")
+    config = config.replace("max_epochs: 4", "max_epochs: 2").replace(
+        "freeze_observers_epoch: 3", "freeze_observers_epoch: null"
+    )
     (tmp_path / "cli.yaml").write_text(config)
-    result = subprocess.run([sys.executable, "-m", "lightning_quant.cli", "fit", "--config", str(tmp_path / "cli.yaml")],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    result = subprocess.run(
+        [sys.executable, "-m", "lightning_quant.cli", "fit", "--config", str(tmp_path / "cli.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[KD] teacher: a frozen float copy of 'net'" in result.stderr + result.stdout
     exported = next(tmp_path.glob("lightning_logs/version_0/quantized/model_int8.pt"))

@@ -36,8 +36,13 @@ def instantiate_all(cfg) -> dict:
     for key in ("data", "model", "trainer", "quant", "callbacks", "distillation"):
         check_config(cfg.get(key), key)
     quant, callbacks = build_callbacks(cfg)
-    return {"data": instantiate(cfg.data), "model": instantiate(cfg.model),
-            "trainer": instantiate(cfg.trainer, callbacks=callbacks), "quant": quant, "callbacks": callbacks}
+    return {
+        "data": instantiate(cfg.data),
+        "model": instantiate(cfg.model),
+        "trainer": instantiate(cfg.trainer, callbacks=callbacks),
+        "quant": quant,
+        "callbacks": callbacks,
+    }
 
 
 def test_every_group_has_its_options():
@@ -45,16 +50,26 @@ def test_every_group_has_its_options():
     assert options("backend") == ["fbgemm", "qnnpack", "x86"]
     assert options("observer") == ["histogram", "minmax", "moving_average"]
     assert options("logger") == ["csv", "none", "tensorboard"]
-    assert options("experiment") == ["digits_ptq", "digits_qat", "minilm_dynamic", "mnist5k_qat_kd",
-                                     "reviews_lstm_dynamic"]
+    assert options("experiment") == [
+        "digits_ptq",
+        "digits_qat",
+        "minilm_dynamic",
+        "mnist5k_qat_kd",
+        "reviews_lstm_dynamic",
+    ]
     assert options("hydra/launcher") == ["parallel", "slurm"]
 
 
 @pytest.mark.parametrize("option", options("quant"))
 def test_quant_configs(option, tmp_path):
     objects = instantiate_all(composed(f"quant={option}", tmp_path=tmp_path))
-    expected = {"qat": QuantizationAwareTraining, "qat_kd": QuantizationAwareTraining, "ptq": PostTrainingQuantization,
-                "dynamic": PostTrainingQuantization, "none": type(None)}[option]
+    expected = {
+        "qat": QuantizationAwareTraining,
+        "qat_kd": QuantizationAwareTraining,
+        "ptq": PostTrainingQuantization,
+        "dynamic": PostTrainingQuantization,
+        "none": type(None),
+    }[option]
     assert isinstance(objects["quant"], expected)
     assert any(isinstance(c, KnowledgeDistillation) for c in objects["callbacks"]) == (option == "qat_kd")
     if option == "dynamic":
@@ -103,8 +118,9 @@ def test_experiment_configs(experiment, tmp_path):
     assert objects["quant"] is not None
 
 
-@pytest.mark.parametrize(("data", "model"), [("digits", "digits_cnn"), ("mnist5k", "mnist_cnn"),
-                                             ("reviews", "reviews_lstm")])
+@pytest.mark.parametrize(
+    ("data", "model"), [("digits", "digits_cnn"), ("mnist5k", "mnist_cnn"), ("reviews", "reviews_lstm")]
+)
 def test_data_and_model_configs(data, model, tmp_path):
     objects = instantiate_all(composed(f"data={data}", f"model={model}", "data.limit=300", tmp_path=tmp_path))
     datamodule, net = objects["data"], objects["model"].net
@@ -114,8 +130,9 @@ def test_data_and_model_configs(data, model, tmp_path):
 
 
 def test_minilm_data_and_model_configs(tmp_path):
-    objects = instantiate_all(composed("data=reviews_minilm", "model=minilm_classifier", "data.limit=64",
-                                       tmp_path=tmp_path))
+    objects = instantiate_all(
+        composed("data=reviews_minilm", "model=minilm_classifier", "data.limit=64", tmp_path=tmp_path)
+    )
     objects["data"].setup("fit")
     x, _ = next(iter(objects["data"].train_dataloader()))
     assert x.shape[1:] == (2, 48) and objects["model"].net(x[:4]).shape == (4, 2)
@@ -124,8 +141,13 @@ def test_minilm_data_and_model_configs(tmp_path):
 def test_hparams_search_config(tmp_path):
     cfg = composed("hparams_search=optuna", tmp_path=tmp_path)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
-    assert set(cfg.hydra.sweeper.params) == {"quant.freeze_bn_epoch", "quant.freeze_observers_epoch", "quant.observer",
-                                             "quant.per_channel", "model.lr"}
+    assert set(cfg.hydra.sweeper.params) == {
+        "quant.freeze_bn_epoch",
+        "quant.freeze_observers_epoch",
+        "quant.observer",
+        "quant.per_channel",
+        "model.lr",
+    }
     get_class(cfg.hydra.sweeper._target_)
 
 
@@ -139,11 +161,14 @@ def test_launcher_configs(launcher, tmp_path):
         assert cfg.hydra.launcher.n_jobs == 2
 
 
-@pytest.mark.parametrize(("override", "match"), [
-    ("quant.freeze_bn_epok=3", r"Could not override 'quant.freeze_bn_epok'"),
-    ("sead=3", r"Could not override 'sead'"),
-    ("seed=abc", r"Error merging override seed=abc"),
-])
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("quant.freeze_bn_epok=3", r"Could not override 'quant.freeze_bn_epok'"),
+        ("sead=3", r"Could not override 'sead'"),
+        ("seed=abc", r"Error merging override seed=abc"),
+    ],
+)
 def test_bad_keys_and_values_fail_at_compose(override, match, tmp_path):
     with pytest.raises(Exception, match=match) as error:
         composed(override, tmp_path=tmp_path)
@@ -155,12 +180,17 @@ def test_unknown_key_in_a_yaml_node_is_named(tmp_path):
     cfg = composed(tmp_path=tmp_path)
     OmegaConf.set_struct(cfg, False)
     cfg.quant.freeze_bn_epok = 3
-    with pytest.raises(ValueError, match=r"quant.freeze_bn_epok is not an argument of "
-                                         r"lightning_quant.QuantizationAwareTraining; it takes \['backend', "):
+    with pytest.raises(
+        ValueError,
+        match=r"quant.freeze_bn_epok is not an argument of "
+        r"lightning_quant.QuantizationAwareTraining; it takes \['backend', ",
+    ):
         check_config(cfg.quant, "quant")
 
 
 def test_bad_value_fails_before_training_naming_the_argument(tmp_path):
     cfg = composed("quant.observer=ema", tmp_path=tmp_path)
-    with pytest.raises(Exception, match=r"observer must be one of \('moving_average', 'minmax', 'histogram'\), got 'ema'"):
+    with pytest.raises(
+        Exception, match=r"observer must be one of \('moving_average', 'minmax', 'histogram'\), got 'ema'"
+    ):
         instantiate_all(cfg)

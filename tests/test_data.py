@@ -22,11 +22,14 @@ def test_split_indices_do_not_overlap():
     assert len(all_idx.unique()) == 100 and len(val) == 10 and len(test) == 20
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"batch_size": 0}, r"batch_size must be a positive int, got 0"),
-    ({"val_fraction": 1.5}, r"val_fraction must be in \(0, 1\), got 1.5"),
-    ({"val_fraction": 0.5, "test_fraction": 0.5}, r"val_fraction \+ test_fraction must be below 1, got 1.0"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"batch_size": 0}, r"batch_size must be a positive int, got 0"),
+        ({"val_fraction": 1.5}, r"val_fraction must be in \(0, 1\), got 1.5"),
+        ({"val_fraction": 0.5, "test_fraction": 0.5}, r"val_fraction \+ test_fraction must be below 1, got 1.0"),
+    ],
+)
 def test_digits_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DigitsDataModule(**kwargs)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import pytest
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -32,18 +31,27 @@ def test_ptq_mnist5k_example(tmp_path):
 
 
 def test_dynamic_lstm_reviews_example(tmp_path):
-    metrics = load("dynamic_lstm_reviews").main(["--epochs", "2", "--limit", "3000", "--vocab-size", "3000",
-                                                 "--export-dir", str(tmp_path)])
+    metrics = load("dynamic_lstm_reviews").main(
+        ["--epochs", "2", "--limit", "3000", "--vocab-size", "3000", "--export-dir", str(tmp_path)]
+    )
     assert metrics["float_acc"] >= 0.55
     assert abs(metrics["int8_acc"] - metrics["float_acc"]) <= 0.02
     assert metrics["fp32_bytes"] / metrics["int8_bytes"] > 3.0
 
 
 def test_dynamic_minilm_example():
-    results = load("dynamic_minilm").main(["--sentences", "32", "--batch-size", "16", "--repeats", "1",
-                                           "--search-batches", "1"])
-    per_tensor, per_channel, ffn_float, searched = (results[k]["mean_cosine"] for k in (
-        "per-tensor", "per-channel", "per-channel, FFN outputs float", "per-channel, searched islands (cosine drop <= 0.01)"))
+    results = load("dynamic_minilm").main(
+        ["--sentences", "32", "--batch-size", "16", "--repeats", "1", "--search-batches", "1"]
+    )
+    per_tensor, per_channel, ffn_float, searched = (
+        results[k]["mean_cosine"]
+        for k in (
+            "per-tensor",
+            "per-channel",
+            "per-channel, FFN outputs float",
+            "per-channel, searched islands (cosine drop <= 0.01)",
+        )
+    )
     assert 0.85 < per_tensor < per_channel < ffn_float
     assert ffn_float > 0.975 and searched > per_channel and searched > 0.98
     assert results["per-tensor"]["size_ratio"] > 1.4

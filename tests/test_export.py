@@ -40,8 +40,12 @@ RELOAD = textwrap.dedent(
 def _reload_in_fresh_process(path: Path, x: torch.Tensor, engine: str, tmp_path: Path) -> torch.Tensor:
     inputs, out = tmp_path / "x.pt", tmp_path / f"{path.name}.out.pt"
     torch.save(x, inputs)
-    result = subprocess.run([sys.executable, "-c", RELOAD, str(path), str(inputs), str(out), engine],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(path), str(inputs), str(out), engine],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return torch.load(out)
 
@@ -110,5 +114,7 @@ def test_export_onnx_without_onnx_installed_raises_with_pip_command(monkeypatch)
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
-    with pytest.raises(ModuleNotFoundError, match=r"export=\"onnx\" needs the optional package 'onnx': run `pip install onnx`"):
+    with pytest.raises(
+        ModuleNotFoundError, match=r"export=\"onnx\" needs the optional package 'onnx': run `pip install onnx`"
+    ):
         QuantizationAwareTraining(export=["onnx"])

@@ -69,9 +69,19 @@ def test_report_numbers_agree_with_independent_computations(tmp_path):
     exported = tmp_path / "model.pt"
     exported.write_bytes(b"x" * 1234)
     batches = [(x[:32], y[:32]), (x[32:], y[32:])]
-    report = build_report(fp32_model=model, reference=model, int8_model=int8, batches=batches,
-                          example=ExampleInputs((x[:4],)), engine="x86", prepared=prepared,
-                          export_paths={"torchscript": str(exported)}, batch_sizes=(1, 8), targets=y, repeats=3)
+    report = build_report(
+        fp32_model=model,
+        reference=model,
+        int8_model=int8,
+        batches=batches,
+        example=ExampleInputs((x[:4],)),
+        engine="x86",
+        prepared=prepared,
+        export_paths={"torchscript": str(exported)},
+        batch_sizes=(1, 8),
+        targets=y,
+        repeats=3,
+    )
     with torch.no_grad(), quantized_engine("x86"):
         float_out, int8_out = model(x), int8(x)
     assert report["metric"]["float"] == pytest.approx(1.0)  # labels are the float model's own predictions
@@ -82,8 +92,12 @@ def test_report_numbers_agree_with_independent_computations(tmp_path):
     assert set(report["latency_ms"]["int8"]) == {"1", "8"}
     assert [l["name"] for l in report["layers"]] == ["fc1", "fc2", "fc3"] and report["warnings"] == []
     paths = write_report(report, tmp_path / "report")
-    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == ["ranges.png", "report.json", "report.md",
-                                                                       "sqnr.png"]
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "ranges.png",
+        "report.json",
+        "report.md",
+        "sqnr.png",
+    ]
     import json
 
     assert json.loads(paths["json"].read_text())["output_sqnr_db"] == pytest.approx(report["output_sqnr_db"])
@@ -94,9 +108,20 @@ def test_report_warns_and_names_the_broken_layer():
     from lightning_quant.report import build_report, report_markdown
 
     model, prepared, int8, x, y = _mlp_setup(break_fc2=True)
-    report = build_report(fp32_model=model, reference=model, int8_model=int8, batches=[(x, y)],
-                          example=ExampleInputs((x[:4],)), engine="x86", prepared=prepared, batch_sizes=(1,),
-                          targets=y, threshold=0.01, next_steps=["per_channel=True"], repeats=3)
+    report = build_report(
+        fp32_model=model,
+        reference=model,
+        int8_model=int8,
+        batches=[(x, y)],
+        example=ExampleInputs((x[:4],)),
+        engine="x86",
+        prepared=prepared,
+        batch_sizes=(1,),
+        targets=y,
+        threshold=0.01,
+        next_steps=["per_channel=True"],
+        repeats=3,
+    )
     assert report["worst_layers"][0] == "fc2"
     assert report["metric"]["loss"] > 0.01
     assert report["warnings"][0].startswith("int8 loses") and "worst layers: fc2" in report["warnings"][0]

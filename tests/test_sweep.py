@@ -17,24 +17,43 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(name, acc, ms, overrides, status="ok", **extra):
-    return {"run": name, "status": status, "float_acc": 0.99, "int8_acc": acc, "int8_ms_b1": ms, "fp32_bytes": 400,
-            "int8_bytes": 100, "fp32_ms_b32": 2.0, "int8_ms_b32": 0.5, "overrides": overrides, **extra}
+    return {
+        "run": name,
+        "status": status,
+        "float_acc": 0.99,
+        "int8_acc": acc,
+        "int8_ms_b1": ms,
+        "fp32_bytes": 400,
+        "int8_bytes": 100,
+        "fp32_ms_b32": 2.0,
+        "int8_ms_b32": 0.5,
+        "overrides": overrides,
+        **extra,
+    }
 
 
 def test_pareto_front_and_sorting():
-    runs = [_run("0", 0.95, 1.0, ["a=1"]), _run("1", 0.97, 2.0, ["a=2"]), _run("2", 0.96, 3.0, ["a=3"]),
-            _run("3", 0.97, 1.5, ["a=4"]), {"run": "4", "status": "failed", "error": "ValueError: bad\nthing",
-                                            "overrides": ["a=5"]}]
+    runs = [
+        _run("0", 0.95, 1.0, ["a=1"]),
+        _run("1", 0.97, 2.0, ["a=2"]),
+        _run("2", 0.96, 3.0, ["a=3"]),
+        _run("3", 0.97, 1.5, ["a=4"]),
+        {"run": "4", "status": "failed", "error": "ValueError: bad\nthing", "overrides": ["a=5"]},
+    ]
     assert pareto_front(runs, "int8_acc", "int8_ms_b1") == {"0", "3"}
     rows = results_rows(runs)
     assert [r["run"] for r in rows] == ["1", "3", "2", "0", "4"]
     assert [r["pareto"] for r in rows] == ["", "*", "", "*", ""]
-    assert rows[-1]["error"] == "ValueError: bad thing" and rows[0]["size_ratio"] == 4.0 and rows[0]["speedup_b32"] == 4.0
+    assert (
+        rows[-1]["error"] == "ValueError: bad thing" and rows[0]["size_ratio"] == 4.0 and rows[0]["speedup_b32"] == 4.0
+    )
 
 
 def test_common_overrides_are_left_out_of_rows():
-    runs = [_run("0", 0.9, 1.0, ["quant=qat", "trainer.max_epochs=3"]),
-            _run("1", 0.9, 1.0, ["quant=ptq", "trainer.max_epochs=3"])]
+    runs = [
+        _run("0", 0.9, 1.0, ["quant=qat", "trainer.max_epochs=3"]),
+        _run("1", 0.9, 1.0, ["quant=ptq", "trainer.max_epochs=3"]),
+    ]
     assert common_overrides(runs) == ["trainer.max_epochs=3"]
     assert [r["overrides"] for r in results_rows(runs)] == ["quant=qat", "quant=ptq"]
 
@@ -51,24 +70,38 @@ def test_write_results_files(tmp_path):
 
 
 def sweep(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "lightning_quant.app", "-m", f"hydra.sweep.dir={tmp_path}",
-               "trainer.enable_progress_bar=false", "trainer.max_epochs=3", "quant.export=[]", *overrides]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_quant.app",
+        "-m",
+        f"hydra.sweep.dir={tmp_path}",
+        "trainer.enable_progress_bar=false",
+        "trainer.max_epochs=3",
+        "quant.export=[]",
+        *overrides,
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
 def _table_rows(stdout: str) -> list[list[str]]:
-    lines = stdout[stdout.index("Sweep results"):].splitlines()
+    lines = stdout[stdout.index("Sweep results") :].splitlines()
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[3:] if line.startswith("| ")]
 
 
 def test_multirun_of_backends_and_modes_prints_one_table_of_four_rows(tmp_path):
     result = sweep(tmp_path, "quant=qat,ptq", "backend=x86,qnnpack")
     rows = _table_rows(result.stdout)
-    assert sorted(r[1] for r in rows) == ["quant=ptq backend=qnnpack", "quant=ptq backend=x86",
-                                          "quant=qat backend=qnnpack", "quant=qat backend=x86"]
+    assert sorted(r[1] for r in rows) == [
+        "quant=ptq backend=qnnpack",
+        "quant=ptq backend=x86",
+        "quant=qat backend=qnnpack",
+        "quant=qat backend=x86",
+    ]
     assert all(r[2] == "ok" and float(r[4]) >= 0.9 for r in rows)
     accuracies = [float(r[4]) for r in rows]
     assert accuracies == sorted(accuracies, reverse=True)
@@ -95,6 +128,11 @@ def test_optuna_sweep_of_two_trials(tmp_path):
     result = sweep(tmp_path, "hparams_search=optuna", "hydra.sweeper.n_trials=2")
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert 0.9 <= best["best_value"] <= 1.0
-    assert set(best["best_params"]) == {"quant.freeze_bn_epoch", "quant.freeze_observers_epoch", "quant.observer",
-                                        "quant.per_channel", "model.lr"}
+    assert set(best["best_params"]) == {
+        "quant.freeze_bn_epoch",
+        "quant.freeze_observers_epoch",
+        "quant.observer",
+        "quant.per_channel",
+        "model.lr",
+    }
     assert len(_table_rows(result.stdout)) == 2

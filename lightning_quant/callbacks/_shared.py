@@ -28,8 +28,12 @@ def check_strategy(trainer: "pl.Trainer", owner: str) -> None:
 
 
 def _loop_for_stage(trainer: "pl.Trainer", stage: str) -> Any:
-    return {"fit": trainer.fit_loop, "validate": trainer.validate_loop, "test": trainer.test_loop,
-            "predict": trainer.predict_loop}[stage]
+    return {
+        "fit": trainer.fit_loop,
+        "validate": trainer.validate_loop,
+        "test": trainer.test_loop,
+        "predict": trainer.predict_loop,
+    }[stage]
 
 
 def first_of(loaders: Any) -> Any:

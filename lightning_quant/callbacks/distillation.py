@@ -13,7 +13,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_quant.distillation import (
-    DISTILLATION_LOSSES,
     DistillationLoss,
     distillation_loss,
     load_teacher_weights,
@@ -70,8 +69,14 @@ class KnowledgeDistillation(Callback):
 
     STATE_VERSION = 1
 
-    def __init__(self, teacher: Union[nn.Module, str, Path, None] = None, temperature: float = 4.0,
-                 alpha: float = 0.5, loss: str = "kl", module: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        teacher: Union[nn.Module, str, Path, None] = None,
+        temperature: float = 4.0,
+        alpha: float = 0.5,
+        loss: str = "kl",
+        module: Optional[str] = None,
+    ) -> None:
         if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
             raise TypeError(f"teacher must be an nn.Module, a checkpoint path or None, got {type(teacher).__name__}")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
@@ -112,9 +117,13 @@ class KnowledgeDistillation(Callback):
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._build_teacher(pl_module)
-        self._handle = pl_module.get_submodule(self._student_path).register_forward_hook(self._capture, with_kwargs=True)
+        self._handle = pl_module.get_submodule(self._student_path).register_forward_hook(
+            self._capture, with_kwargs=True
+        )
 
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
         self._pairs.clear()
         self._capturing = True
 
@@ -122,8 +131,9 @@ class KnowledgeDistillation(Callback):
         if self._capturing:
             self._add_distillation_term(trainer, pl_module, loss)
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self._capturing = False
         self._pairs.clear()
 
@@ -135,8 +145,12 @@ class KnowledgeDistillation(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # the teacher is not saved: a resumed run rebuilds it the same way
-        return {"version": self.STATE_VERSION, "temperature": self.temperature, "alpha": self.alpha,
-                "loss": self.loss.value}
+        return {
+            "version": self.STATE_VERSION,
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+            "loss": self.loss.value,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass  # nothing to restore: the arguments of this run hold
@@ -161,11 +175,15 @@ class KnowledgeDistillation(Callback):
             else:
                 self.teacher = load_teacher_weights(self._float_student, self._teacher_arg, self._student_path)
             self._float_student = None
-            rank_zero_info(f"[KD] teacher: {'checkpoint ' + str(self._teacher_arg) if self._teacher_arg else 'a frozen float copy of ' + repr(self._student_path)}")
+            rank_zero_info(
+                f"[KD] teacher: {'checkpoint ' + str(self._teacher_arg) if self._teacher_arg else 'a frozen float copy of ' + repr(self._student_path)}"
+            )
         student_params = {id(p) for p in pl_module.parameters()}
         if any(id(p) in student_params for p in self.teacher.parameters()):
-            raise ValueError("the teacher shares parameters with the LightningModule, so the optimizer would train it: "
-                             "pass a separate module (copy.deepcopy) or teacher=None")
+            raise ValueError(
+                "the teacher shares parameters with the LightningModule, so the optimizer would train it: "
+                "pass a separate module (copy.deepcopy) or teacher=None"
+            )
         self.teacher.eval().requires_grad_(False).to(pl_module.device)
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -175,7 +193,9 @@ class KnowledgeDistillation(Callback):
             teacher_out = self.teacher(*args, **kwargs)
         self._pairs.append((logits_of(output), logits_of(teacher_out)))
 
-    def _add_distillation_term(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
+    def _add_distillation_term(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor
+    ) -> None:
         if not self._pairs:
             raise RuntimeError(
                 f"KnowledgeDistillation saw no training forward of {self._student_path!r} in this step: the loss "
@@ -188,8 +208,9 @@ class KnowledgeDistillation(Callback):
         if self.alpha > 0:  # alpha=0 leaves the loss untouched: training is exactly as without the callback
             loss.mul_(1.0 - self.alpha).add_(kd * (self.alpha * scale))
         total = (1.0 - self.alpha) * task + self.alpha * kd.detach()
-        pl_module.log_dict({"kd/task_loss": task, "kd/kd_loss": kd.detach(), "kd/total_loss": total},
-                           on_step=True, on_epoch=False)
+        pl_module.log_dict(
+            {"kd/task_loss": task, "kd/kd_loss": kd.detach(), "kd/total_loss": total}, on_step=True, on_epoch=False
+        )
         self._pairs.clear()
 
     def _remove_hook(self) -> None:

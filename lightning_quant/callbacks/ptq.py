@@ -106,15 +106,27 @@ class PostTrainingQuantization(Callback):
     ) -> None:
         self.mode = parse_enum(Mode, mode, "mode")
         self.config = QuantizationConfig(
-            backend=backend, flow=flow, module=module, observer=observer, per_channel=per_channel, skip=skip,
-            qconfig_mapping=qconfig_mapping, modules_to_fuse=modules_to_fuse, export=export, export_dir=export_dir,
+            backend=backend,
+            flow=flow,
+            module=module,
+            observer=observer,
+            per_channel=per_channel,
+            skip=skip,
+            qconfig_mapping=qconfig_mapping,
+            modules_to_fuse=modules_to_fuse,
+            export=export,
+            export_dir=export_dir,
         )
         if isinstance(calibration_data, str) and calibration_data not in CALIBRATION_SOURCES:
-            raise ValueError(f"calibration_data must be one of {CALIBRATION_SOURCES} or an iterable of batches, "
-                             f"got {calibration_data!r}")
+            raise ValueError(
+                f"calibration_data must be one of {CALIBRATION_SOURCES} or an iterable of batches, "
+                f"got {calibration_data!r}"
+            )
         if not isinstance(calibration_data, (str, Iterable)):
-            raise TypeError(f"calibration_data must be one of {CALIBRATION_SOURCES} or an iterable of batches, "
-                            f"got {type(calibration_data).__name__}")
+            raise TypeError(
+                f"calibration_data must be one of {CALIBRATION_SOURCES} or an iterable of batches, "
+                f"got {type(calibration_data).__name__}"
+            )
         self.calibration_data = calibration_data
         self.calibration_batches = check_calibration_batches(calibration_batches)
         self.dtype = dtype
@@ -123,8 +135,9 @@ class PostTrainingQuantization(Callback):
             raise TypeError(f"batch_to_input must be a callable or None, got {batch_to_input!r}")
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be True or False, got {progress!r}")
-        if max_metric_drop is not None and (isinstance(max_metric_drop, bool) or not isinstance(
-                max_metric_drop, (int, float)) or max_metric_drop < 0):
+        if max_metric_drop is not None and (
+            isinstance(max_metric_drop, bool) or not isinstance(max_metric_drop, (int, float)) or max_metric_drop < 0
+        ):
             raise ValueError(f"max_metric_drop must be a non-negative number or None, got {max_metric_drop!r}")
         if isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or eval_batches <= 0:
             raise ValueError(f"eval_batches must be a positive int, got {eval_batches!r}")
@@ -142,8 +155,9 @@ class PostTrainingQuantization(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(mode=self.mode.value, backend=self.config.backend.value,
-                                        module=self.config.module)
+        return self._generate_state_key(
+            mode=self.mode.value, backend=self.config.backend.value, module=self.config.module
+        )
 
     # ------------------------------------------------------------------ hooks: when
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -154,8 +168,10 @@ class PostTrainingQuantization(Callback):
         self.example_inputs = example_inputs_for(trainer, pl_module, stage, self.batch_to_input, type(self).__name__)
         if self.mode is Mode.STATIC:
             if self._calibration_batches_source(trainer) is None:
-                raise ValueError(f"calibration_data={self.calibration_data!r} but the Trainer has no such dataloader; "
-                                 "give one, or pass calibration_data=<an iterable of batches>")
+                raise ValueError(
+                    f"calibration_data={self.calibration_data!r} but the Trainer has no such dataloader; "
+                    "give one, or pass calibration_data=<an iterable of batches>"
+                )
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._quantize_and_export(trainer, pl_module)
@@ -173,22 +189,41 @@ class PostTrainingQuantization(Callback):
         """Run the skip search on validation batches; returns the config with the layers kept in float."""
         loader = stage_dataloader(trainer, "validate") or self._calibration_batches_source(trainer)
         batches = list(itertools.islice(iter(loader), self.eval_batches))
-        build = builder(target, self.config, self.mode, self._calibration_batches_source(trainer),
-                        self.calibration_batches, self.batch_to_input, self.dtype, self.module_types)
+        build = builder(
+            target,
+            self.config,
+            self.mode,
+            self._calibration_batches_source(trainer),
+            self.calibration_batches,
+            self.batch_to_input,
+            self.dtype,
+            self.module_types,
+        )
         types = self.module_types if self.mode is Mode.DYNAMIC else STATIC_LAYER_TYPES
         layers = [n for n in quantizable_layers(target, types)]
-        self.skip_search, self.sensitivity = skip_search(target, build, layers, batches, self.config.engine,
-                                                         self.max_metric_drop, batch_targets(batches),
-                                                         self.batch_to_input)
+        self.skip_search, self.sensitivity = skip_search(
+            target,
+            build,
+            layers,
+            batches,
+            self.config.engine,
+            self.max_metric_drop,
+            batch_targets(batches),
+            self.batch_to_input,
+        )
         search = self.skip_search
         verdict = "met" if search.met else "MISSED even with every candidate layer in float"
-        rank_zero_info(f"[PTQ] budget {self.max_metric_drop} below float {search.reference:.4f}: {verdict}; "
-                       f"full int8 {search.full_int8:.4f}, final {search.final:.4f}; kept in float: {search.skipped}")
+        rank_zero_info(
+            f"[PTQ] budget {self.max_metric_drop} below float {search.reference:.4f}: {verdict}; "
+            f"full int8 {search.full_int8:.4f}, final {search.final:.4f}; kept in float: {search.skipped}"
+        )
         return dataclasses.replace(self.config, skip=tuple(self.config.skip) + tuple(search.skipped))
 
     def float_reference(self, pl_module: "pl.LightningModule") -> nn.Module:
         """A CPU copy computing float outputs under the int8 model's module names (for per-layer error)."""
-        return copy.deepcopy(self.calibrated_model if self.calibrated_model is not None else self.target(pl_module)).cpu()
+        return copy.deepcopy(
+            self.calibrated_model if self.calibrated_model is not None else self.target(pl_module)
+        ).cpu()
 
     def observed_model(self, pl_module: "pl.LightningModule") -> Optional[nn.Module]:
         """The model holding the calibrated observers (static mode), for their ranges."""
@@ -206,21 +241,31 @@ class PostTrainingQuantization(Callback):
             config = self._search_float_islands(trainer, target)
         self.calibrated_model = None
         if self.mode is Mode.DYNAMIC:
+
             def convert(engine: str) -> nn.Module:
                 return quantize_dynamic_copy(target, config, self.module_types, self.dtype, engine)
         else:
-            calibrated = prepare_and_calibrate(target, self._calibration_batches_source(trainer), config,
-                                               self.calibration_batches, self.batch_to_input, self.example_inputs,
-                                               progress=self.progress and trainer.is_global_zero)
+            calibrated = prepare_and_calibrate(
+                target,
+                self._calibration_batches_source(trainer),
+                config,
+                self.calibration_batches,
+                self.batch_to_input,
+                self.example_inputs,
+                progress=self.progress and trainer.is_global_zero,
+            )
             self.calibrated_model = calibrated
 
             def convert(engine: str) -> nn.Module:
                 return convert_calibrated(calibrated, config, engine)
 
         self.quantized_model = convert(self.config.engine)
-        rank_zero_info(f"[PTQ] {self.mode.value} int8 model of {self._target_path!r} for {self.config.engine}: "
-                       "callback.quantized_model")
+        rank_zero_info(
+            f"[PTQ] {self.mode.value} int8 model of {self._target_path!r} for {self.config.engine}: "
+            "callback.quantized_model"
+        )
         if self.config.export and trainer.is_global_zero:
             self.export_records, self.export_paths = export_for_engines(
-                trainer, self.config, self.example_inputs, self.quantized_model, convert, "ptq")
+                trainer, self.config, self.example_inputs, self.quantized_model, convert, "ptq"
+            )
         notify(trainer, "on_quantized", trainer, pl_module, self)

@@ -53,10 +53,13 @@ class QuantizationAwareTraining(Callback):
     The model is prepared in ``setup``, before Lightning restores a checkpoint, wraps the
     model in DDP or builds the optimizer, so all three see the QAT modules. Observers learn
     from training batches only: sanity check, validation, test and predict pause them and
-    restore them afterwards. Just before preparing, every callback on the Trainer that defines
-    ``on_before_quantization_prepare(trainer, pl_module)`` is called, so one that needs the float
-    model (``KnowledgeDistillation``) sees it in either order. At the end of fit a CPU deep copy is converted to int8
+    restore them afterwards. At the end of fit a CPU deep copy is converted to int8
     (``quantized_model``) and exported; the QAT model stays trainable.
+
+    Other callbacks hear of two moments, in any order in the callbacks list: just before
+    preparing, ``on_before_quantization_prepare(trainer, pl_module)`` (``KnowledgeDistillation``
+    copies the float model then), and after converting and exporting,
+    ``on_quantized(trainer, pl_module, callback)`` (``QuantizationReport`` writes its report).
 
     Schedule (each an epoch index, "from the start of this epoch on"):
 
@@ -121,8 +124,16 @@ class QuantizationAwareTraining(Callback):
         validate_int8: bool = False,
     ) -> None:
         self.config = QuantizationConfig(
-            backend=backend, flow=flow, module=module, observer=observer, per_channel=per_channel, skip=skip,
-            qconfig_mapping=qconfig_mapping, modules_to_fuse=modules_to_fuse, export=export, export_dir=export_dir,
+            backend=backend,
+            flow=flow,
+            module=module,
+            observer=observer,
+            per_channel=per_channel,
+            skip=skip,
+            qconfig_mapping=qconfig_mapping,
+            modules_to_fuse=modules_to_fuse,
+            export=export,
+            export_dir=export_dir,
         )
         self.schedule = QATSchedule(quant_start_epoch, freeze_observers_epoch, freeze_bn_epoch)
         if not isinstance(convert_on_fit_end, bool):
@@ -144,8 +155,9 @@ class QuantizationAwareTraining(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(backend=self.config.backend.value, flow=self.config.flow.value,
-                                        module=self.config.module)
+        return self._generate_state_key(
+            backend=self.config.backend.value, flow=self.config.flow.value, module=self.config.module
+        )
 
     # ------------------------------------------------------------------ hooks: when
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -157,7 +169,9 @@ class QuantizationAwareTraining(Callback):
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._apply_schedule(pl_module, trainer.current_epoch)
 
-    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
         if self._phase is not None and self._phase.bn_frozen:
             set_bn_frozen(self.target(pl_module), True)  # Lightning's model.train() after validation unfreezes plain BN
 
@@ -191,8 +205,13 @@ class QuantizationAwareTraining(Callback):
             self._convert_and_export(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": self.STATE_VERSION, "backend": self.config.backend.value, "flow": self.config.flow.value,
-                "module": self._target_path, "schedule": asdict(self.schedule)}
+        return {
+            "version": self.STATE_VERSION,
+            "backend": self.config.backend.value,
+            "flow": self.config.flow.value,
+            "module": self._target_path,
+            "schedule": asdict(self.schedule),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("schedule", {})
@@ -223,8 +242,12 @@ class QuantizationAwareTraining(Callback):
 
     def _check_schedule_fits(self, trainer: "pl.Trainer") -> None:
         max_epochs = trainer.max_epochs
-        if self.convert_on_fit_end and max_epochs is not None and max_epochs >= 0 and (
-                self.schedule.quant_start_epoch >= max_epochs):
+        if (
+            self.convert_on_fit_end
+            and max_epochs is not None
+            and max_epochs >= 0
+            and (self.schedule.quant_start_epoch >= max_epochs)
+        ):
             raise ValueError(
                 f"quant_start_epoch={self.schedule.quant_start_epoch} is not before max_epochs={max_epochs}: the model "
                 "would never be quantized; lower quant_start_epoch or raise max_epochs"
@@ -234,7 +257,9 @@ class QuantizationAwareTraining(Callback):
         path, target = resolve_target(pl_module, self.config.module)
         self._target_path = path
         if self.example_inputs is None:
-            self.example_inputs = example_inputs_for(trainer, pl_module, stage, self.batch_to_input, type(self).__name__)
+            self.example_inputs = example_inputs_for(
+                trainer, pl_module, stage, self.batch_to_input, type(self).__name__
+            )
         if is_prepared(target):  # a second fit, or test/validate after fit: prepare once
             return
         notify(trainer, "on_before_quantization_prepare", trainer, pl_module)  # e.g. KD copies the float model
@@ -271,7 +296,9 @@ class QuantizationAwareTraining(Callback):
     def _validate_int8(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         target = self.target(pl_module)
         if unobserved(target):
-            rank_zero_info(f"[QAT] epoch {trainer.current_epoch}: int8 validation skipped, quantization has not started")
+            rank_zero_info(
+                f"[QAT] epoch {trainer.current_epoch}: int8 validation skipped, quantization has not started"
+            )
             return
         loader = first_of(trainer.val_dataloaders)
         limit = first_of(trainer.num_val_batches) if trainer.num_val_batches else None
@@ -287,9 +314,16 @@ class QuantizationAwareTraining(Callback):
 
     def _convert_and_export(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.quantized_model = self.convert(pl_module)
-        rank_zero_info(f"[QAT] converted {self._target_path!r} to int8 for {self.config.engine}: callback.quantized_model")
+        rank_zero_info(
+            f"[QAT] converted {self._target_path!r} to int8 for {self.config.engine}: callback.quantized_model"
+        )
         if self.config.export and trainer.is_global_zero:
             self.export_records, self.export_paths = export_for_engines(
-                trainer, self.config, self.example_inputs, self.quantized_model,
-                lambda engine: self.convert(pl_module, engine), "qat")
+                trainer,
+                self.config,
+                self.example_inputs,
+                self.quantized_model,
+                lambda engine: self.convert(pl_module, engine),
+                "qat",
+            )
         notify(trainer, "on_quantized", trainer, pl_module, self)

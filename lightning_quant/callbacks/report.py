@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
-import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -52,16 +51,23 @@ class QuantizationReport(Callback):
         >>> callbacks = [QuantizationAwareTraining(), QuantizationReport(threshold=0.02)]
     """
 
-    def __init__(self, data: Union[str, Iterable[Any]] = "val", max_batches: int = 16, threshold: float = 0.01,
-                 batch_sizes: Optional[Sequence[int]] = None, report_dir: Optional[Union[str, Path]] = None) -> None:
+    def __init__(
+        self,
+        data: Union[str, Iterable[Any]] = "val",
+        max_batches: int = 16,
+        threshold: float = 0.01,
+        batch_sizes: Optional[Sequence[int]] = None,
+        report_dir: Optional[Union[str, Path]] = None,
+    ) -> None:
         if isinstance(data, str) and data not in REPORT_DATA:
             raise ValueError(f"data must be one of {REPORT_DATA} or an iterable of batches, got {data!r}")
         if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches <= 0:
             raise ValueError(f"max_batches must be a positive int, got {max_batches!r}")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
             raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
-        if batch_sizes is not None and (isinstance(batch_sizes, (str, int)) or not all(
-                isinstance(b, int) and b > 0 for b in batch_sizes)):
+        if batch_sizes is not None and (
+            isinstance(batch_sizes, (str, int)) or not all(isinstance(b, int) and b > 0 for b in batch_sizes)
+        ):
             raise ValueError(f"batch_sizes must be a sequence of positive ints or None, got {batch_sizes!r}")
         self.data, self.max_batches, self.threshold = data, max_batches, float(threshold)
         self.batch_sizes = tuple(batch_sizes) if batch_sizes is not None else None
@@ -83,11 +89,16 @@ class QuantizationReport(Callback):
 
     # ------------------------------------------------------------------ helpers: what
     def _batches(self, trainer: "pl.Trainer") -> list[Any]:
-        source = self.data if not isinstance(self.data, str) else stage_dataloader(
-            trainer, "validate" if self.data == "val" else "test")
+        source = (
+            self.data
+            if not isinstance(self.data, str)
+            else stage_dataloader(trainer, "validate" if self.data == "val" else "test")
+        )
         if source is None:
-            raise ValueError(f"QuantizationReport(data={self.data!r}) found no such dataloader on the Trainer: "
-                             "give one, or pass data=<an iterable of batches>")
+            raise ValueError(
+                f"QuantizationReport(data={self.data!r}) found no such dataloader on the Trainer: "
+                "give one, or pass data=<an iterable of batches>"
+            )
         batches = []
         for batch in source:
             batches.append(batch)
@@ -100,16 +111,28 @@ class QuantizationReport(Callback):
         config = callback.config
         fp32 = self._fp32 if self._fp32 is not None else copy.deepcopy(callback.target(pl_module)).cpu().eval()
         train_bs = callback.example_inputs.batch_size or 32
-        steps = next_steps(config.per_channel, config.observer.value, getattr(callback, "calibration_batches", None),
-                           qat=hasattr(callback, "schedule"))
+        steps = next_steps(
+            config.per_channel,
+            config.observer.value,
+            getattr(callback, "calibration_batches", None),
+            qat=hasattr(callback, "schedule"),
+        )
         self.report = build_report(
-            fp32_model=fp32, reference=callback.float_reference(pl_module), int8_model=callback.quantized_model,
-            batches=batches, example=callback.example_inputs, engine=config.engine,
-            prepared=callback.observed_model(pl_module), export_paths=callback.export_paths,
+            fp32_model=fp32,
+            reference=callback.float_reference(pl_module),
+            int8_model=callback.quantized_model,
+            batches=batches,
+            example=callback.example_inputs,
+            engine=config.engine,
+            prepared=callback.observed_model(pl_module),
+            export_paths=callback.export_paths,
             batch_sizes=self.batch_sizes or tuple(dict.fromkeys((1, train_bs))),
             targets=batch_targets(batches),
-            metric=module_metric(pl_module), threshold=self.threshold, next_steps=steps,
-            batch_to_input=callback.batch_to_input)
+            metric=module_metric(pl_module),
+            threshold=self.threshold,
+            next_steps=steps,
+            batch_to_input=callback.batch_to_input,
+        )
         directory = Path(self.report_dir) if self.report_dir is not None else resolve_export_dir(config, trainer)
         self.paths = write_report(self.report, directory)
         self._log(trainer)
@@ -120,8 +143,13 @@ class QuantizationReport(Callback):
         for bs, fp32 in report["latency_ms"]["fp32"].items():
             headline[f"report/speedup_b{bs}"] = fp32 / report["latency_ms"]["int8"][bs]
         if "metric" in report:
-            headline.update({"report/float_metric": report["metric"]["float"], "report/int8_metric": report["metric"]["int8"],
-                             "report/metric_loss": report["metric"]["loss"]})
+            headline.update(
+                {
+                    "report/float_metric": report["metric"]["float"],
+                    "report/int8_metric": report["metric"]["int8"],
+                    "report/metric_loss": report["metric"]["loss"],
+                }
+            )
         for logger in trainer.loggers:
             logger.log_metrics(headline, step=trainer.global_step)
         rank_zero_info(f"[report] {self.paths['md']}")

@@ -8,6 +8,16 @@ from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.schedule import QATSchedule, quantization_disabled
 
 __all__ = [
-    "Backend", "ExampleInputs", "ExportTarget", "Flow", "FxTracingError", "Observer", "QATSchedule",
-    "QuantizationConfig", "convert_copy", "get_flow", "quantization_disabled", "quantized_engine",
+    "Backend",
+    "ExampleInputs",
+    "ExportTarget",
+    "Flow",
+    "FxTracingError",
+    "Observer",
+    "QATSchedule",
+    "QuantizationConfig",
+    "convert_copy",
+    "get_flow",
+    "quantization_disabled",
+    "quantized_engine",
 ]

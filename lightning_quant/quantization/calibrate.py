@@ -57,10 +57,12 @@ def calibrating(model: nn.Module) -> Iterator[dict[str, Any]]:
     handles = []
     prefix = getattr(model, "wrapped_prefix", "")
     for name, module in _layers(model):
+
         def hook(mod: nn.Module, inputs: Any, output: Any, name: str = name.removeprefix(prefix)) -> None:
             if "layer" not in found and _non_finite(output):
                 found["layer"] = name
                 found["type"] = type(model.get_submodule(prefix + name)).__name__
+
         handles.append(module.register_forward_hook(hook, prepend=True))  # before eager observers' hooks
     training = model.training
     model.eval()
@@ -99,8 +101,13 @@ def calibrate(
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     used = 0
     with calibrating(model) as found:
-        for batch in tqdm(itertools.islice(batches, num_batches), total=num_batches, desc=description,
-                          disable=not progress, leave=False):
+        for batch in tqdm(
+            itertools.islice(batches, num_batches),
+            total=num_batches,
+            desc=description,
+            disable=not progress,
+            leave=False,
+        ):
             inputs: ExampleInputs = batch_inputs(batch, batch_to_input).to(device)
             if _non_finite([*inputs.args, *inputs.kwargs.values()]):
                 raise NonFiniteError(f"calibration batch {used} holds NaN or Inf values in the model input")

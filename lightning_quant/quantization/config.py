@@ -82,9 +82,7 @@ def check_epoch(value: Any, name: str, allow_none: bool) -> Optional[int]:
 def require_module(module: str, pip_name: str, purpose: str) -> None:
     """Raise ``ModuleNotFoundError`` with the exact install command when an optional package is missing."""
     if importlib.util.find_spec(module) is None:
-        raise ModuleNotFoundError(
-            f"{purpose} needs the optional package {module!r}: run `pip install {pip_name}`"
-        )
+        raise ModuleNotFoundError(f"{purpose} needs the optional package {module!r}: run `pip install {pip_name}`")
 
 
 def _normalise_exports(export: Any) -> tuple[ExportTarget, ...]:
@@ -111,9 +109,7 @@ def _normalise_skip(skip: Any) -> tuple[Union[str, type], ...]:
         raise TypeError(f"skip must be a sequence of module names or nn.Module types, got {skip!r}")
     for item in skip:
         if not (isinstance(item, str) or (isinstance(item, type) and issubclass(item, nn.Module))):
-            raise TypeError(
-                f"skip entries must be module names (str) or nn.Module subclasses, got {item!r}"
-            )
+            raise TypeError(f"skip entries must be module names (str) or nn.Module subclasses, got {item!r}")
     return tuple(skip)
 
 

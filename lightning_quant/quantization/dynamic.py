@@ -54,7 +54,9 @@ def check_dynamic_options(dtype: str, module_types: Sequence[Union[str, type]]) 
             continue
         located = locate_module_type(entry) if isinstance(entry, str) else None
         if located is None:
-            raise ValueError(f"module_types entries must be nn.Module types or import paths like 'torch.nn.LSTM', got {entry!r}")
+            raise ValueError(
+                f"module_types entries must be nn.Module types or import paths like 'torch.nn.LSTM', got {entry!r}"
+            )
         resolved.append(located)
     return tuple(resolved)
 
@@ -78,7 +80,10 @@ def disable_transformer_fast_path(model: nn.Module) -> int:
 
 
 def quantize_dynamic_copy(
-    model: nn.Module, config: QuantizationConfig, module_types: tuple[type, ...], dtype: str,
+    model: nn.Module,
+    config: QuantizationConfig,
+    module_types: tuple[type, ...],
+    dtype: str,
     engine: Optional[str] = None,
 ) -> nn.Module:
     """A dynamically quantized copy of ``model``; ``model`` itself is not modified.
@@ -87,13 +92,18 @@ def quantize_dynamic_copy(
         ValueError: ``model`` has no module of ``module_types`` outside ``skip``.
     """
     names, skip_types = resolve_skip(model, config.skip)
-    quantizable = [n for n, m in model.named_modules() if isinstance(m, module_types) and not isinstance(m, skip_types)
-                   and not any(n == s or n.startswith(s + ".") for s in names)]
+    quantizable = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, module_types)
+        and not isinstance(m, skip_types)
+        and not any(n == s or n.startswith(s + ".") for s in names)
+    ]
     if not quantizable:
         found = sorted({type(m).__name__ for m in model.modules()})
         raise ValueError(
             f"nothing to quantize dynamically: {type(model).__name__} has no "
-            f"{[t.__name__ for t in module_types]} outside skip (its module types: {found}); use mode=\"static\" "
+            f'{[t.__name__ for t in module_types]} outside skip (its module types: {found}); use mode="static" '
             "for convolutional models"
         )
     spec: dict = {t: _qconfig_for(t, dtype, config.per_channel) for t in module_types if t not in skip_types}
@@ -104,6 +114,8 @@ def quantize_dynamic_copy(
         spec[module_type] = None
     float_model = copy.deepcopy(model).cpu().eval()
     with quantized_engine(engine or config.engine), known_torch_warnings_silenced():
-        int8 = quantize_dynamic(float_model, qconfig_spec=spec, dtype=torch.float16 if dtype == "float16" else torch.qint8)
+        int8 = quantize_dynamic(
+            float_model, qconfig_spec=spec, dtype=torch.float16 if dtype == "float16" else torch.qint8
+        )
     disable_transformer_fast_path(int8)
     return int8

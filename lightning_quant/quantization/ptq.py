@@ -40,8 +40,11 @@ def check_calibration_batches(value: Any) -> int:
 
 
 def _has_quantized_modules(model: nn.Module) -> bool:
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") and not type(m).__name__.startswith(("Quantize", "DeQuantize"))
-               for m in model.modules())
+    return any(
+        type(m).__module__.startswith("torch.ao.nn.quantized")
+        and not type(m).__name__.startswith(("Quantize", "DeQuantize"))
+        for m in model.modules()
+    )
 
 
 def prepare_and_calibrate(
@@ -66,8 +69,10 @@ def prepare_and_calibrate(
     if example is None:
         first = next(batches, None)
         if first is None:
-            raise ValueError("calibration data yielded no batch: it is empty or an iterator that was already "
-                             "consumed; pass a DataLoader or a list of batches")
+            raise ValueError(
+                "calibration data yielded no batch: it is empty or an iterator that was already "
+                "consumed; pass a DataLoader or a list of batches"
+            )
         example = batch_inputs(first, batch_to_input).to("cpu")
         batches = _chain_first(first, batches)
     float_copy = copy.deepcopy(model).cpu().eval()
@@ -87,7 +92,7 @@ def convert_calibrated(prepared: nn.Module, config: QuantizationConfig, engine: 
     if not _has_quantized_modules(int8):
         raise ValueError(
             "nothing to quantize statically: no layer was converted to int8 (static mode quantizes Conv, "
-            "Linear and their fusions); check skip, or use mode=\"dynamic\" for LSTM/GRU models"
+            'Linear and their fusions); check skip, or use mode="dynamic" for LSTM/GRU models'
         )
     return int8
 
@@ -95,9 +100,17 @@ def convert_calibrated(prepared: nn.Module, config: QuantizationConfig, engine: 
 STATIC_LAYER_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def builder(model: nn.Module, config: QuantizationConfig, mode: Mode, calibration_data: Optional[Iterable[Any]],
-            calibration_batches: int, batch_to_input: Optional[Callable[[Any], Any]], dtype: str,
-            module_types: Sequence[Union[str, type]], progress: bool = False) -> Callable[[list[str]], nn.Module]:
+def builder(
+    model: nn.Module,
+    config: QuantizationConfig,
+    mode: Mode,
+    calibration_data: Optional[Iterable[Any]],
+    calibration_batches: int,
+    batch_to_input: Optional[Callable[[Any], Any]],
+    dtype: str,
+    module_types: Sequence[Union[str, type]],
+    progress: bool = False,
+) -> Callable[[list[str]], nn.Module]:
     """A function from an extra skip list to the int8 model (static mode recalibrates each time)."""
     types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else ()
 
@@ -107,8 +120,9 @@ def builder(model: nn.Module, config: QuantizationConfig, mode: Mode, calibratio
             return quantize_dynamic_copy(model, skipped, types, dtype)
         if calibration_data is None:
             raise ValueError('mode="static" needs calibration_data: an iterable of representative batches')
-        prepared = prepare_and_calibrate(model, calibration_data, skipped, calibration_batches, batch_to_input,
-                                         progress=progress)
+        prepared = prepare_and_calibrate(
+            model, calibration_data, skipped, calibration_batches, batch_to_input, progress=progress
+        )
         return convert_calibrated(prepared, skipped)
 
     return build
@@ -197,8 +211,15 @@ def quantize(
         torch.Size([2, 4])
     """
     mode = parse_enum(Mode, mode, "mode")
-    config = QuantizationConfig(backend=backend, flow=flow, observer=observer, per_channel=per_channel, skip=skip,
-                                qconfig_mapping=qconfig_mapping, export=None)
+    config = QuantizationConfig(
+        backend=backend,
+        flow=flow,
+        observer=observer,
+        per_channel=per_channel,
+        skip=skip,
+        qconfig_mapping=qconfig_mapping,
+        export=None,
+    )
     calibration_batches = check_calibration_batches(calibration_batches)
     if max_metric_drop is not None:
         data = eval_data if eval_data is not None else calibration_data
@@ -207,9 +228,11 @@ def quantize(
         batches = list(itertools.islice(iter(data), eval_batches))
         build = builder(model, config, mode, calibration_data, calibration_batches, batch_to_input, dtype, module_types)
         types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else STATIC_LAYER_TYPES
-        int8, search = quantize_within_budget(model, build, batches, config.engine, max_metric_drop, types,
-                                              batch_to_input)
+        int8, search = quantize_within_budget(
+            model, build, batches, config.engine, max_metric_drop, types, batch_to_input
+        )
         log.info("int8 within budget: %s; layers kept in float: %s", search.met, search.skipped)
         return int8
-    return builder(model, config, mode, calibration_data, calibration_batches, batch_to_input, dtype, module_types,
-                   progress)([])
+    return builder(
+        model, config, mode, calibration_data, calibration_batches, batch_to_input, dtype, module_types, progress
+    )([])

@@ -62,7 +62,9 @@ def build_qconfig(config: QuantizationConfig, qat: bool) -> QConfig:
         weight_observer = MovingAverageMinMaxObserver if qat else MinMaxObserver
     act_observer = _ACTIVATION_OBSERVERS[config.observer]
     if not qat:
-        return QConfig(activation=act_observer.with_args(**act_kwargs), weight=weight_observer.with_args(**weight_kwargs))
+        return QConfig(
+            activation=act_observer.with_args(**act_kwargs), weight=weight_observer.with_args(**weight_kwargs)
+        )
     act_fake_quant = FusedMovingAvgObsFakeQuantize if act_observer is MovingAverageMinMaxObserver else FakeQuantize
     return QConfig(
         activation=act_fake_quant.with_args(observer=act_observer, **act_kwargs),

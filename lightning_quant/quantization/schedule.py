@@ -90,8 +90,11 @@ def observers_paused(module: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def quantization_disabled(module: nn.Module) -> Iterator[None]:
     """Run a prepared model in plain float for the block (fake quantization and observers off)."""
-    states = {name: (bool(m.fake_quant_enabled[0]), bool(m.observer_enabled[0]))
-              for name, m in module.named_modules() if isinstance(m, FakeQuantizeBase)}
+    states = {
+        name: (bool(m.fake_quant_enabled[0]), bool(m.observer_enabled[0]))
+        for name, m in module.named_modules()
+        if isinstance(m, FakeQuantizeBase)
+    }
     set_fake_quant(module, False)
     set_observers(module, False)
     try:

@@ -24,14 +24,17 @@ def _trained_teacher() -> nn.Module:
     return model.net
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"teacher": 3}, TypeError, r"teacher must be an nn.Module, a checkpoint path or None, got int"),
-    ({"temperature": 0}, ValueError, r"temperature must be a positive number, got 0"),
-    ({"alpha": 1.5}, ValueError, r"alpha must be a number in \[0, 1\], got 1.5"),
-    ({"alpha": True}, ValueError, r"alpha must be a number in \[0, 1\], got True"),
-    ({"loss": "ce"}, ValueError, r"loss must be one of \('kl', 'mse'\), got 'ce'"),
-    ({"module": ""}, ValueError, r"module must be a dotted attribute path such as 'net' or None, got ''"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"teacher": 3}, TypeError, r"teacher must be an nn.Module, a checkpoint path or None, got int"),
+        ({"temperature": 0}, ValueError, r"temperature must be a positive number, got 0"),
+        ({"alpha": 1.5}, ValueError, r"alpha must be a number in \[0, 1\], got 1.5"),
+        ({"alpha": True}, ValueError, r"alpha must be a number in \[0, 1\], got True"),
+        ({"loss": "ce"}, ValueError, r"loss must be one of \('kl', 'mse'\), got 'ce'"),
+        ({"module": ""}, ValueError, r"module must be a dotted attribute path such as 'net' or None, got ''"),
+    ],
+)
 def test_kd_raises_on_invalid_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         KnowledgeDistillation(**kwargs)
@@ -44,9 +47,12 @@ def test_kd_refuses_manual_optimisation():
             self.automatic_optimization = False
 
     trainer = quiet_trainer(callbacks=[KnowledgeDistillation()])
-    with pytest.raises(ValueError, match=r"KnowledgeDistillation adds its term to the loss of automatic optimisation, "
-                                         r"but Manual.automatic_optimization is False: compute "
-                                         r"callback.distillation_loss\(student_logits, teacher_logits\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"KnowledgeDistillation adds its term to the loss of automatic optimisation, "
+        r"but Manual.automatic_optimization is False: compute "
+        r"callback.distillation_loss\(student_logits, teacher_logits\)",
+    ):
         trainer.fit(Manual())
 
 
@@ -115,8 +121,10 @@ def test_kd_term_changes_the_student_gradients_by_the_formula():
         spies[alpha] = _GradSpy()
         seed_everything(0)
         model = BoringClassifier()
-        quiet_trainer(callbacks=[KnowledgeDistillation(teacher=copy.deepcopy(teacher), alpha=alpha), spies[alpha]],
-                      limit_train_batches=1).fit(model)
+        quiet_trainer(
+            callbacks=[KnowledgeDistillation(teacher=copy.deepcopy(teacher), alpha=alpha), spies[alpha]],
+            limit_train_batches=1,
+        ).fit(model)
     assert any(not torch.allclose(a, b) for a, b in zip(spies[0.0].grads, spies[0.5].grads))
 
     # the gradient equals that of (1 - a) * CE + a * T^2 * KL computed by hand
@@ -141,8 +149,9 @@ def test_kd_with_gradient_accumulation_scales_the_term_like_the_loss():
     class Logged(Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             m = trainer.callback_metrics
-            self.rows = getattr(self, "rows", []) + [(float(m["kd/task_loss"]), float(m["kd/kd_loss"]),
-                                                      float(m["kd/total_loss"]))]
+            self.rows = getattr(self, "rows", []) + [
+                (float(m["kd/task_loss"]), float(m["kd/kd_loss"]), float(m["kd/total_loss"]))
+            ]
 
     logged = Logged()
     quiet_trainer(callbacks=[callback, spy, logged], accumulate_grad_batches=2, limit_train_batches=4).fit(model)
@@ -189,8 +198,10 @@ def test_kd_crash_then_resume_matches_uninterrupted_run(tmp_path):
     teacher = _trained_teacher()
 
     def callbacks():
-        return [QuantizationAwareTraining(quant_start_epoch=1, freeze_bn_epoch=2, export=None),
-                KnowledgeDistillation(teacher=copy.deepcopy(teacher), alpha=0.5)]
+        return [
+            QuantizationAwareTraining(quant_start_epoch=1, freeze_bn_epoch=2, export=None),
+            KnowledgeDistillation(teacher=copy.deepcopy(teacher), alpha=0.5),
+        ]
 
     seed_everything(0)
     reference = BoringClassifier()
@@ -200,8 +211,9 @@ def test_kd_crash_then_resume_matches_uninterrupted_run(tmp_path):
     crashed = BoringClassifier()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        quiet_trainer(callbacks=[*callbacks(), checkpoint, _CrashAt(2)], enable_checkpointing=True,
-                      max_epochs=3).fit(crashed)
+        quiet_trainer(callbacks=[*callbacks(), checkpoint, _CrashAt(2)], enable_checkpointing=True, max_epochs=3).fit(
+            crashed
+        )
     saved = torch.load(tmp_path / "last.ckpt", weights_only=False)
     assert not any("teacher" in key for key in saved["state_dict"])
     kd_state = next(v for k, v in saved["callbacks"].items() if k.startswith("KnowledgeDistillation"))

@@ -22,13 +22,22 @@ from tests.helpers import BoringClassifier, quiet_trainer
         ({"mode": "weights"}, ValueError, r"mode must be one of \('static', 'dynamic'\), got 'weights'"),
         ({"calibration_batches": 0}, ValueError, r"calibration_batches must be a positive int, got 0"),
         ({"calibration_batches": -3}, ValueError, r"calibration_batches must be a positive int, got -3"),
-        ({"calibration_data": "test"}, ValueError,
-         r"calibration_data must be one of \('train', 'val'\) or an iterable of batches, got 'test'"),
-        ({"calibration_data": 5}, TypeError,
-         r"calibration_data must be one of \('train', 'val'\) or an iterable of batches, got int"),
+        (
+            {"calibration_data": "test"},
+            ValueError,
+            r"calibration_data must be one of \('train', 'val'\) or an iterable of batches, got 'test'",
+        ),
+        (
+            {"calibration_data": 5},
+            TypeError,
+            r"calibration_data must be one of \('train', 'val'\) or an iterable of batches, got int",
+        ),
         ({"dtype": "int4"}, ValueError, r"dtype must be one of \('qint8', 'float16'\), got 'int4'"),
-        ({"module_types": ["torch.nn.Nope"]}, ValueError,
-         r"module_types entries must be nn.Module types or import paths like 'torch.nn.LSTM', got 'torch.nn.Nope'"),
+        (
+            {"module_types": ["torch.nn.Nope"]},
+            ValueError,
+            r"module_types entries must be nn.Module types or import paths like 'torch.nn.LSTM', got 'torch.nn.Nope'",
+        ),
         ({"module_types": []}, ValueError, r"module_types must be a non-empty sequence of nn.Module types, got \[\]"),
         ({"progress": "no"}, TypeError, r"progress must be True or False, got 'no'"),
         ({"batch_to_input": 1}, TypeError, r"batch_to_input must be a callable or None, got 1"),
@@ -98,8 +107,11 @@ def test_ptq_val_calibration_source():
 
 def test_ptq_raises_on_empty_calibration_dataloader():
     callback = PostTrainingQuantization(calibration_data=[], export=None, progress=False)
-    with pytest.raises(ValueError, match=r"calibration data yielded no batch: it is empty or an iterator that was "
-                                         r"already consumed; pass a DataLoader or a list of batches"):
+    with pytest.raises(
+        ValueError,
+        match=r"calibration data yielded no batch: it is empty or an iterator that was "
+        r"already consumed; pass a DataLoader or a list of batches",
+    ):
         quiet_trainer(callbacks=[callback], limit_train_batches=1).fit(BoringClassifier())
 
 
@@ -164,8 +176,9 @@ def test_ptq_max_metric_drop_keeps_the_broken_layer_float():
             return torch.utils.data.DataLoader(dataset, batch_size=32)
 
     module = Fixed(net=model, lr=0.0)
-    callback = PostTrainingQuantization(per_channel=False, observer="minmax", max_metric_drop=0.02, export=None,
-                                        progress=False)
+    callback = PostTrainingQuantization(
+        per_channel=False, observer="minmax", max_metric_drop=0.02, export=None, progress=False
+    )
     quiet_trainer(callbacks=[callback], max_epochs=1, limit_train_batches=1).fit(module)
     search = callback.skip_search
     assert search.met and search.skipped == ["fc2"] and search.full_int8 < 0.9

@@ -14,7 +14,6 @@ from lightning_quant import FxTracingError, QuantizationAwareTraining
 from lightning_quant.quantization.schedule import fake_quantizers, is_prepared
 from tests.helpers import (
     BoringClassifier,
-    TinyNet,
     TwoInputClassifier,
     assert_same_state,
     fake_quant_flags,
@@ -29,16 +28,26 @@ from tests.helpers import (
     [
         ({"backend": "arm"}, ValueError, r"backend must be one of \('x86', 'fbgemm', 'qnnpack'\), got 'arm'"),
         ({"flow": "graph"}, ValueError, r"flow must be one of \('fx', 'eager'\), got 'graph'"),
-        ({"observer": "ema"}, ValueError, r"observer must be one of \('moving_average', 'minmax', 'histogram'\), got 'ema'"),
+        (
+            {"observer": "ema"},
+            ValueError,
+            r"observer must be one of \('moving_average', 'minmax', 'histogram'\), got 'ema'",
+        ),
         ({"quant_start_epoch": -1}, ValueError, r"quant_start_epoch must be a non-negative int, got -1"),
         ({"freeze_bn_epoch": 1.5}, ValueError, r"freeze_bn_epoch must be a non-negative int or None, got 1.5"),
-        ({"quant_start_epoch": 2, "freeze_observers_epoch": 2}, ValueError,
-         r"freeze_observers_epoch must be after quant_start_epoch so observers see at least one epoch of data, "
-         r"got freeze_observers_epoch=2 and quant_start_epoch=2"),
+        (
+            {"quant_start_epoch": 2, "freeze_observers_epoch": 2},
+            ValueError,
+            r"freeze_observers_epoch must be after quant_start_epoch so observers see at least one epoch of data, "
+            r"got freeze_observers_epoch=2 and quant_start_epoch=2",
+        ),
         ({"convert_on_fit_end": "yes"}, TypeError, r"convert_on_fit_end must be True or False, got 'yes'"),
         ({"batch_to_input": 3}, TypeError, r"batch_to_input must be a callable or None, got 3"),
-        ({"export": "tflite"}, ValueError,
-         r"each export target must be one of \('torchscript', 'mobile', 'onnx'\), got 'tflite'"),
+        (
+            {"export": "tflite"},
+            ValueError,
+            r"each export target must be one of \('torchscript', 'mobile', 'onnx'\), got 'tflite'",
+        ),
     ],
 )
 def test_qat_raises_on_invalid_arguments(kwargs, error, match):
@@ -48,8 +57,11 @@ def test_qat_raises_on_invalid_arguments(kwargs, error, match):
 
 def test_qat_raises_when_quantization_would_never_start():
     trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(quant_start_epoch=2)], max_epochs=2)
-    with pytest.raises(ValueError, match=r"quant_start_epoch=2 is not before max_epochs=2: the model would never be "
-                                         r"quantized; lower quant_start_epoch or raise max_epochs"):
+    with pytest.raises(
+        ValueError,
+        match=r"quant_start_epoch=2 is not before max_epochs=2: the model would never be "
+        r"quantized; lower quant_start_epoch or raise max_epochs",
+    ):
         trainer.fit(BoringClassifier())
     assert trainer.global_step == 0
 
@@ -58,14 +70,19 @@ def test_qat_raises_when_module_is_ambiguous():
     model = BoringClassifier()
     model.extra = nn.Linear(2, 2)
     trainer = quiet_trainer(callbacks=[QuantizationAwareTraining()])
-    with pytest.raises(ValueError, match=r"module=None needs exactly one child module with parameters in "
-                                         r"BoringClassifier to quantize, found \['net', 'extra'\]: set module="):
+    with pytest.raises(
+        ValueError,
+        match=r"module=None needs exactly one child module with parameters in "
+        r"BoringClassifier to quantize, found \['net', 'extra'\]: set module=",
+    ):
         trainer.fit(model)
 
 
 def test_qat_raises_when_module_path_is_wrong():
     trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(module="backbone")])
-    with pytest.raises(ValueError, match=r"module='backbone' is not a submodule of BoringClassifier; submodules: \['net'"):
+    with pytest.raises(
+        ValueError, match=r"module='backbone' is not a submodule of BoringClassifier; submodules: \['net'"
+    ):
         trainer.fit(BoringClassifier())
 
 
@@ -84,7 +101,9 @@ def test_qat_raises_on_unsupported_strategy():
     trainer._accelerator_connector.strategy = FSDPStrategy()  # what Trainer(strategy="fsdp") would set on GPUs
     callback = trainer.callbacks[0]
     trainer.strategy._lightning_module = None
-    with pytest.raises(ValueError, match=r"supports single-device and DDP strategies, got FSDPStrategy: use strategy=\"ddp\""):
+    with pytest.raises(
+        ValueError, match=r"supports single-device and DDP strategies, got FSDPStrategy: use strategy=\"ddp\""
+    ):
         callback.setup(trainer, BoringClassifier(), "fit")
 
 
@@ -112,8 +131,11 @@ class _GatedNet(nn.Module):
 
 def test_qat_fx_tracing_error_names_the_module_and_remedies():
     trainer = quiet_trainer(callbacks=[QuantizationAwareTraining()])
-    with pytest.raises(FxTracingError, match=r"FX could not trace submodule 'gate' \(_Untraceable\): .*"
-                                             r"keep it in float with skip=\['gate'\], or use flow=\"eager\""):
+    with pytest.raises(
+        FxTracingError,
+        match=r"FX could not trace submodule 'gate' \(_Untraceable\): .*"
+        r"keep it in float with skip=\['gate'\], or use flow=\"eager\"",
+    ):
         trainer.fit(BoringClassifier(net=_GatedNet()))
 
 
@@ -136,7 +158,9 @@ class _OptimizerSpy(Callback):
 
 def test_qat_prepares_before_the_optimizer_is_built():
     spy = _OptimizerSpy()
-    quiet_trainer(callbacks=[QuantizationAwareTraining(export=None), spy], limit_train_batches=1).fit(BoringClassifier())
+    quiet_trainer(callbacks=[QuantizationAwareTraining(export=None), spy], limit_train_batches=1).fit(
+        BoringClassifier()
+    )
     assert spy.prepared
     assert spy.optimizer_params == spy.model_params
 
@@ -153,14 +177,16 @@ def test_qat_silences_known_torch_warnings_only():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_trainer(callbacks=[QuantizationAwareTraining()], limit_train_batches=2, default_root_dir=None).fit(
-            BoringClassifier())
+            BoringClassifier()
+        )
         warnings.warn("a user's own warning", UserWarning)
     messages = [str(w.message) for w in caught]
     assert not any("torch.ao.quantization is deprecated" in m for m in messages)
     assert not any("reduce_range will be deprecated" in m for m in messages)
     assert "a user's own warning" in messages
     assert warnings.filters is not None and not any(
-        f[0] == "ignore" and f[1] is not None and "torch\\.ao" in f[1].pattern for f in warnings.filters)
+        f[0] == "ignore" and f[1] is not None and "torch\\.ao" in f[1].pattern for f in warnings.filters
+    )
 
 
 def test_qat_example_input_array_is_used_when_present():
@@ -247,8 +273,11 @@ def test_qat_plain_batchnorm_stays_frozen_after_validation():
 def test_qat_validate_test_predict_and_sanity_check_do_not_move_ranges():
     class SanitySpy(Callback):
         def on_train_start(self, trainer, pl_module):
-            self.min_vals = [float(m.activation_post_process.min_val) for m in fake_quantizers(pl_module.net)
-                             if m.activation_post_process.min_val.dim() == 0]
+            self.min_vals = [
+                float(m.activation_post_process.min_val)
+                for m in fake_quantizers(pl_module.net)
+                if m.activation_post_process.min_val.dim() == 0
+            ]
 
     sanity = SanitySpy()
     callback = QuantizationAwareTraining(export=None)
@@ -288,8 +317,9 @@ def test_qat_test_from_checkpoint_of_fresh_model(tmp_path):
     seed_everything(0)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     model = BoringClassifier()
-    quiet_trainer(callbacks=[QuantizationAwareTraining(export=None), checkpoint], enable_checkpointing=True,
-                  max_epochs=2).fit(model)
+    quiet_trainer(
+        callbacks=[QuantizationAwareTraining(export=None), checkpoint], enable_checkpointing=True, max_epochs=2
+    ).fit(model)
     fresh = BoringClassifier()
     trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(export=None)])
     trainer.test(fresh, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
@@ -310,8 +340,11 @@ class _CrashAt(Callback):
 
 class _PhaseSpy(Callback):
     def on_train_epoch_start(self, trainer, pl_module):
-        self.first = getattr(self, "first", None) or (trainer.current_epoch, fake_quant_flags(pl_module.net),
-                                                      {m.freeze_bn for m in pl_module.net.modules() if hasattr(m, "freeze_bn")})
+        self.first = getattr(self, "first", None) or (
+            trainer.current_epoch,
+            fake_quant_flags(pl_module.net),
+            {m.freeze_bn for m in pl_module.net.modules() if hasattr(m, "freeze_bn")},
+        )
 
 
 def _schedule_callback():
@@ -327,8 +360,9 @@ def test_qat_crash_then_resume_matches_uninterrupted_run(tmp_path):
     crashed = BoringClassifier()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        quiet_trainer(callbacks=[_schedule_callback(), checkpoint, _CrashAt(3)], enable_checkpointing=True,
-                      max_epochs=4).fit(crashed)
+        quiet_trainer(
+            callbacks=[_schedule_callback(), checkpoint, _CrashAt(3)], enable_checkpointing=True, max_epochs=4
+        ).fit(crashed)
 
     resumed = BoringClassifier()
     spy = _PhaseSpy()
@@ -343,8 +377,9 @@ def test_qat_crash_then_resume_matches_uninterrupted_run(tmp_path):
 # ---------------------------------------------------------------- several inputs, keywords, both flows
 @pytest.mark.parametrize("flow", ["fx", "eager"])
 def test_qat_keyword_and_multi_input_model(flow, tmp_path):
-    callback = QuantizationAwareTraining(flow=flow, export_dir=tmp_path,
-                                         batch_to_input=lambda batch: {"x": batch[0][0], "extra": batch[0][1]})
+    callback = QuantizationAwareTraining(
+        flow=flow, export_dir=tmp_path, batch_to_input=lambda batch: {"x": batch[0][0], "extra": batch[0][1]}
+    )
     model = TwoInputClassifier()
     quiet_trainer(callbacks=[callback], max_epochs=2).fit(model)
     (x, extra), _ = next(iter(model.val_dataloader()))

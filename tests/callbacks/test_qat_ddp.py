@@ -12,8 +12,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_qat.py"
 
 def test_qat_ddp_two_cpu_processes_end_with_identical_quantization_state(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert rank0.keys() == rank1.keys() and any(k.endswith("scale") for k in rank0)

@@ -16,12 +16,15 @@ from lightning_quant.quantization.convert import quantized_engine
 from tests.helpers import BoringClassifier, quiet_trainer
 
 
-@pytest.mark.parametrize(("kwargs", "match"), [
-    ({"data": "train"}, r"data must be one of \('val', 'test'\) or an iterable of batches, got 'train'"),
-    ({"max_batches": 0}, r"max_batches must be a positive int, got 0"),
-    ({"threshold": -1}, r"threshold must be a non-negative number, got -1"),
-    ({"batch_sizes": [0]}, r"batch_sizes must be a sequence of positive ints or None, got \[0\]"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"data": "train"}, r"data must be one of \('val', 'test'\) or an iterable of batches, got 'train'"),
+        ({"max_batches": 0}, r"max_batches must be a positive int, got 0"),
+        ({"threshold": -1}, r"threshold must be a non-negative number, got -1"),
+        ({"batch_sizes": [0]}, r"batch_sizes must be a sequence of positive ints or None, got \[0\]"),
+    ],
+)
 def test_report_raises(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuantizationReport(**kwargs)
@@ -31,12 +34,16 @@ def test_report_raises(kwargs, match):
 @pytest.mark.parametrize("quant", ["qat", "ptq"])
 def test_report_after_quantization_in_either_order(quant, report_first, tmp_path):
     seed_everything(0)
-    callback = (QuantizationAwareTraining(export_dir=tmp_path) if quant == "qat"
-                else PostTrainingQuantization(export_dir=tmp_path, progress=False))
+    callback = (
+        QuantizationAwareTraining(export_dir=tmp_path)
+        if quant == "qat"
+        else PostTrainingQuantization(export_dir=tmp_path, progress=False)
+    )
     report = QuantizationReport(max_batches=2)
     logger = CSVLogger(tmp_path, name="logs")
-    quiet_trainer(callbacks=[report, callback] if report_first else [callback, report], max_epochs=2,
-                  logger=logger).fit(BoringClassifier())
+    quiet_trainer(
+        callbacks=[report, callback] if report_first else [callback, report], max_epochs=2, logger=logger
+    ).fit(BoringClassifier())
     assert sorted(p.name for p in tmp_path.glob("report*")) == ["report.json", "report.md"]
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["metric"]["name"] == "accuracy" and saved["sizes"]["files"]["torchscript"] > 0
@@ -55,7 +62,8 @@ def test_qat_validate_int8_logs_the_int8_metric_of_the_modules_own_metric():
     class Spy(Callback):
         def on_validation_epoch_end(self, trainer, pl_module):
             self.values = getattr(self, "values", []) + [
-                {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}]
+                {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            ]
 
     dm = DigitsDataModule(batch_size=64, limit=600)
     model = Classifier(DigitsCNN(width=8))

@@ -18,8 +18,11 @@ def test_non_finite_layer_output_is_named(flow):
     model = TinyNet().eval()
     with torch.no_grad():
         model.features[0].weight.fill_(float("inf"))
-    with pytest.raises(NonFiniteError, match=r"NaN or Inf reached the observers: first seen in the output of layer "
-                                             r"'features.0' \(ConvReLU2d\) at calibration batch 0"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"NaN or Inf reached the observers: first seen in the output of layer "
+        r"'features.0' \(ConvReLU2d\) at calibration batch 0",
+    ):
         quantize(model, [torch.randn(4, 1, 6, 6)], flow=flow, progress=False)
 
 

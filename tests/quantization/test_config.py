@@ -25,8 +25,9 @@ def test_defaults_and_per_channel_by_backend():
 def test_hydra_containers_are_accepted():
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.create({"skip": ["head", "torch.nn.LSTM"], "export": ["torchscript", "mobile"],
-                            "fuse": [["a", "b"]]})
+    cfg = OmegaConf.create(
+        {"skip": ["head", "torch.nn.LSTM"], "export": ["torchscript", "mobile"], "fuse": [["a", "b"]]}
+    )
     config = QuantizationConfig(flow="eager", skip=cfg.skip, export=cfg.export, modules_to_fuse=cfg.fuse)
     assert config.skip == ("head", "torch.nn.LSTM")
     assert config.export == (ExportTarget.TORCHSCRIPT, ExportTarget.MOBILE)
@@ -49,13 +50,23 @@ def test_single_strings_become_tuples():
         ({"per_channel": "yes"}, TypeError, r"per_channel must be True, False or None \(backend default\), got 'yes'"),
         ({"skip": 3}, TypeError, r"skip must be a sequence of module names or nn.Module types, got 3"),
         ({"skip": [3]}, TypeError, r"skip entries must be module names \(str\) or nn.Module subclasses, got 3"),
-        ({"qconfig_mapping": {"": None}}, TypeError,
-         r"qconfig_mapping must be a torch.ao.quantization.QConfigMapping or None, got dict"),
+        (
+            {"qconfig_mapping": {"": None}},
+            TypeError,
+            r"qconfig_mapping must be a torch.ao.quantization.QConfigMapping or None, got dict",
+        ),
         ({"modules_to_fuse": "conv"}, TypeError, r"modules_to_fuse must be a sequence of groups of module names"),
         ({"flow": "eager", "modules_to_fuse": [["conv"]]}, TypeError, r"modules_to_fuse must be a sequence of groups"),
-        ({"modules_to_fuse": [["conv", "bn"]]}, ValueError,
-         r"modules_to_fuse is for flow=\"eager\" only \(flow=\"fx\" fuses automatically\), got flow='fx'"),
-        ({"export": 5}, TypeError, r"export must be a string or a sequence of \('torchscript', 'mobile', 'onnx'\), got 5"),
+        (
+            {"modules_to_fuse": [["conv", "bn"]]},
+            ValueError,
+            r"modules_to_fuse is for flow=\"eager\" only \(flow=\"fx\" fuses automatically\), got flow='fx'",
+        ),
+        (
+            {"export": 5},
+            TypeError,
+            r"export must be a string or a sequence of \('torchscript', 'mobile', 'onnx'\), got 5",
+        ),
         ({"export": ["mobile", "mobile"]}, ValueError, r"export lists a target twice: \['mobile', 'mobile'\]"),
         ({"export_dir": 5}, TypeError, r"export_dir must be a path or None, got 5"),
     ],

@@ -40,8 +40,9 @@ def test_dynamic_float16_and_per_channel():
 
 
 def test_dynamic_transformer_encoder_runs_in_eval():
-    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2,
-                                    enable_nested_tensor=False).eval()
+    encoder = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 2, enable_nested_tensor=False
+    ).eval()
     int8 = quantize(encoder, mode="dynamic")
     x = torch.randn(3, 5, 16)
     with torch.no_grad():
@@ -50,7 +51,10 @@ def test_dynamic_transformer_encoder_runs_in_eval():
 
 
 def test_dynamic_raises_when_nothing_to_quantize():
-    with pytest.raises(ValueError, match=r"nothing to quantize dynamically: Sequential has no \['Linear', 'LSTM', 'GRU'\] "
-                                         r"outside skip \(its module types: \['Conv2d', 'ReLU', 'Sequential'\]\); "
-                                         r"use mode=\"static\""):
+    with pytest.raises(
+        ValueError,
+        match=r"nothing to quantize dynamically: Sequential has no \['Linear', 'LSTM', 'GRU'\] "
+        r"outside skip \(its module types: \['Conv2d', 'ReLU', 'Sequential'\]\); "
+        r"use mode=\"static\"",
+    ):
         quantize(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), mode="dynamic")

@@ -15,8 +15,11 @@ def test_default_batch_to_input_conventions():
 
 
 def test_unsupported_batch_raises():
-    with pytest.raises(TypeError, match=r"model inputs must be a tensor, a tuple/list of positional inputs or a mapping "
-                                        r"of keyword inputs, got int; pass batch_to_input="):
+    with pytest.raises(
+        TypeError,
+        match=r"model inputs must be a tensor, a tuple/list of positional inputs or a mapping "
+        r"of keyword inputs, got int; pass batch_to_input=",
+    ):
         default_batch_to_input(3)
 
 

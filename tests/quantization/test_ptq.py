@@ -48,14 +48,23 @@ def test_quantize_qnnpack_backend_runs_on_qnnpack():
         assert int8(_calibration(1)[0][0]).shape == (16, 4)
 
 
-@pytest.mark.parametrize(("kwargs", "error", "match"), [
-    ({"mode": "static", "calibration_data": None}, ValueError,
-     r'mode="static" needs calibration_data: an iterable of representative batches'),
-    ({"calibration_data": iter([])}, ValueError, r"calibration data yielded no batch"),
-    ({"calibration_data": _calibration(), "calibration_batches": 0}, ValueError,
-     r"calibration_batches must be a positive int, got 0"),
-    ({"mode": "int4"}, ValueError, r"mode must be one of \('static', 'dynamic'\), got 'int4'"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        (
+            {"mode": "static", "calibration_data": None},
+            ValueError,
+            r'mode="static" needs calibration_data: an iterable of representative batches',
+        ),
+        ({"calibration_data": iter([])}, ValueError, r"calibration data yielded no batch"),
+        (
+            {"calibration_data": _calibration(), "calibration_batches": 0},
+            ValueError,
+            r"calibration_batches must be a positive int, got 0",
+        ),
+        ({"mode": "int4"}, ValueError, r"mode must be one of \('static', 'dynamic'\), got 'int4'"),
+    ],
+)
 def test_quantize_raises(kwargs, error, match):
     with pytest.raises(error, match=match):
         quantize(TinyNet().eval(), progress=False, **kwargs)

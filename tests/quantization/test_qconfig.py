@@ -41,8 +41,11 @@ def test_skip_names_and_types_map_to_float():
 
 
 def test_resolve_skip_raises_for_unknown_entry():
-    with pytest.raises(ValueError, match=r"skip entry 'torch.nn.Nope' is neither a submodule of TinyNet \(submodules "
-                                         r"include \['features', 'features.0'.*\]\) nor an importable nn.Module type"):
+    with pytest.raises(
+        ValueError,
+        match=r"skip entry 'torch.nn.Nope' is neither a submodule of TinyNet \(submodules "
+        r"include \['features', 'features.0'.*\]\) nor an importable nn.Module type",
+    ):
         resolve_skip(TinyNet(), ("torch.nn.Nope",))
 
 
@@ -50,4 +53,6 @@ def test_user_mapping_is_used_as_is():
     from torch.ao.quantization import QConfigMapping
 
     mapping = QConfigMapping()
-    assert build_qconfig_mapping(QuantizationConfig(qconfig_mapping=mapping, skip=["nothing"]), TinyNet(), True) is mapping
+    assert (
+        build_qconfig_mapping(QuantizationConfig(qconfig_mapping=mapping, skip=["nothing"]), TinyNet(), True) is mapping
+    )

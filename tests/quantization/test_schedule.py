@@ -24,7 +24,11 @@ def _prepared():
 def test_phase_by_epoch():
     schedule = QATSchedule(quant_start_epoch=1, freeze_observers_epoch=3, freeze_bn_epoch=2)
     assert [schedule.phase(e) for e in range(4)] == [
-        Phase(False, False, False), Phase(True, True, False), Phase(True, True, True), Phase(True, False, True)]
+        Phase(False, False, False),
+        Phase(True, True, False),
+        Phase(True, True, True),
+        Phase(True, False, True),
+    ]
     assert QATSchedule().phase(10) == Phase(True, True, False)
 
 

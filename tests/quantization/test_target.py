@@ -22,8 +22,11 @@ def test_resolve_picks_only_child_with_parameters_and_dotted_paths():
 def test_resolve_raises_with_candidates():
     root = Root()
     root.head = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"module=None needs exactly one child module with parameters in Root to "
-                                         r"quantize, found \['backbone', 'head'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"module=None needs exactly one child module with parameters in Root to "
+        r"quantize, found \['backbone', 'head'\]",
+    ):
         resolve_target(root, None)
     with pytest.raises(ValueError, match=r"module='neck' is not a submodule of Root; submodules: \['backbone'"):
         resolve_target(root, "neck")

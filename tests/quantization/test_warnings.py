@@ -11,6 +11,8 @@ def test_only_known_warnings_are_silenced_and_filters_restored():
             warnings.warn("torch.ao.quantization is deprecated and will be removed", DeprecationWarning)
             warnings.warn("something else", DeprecationWarning)
         warnings.warn("torch.ao.quantization is deprecated and will be removed", DeprecationWarning)
-    assert [str(w.message) for w in caught] == ["something else",
-                                                "torch.ao.quantization is deprecated and will be removed"]
+    assert [str(w.message) for w in caught] == [
+        "something else",
+        "torch.ao.quantization is deprecated and will be removed",
+    ]
     assert warnings.filters == filters_before

@@ -30,7 +30,9 @@ def main(out_dir: Path) -> None:
     seed_everything(0)
     model = RankShiftedClassifier()
     callback = QuantizationAwareTraining(quant_start_epoch=0, freeze_observers_epoch=2, export_dir=out_dir / "export")
-    trainer = quiet_trainer(strategy="ddp", devices=2, max_epochs=3, callbacks=[callback], use_distributed_sampler=False)
+    trainer = quiet_trainer(
+        strategy="ddp", devices=2, max_epochs=3, callbacks=[callback], use_distributed_sampler=False
+    )
     trainer.fit(model)
     state = {k: v for k, v in quant_state(model.net).items()}
     torch.save(state, out_dir / f"rank{trainer.global_rank}.pt")

@@ -11,8 +11,16 @@ from tests.helpers import TinyNet, TwoInputNet
 
 
 def test_find_fusable_groups_in_sequentials_only():
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Conv2d(2, 2, 1), nn.ReLU(),
-                          nn.Sequential(nn.Linear(2, 2), nn.ReLU()), nn.Linear(2, 2), nn.BatchNorm1d(2))
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3),
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.Conv2d(2, 2, 1),
+        nn.ReLU(),
+        nn.Sequential(nn.Linear(2, 2), nn.ReLU()),
+        nn.Linear(2, 2),
+        nn.BatchNorm1d(2),
+    )
     assert find_fusable_groups(model) == [["0", "1", "2"], ["3", "4"], ["6", "7"], ["5.0", "5.1"]]
     assert find_fusable_groups(TinyNet()) == [["features.0", "features.1", "features.2"]]
 
