@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from lightning_quant.quantization.convert import quantized_engine
+from lightning_quant.quantization import inputs
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,9 @@ def classification_accuracy(
     batches: Iterable[Any],
     engine: Optional[str] = None,
     batch_to_input: Optional[Callable[[Any], Any]] = None,
-    target_of: Callable[[Any], torch.Tensor] = lambda batch: batch[1],
+    target_of: Callable[[Any], torch.Tensor] = inputs.target_of,
 ) -> float:
-    """Top-1 accuracy of ``module`` (on CPU) over ``batches`` of ``(input, target)``."""
+    """Top-1 accuracy of ``module`` (on CPU) over ``batches`` of ``(input, target)`` (or mappings with labels)."""
     correct = total = 0
     module = module.eval()
     with quantized_engine(engine or torch.backends.quantized.engine):

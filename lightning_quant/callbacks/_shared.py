@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 from lightning_quant.export import export_int8
 
 from lightning_quant.quantization.config import QuantizationConfig
-from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, target_of  # noqa: F401
+from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
 
 
 def check_strategy(trainer: "pl.Trainer", owner: str) -> None:
