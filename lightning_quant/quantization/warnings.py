@@ -27,6 +27,9 @@ KNOWN_TORCH_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
     (UserWarning, r"The TorchScript type system doesn't support instance-level annotations"),
     (DeprecationWarning, r"You are using the legacy TorchScript-based ONNX export"),
     (UserWarning, r"Exporting a model to ONNX with a batch_size other than 1"),
+    (DeprecationWarning, r"Lite Interpreter is deprecated"),
+    (UserWarning, r"Lite Interpreter is deprecated"),
+    (DeprecationWarning, r"The feature will be removed\. Please remove usage of this function"),
 )
 
 
