@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from typing import Any
 
 import lightning.pytorch as pl
@@ -123,8 +124,9 @@ class TwoInputClassifier(BoringClassifier):
 
 
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    """A Trainer that prints nothing and writes nothing unless asked."""
+    """A Trainer that prints nothing and writes nothing unless asked (its root folder is a fresh temp dir)."""
     defaults = dict(
+        default_root_dir=tempfile.mkdtemp(prefix="lightning_quant_test_"),
         accelerator="cpu",
         devices=1,
         logger=False,

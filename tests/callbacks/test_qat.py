@@ -176,7 +176,7 @@ def test_qat_swaps_modules_and_keeps_forward_unwrapped():
 def test_qat_silences_known_torch_warnings_only():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quiet_trainer(callbacks=[QuantizationAwareTraining()], limit_train_batches=2, default_root_dir=None).fit(
+        quiet_trainer(callbacks=[QuantizationAwareTraining()], limit_train_batches=2).fit(
             BoringClassifier()
         )
         warnings.warn("a user's own warning", UserWarning)
