@@ -25,6 +25,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_quant.quantization.config import check_positive_int
+
 
 def package_data_file(package: str, *parts: str, pip_name: Optional[str] = None) -> Path:
     """Path of a data file shipped inside an installed package, found without importing it.
@@ -84,15 +86,13 @@ class SplitDataModule(pl.LightningDataModule):
         limit: Optional[int] = None,
     ) -> None:
         super().__init__()
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        check_positive_int(batch_size, "batch_size")
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 < value < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {value!r}")
         if val_fraction + test_fraction >= 1:
             raise ValueError(f"val_fraction + test_fraction must be below 1, got {val_fraction + test_fraction}")
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        check_positive_int(limit, "limit", allow_none=True)
         self.batch_size, self.val_fraction, self.test_fraction, self.seed, self.limit = (
             batch_size,
             val_fraction,

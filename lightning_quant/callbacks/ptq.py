@@ -24,14 +24,19 @@ from lightning_quant.callbacks._shared import (
 )
 from lightning_quant.analysis import SkipSearch, quantizable_layers, skip_search
 from lightning_quant.export import ExportRecord
-from lightning_quant.quantization.config import QuantizationConfig, parse_enum
+from lightning_quant.quantization.config import (
+    QuantizationConfig,
+    check_callable,
+    check_non_negative,
+    check_positive_int,
+    parse_enum,
+)
 from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, check_dynamic_options, quantize_dynamic_copy
 from lightning_quant.quantization.inputs import ExampleInputs, batch_targets
 from lightning_quant.quantization.ptq import (
     STATIC_LAYER_TYPES,
     Mode,
     builder,
-    check_calibration_batches,
     convert_calibrated,
     prepare_and_calibrate,
 )
@@ -128,22 +133,15 @@ class PostTrainingQuantization(Callback):
                 f"got {type(calibration_data).__name__}"
             )
         self.calibration_data = calibration_data
-        self.calibration_batches = check_calibration_batches(calibration_batches)
+        self.calibration_batches = check_positive_int(calibration_batches, "calibration_batches")
         self.dtype = dtype
         self.module_types = check_dynamic_options(dtype, module_types)
-        if batch_to_input is not None and not callable(batch_to_input):
-            raise TypeError(f"batch_to_input must be a callable or None, got {batch_to_input!r}")
         if not isinstance(progress, bool):
             raise TypeError(f"progress must be True or False, got {progress!r}")
-        if max_metric_drop is not None and (
-            isinstance(max_metric_drop, bool) or not isinstance(max_metric_drop, (int, float)) or max_metric_drop < 0
-        ):
-            raise ValueError(f"max_metric_drop must be a non-negative number or None, got {max_metric_drop!r}")
-        if isinstance(eval_batches, bool) or not isinstance(eval_batches, int) or eval_batches <= 0:
-            raise ValueError(f"eval_batches must be a positive int, got {eval_batches!r}")
-        self.batch_to_input = batch_to_input
+        self.batch_to_input = check_callable(batch_to_input, "batch_to_input")
         self.progress = progress
-        self.max_metric_drop, self.eval_batches = max_metric_drop, eval_batches
+        self.max_metric_drop = check_non_negative(max_metric_drop, "max_metric_drop", allow_none=True)
+        self.eval_batches = check_positive_int(eval_batches, "eval_batches")
         self.skip_search: Optional[SkipSearch] = None
         self.sensitivity: dict[str, float] = {}
         self.example_inputs: Optional[ExampleInputs] = None

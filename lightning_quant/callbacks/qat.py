@@ -26,7 +26,7 @@ from lightning_quant.callbacks._shared import (
     notify,
 )
 from lightning_quant.export import ExportRecord
-from lightning_quant.quantization.config import QuantizationConfig
+from lightning_quant.quantization.config import QuantizationConfig, check_callable
 from lightning_quant.quantization.convert import convert_copy, unobserved
 from lightning_quant.quantization.inputs import batch_targets
 from lightning_quant.report import collect_outputs, task_metric
@@ -138,13 +138,11 @@ class QuantizationAwareTraining(Callback):
         self.schedule = QATSchedule(quant_start_epoch, freeze_observers_epoch, freeze_bn_epoch)
         if not isinstance(convert_on_fit_end, bool):
             raise TypeError(f"convert_on_fit_end must be True or False, got {convert_on_fit_end!r}")
-        if batch_to_input is not None and not callable(batch_to_input):
-            raise TypeError(f"batch_to_input must be a callable or None, got {batch_to_input!r}")
         if not isinstance(validate_int8, bool):
             raise TypeError(f"validate_int8 must be True or False, got {validate_int8!r}")
         self.convert_on_fit_end = convert_on_fit_end
         self.validate_int8 = validate_int8
-        self.batch_to_input = batch_to_input
+        self.batch_to_input = check_callable(batch_to_input, "batch_to_input")
         self.example_inputs: Optional[ExampleInputs] = None
         self.quantized_model: Optional[nn.Module] = None
         self.export_paths: dict[str, str] = {}

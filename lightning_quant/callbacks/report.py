@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_quant.analysis import next_steps
 from lightning_quant.callbacks._shared import module_metric, resolve_export_dir, stage_dataloader
+from lightning_quant.quantization.config import check_non_negative, check_positive_int
 from lightning_quant.quantization.inputs import batch_targets
 from lightning_quant.quantization.target import resolve_target
 from lightning_quant.report import build_report, write_report
@@ -61,10 +62,8 @@ class QuantizationReport(Callback):
     ) -> None:
         if isinstance(data, str) and data not in REPORT_DATA:
             raise ValueError(f"data must be one of {REPORT_DATA} or an iterable of batches, got {data!r}")
-        if isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches <= 0:
-            raise ValueError(f"max_batches must be a positive int, got {max_batches!r}")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or threshold < 0:
-            raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
+        check_positive_int(max_batches, "max_batches")
+        check_non_negative(threshold, "threshold")
         if batch_sizes is not None and (
             isinstance(batch_sizes, (str, int)) or not all(isinstance(b, int) and b > 0 for b in batch_sizes)
         ):

@@ -79,6 +79,31 @@ def check_epoch(value: Any, name: str, allow_none: bool) -> Optional[int]:
     return value
 
 
+def check_positive_int(value: Any, name: str, allow_none: bool = False) -> Optional[int]:
+    """Validate a count (batches, a batch size): a positive int, or ``None`` where that means 'all'."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def check_non_negative(value: Any, name: str, allow_none: bool = False) -> Optional[float]:
+    """Validate a budget or threshold: a number >= 0 (or ``None`` where that means 'none')."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+def check_callable(value: Any, name: str) -> Any:
+    """Validate an optional callable argument (``batch_to_input``)."""
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be a callable or None, got {value!r}")
+    return value
+
+
 def require_module(module: str, pip_name: str, purpose: str) -> None:
     """Raise ``ModuleNotFoundError`` with the exact install command when an optional package is missing."""
     if importlib.util.find_spec(module) is None:

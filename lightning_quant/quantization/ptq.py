@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from lightning_quant.analysis import SkipSearch, quantizable_layers, skip_search
 from lightning_quant.quantization.calibrate import calibrate
-from lightning_quant.quantization.config import QuantizationConfig, parse_enum
+from lightning_quant.quantization.config import QuantizationConfig, check_non_negative, check_positive_int, parse_enum
 from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, check_dynamic_options, quantize_dynamic_copy
 from lightning_quant.quantization.flows import get_flow
@@ -31,12 +31,6 @@ class Mode(str, Enum):
 
 
 MODES = tuple(m.value for m in Mode)
-
-
-def check_calibration_batches(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"calibration_batches must be a positive int, got {value!r}")
-    return value
 
 
 def _has_quantized_modules(model: nn.Module) -> bool:
@@ -143,8 +137,7 @@ def quantize_within_budget(
         the int8 model (with every candidate in float if even that misses the budget: check
         ``search.met``) and the :class:`~lightning_quant.analysis.SkipSearch`.
     """
-    if isinstance(max_metric_drop, bool) or not isinstance(max_metric_drop, (int, float)) or max_metric_drop < 0:
-        raise ValueError(f"max_metric_drop must be a non-negative number or None, got {max_metric_drop!r}")
+    check_non_negative(max_metric_drop, "max_metric_drop", allow_none=True)
     targets = batch_targets(batches)
     layers = quantizable_layers(model, layer_types)
     search, _ = skip_search(model, build, layers, batches, engine, max_metric_drop, targets, batch_to_input)
@@ -220,7 +213,7 @@ def quantize(
         qconfig_mapping=qconfig_mapping,
         export=None,
     )
-    calibration_batches = check_calibration_batches(calibration_batches)
+    calibration_batches = check_positive_int(calibration_batches, "calibration_batches")
     if max_metric_drop is not None:
         data = eval_data if eval_data is not None else calibration_data
         if data is None:
