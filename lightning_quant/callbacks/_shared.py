@@ -83,25 +83,37 @@ def resolve_export_dir(config: QuantizationConfig, trainer: "pl.Trainer") -> Pat
     return Path(trainer.log_dir or trainer.default_root_dir) / "quantized"
 
 
-def export_for_engines(
+def publish_int8(
     trainer: "pl.Trainer",
-    config: QuantizationConfig,
-    example: ExampleInputs,
-    int8: "nn.Module",
+    pl_module: "pl.LightningModule",
+    callback: Any,
     convert: Callable[[str], "nn.Module"],
-    prefix: str,
-) -> tuple[dict[str, Any], dict[str, str]]:
-    """Export ``int8`` (converted for the backend's engine) and, where a target needs another
-    engine, what ``convert(engine)`` returns; returns the records and the paths by target."""
-    converted = {config.engine: int8}
+    label: str,
+    description: str,
+) -> None:
+    """The end of every quantization callback: convert, export, announce.
 
-    def int8_for(engine: str) -> "nn.Module":
-        if engine not in converted:
-            converted[engine] = convert(engine)
-        return converted[engine]
+    Sets ``callback.quantized_model`` to ``convert(<backend engine>)``; on global rank 0 exports
+    it to each target (converting again only for a target that needs another engine) into
+    ``callback.export_records``/``export_paths``; then calls ``on_quantized`` on the Trainer's callbacks.
+    """
+    config = callback.config
+    callback.quantized_model = convert(config.engine)
+    rank_zero_info(f"[{label}] {description}: callback.quantized_model")
+    if config.export and trainer.is_global_zero:
+        converted = {config.engine: callback.quantized_model}
 
-    records = export_int8(int8_for, config.export, resolve_export_dir(config, trainer), example, config.backend)
-    return records, log_export_records(trainer, prefix, records)
+        def int8_for(engine: str) -> "nn.Module":
+            if engine not in converted:
+                converted[engine] = convert(engine)
+            return converted[engine]
+
+        directory = resolve_export_dir(config, trainer)
+        callback.export_records = export_int8(
+            int8_for, config.export, directory, callback.example_inputs, config.backend
+        )
+        callback.export_paths = log_export_records(trainer, label.lower(), callback.export_records)
+    notify(trainer, "on_quantized", trainer, pl_module, callback)
 
 
 def log_export_records(trainer: "pl.Trainer", prefix: str, records: Mapping[str, Any]) -> dict[str, str]:

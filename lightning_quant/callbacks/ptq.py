@@ -18,8 +18,7 @@ from torch.ao.quantization import QConfigMapping
 from lightning_quant.callbacks._shared import (
     check_strategy,
     example_inputs_for,
-    export_for_engines,
-    notify,
+    publish_int8,
     stage_dataloader,
 )
 from lightning_quant.analysis import SkipSearch, quantizable_layers, skip_search
@@ -257,13 +256,11 @@ class PostTrainingQuantization(Callback):
             def convert(engine: str) -> nn.Module:
                 return convert_calibrated(calibrated, config, engine)
 
-        self.quantized_model = convert(self.config.engine)
-        rank_zero_info(
-            f"[PTQ] {self.mode.value} int8 model of {self._target_path!r} for {self.config.engine}: "
-            "callback.quantized_model"
+        publish_int8(
+            trainer,
+            pl_module,
+            self,
+            convert,
+            "PTQ",
+            f"{self.mode.value} int8 model of {self._target_path!r} for {self.config.engine}",
         )
-        if self.config.export and trainer.is_global_zero:
-            self.export_records, self.export_paths = export_for_engines(
-                trainer, self.config, self.example_inputs, self.quantized_model, convert, "ptq"
-            )
-        notify(trainer, "on_quantized", trainer, pl_module, self)

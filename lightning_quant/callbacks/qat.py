@@ -19,11 +19,11 @@ from torch.ao.quantization import QConfigMapping
 from lightning_quant.callbacks._shared import (
     check_strategy,
     example_inputs_for,
-    export_for_engines,
     first_of,
     metric_name,
     module_metric,
     notify,
+    publish_int8,
 )
 from lightning_quant.export import ExportRecord
 from lightning_quant.quantization.config import QuantizationConfig, check_callable
@@ -311,17 +311,11 @@ class QuantizationAwareTraining(Callback):
         pl_module.log(f"val/{key}_int8", value, on_epoch=True, sync_dist=True)
 
     def _convert_and_export(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self.quantized_model = self.convert(pl_module)
-        rank_zero_info(
-            f"[QAT] converted {self._target_path!r} to int8 for {self.config.engine}: callback.quantized_model"
+        publish_int8(
+            trainer,
+            pl_module,
+            self,
+            lambda engine: self.convert(pl_module, engine),
+            "QAT",
+            f"converted {self._target_path!r} to int8 for {self.config.engine}",
         )
-        if self.config.export and trainer.is_global_zero:
-            self.export_records, self.export_paths = export_for_engines(
-                trainer,
-                self.config,
-                self.example_inputs,
-                self.quantized_model,
-                lambda engine: self.convert(pl_module, engine),
-                "qat",
-            )
-        notify(trainer, "on_quantized", trainer, pl_module, self)
