@@ -28,6 +28,7 @@ from torch.ao.quantization.observer import ObserverBase
 from lightning_quant.export import flat_tensors
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.inputs import batch_inputs
+from lightning_quant.quantization.target import within
 
 #: SQNR (dB) above which a layer's error counts as nil when measuring what each layer adds
 SQNR_CEILING_DB = 60.0
@@ -175,7 +176,7 @@ def observer_ranges(prepared: nn.Module) -> dict[str, dict[str, Any]]:
     labels = _observed_values(prepared)
     owners: list[str] = []
     for name, module in prepared.named_modules():
-        if any(name.startswith(owner + ".") for owner in owners):
+        if within(name, owners, strictly=True):
             continue
         if isinstance(module, FakeQuantizeBase):
             owners.append(name)

@@ -19,6 +19,7 @@ from torch.ao.quantization import FakeQuantizeBase
 from torch.ao.quantization.observer import ObserverBase
 
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
+from lightning_quant.quantization.target import within
 
 
 class NonFiniteError(ValueError):
@@ -45,7 +46,7 @@ def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or _is_observer(module) or any(not _is_observer(c) for c in module.children()):
             continue
-        owner = next((f for f in fused if name == f or name.startswith(f + ".")), name)
+        owner = within(name, fused) or name
         layers.append((owner, module))
     return layers
 

@@ -31,6 +31,7 @@ from torch.ao.quantization import (
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.qconfig import locate_module_type, resolve_skip
+from lightning_quant.quantization.target import within
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 
 DEFAULT_DYNAMIC_TYPES: tuple[type, ...] = (nn.Linear, nn.LSTM, nn.GRU)
@@ -92,12 +93,11 @@ def quantize_dynamic_copy(
         ValueError: ``model`` has no module of ``module_types`` outside ``skip``.
     """
     names, skip_types = resolve_skip(model, config.skip)
+    kept_float = {n for n, _ in model.named_modules() if within(n, names)}  # skipped names and all inside them
     quantizable = [
         n
         for n, m in model.named_modules()
-        if isinstance(m, module_types)
-        and not isinstance(m, skip_types)
-        and not any(n == s or n.startswith(s + ".") for s in names)
+        if isinstance(m, module_types) and not isinstance(m, skip_types) and n not in kept_float
     ]
     if not quantizable:
         found = sorted({type(m).__name__ for m in model.modules()})
@@ -109,7 +109,7 @@ def quantize_dynamic_copy(
     spec: dict = {t: _qconfig_for(t, dtype, config.per_channel) for t in module_types if t not in skip_types}
     # a name maps to None for itself and every module inside it: torch looks types up before
     # inheriting from the parent, so a skipped container's Linear layers would be quantized otherwise
-    spec.update({n: None for n, _ in model.named_modules() if any(n == s or n.startswith(s + ".") for s in names)})
+    spec.update({n: None for n in kept_float})
     for module_type in skip_types:
         spec[module_type] = None
     float_model = copy.deepcopy(model).cpu().eval()

@@ -25,6 +25,7 @@ from torch.ao.quantization.fuse_modules import fuse_modules, fuse_modules_qat
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.qconfig import build_qconfig_mapping, resolve_skip
+from lightning_quant.quantization.target import within
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -135,7 +136,7 @@ def _swap_in_islands(model: nn.Module, names: tuple[str, ...], types: tuple[type
     # outermost first, and nothing inside an island already made
     chosen: list[str] = []
     for name in sorted(targets, key=lambda n: n.count(".")):
-        if not any(name.startswith(outer + ".") for outer in chosen):
+        if not within(name, chosen, strictly=True):
             chosen.append(name)
     for name in chosen:
         parent_name, _, attr = name.rpartition(".")
