@@ -30,7 +30,7 @@ from omegaconf import MISSING, DictConfig, ListConfig
 
 from lightning_quant.callbacks.ptq import PostTrainingQuantization
 from lightning_quant.quantization.schedule import quantization_disabled
-from lightning_quant.report import classification_accuracy, compare, comparison_table, latency_ms, state_dict_bytes
+from lightning_quant.report import compare, comparison_table
 
 log = logging.getLogger(__name__)
 
@@ -156,10 +156,9 @@ def measure_float(cfg: DictConfig, model: pl.LightningModule, datamodule: pl.Lig
 
     net = copy.deepcopy(model.net).cpu().eval()
     test = list(datamodule.test_dataloader())
+    bench = cfg.benchmark
     example = default_batch_to_input(test[0]).to("cpu")
-    metrics: dict[str, Any] = {"float_acc": classification_accuracy(net, test), "fp32_bytes": state_dict_bytes(net)}
-    for bs in cfg.benchmark.batch_sizes:
-        metrics[f"fp32_ms_b{bs}"] = latency_ms(net, example, bs, cfg.benchmark.repeats, cfg.benchmark.warmup)
+    metrics = compare(net, None, test, example, "", list(bench.batch_sizes), bench.repeats, bench.warmup)
     metrics["export_paths"] = {}
     return metrics
 

@@ -52,7 +52,6 @@ def latency_ms(
     return statistics.median(times) * 1e3
 
 
-@torch.inference_mode()
 def classification_accuracy(
     module: nn.Module,
     batches: Iterable[Any],
@@ -61,17 +60,12 @@ def classification_accuracy(
     target_of: Callable[[Any], torch.Tensor] = inputs.target_of,
 ) -> float:
     """Top-1 accuracy of ``module`` (on CPU) over ``batches`` of ``(input, target)`` (or mappings with labels)."""
-    correct = total = 0
-    module = module.eval()
-    with quantized_engine(engine or torch.backends.quantized.engine):
-        for batch in batches:
-            logits = batch_inputs(batch, batch_to_input).to("cpu")(module)
-            target = target_of(batch).cpu()
-            correct += int((logits.argmax(dim=-1) == target).sum())
-            total += int(target.numel())
-    if total == 0:
+    batches = list(batches)
+    if not batches:
         raise ValueError("no batches to measure accuracy on")
-    return correct / total
+    predictions = collect_outputs(module, batches, engine, batch_to_input).argmax(dim=-1)
+    targets = torch.cat([target_of(batch).cpu().reshape(-1) for batch in batches])
+    return int((predictions == targets).sum()) / targets.numel()
 
 
 def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
@@ -91,7 +85,7 @@ def _fmt(value: Any) -> str:
 
 def compare(
     float_model: nn.Module,
-    int8_model: nn.Module,
+    int8_model: Optional[nn.Module],
     test_batches: Sequence[Any],
     example: ExampleInputs,
     engine: str,
@@ -105,7 +99,7 @@ def compare(
 
     Args:
         float_model: the fp32 model timed and sized.
-        int8_model: the quantized model.
+        int8_model: the quantized model; ``None`` measures the float model alone (a baseline).
         test_batches: ``(input, target)`` batches for accuracy.
         example: inputs for timing (tiled or cut to each batch size).
         engine: quantized engine the int8 model was converted for.
@@ -116,13 +110,15 @@ def compare(
         "float_acc": classification_accuracy(
             float_eval_model or float_model, test_batches, batch_to_input=batch_to_input
         ),
-        "int8_acc": classification_accuracy(int8_model, test_batches, engine=engine, batch_to_input=batch_to_input),
         "fp32_bytes": state_dict_bytes(float_model),
-        "int8_bytes": state_dict_bytes(int8_model),
     }
+    if int8_model is not None:
+        metrics["int8_acc"] = classification_accuracy(int8_model, test_batches, engine, batch_to_input)
+        metrics["int8_bytes"] = state_dict_bytes(int8_model)
     for bs in batch_sizes:
         metrics[f"fp32_ms_b{bs}"] = latency_ms(float_model, example, bs, repeats, warmup)
-        metrics[f"int8_ms_b{bs}"] = latency_ms(int8_model, example, bs, repeats, warmup, engine)
+        if int8_model is not None:
+            metrics[f"int8_ms_b{bs}"] = latency_ms(int8_model, example, bs, repeats, warmup, engine)
     return metrics
 
 

@@ -75,3 +75,10 @@ def test_app_missing_checkpoint_is_a_clear_error(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert result.returncode != 0
     assert "ckpt_path='/nonexistent/model.ckpt': no such file" in result.stderr
+
+
+def test_app_float_baseline_without_quantization(tmp_path):
+    stdout, metrics = run_app(tmp_path, "quant=none", "trainer.max_epochs=2")
+    assert "float only: test accuracy" in stdout
+    assert metrics["float_acc"] >= 0.9 and "int8_acc" not in metrics and metrics["fp32_bytes"] > 0
+    assert metrics["fp32_ms_b1"] > 0 and "int8_ms_b1" not in metrics
