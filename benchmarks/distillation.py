@@ -28,9 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _common import trainer  # noqa: E402
 
 from lightning_quant import KnowledgeDistillation, QuantizationAwareTraining  # noqa: E402
-from lightning_quant.data import DigitsDataModule  # noqa: E402
-from lightning_quant.models import Classifier, DigitsCNN  # noqa: E402
-from lightning_quant.report import classification_accuracy, format_table  # noqa: E402
+from lightning_quant.demos import (  # noqa: E402
+    Classifier,
+    DigitsCNN,
+    DigitsDataModule,  # noqa: E402
+)
+from lightning_quant.evaluation import classification_accuracy  # noqa: E402
+from lightning_quant.utils import format_table  # noqa: E402
 
 
 def float_model(datamodule, width: int, epochs: int, seed: int) -> Classifier:

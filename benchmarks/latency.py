@@ -13,9 +13,10 @@ import platform
 
 import torch
 
-from lightning_quant.models import DigitsCNN
+from lightning_quant.demos import DigitsCNN
+from lightning_quant.evaluation import latency_ms, state_dict_bytes
 from lightning_quant.quantization import ExampleInputs, QuantizationConfig, convert_copy, get_flow
-from lightning_quant.report import format_table, latency_ms, state_dict_bytes
+from lightning_quant.utils import format_table
 
 
 def cpu_name() -> str:

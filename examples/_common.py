@@ -7,7 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
-from lightning_quant.report import compare, comparison_table
+from lightning_quant.evaluation import compare, comparison_table
 
 
 def trainer(epochs: int, callbacks: list, **kwargs: Any) -> pl.Trainer:

@@ -19,8 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report, trainer  # noqa: E402
 
 from lightning_quant import PostTrainingQuantization  # noqa: E402
-from lightning_quant.data import RottenTomatoesDataModule  # noqa: E402
-from lightning_quant.models import Classifier, ReviewLSTM  # noqa: E402
+from lightning_quant.demos import (  # noqa: E402
+    Classifier,
+    ReviewLSTM,
+    RottenTomatoesDataModule,  # noqa: E402
+)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -26,9 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_quant import quantize
-from lightning_quant.data import RottenTomatoesDataModule, package_data_file
-from lightning_quant.report import format_table, state_dict_bytes
+from lightning_quant import quantize, quantize_within_budget
+from lightning_quant.demos import RottenTomatoesDataModule, package_data_file
+from lightning_quant.evaluation import state_dict_bytes
+from lightning_quant.utils import format_table
 
 FFN_OUTPUTS = [f"encoder.layer.{i}.output.dense" for i in range(6)]
 
@@ -61,12 +62,15 @@ def median_ms(model: torch.nn.Module, batch: dict[str, torch.Tensor], repeats: i
 
 def searched_islands(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], max_drop: float):
     """Dynamic int8 with the float islands the sensitivity search picks for a token-level cosine budget."""
-    from lightning_quant.quantization.config import QuantizationConfig
-    from lightning_quant.quantization.ptq import Mode, builder, quantize_within_budget
-
-    config = QuantizationConfig(per_channel=True, export=None)
-    build = builder(model, config, Mode.DYNAMIC, None, 1, None, "qint8", (torch.nn.Linear,))
-    return quantize_within_budget(model, build, batches, config.engine, max_drop, (torch.nn.Linear,))
+    return quantize_within_budget(
+        model,
+        mode="dynamic",
+        per_channel=True,
+        module_types=(torch.nn.Linear,),
+        max_metric_drop=max_drop,
+        eval_data=batches,
+        eval_batches=len(batches),
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:

@@ -1,9 +1,23 @@
-"""Int8 quantization of PyTorch models as Lightning callbacks (QAT, PTQ) and one function (``quantize``)."""
+"""Int8 quantization of PyTorch models as Lightning callbacks (QAT, PTQ) and one function (``quantize``).
+
+The package follows a model through quantization, and imports run one way, from the top down:
+
+- ``callbacks``: *when* (Lightning hooks); a base class and a listener protocol they share;
+- ``evaluation``: what it cost and bought (metrics, per-layer analysis, the report);
+- ``export``: files for servers, phones and ONNX runtimes;
+- ``quantization``: *how* (config, qconfig, flows, schedule, calibration, conversion, search);
+- ``utils``: checks, names, tables and file writes with no knowledge of quantization.
+
+``lightning_quant.demos`` (data and models) and ``lightning_quant.app`` (the commands) use the
+library and are not part of it.
+"""
 
 from lightning_quant.callbacks import (
     KnowledgeDistillation,
     PostTrainingQuantization,
     QuantizationAwareTraining,
+    QuantizationCallback,
+    QuantizationListener,
     QuantizationReport,
 )
 from lightning_quant.quantization import (
@@ -12,15 +26,18 @@ from lightning_quant.quantization import (
     ExportTarget,
     Flow,
     FxTracingError,
+    Mode,
+    NonFiniteError,
     Observer,
     QATSchedule,
     QuantizationConfig,
+    SkipSearch,
     quantization_disabled,
+    quantize,
+    quantize_within_budget,
 )
-from lightning_quant.quantization.calibrate import NonFiniteError
-from lightning_quant.quantization.ptq import quantize
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Backend",
@@ -29,13 +46,18 @@ __all__ = [
     "Flow",
     "FxTracingError",
     "KnowledgeDistillation",
+    "Mode",
     "NonFiniteError",
     "Observer",
     "PostTrainingQuantization",
     "QATSchedule",
     "QuantizationAwareTraining",
+    "QuantizationCallback",
     "QuantizationConfig",
+    "QuantizationListener",
     "QuantizationReport",
+    "SkipSearch",
     "quantization_disabled",
     "quantize",
+    "quantize_within_budget",
 ]

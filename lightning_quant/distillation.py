@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from enum import Enum
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -45,7 +45,7 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 def distillation_loss(
-    student: torch.Tensor, teacher: torch.Tensor, loss: Union[str, DistillationLoss] = "kl", temperature: float = 4.0
+    student: torch.Tensor, teacher: torch.Tensor, loss: str | DistillationLoss = "kl", temperature: float = 4.0
 ) -> torch.Tensor:
     """The distillation term between student and teacher logits (classes on the last dimension).
 
@@ -63,7 +63,7 @@ def distillation_loss(
     return F.kl_div(s, t, reduction="batchmean", log_target=True) * temperature**2
 
 
-def load_teacher_weights(architecture: nn.Module, ckpt_path: Union[str, Path], module_path: str) -> nn.Module:
+def load_teacher_weights(architecture: nn.Module, ckpt_path: str | Path, module_path: str) -> nn.Module:
     """A copy of ``architecture`` holding the weights of ``module_path`` in a Lightning checkpoint.
 
     The checkpoint is read with ``weights_only=True``: no object in it is unpickled.
@@ -80,9 +80,9 @@ def load_teacher_weights(architecture: nn.Module, ckpt_path: Union[str, Path], m
     prefix = f"{module_path}."
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     teacher = copy.deepcopy(architecture)
-    result = teacher.load_state_dict(weights, strict=False) if weights else None
-    if not weights or result.missing_keys:
-        missing = result.missing_keys[:5] if result else list(teacher.state_dict())[:5]
+    missing = teacher.load_state_dict(weights, strict=False).missing_keys if weights else list(teacher.state_dict())
+    if missing:
+        missing = missing[:5]
         raise ValueError(
             f"teacher checkpoint {str(path)!r} has no float weights for {module_path!r} (missing e.g. {missing}); "
             "a QAT checkpoint holds fused, fake-quantized layers: pass the teacher as an nn.Module instead"

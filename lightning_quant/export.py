@@ -19,19 +19,21 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from lightning_quant.quantization.config import Backend, ExportTarget, require_module
+from lightning_quant.quantization.config import Backend, ExportTarget
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.inputs import ExampleInputs, as_positional
+from lightning_quant.quantization.outputs import max_abs_diff
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+from lightning_quant.utils.checks import require_module
+from lightning_quant.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -51,42 +53,6 @@ class ExportRecord:
 def engine_for(target: ExportTarget, backend: Backend) -> str:
     """The quantized engine a target's file is converted for."""
     return Backend.QNNPACK.value if target is ExportTarget.MOBILE else backend.value
-
-
-def flat_tensors(value: Any) -> list[torch.Tensor]:
-    """Every tensor in a (possibly nested) model output, in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in flat_tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in flat_tensors(v)]
-    if hasattr(value, "to_tuple"):  # Hugging Face ModelOutput
-        return flat_tensors(value.to_tuple())
-    return []
-
-
-def max_abs_diff(a: Any, b: Any) -> float:
-    """The largest absolute difference between two model outputs of the same structure."""
-    ta, tb = flat_tensors(a), flat_tensors(b)
-    if len(ta) != len(tb) or not ta:
-        raise ValueError(f"outputs differ in structure: {len(ta)} tensors vs {len(tb)}")
-    return max(float((x.float() - y.float()).abs().max()) if x.numel() else 0.0 for x, y in zip(ta, tb))
-
-
-def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def to_torchscript(model: nn.Module, example: ExampleInputs) -> torch.jit.ScriptModule:
@@ -180,7 +146,7 @@ def export_int8(
         inputs = as_positional(model, example)
         with quantized_engine(engine), torch.inference_mode():
             expected = inputs(model)
-            reloaded: Optional[Any] = _WRITERS[target](model, path, inputs)
+            reloaded: Any | None = _WRITERS[target](model, path, inputs)
         diff = max_abs_diff(expected, reloaded) if reloaded is not None else float("nan")
         log.info("exported %s (%s engine) to %s; reloaded output max |diff| = %.3g", target.value, engine, path, diff)
         records[target.value] = ExportRecord(target, path, engine, diff)

@@ -2,6 +2,12 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
+def _run_in_tmp_path(tmp_path, monkeypatch):
+    """Each test runs in its own ``tmp_path``: whatever a Trainer or Hydra writes by default lands there."""
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
 def _restore_quantized_engine():
     """Each test starts and ends on the same quantized engine and determinism mode."""
     import torch

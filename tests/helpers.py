@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import tempfile
+import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -123,11 +123,15 @@ class TwoInputClassifier(BoringClassifier):
         return self._loader(1)
 
 
+#: The suite runs on CPU. `make test-gpu` sets this to "gpu" to train the Trainer-based tests on a
+#: GPU (conversion and export still run on CPU copies); no test needs a GPU otherwise.
+ACCELERATOR = os.environ.get("LIGHTNING_QUANT_TEST_ACCELERATOR", "cpu")
+
+
 def quiet_trainer(**kwargs: Any) -> pl.Trainer:
-    """A Trainer that prints nothing and writes nothing unless asked (its root folder is a fresh temp dir)."""
+    """A Trainer that prints nothing and writes nothing unless asked (its root folder is the test's ``tmp_path``)."""
     defaults = dict(
-        default_root_dir=tempfile.mkdtemp(prefix="lightning_quant_test_"),
-        accelerator="cpu",
+        accelerator=ACCELERATOR,
         devices=1,
         logger=False,
         enable_progress_bar=False,

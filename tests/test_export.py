@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -12,9 +11,10 @@ import pytest
 import torch
 
 from lightning_quant import QuantizationAwareTraining
-from lightning_quant.export import atomic_write, engine_for, max_abs_diff
+from lightning_quant.export import engine_for
 from lightning_quant.quantization.config import Backend, ExportTarget
 from lightning_quant.quantization.convert import quantized_engine
+from lightning_quant.quantization.outputs import max_abs_diff
 from tests.helpers import BoringClassifier, quiet_trainer
 
 RELOAD = textwrap.dedent(
@@ -81,27 +81,6 @@ def test_export_mobile_uses_qnnpack_engine(exported):
     assert callback.export_records["mobile"].engine == "qnnpack"
     assert callback.export_records["torchscript"].engine == "x86"
     assert callback.export_records["mobile"].path.suffix == ".ptl"
-
-
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
-    target = tmp_path / "model_int8.pt"
-    target.write_bytes(b"good model")
-
-    def broken_writer(tmp: str) -> None:
-        Path(tmp).write_bytes(b"half")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(target, broken_writer)
-    assert target.read_bytes() == b"good model"
-    assert sorted(os.listdir(tmp_path)) == ["model_int8.pt"]
-
-
-def test_atomic_write_replaces_the_file_in_one_step(tmp_path):
-    target = tmp_path / "sub" / "model.bin"
-    atomic_write(target, lambda tmp: Path(tmp).write_bytes(b"new"))
-    assert target.read_bytes() == b"new"
-    assert sorted(os.listdir(target.parent)) == ["model.bin"]
 
 
 def test_max_abs_diff_raises_on_different_structures():

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
+from lightning_quant.callbacks.base import QuantizationListener
 from lightning_quant.distillation import (
     DistillationLoss,
     distillation_loss,
     load_teacher_weights,
     logits_of,
 )
-from lightning_quant.quantization.config import parse_enum
 from lightning_quant.quantization.target import resolve_target
+from lightning_quant.utils.checks import parse_enum
 
 
-class KnowledgeDistillation(Callback):
+class KnowledgeDistillation(QuantizationListener, Callback):
     """Add a distillation term from a frozen teacher to the loss Lightning optimises.
 
     Total loss = ``(1 - alpha) * task_loss + alpha * T^2 * KL(student/T || teacher/T)`` (``loss="kl"``)
@@ -71,11 +73,11 @@ class KnowledgeDistillation(Callback):
 
     def __init__(
         self,
-        teacher: Union[nn.Module, str, Path, None] = None,
+        teacher: nn.Module | str | Path | None = None,
         temperature: float = 4.0,
         alpha: float = 0.5,
         loss: str = "kl",
-        module: Optional[str] = None,
+        module: str | None = None,
     ) -> None:
         if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
             raise TypeError(f"teacher must be an nn.Module, a checkpoint path or None, got {type(teacher).__name__}")
@@ -88,23 +90,26 @@ class KnowledgeDistillation(Callback):
             raise ValueError(f"module must be a dotted attribute path such as 'net' or None, got {module!r}")
         self.temperature, self.alpha, self.module = float(temperature), float(alpha), module
         self._teacher_arg = teacher
-        self.teacher: Optional[nn.Module] = teacher if isinstance(teacher, nn.Module) else None
-        self._float_student: Optional[nn.Module] = None
-        self._student_path: Optional[str] = None
+        self.teacher: nn.Module | None = teacher if isinstance(teacher, nn.Module) else None
+        self._float_student: nn.Module | None = None
+        self._student_path: str | None = None
         self._handle: Any = None
         self._capturing = False
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(module=self.module, loss=self.loss.value)
 
     # ------------------------------------------------------------------ hooks: when
-    def on_before_quantization_prepare(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_before_quantization_prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Called by ``QuantizationAwareTraining`` just before it prepares the model."""
         self._capture_float_student(pl_module)
 
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         if not pl_module.automatic_optimization:
@@ -115,34 +120,42 @@ class KnowledgeDistillation(Callback):
             )
         self._capture_float_student(pl_module)
 
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._build_teacher(pl_module)
+        assert self._student_path is not None  # found in setup
         self._handle = pl_module.get_submodule(self._student_path).register_forward_hook(
             self._capture, with_kwargs=True
         )
 
+    @override
     def on_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._pairs.clear()
         self._capturing = True
 
-    def on_before_backward(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor) -> None:
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self._capturing:
             self._add_distillation_term(trainer, pl_module, loss)
 
+    @override
     def on_train_batch_end(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._capturing = False
         self._pairs.clear()
 
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hook()
 
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hook()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # the teacher is not saved: a resumed run rebuilds it the same way
         return {
@@ -152,6 +165,7 @@ class KnowledgeDistillation(Callback):
             "loss": self.loss.value,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         pass  # nothing to restore: the arguments of this run hold
 
@@ -160,7 +174,7 @@ class KnowledgeDistillation(Callback):
         """This callback's distillation term (before the ``alpha`` weighting)."""
         return distillation_loss(student_logits, teacher_logits, self.loss, self.temperature)
 
-    def _capture_float_student(self, pl_module: "pl.LightningModule") -> None:
+    def _capture_float_student(self, pl_module: pl.LightningModule) -> None:
         if self._float_student is not None or self.teacher is not None:
             if self._student_path is None:
                 self._student_path = resolve_target(pl_module, self.module)[0]
@@ -168,34 +182,38 @@ class KnowledgeDistillation(Callback):
         self._student_path, student = resolve_target(pl_module, self.module)
         self._float_student = copy.deepcopy(student)
 
-    def _build_teacher(self, pl_module: "pl.LightningModule") -> None:
+    def _build_teacher(self, pl_module: pl.LightningModule) -> None:
         if self.teacher is None:
-            if self._teacher_arg is None:
-                self.teacher = self._float_student
+            float_student, path = self._float_student, self._student_path
+            assert float_student is not None and path is not None  # copied in setup
+            if isinstance(self._teacher_arg, (str, Path)):
+                self.teacher = load_teacher_weights(float_student, self._teacher_arg, path)
             else:
-                self.teacher = load_teacher_weights(self._float_student, self._teacher_arg, self._student_path)
+                self.teacher = float_student
             self._float_student = None
-            rank_zero_info(
-                f"[KD] teacher: {'checkpoint ' + str(self._teacher_arg) if self._teacher_arg else 'a frozen float copy of ' + repr(self._student_path)}"
+            source = (
+                f"checkpoint {self._teacher_arg}"
+                if self._teacher_arg
+                else f"a frozen float copy of {self._student_path!r}"
             )
+            rank_zero_info(f"[KD] teacher: {source}")
+        teacher = self.teacher
         student_params = {id(p) for p in pl_module.parameters()}
-        if any(id(p) in student_params for p in self.teacher.parameters()):
+        if any(id(p) in student_params for p in teacher.parameters()):
             raise ValueError(
                 "the teacher shares parameters with the LightningModule, so the optimizer would train it: "
                 "pass a separate module (copy.deepcopy) or teacher=None"
             )
-        self.teacher.eval().requires_grad_(False).to(pl_module.device)
+        teacher.eval().requires_grad_(False).to(pl_module.device)
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not (self._capturing and module.training and torch.is_grad_enabled()):
+        if not (self._capturing and module.training and torch.is_grad_enabled()) or self.teacher is None:
             return
         with torch.no_grad():
             teacher_out = self.teacher(*args, **kwargs)
         self._pairs.append((logits_of(output), logits_of(teacher_out)))
 
-    def _add_distillation_term(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", loss: torch.Tensor
-    ) -> None:
+    def _add_distillation_term(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if not self._pairs:
             raise RuntimeError(
                 f"KnowledgeDistillation saw no training forward of {self._student_path!r} in this step: the loss "

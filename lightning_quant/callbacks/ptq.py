@@ -5,33 +5,20 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch.nn as nn
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
-from torch.ao.quantization import QConfigMapping
+from typing_extensions import override
 
-from lightning_quant.callbacks._shared import (
-    check_strategy,
-    example_inputs_for,
-    publish_int8,
-    stage_dataloader,
-)
-from lightning_quant.analysis import SkipSearch, quantizable_layers, skip_search
-from lightning_quant.export import ExportRecord
-from lightning_quant.quantization.config import (
-    QuantizationConfig,
-    check_callable,
-    check_non_negative,
-    check_positive_int,
-    parse_enum,
-)
+from lightning_quant.callbacks._trainer import stage_dataloader
+from lightning_quant.callbacks.base import QuantizationCallback
+from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, check_dynamic_options, quantize_dynamic_copy
-from lightning_quant.quantization.inputs import ExampleInputs, batch_targets
+from lightning_quant.quantization.inputs import batch_targets
 from lightning_quant.quantization.ptq import (
     STATIC_LAYER_TYPES,
     Mode,
@@ -39,12 +26,17 @@ from lightning_quant.quantization.ptq import (
     convert_calibrated,
     prepare_and_calibrate,
 )
+from lightning_quant.quantization.search import SkipSearch, quantizable_layers, skip_search
 from lightning_quant.quantization.target import resolve_target
+from lightning_quant.utils.checks import check_bool, check_non_negative, check_positive_int, parse_enum
+
+if TYPE_CHECKING:
+    from torch.ao.quantization import QConfigMapping
 
 CALIBRATION_SOURCES = ("train", "val")
 
 
-class PostTrainingQuantization(Callback):
+class PostTrainingQuantization(QuantizationCallback):
     """Quantize a trained model without retraining: static (calibrated) or dynamic.
 
     When: at the end of ``trainer.fit`` and at the end of ``trainer.validate``. The second is
@@ -75,6 +67,8 @@ class PostTrainingQuantization(Callback):
             layer. The outcome is in ``skip_search`` (which layers stayed float, the score after
             each step, whether the budget was met) and ``sensitivity`` (each layer's score when
             quantized alone).
+        config: a :class:`~lightning_quant.QuantizationConfig` holding ``backend`` ... ``export_dir``
+            instead of those keyword arguments (which must then keep their defaults).
 
     Raises:
         ValueError: an argument outside its allowed values; in setup, an empty calibration source.
@@ -86,41 +80,33 @@ class PostTrainingQuantization(Callback):
         >>> trainer = Trainer(callbacks=[PostTrainingQuantization(calibration_batches=16)], logger=False)
     """
 
+    label = "PTQ"
+
     def __init__(
         self,
         mode: str = "static",
         backend: str = "x86",
         flow: str = "fx",
-        module: Optional[str] = None,
+        module: str | None = None,
         observer: str = "histogram",
-        per_channel: Optional[bool] = None,
-        skip: Sequence[Union[str, type]] = (),
-        qconfig_mapping: Optional[QConfigMapping] = None,
-        modules_to_fuse: Optional[Sequence[Sequence[str]]] = None,
-        calibration_data: Union[str, Iterable[Any]] = "train",
+        per_channel: bool | None = None,
+        skip: Sequence[str | type] = (),
+        qconfig_mapping: QConfigMapping | None = None,
+        modules_to_fuse: Sequence[Sequence[str]] | None = None,
+        calibration_data: str | Iterable[Any] = "train",
         calibration_batches: int = 32,
         dtype: str = "qint8",
-        module_types: Sequence[Union[str, type]] = DEFAULT_DYNAMIC_TYPES,
-        export: Union[str, Sequence[str], None] = ("torchscript",),
-        export_dir: Optional[Union[str, Path]] = None,
-        batch_to_input: Optional[Callable[[Any], Any]] = None,
+        module_types: Sequence[str | type] = DEFAULT_DYNAMIC_TYPES,
+        export: str | Sequence[str] | None = ("torchscript",),
+        export_dir: str | Path | None = None,
+        batch_to_input: Callable[[Any], Any] | None = None,
         progress: bool = True,
-        max_metric_drop: Optional[float] = None,
+        max_metric_drop: float | None = None,
         eval_batches: int = 16,
+        config: QuantizationConfig | None = None,
     ) -> None:
+        super().__init__(self._config_from(config, locals()), batch_to_input)
         self.mode = parse_enum(Mode, mode, "mode")
-        self.config = QuantizationConfig(
-            backend=backend,
-            flow=flow,
-            module=module,
-            observer=observer,
-            per_channel=per_channel,
-            skip=skip,
-            qconfig_mapping=qconfig_mapping,
-            modules_to_fuse=modules_to_fuse,
-            export=export,
-            export_dir=export_dir,
-        )
         if isinstance(calibration_data, str) and calibration_data not in CALIBRATION_SOURCES:
             raise ValueError(
                 f"calibration_data must be one of {CALIBRATION_SOURCES} or an iterable of batches, "
@@ -135,34 +121,28 @@ class PostTrainingQuantization(Callback):
         self.calibration_batches = check_positive_int(calibration_batches, "calibration_batches")
         self.dtype = dtype
         self.module_types = check_dynamic_options(dtype, module_types)
-        if not isinstance(progress, bool):
-            raise TypeError(f"progress must be True or False, got {progress!r}")
-        self.batch_to_input = check_callable(batch_to_input, "batch_to_input")
-        self.progress = progress
+        self.progress = check_bool(progress, "progress")
         self.max_metric_drop = check_non_negative(max_metric_drop, "max_metric_drop", allow_none=True)
         self.eval_batches = check_positive_int(eval_batches, "eval_batches")
-        self.skip_search: Optional[SkipSearch] = None
+        self.skip_search: SkipSearch | None = None
         self.sensitivity: dict[str, float] = {}
-        self.example_inputs: Optional[ExampleInputs] = None
-        self.quantized_model: Optional[nn.Module] = None
-        self.export_paths: dict[str, str] = {}
-        self.export_records: dict[str, ExportRecord] = {}
-        self.calibrated_model: Optional[nn.Module] = None
-        self._target_path: Optional[str] = None
+        self.calibrated_model: nn.Module | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(
             mode=self.mode.value, backend=self.config.backend.value, module=self.config.module
         )
 
     # ------------------------------------------------------------------ hooks: when
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage not in ("fit", "validate"):
             return
-        check_strategy(trainer, type(self).__name__)
+        self._check_strategy(trainer)
         self._target_path, _ = resolve_target(pl_module, self.config.module)
-        self.example_inputs = example_inputs_for(trainer, pl_module, stage, self.batch_to_input, type(self).__name__)
+        self.example_inputs = self._take_example_inputs(trainer, pl_module, stage)
         if self.mode is Mode.STATIC:
             if self._calibration_batches_source(trainer) is None:
                 raise ValueError(
@@ -170,22 +150,21 @@ class PostTrainingQuantization(Callback):
                     "give one, or pass calibration_data=<an iterable of batches>"
                 )
 
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._quantize_and_export(trainer, pl_module)
 
-    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "validate":
             self._quantize_and_export(trainer, pl_module)
 
     # ------------------------------------------------------------------ helpers: what
-    def target(self, pl_module: "pl.LightningModule") -> nn.Module:
-        """The float submodule this callback quantizes."""
-        return resolve_target(pl_module, self._target_path or self.config.module)[1]
-
-    def _search_float_islands(self, trainer: "pl.Trainer", target: nn.Module) -> QuantizationConfig:
+    def _search_float_islands(self, trainer: pl.Trainer, target: nn.Module) -> QuantizationConfig:
         """Run the skip search on validation batches; returns the config with the layers kept in float."""
-        loader = stage_dataloader(trainer, "validate") or self._calibration_batches_source(trainer)
+        loader = stage_dataloader(trainer, "validate") or self._calibration_source(trainer)
         batches = list(itertools.islice(iter(loader), self.eval_batches))
+        assert self.max_metric_drop is not None  # the search runs only with a budget
         build = builder(
             target,
             self.config,
@@ -216,22 +195,36 @@ class PostTrainingQuantization(Callback):
         )
         return dataclasses.replace(self.config, skip=tuple(self.config.skip) + tuple(search.skipped))
 
-    def float_reference(self, pl_module: "pl.LightningModule") -> nn.Module:
+    @override
+    def float_reference(self, pl_module: pl.LightningModule) -> nn.Module:
         """A CPU copy computing float outputs under the int8 model's module names (for per-layer error)."""
         return copy.deepcopy(
             self.calibrated_model if self.calibrated_model is not None else self.target(pl_module)
         ).cpu()
 
-    def observed_model(self, pl_module: "pl.LightningModule") -> Optional[nn.Module]:
+    @override
+    def observed_model(self, pl_module: pl.LightningModule) -> nn.Module | None:
         """The model holding the calibrated observers (static mode), for their ranges."""
         return self.calibrated_model
 
-    def _calibration_batches_source(self, trainer: "pl.Trainer") -> Optional[Iterable[Any]]:
+    @property
+    @override
+    def calibration_batches_used(self) -> int | None:
+        return self.calibration_batches if self.mode is Mode.STATIC else None
+
+    def _calibration_source(self, trainer: pl.Trainer) -> Iterable[Any]:
+        """The calibration batches (setup has checked that the source exists)."""
+        source = self._calibration_batches_source(trainer)
+        if source is None:
+            raise ValueError(f"calibration_data={self.calibration_data!r}: the Trainer has no such dataloader")
+        return source
+
+    def _calibration_batches_source(self, trainer: pl.Trainer) -> Iterable[Any] | None:
         if not isinstance(self.calibration_data, str):
             return self.calibration_data
         return stage_dataloader(trainer, "fit" if self.calibration_data == "train" else "validate")
 
-    def _quantize_and_export(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def _quantize_and_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         target = self.target(pl_module)
         config = self.config
         if self.max_metric_drop is not None:
@@ -244,7 +237,7 @@ class PostTrainingQuantization(Callback):
         else:
             calibrated = prepare_and_calibrate(
                 target,
-                self._calibration_batches_source(trainer),
+                self._calibration_source(trainer),
                 config,
                 self.calibration_batches,
                 self.batch_to_input,
@@ -256,11 +249,9 @@ class PostTrainingQuantization(Callback):
             def convert(engine: str) -> nn.Module:
                 return convert_calibrated(calibrated, config, engine)
 
-        publish_int8(
+        self._publish(
             trainer,
             pl_module,
-            self,
             convert,
-            "PTQ",
             f"{self.mode.value} int8 model of {self._target_path!r} for {self.config.engine}",
         )

@@ -5,33 +5,23 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
 import torch.nn as nn
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.ao.quantization import QConfigMapping
+from typing_extensions import override
 
-from lightning_quant.callbacks._shared import (
-    check_strategy,
-    example_inputs_for,
-    first_of,
-    metric_name,
-    module_metric,
-    notify,
-    publish_int8,
-)
-from lightning_quant.export import ExportRecord
-from lightning_quant.quantization.config import QuantizationConfig, check_callable
+from lightning_quant.callbacks._trainer import first_of, metric_name, module_metric
+from lightning_quant.callbacks.base import QuantizationCallback
+from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy, unobserved
-from lightning_quant.quantization.inputs import batch_targets
-from lightning_quant.report import collect_outputs, task_metric
 from lightning_quant.quantization.flows import get_flow
-from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.inputs import batch_targets
+from lightning_quant.quantization.outputs import collect_outputs, task_metric
 from lightning_quant.quantization.schedule import (
     Phase,
     QATSchedule,
@@ -43,11 +33,15 @@ from lightning_quant.quantization.schedule import (
     set_observers,
 )
 from lightning_quant.quantization.target import replace_target, resolve_target
+from lightning_quant.utils.checks import check_bool
+
+if TYPE_CHECKING:
+    from torch.ao.quantization import QConfigMapping
 
 log = logging.getLogger(__name__)
 
 
-class QuantizationAwareTraining(Callback):
+class QuantizationAwareTraining(QuantizationCallback):
     """Train with fake quantization, then convert to int8 and export, from one callback.
 
     The model is prepared in ``setup``, before Lightning restores a checkpoint, wraps the
@@ -90,6 +84,8 @@ class QuantizationAwareTraining(Callback):
             metrics: the LightningModule's own ``val_*`` torchmetrics attribute when it has one
             (``val_acc`` gives ``val/acc_int8``), else ``val/accuracy_int8`` or ``val/mse_int8``.
             Skipped (with a log line) while quantization has not started.
+        config: a :class:`~lightning_quant.QuantizationConfig` holding ``backend`` ... ``export_dir``
+            instead of those keyword arguments (which must then keep their defaults).
 
     Raises:
         ValueError: an argument outside its allowed values (the message lists them).
@@ -103,105 +99,100 @@ class QuantizationAwareTraining(Callback):
     """
 
     STATE_VERSION = 1
+    label = "QAT"
 
     def __init__(
         self,
         backend: str = "x86",
         flow: str = "fx",
-        module: Optional[str] = None,
+        module: str | None = None,
         observer: str = "moving_average",
-        per_channel: Optional[bool] = None,
-        skip: Sequence[Union[str, type]] = (),
-        qconfig_mapping: Optional[QConfigMapping] = None,
-        modules_to_fuse: Optional[Sequence[Sequence[str]]] = None,
+        per_channel: bool | None = None,
+        skip: Sequence[str | type] = (),
+        qconfig_mapping: QConfigMapping | None = None,
+        modules_to_fuse: Sequence[Sequence[str]] | None = None,
         quant_start_epoch: int = 0,
-        freeze_observers_epoch: Optional[int] = None,
-        freeze_bn_epoch: Optional[int] = None,
+        freeze_observers_epoch: int | None = None,
+        freeze_bn_epoch: int | None = None,
         convert_on_fit_end: bool = True,
-        export: Union[str, Sequence[str], None] = ("torchscript",),
-        export_dir: Optional[Union[str, Path]] = None,
-        batch_to_input: Optional[Callable[[Any], Any]] = None,
+        export: str | Sequence[str] | None = ("torchscript",),
+        export_dir: str | Path | None = None,
+        batch_to_input: Callable[[Any], Any] | None = None,
         validate_int8: bool = False,
+        config: QuantizationConfig | None = None,
     ) -> None:
-        self.config = QuantizationConfig(
-            backend=backend,
-            flow=flow,
-            module=module,
-            observer=observer,
-            per_channel=per_channel,
-            skip=skip,
-            qconfig_mapping=qconfig_mapping,
-            modules_to_fuse=modules_to_fuse,
-            export=export,
-            export_dir=export_dir,
-        )
+        super().__init__(self._config_from(config, locals()), batch_to_input)
         self.schedule = QATSchedule(quant_start_epoch, freeze_observers_epoch, freeze_bn_epoch)
-        if not isinstance(convert_on_fit_end, bool):
-            raise TypeError(f"convert_on_fit_end must be True or False, got {convert_on_fit_end!r}")
-        if not isinstance(validate_int8, bool):
-            raise TypeError(f"validate_int8 must be True or False, got {validate_int8!r}")
-        self.convert_on_fit_end = convert_on_fit_end
-        self.validate_int8 = validate_int8
-        self.batch_to_input = check_callable(batch_to_input, "batch_to_input")
-        self.example_inputs: Optional[ExampleInputs] = None
-        self.quantized_model: Optional[nn.Module] = None
-        self.export_paths: dict[str, str] = {}
-        self.export_records: dict[str, ExportRecord] = {}
-        self._target_path: Optional[str] = None
-        self._phase: Optional[Phase] = None
-        self._saved_observers: Optional[dict[str, bool]] = None
+        self.convert_on_fit_end = check_bool(convert_on_fit_end, "convert_on_fit_end")
+        self.validate_int8 = check_bool(validate_int8, "validate_int8")
+        self._phase: Phase | None = None
+        self._saved_observers: dict[str, bool] | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(
             backend=self.config.backend.value, flow=self.config.flow.value, module=self.config.module
         )
 
     # ------------------------------------------------------------------ hooks: when
-    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        check_strategy(trainer, type(self).__name__)
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._check_strategy(trainer)
         if stage == "fit":
             self._check_schedule_fits(trainer)
         self._prepare(trainer, pl_module, stage)
 
-    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._apply_schedule(pl_module, trainer.current_epoch)
 
+    @override
     def on_train_batch_start(
-        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self._phase is not None and self._phase.bn_frozen:
             set_bn_frozen(self.target(pl_module), True)  # Lightning's model.train() after validation unfreezes plain BN
 
-    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pause_observers(pl_module)
 
-    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resume_observers(pl_module)
 
-    def on_validation_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.validate_int8 and trainer.state.fn == "fit" and not trainer.sanity_checking:
             self._validate_int8(trainer, pl_module)
 
-    def on_test_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pause_observers(pl_module)
 
-    def on_test_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resume_observers(pl_module)
 
-    def on_predict_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pause_observers(pl_module)
 
-    def on_predict_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._resume_observers(pl_module)
 
-    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._resume_observers(pl_module)
 
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.convert_on_fit_end:
             self._convert_and_export(trainer, pl_module)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": self.STATE_VERSION,
@@ -211,34 +202,43 @@ class QuantizationAwareTraining(Callback):
             "schedule": asdict(self.schedule),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("schedule", {})
         if saved and saved != asdict(self.schedule):
             rank_zero_warn(f"resuming with schedule {asdict(self.schedule)}, the checkpoint was trained with {saved}")
 
     # ------------------------------------------------------------------ helpers: what
-    def target(self, pl_module: "pl.LightningModule") -> nn.Module:
+    @override
+    def target(self, pl_module: pl.LightningModule) -> nn.Module:
         """The (prepared) submodule this callback quantizes."""
         if self._target_path is None:
             raise RuntimeError(f"{type(self).__name__} has not prepared a model yet: it does so in Trainer setup")
         return pl_module.get_submodule(self._target_path)
 
-    def convert(self, pl_module: "pl.LightningModule", engine: Optional[str] = None) -> nn.Module:
+    def convert(self, pl_module: pl.LightningModule, engine: str | None = None) -> nn.Module:
         """An int8 copy of the current QAT model for ``engine`` (default: the backend's); training is untouched."""
         return convert_copy(self.target(pl_module), self.config.flow, engine or self.config.engine)
 
-    def float_reference(self, pl_module: "pl.LightningModule") -> nn.Module:
+    @override
+    def float_reference(self, pl_module: pl.LightningModule) -> nn.Module:
         """A CPU copy of the QAT model with quantization switched off: float outputs, int8 module names."""
         reference = copy.deepcopy(self.target(pl_module)).cpu().eval()
         set_fake_quant(reference, False)
         set_observers(reference, False)
         return reference
 
-    def observed_model(self, pl_module: "pl.LightningModule") -> nn.Module:
+    @property
+    @override
+    def learns_ranges(self) -> bool:
+        return True
+
+    @override
+    def observed_model(self, pl_module: pl.LightningModule) -> nn.Module:
         """The QAT model, whose fake-quantize modules hold the learnt ranges."""
         return self.target(pl_module)
 
-    def _check_schedule_fits(self, trainer: "pl.Trainer") -> None:
+    def _check_schedule_fits(self, trainer: pl.Trainer) -> None:
         max_epochs = trainer.max_epochs
         if (
             self.convert_on_fit_end
@@ -251,16 +251,14 @@ class QuantizationAwareTraining(Callback):
                 "would never be quantized; lower quant_start_epoch or raise max_epochs"
             )
 
-    def _prepare(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+    def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         path, target = resolve_target(pl_module, self.config.module)
         self._target_path = path
         if self.example_inputs is None:
-            self.example_inputs = example_inputs_for(
-                trainer, pl_module, stage, self.batch_to_input, type(self).__name__
-            )
+            self.example_inputs = self._take_example_inputs(trainer, pl_module, stage)
         if is_prepared(target):  # a second fit, or test/validate after fit: prepare once
             return
-        notify(trainer, "on_before_quantization_prepare", trainer, pl_module)  # e.g. KD copies the float model
+        self._notify(trainer, pl_module, "prepare")  # e.g. KD copies the float model
         training = pl_module.training
         prepared = get_flow(self.config.flow).prepare(target, self.config, self.example_inputs, qat=True)
         replace_target(pl_module, path, prepared)
@@ -271,27 +269,28 @@ class QuantizationAwareTraining(Callback):
             f"{self.config.backend.value}; schedule {asdict(self.schedule)}"
         )
 
-    def _apply_schedule(self, pl_module: "pl.LightningModule", epoch: int) -> None:
+    def _apply_schedule(self, pl_module: pl.LightningModule, epoch: int) -> None:
         phase = self.schedule.apply(self.target(pl_module), epoch)
         if phase != self._phase:
             rank_zero_info(
                 f"[QAT] epoch {epoch}: fake quantization {'on' if phase.fake_quant else 'off'}, observers "
-                f"{'on' if phase.observers else 'off'}, BatchNorm statistics {'frozen' if phase.bn_frozen else 'updating'}"
+                f"{'on' if phase.observers else 'off'}, "
+                f"BatchNorm statistics {'frozen' if phase.bn_frozen else 'updating'}"
             )
         self._phase = phase
 
-    def _pause_observers(self, pl_module: "pl.LightningModule") -> None:
+    def _pause_observers(self, pl_module: pl.LightningModule) -> None:
         if self._target_path is not None and self._saved_observers is None:
             target = self.target(pl_module)
             self._saved_observers = observer_states(target)
             set_observers(target, False)
 
-    def _resume_observers(self, pl_module: "pl.LightningModule") -> None:
+    def _resume_observers(self, pl_module: pl.LightningModule) -> None:
         if self._saved_observers is not None:
             restore_observer_states(self.target(pl_module), self._saved_observers)
             self._saved_observers = None
 
-    def _validate_int8(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def _validate_int8(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         target = self.target(pl_module)
         if unobserved(target):
             rank_zero_info(
@@ -310,12 +309,10 @@ class QuantizationAwareTraining(Callback):
         key = metric_name(pl_module, metric) if metric is not None else name
         pl_module.log(f"val/{key}_int8", value, on_epoch=True, sync_dist=True)
 
-    def _convert_and_export(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        publish_int8(
+    def _convert_and_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._publish(
             trainer,
             pl_module,
-            self,
             lambda engine: self.convert(pl_module, engine),
-            "QAT",
             f"converted {self._target_path!r} to int8 for {self.config.engine}",
         )

@@ -5,24 +5,26 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import lightning.pytorch as pl
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
-from lightning_quant.analysis import next_steps
-from lightning_quant.callbacks._shared import module_metric, resolve_export_dir, stage_dataloader
-from lightning_quant.quantization.config import check_non_negative, check_positive_int
+from lightning_quant.callbacks._trainer import module_metric, stage_dataloader, trainer_callbacks
+from lightning_quant.callbacks.base import QuantizationCallback, QuantizationListener
+from lightning_quant.evaluation.analysis import next_steps
+from lightning_quant.evaluation.report import build_report, write_report
 from lightning_quant.quantization.inputs import batch_targets
 from lightning_quant.quantization.target import resolve_target
-from lightning_quant.report import build_report, write_report
+from lightning_quant.utils.checks import check_non_negative, check_positive_int
 
 REPORT_DATA = ("val", "test")
 
 
-class QuantizationReport(Callback):
+class QuantizationReport(QuantizationListener, Callback):
     """After a quantization callback converts, compare float and int8 and write a report.
 
     Works beside :class:`~lightning_quant.QuantizationAwareTraining` or
@@ -54,11 +56,11 @@ class QuantizationReport(Callback):
 
     def __init__(
         self,
-        data: Union[str, Iterable[Any]] = "val",
+        data: str | Iterable[Any] = "val",
         max_batches: int = 16,
         threshold: float = 0.01,
-        batch_sizes: Optional[Sequence[int]] = None,
-        report_dir: Optional[Union[str, Path]] = None,
+        batch_sizes: Sequence[int] | None = None,
+        report_dir: str | Path | None = None,
     ) -> None:
         if isinstance(data, str) and data not in REPORT_DATA:
             raise ValueError(f"data must be one of {REPORT_DATA} or an iterable of batches, got {data!r}")
@@ -71,23 +73,25 @@ class QuantizationReport(Callback):
         self.data, self.max_batches, self.threshold = data, max_batches, float(threshold)
         self.batch_sizes = tuple(batch_sizes) if batch_sizes is not None else None
         self.report_dir = report_dir
-        self.report: Optional[dict[str, Any]] = None
+        self.report: dict[str, Any] | None = None
         self.paths: dict[str, Path] = {}
-        self._fp32: Optional[nn.Module] = None
+        self._fp32: nn.Module | None = None
 
     # ------------------------------------------------------------------ hooks: when
-    def on_before_quantization_prepare(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    @override
+    def on_before_quantization_prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """QAT is about to rewrite the model: keep its float architecture for fp32 size and latency."""
-        quant = next((c for c in trainer.callbacks if hasattr(c, "config") and hasattr(c, "observed_model")), None)
+        quant = next((c for c in trainer_callbacks(trainer) if isinstance(c, QuantizationCallback)), None)
         path = quant.config.module if quant is not None else None
         self._fp32 = copy.deepcopy(resolve_target(pl_module, path)[1]).cpu().eval()
 
-    def on_quantized(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", callback: Any) -> None:
+    @override
+    def on_quantized(self, trainer: pl.Trainer, pl_module: pl.LightningModule, callback: QuantizationCallback) -> None:
         if trainer.is_global_zero:
             self._report(trainer, pl_module, callback)
 
     # ------------------------------------------------------------------ helpers: what
-    def _batches(self, trainer: "pl.Trainer") -> list[Any]:
+    def _batches(self, trainer: pl.Trainer) -> list[Any]:
         source = (
             self.data
             if not isinstance(self.data, str)
@@ -105,23 +109,26 @@ class QuantizationReport(Callback):
                 break
         return batches
 
-    def _report(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", callback: Any) -> None:
+    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, callback: QuantizationCallback) -> None:
         batches = self._batches(trainer)
         config = callback.config
         fp32 = self._fp32 if self._fp32 is not None else copy.deepcopy(callback.target(pl_module)).cpu().eval()
-        train_bs = callback.example_inputs.batch_size or 32
+        example = callback.example_inputs
+        if example is None or callback.quantized_model is None:
+            raise RuntimeError(f"{type(callback).__name__} announced a model it has not quantized")
+        train_bs = example.batch_size or 32
         steps = next_steps(
-            config.per_channel,
+            bool(config.per_channel),
             config.observer.value,
-            getattr(callback, "calibration_batches", None),
-            qat=hasattr(callback, "schedule"),
+            callback.calibration_batches_used,
+            qat=callback.learns_ranges,
         )
         self.report = build_report(
             fp32_model=fp32,
             reference=callback.float_reference(pl_module),
             int8_model=callback.quantized_model,
             batches=batches,
-            example=callback.example_inputs,
+            example=example,
             engine=config.engine,
             prepared=callback.observed_model(pl_module),
             export_paths=callback.export_paths,
@@ -132,12 +139,11 @@ class QuantizationReport(Callback):
             next_steps=steps,
             batch_to_input=callback.batch_to_input,
         )
-        directory = Path(self.report_dir) if self.report_dir is not None else resolve_export_dir(config, trainer)
+        directory = Path(self.report_dir) if self.report_dir is not None else callback.export_dir(trainer)
         self.paths = write_report(self.report, directory)
-        self._log(trainer)
+        self._log(trainer, self.report)
 
-    def _log(self, trainer: "pl.Trainer") -> None:
-        report = self.report
+    def _log(self, trainer: pl.Trainer, report: dict[str, Any]) -> None:
         headline = {"report/output_sqnr_db": report["output_sqnr_db"], "report/size_ratio": report["sizes"]["ratio"]}
         for bs, fp32 in report["latency_ms"]["fp32"].items():
             headline[f"report/speedup_b{bs}"] = fp32 / report["latency_ms"]["int8"][bs]

@@ -1,11 +1,14 @@
 """The quantization core the callbacks share: config -> qconfig -> flow prepare -> schedule -> convert."""
 
+from lightning_quant.quantization.calibrate import NonFiniteError
 from lightning_quant.quantization.config import Backend, ExportTarget, Flow, Observer, QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy, quantized_engine
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.flows.fx import FxTracingError
 from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.ptq import Mode, quantize, quantize_within_budget
 from lightning_quant.quantization.schedule import QATSchedule, quantization_disabled
+from lightning_quant.quantization.search import SkipSearch
 
 __all__ = [
     "Backend",
@@ -13,11 +16,16 @@ __all__ = [
     "ExportTarget",
     "Flow",
     "FxTracingError",
+    "Mode",
+    "NonFiniteError",
     "Observer",
     "QATSchedule",
     "QuantizationConfig",
+    "SkipSearch",
     "convert_copy",
     "get_flow",
     "quantization_disabled",
     "quantized_engine",
+    "quantize",
+    "quantize_within_budget",
 ]

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Iterable, Iterator
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -19,7 +19,7 @@ from torch.ao.quantization import FakeQuantizeBase
 from torch.ao.quantization.observer import ObserverBase
 
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
-from lightning_quant.quantization.target import within
+from lightning_quant.utils.modules import within
 
 
 class NonFiniteError(ValueError):
@@ -87,7 +87,7 @@ def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
     num_batches: int,
-    batch_to_input: Optional[Callable[[Any], Any]] = None,
+    batch_to_input: Callable[[Any], Any] | None = None,
     progress: bool = True,
     description: str = "calibrating",
 ) -> int:

@@ -8,14 +8,20 @@ Modes are ``str`` enums so the strings of a Hydra YAML file work unchanged.
 
 from __future__ import annotations
 
-import importlib.util
+import dataclasses
+import inspect
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any
 
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from torch.ao.quantization import QConfigMapping
+
+from lightning_quant.utils.checks import parse_enum, require_module
 
 
 class Backend(str, Enum):
@@ -59,57 +65,6 @@ EXPORT_TARGETS = tuple(e.value for e in ExportTarget)
 PER_CHANNEL_BY_DEFAULT = (Backend.X86, Backend.FBGEMM)
 
 
-def parse_enum(enum_cls: type[Enum], value: Any, name: str) -> Any:
-    """Turn a string (or enum member) into ``enum_cls``, or raise a message listing the allowed values."""
-    allowed = tuple(member.value for member in enum_cls)
-    if isinstance(value, enum_cls):
-        return value
-    if isinstance(value, str) and value in allowed:
-        return enum_cls(value)
-    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def check_epoch(value: Any, name: str, allow_none: bool) -> Optional[int]:
-    """Validate an epoch index: a non-negative int (or ``None`` where that means 'never')."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        allowed = "a non-negative int or None" if allow_none else "a non-negative int"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-    return value
-
-
-def check_positive_int(value: Any, name: str, allow_none: bool = False) -> Optional[int]:
-    """Validate a count (batches, a batch size): a positive int, or ``None`` where that means 'all'."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-    return value
-
-
-def check_non_negative(value: Any, name: str, allow_none: bool = False) -> Optional[float]:
-    """Validate a budget or threshold: a number >= 0 (or ``None`` where that means 'none')."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative number{' or None' if allow_none else ''}, got {value!r}")
-    return value
-
-
-def check_callable(value: Any, name: str) -> Any:
-    """Validate an optional callable argument (``batch_to_input``)."""
-    if value is not None and not callable(value):
-        raise TypeError(f"{name} must be a callable or None, got {value!r}")
-    return value
-
-
-def require_module(module: str, pip_name: str, purpose: str) -> None:
-    """Raise ``ModuleNotFoundError`` with the exact install command when an optional package is missing."""
-    if importlib.util.find_spec(module) is None:
-        raise ModuleNotFoundError(f"{purpose} needs the optional package {module!r}: run `pip install {pip_name}`")
-
-
 def _normalise_exports(export: Any) -> tuple[ExportTarget, ...]:
     if export is None:
         return ()
@@ -125,7 +80,7 @@ def _normalise_exports(export: Any) -> tuple[ExportTarget, ...]:
     return targets
 
 
-def _normalise_skip(skip: Any) -> tuple[Union[str, type], ...]:
+def _normalise_skip(skip: Any) -> tuple[str | type, ...]:
     if skip is None:
         return ()
     if isinstance(skip, (str, type)):
@@ -138,7 +93,7 @@ def _normalise_skip(skip: Any) -> tuple[Union[str, type], ...]:
     return tuple(skip)
 
 
-def _normalise_fuse(modules_to_fuse: Any) -> Optional[tuple[tuple[str, ...], ...]]:
+def _normalise_fuse(modules_to_fuse: Any) -> tuple[tuple[str, ...], ...] | None:
     if modules_to_fuse is None:
         return None
     error = TypeError(
@@ -176,6 +131,9 @@ class QuantizationConfig:
         export: any of ``"torchscript"``, ``"mobile"``, ``"onnx"``.
         export_dir: folder for exported files; ``None`` means ``<trainer.log_dir>/quantized``.
 
+    Strings are accepted wherever an enum is expected (``backend="qnnpack"``, as YAML gives them)
+    and sequences wherever a tuple is; both are normalised at construction.
+
     Raises:
         ValueError: an option outside its allowed values.
         TypeError: an option of the wrong type.
@@ -187,16 +145,16 @@ class QuantizationConfig:
         False
     """
 
-    backend: Any = Backend.X86
-    flow: Any = Flow.FX
-    module: Optional[str] = None
-    observer: Any = Observer.MOVING_AVERAGE
-    per_channel: Optional[bool] = None
-    skip: Any = ()
-    qconfig_mapping: Any = None
-    modules_to_fuse: Any = None
-    export: Any = (ExportTarget.TORCHSCRIPT,)
-    export_dir: Any = None
+    backend: Backend = Backend.X86
+    flow: Flow = Flow.FX
+    module: str | None = None
+    observer: Observer = Observer.MOVING_AVERAGE
+    per_channel: bool | None = None
+    skip: tuple[str | type, ...] = ()
+    qconfig_mapping: QConfigMapping | None = None
+    modules_to_fuse: tuple[tuple[str, ...], ...] | None = None
+    export: tuple[ExportTarget, ...] = (ExportTarget.TORCHSCRIPT,)
+    export_dir: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         self.backend = parse_enum(Backend, self.backend, "backend")
@@ -220,7 +178,8 @@ class QuantizationConfig:
         self.modules_to_fuse = _normalise_fuse(self.modules_to_fuse)
         if self.modules_to_fuse is not None and self.flow is not Flow.EAGER:
             raise ValueError(
-                f'modules_to_fuse is for flow="eager" only (flow="fx" fuses automatically), got flow={self.flow.value!r}'
+                'modules_to_fuse is for flow="eager" only (flow="fx" fuses automatically), '
+                f"got flow={self.flow.value!r}"
             )
         self.export = _normalise_exports(self.export)
         if self.export_dir is not None and not isinstance(self.export_dir, (str, os.PathLike)):
@@ -230,3 +189,47 @@ class QuantizationConfig:
     def engine(self) -> str:
         """The ``torch.backends.quantized.engine`` the int8 model runs on."""
         return self.backend.value
+
+
+def _same(value: Any, default: Any) -> bool:
+    if isinstance(value, Sequence) and not isinstance(value, str) and isinstance(default, Sequence):
+        return not isinstance(default, str) and tuple(value) == tuple(default)
+    return bool(value == default)
+
+
+def config_from(
+    config: QuantizationConfig | None,
+    arguments: Mapping[str, Any],
+    parameters: Mapping[str, inspect.Parameter],
+    owner: str,
+) -> QuantizationConfig:
+    """The config of a call that takes ``config=`` beside the config's fields as keyword arguments.
+
+    Args:
+        config: the ``config=`` argument.
+        arguments: every argument of the call by name (its ``locals()``); those named like a
+            field of :class:`QuantizationConfig` are the options.
+        parameters: the call's signature parameters, for the options' defaults.
+        owner: the call's name, for messages.
+
+    Returns:
+        ``config`` when given (every option must then keep its default), else a config built
+        from the options.
+
+    Raises:
+        TypeError: ``config`` is not a ``QuantizationConfig``.
+        ValueError: ``config`` is given and an option was also given a non-default value.
+    """
+    fields = {f.name for f in dataclasses.fields(QuantizationConfig)}
+    options = {name: value for name, value in arguments.items() if name in fields}
+    if config is None:
+        return QuantizationConfig(**options)
+    if not isinstance(config, QuantizationConfig):
+        raise TypeError(f"config must be a QuantizationConfig or None, got {type(config).__name__}")
+    both = [name for name, value in options.items() if not _same(value, parameters[name].default)]
+    if both:
+        raise ValueError(
+            f"{owner} got config= and also {both}: set them on the QuantizationConfig "
+            "(dataclasses.replace(config, ...)), or pass keyword arguments without config="
+        )
+    return config

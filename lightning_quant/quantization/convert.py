@@ -24,7 +24,8 @@ def quantized_engine(engine: str) -> Iterator[None]:
     """
     if engine not in torch.backends.quantized.supported_engines:
         raise RuntimeError(
-            f"this torch build has no {engine!r} quantized engine; it supports {torch.backends.quantized.supported_engines}"
+            f"this torch build has no {engine!r} quantized engine; "
+            f"it supports {torch.backends.quantized.supported_engines}"
         )
     previous = torch.backends.quantized.engine
     deterministic = torch.are_deterministic_algorithms_enabled()

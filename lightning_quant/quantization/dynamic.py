@@ -16,29 +16,28 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 from torch.ao.quantization import (
     default_dynamic_qconfig,
-    float_qparams_weight_only_qconfig,
     float16_dynamic_qconfig,
+    float_qparams_weight_only_qconfig,
     per_channel_dynamic_qconfig,
     quantize_dynamic,
 )
 
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.convert import quantized_engine
-from lightning_quant.quantization.qconfig import locate_module_type, resolve_skip
-from lightning_quant.quantization.target import within
+from lightning_quant.quantization.qconfig import resolve_skip
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+from lightning_quant.utils.modules import locate_module_type, within
 
 DEFAULT_DYNAMIC_TYPES: tuple[type, ...] = (nn.Linear, nn.LSTM, nn.GRU)
 DYNAMIC_DTYPES = ("qint8", "float16")
 
 
-def check_dynamic_options(dtype: str, module_types: Sequence[Union[str, type]]) -> tuple[type, ...]:
+def check_dynamic_options(dtype: str, module_types: Sequence[str | type]) -> tuple[type, ...]:
     """Validate ``dtype`` and resolve ``module_types`` (types or import paths) to module types.
 
     Raises:
@@ -85,7 +84,7 @@ def quantize_dynamic_copy(
     config: QuantizationConfig,
     module_types: tuple[type, ...],
     dtype: str,
-    engine: Optional[str] = None,
+    engine: str | None = None,
 ) -> nn.Module:
     """A dynamically quantized copy of ``model``; ``model`` itself is not modified.
 
@@ -106,7 +105,7 @@ def quantize_dynamic_copy(
             f'{[t.__name__ for t in module_types]} outside skip (its module types: {found}); use mode="static" '
             "for convolutional models"
         )
-    spec: dict = {t: _qconfig_for(t, dtype, config.per_channel) for t in module_types if t not in skip_types}
+    spec: dict = {t: _qconfig_for(t, dtype, bool(config.per_channel)) for t in module_types if t not in skip_types}
     # a name maps to None for itself and every module inside it: torch looks types up before
     # inheriting from the parent, so a skipped container's Linear layers would be quantized otherwise
     spec.update({n: None for n in kept_float})

@@ -16,9 +16,9 @@ Anything else needs a ``batch_to_input`` callable returning one of those forms.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -31,7 +31,7 @@ class ExampleInputs:
     kwargs: dict = field(default_factory=dict)
 
     @classmethod
-    def from_value(cls, value: Any) -> "ExampleInputs":
+    def from_value(cls, value: Any) -> ExampleInputs:
         """Read inputs off ``example_input_array`` conventions: tensor, tuple of args, or dict of kwargs."""
         if isinstance(value, ExampleInputs):
             return value
@@ -46,15 +46,15 @@ class ExampleInputs:
             f"inputs, got {type(value).__name__}; pass batch_to_input= to say how to read your batches"
         )
 
-    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "ExampleInputs":
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> ExampleInputs:
         """A copy with ``fn`` applied to every tensor argument."""
         convert = lambda value: fn(value) if isinstance(value, torch.Tensor) else value  # noqa: E731
         return ExampleInputs(tuple(convert(a) for a in self.args), {k: convert(v) for k, v in self.kwargs.items()})
 
-    def to(self, device: Any) -> "ExampleInputs":
+    def to(self, device: Any) -> ExampleInputs:
         return self.map_tensors(lambda t: t.detach().to(device))
 
-    def with_batch_size(self, size: int) -> "ExampleInputs":
+    def with_batch_size(self, size: int) -> ExampleInputs:
         """The same inputs with every batched tensor cut or tiled along dim 0 to ``size`` rows."""
 
         def resize(tensor: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ class ExampleInputs:
         return self.map_tensors(resize)
 
     @property
-    def batch_size(self) -> Optional[int]:
+    def batch_size(self) -> int | None:
         for value in (*self.args, *self.kwargs.values()):
             if isinstance(value, torch.Tensor) and value.dim() > 0:
                 return int(value.shape[0])
@@ -86,7 +86,7 @@ def default_batch_to_input(batch: Any) -> ExampleInputs:
     return ExampleInputs.from_value(batch)
 
 
-def batch_inputs(batch: Any, batch_to_input: Optional[Callable[[Any], Any]] = None) -> ExampleInputs:
+def batch_inputs(batch: Any, batch_to_input: Callable[[Any], Any] | None = None) -> ExampleInputs:
     """Inputs of ``batch``, through the user's ``batch_to_input`` when one is given."""
     if batch_to_input is None:
         return default_batch_to_input(batch)
@@ -116,7 +116,7 @@ def target_of(batch: Any) -> Any:
     return None
 
 
-def batch_targets(batches: Sequence[Any]) -> Optional[torch.Tensor]:
+def batch_targets(batches: Sequence[Any]) -> torch.Tensor | None:
     """Every batch's target concatenated on CPU, or ``None`` when a batch has no tensor target."""
     targets = [target_of(b) for b in batches]
     if not targets or not all(isinstance(t, torch.Tensor) for t in targets):

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import itertools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from enum import Enum
-from typing import Any, Callable, Optional, Union
+from typing import Any
 
 import torch.nn as nn
 
-from lightning_quant.analysis import SkipSearch, quantizable_layers, skip_search
 from lightning_quant.quantization.calibrate import calibrate
-from lightning_quant.quantization.config import QuantizationConfig, check_non_negative, check_positive_int, parse_enum
+from lightning_quant.quantization.config import QuantizationConfig, config_from
 from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, check_dynamic_options, quantize_dynamic_copy
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, batch_targets
+from lightning_quant.quantization.search import SkipSearch, quantizable_layers, skip_search
+from lightning_quant.utils.checks import check_callable, check_non_negative, check_positive_int, parse_enum
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,8 @@ def prepare_and_calibrate(
     calibration_data: Iterable[Any],
     config: QuantizationConfig,
     calibration_batches: int = 32,
-    batch_to_input: Optional[Callable[[Any], Any]] = None,
-    example: Optional[ExampleInputs] = None,
+    batch_to_input: Callable[[Any], Any] | None = None,
+    example: ExampleInputs | None = None,
     progress: bool = True,
 ) -> nn.Module:
     """A prepared copy of ``model`` whose observers have seen ``calibration_batches`` batches.
@@ -59,9 +61,9 @@ def prepare_and_calibrate(
         ValueError: no calibration batch.
         NonFiniteError: NaN/Inf in the inputs or a layer's output (named).
     """
-    batches = iter(calibration_data)
+    batches: Iterable[Any] = iter(calibration_data)
     if example is None:
-        first = next(batches, None)
+        first = next(iter(batches), None)
         if first is None:
             raise ValueError(
                 "calibration data yielded no batch: it is empty or an iterator that was already "
@@ -76,7 +78,7 @@ def prepare_and_calibrate(
     return prepared
 
 
-def convert_calibrated(prepared: nn.Module, config: QuantizationConfig, engine: Optional[str] = None) -> nn.Module:
+def convert_calibrated(prepared: nn.Module, config: QuantizationConfig, engine: str | None = None) -> nn.Module:
     """Convert a calibrated model for ``engine`` (default: the backend's), checking something was quantized.
 
     Raises:
@@ -98,18 +100,18 @@ def builder(
     model: nn.Module,
     config: QuantizationConfig,
     mode: Mode,
-    calibration_data: Optional[Iterable[Any]],
+    calibration_data: Iterable[Any] | None,
     calibration_batches: int,
-    batch_to_input: Optional[Callable[[Any], Any]],
+    batch_to_input: Callable[[Any], Any] | None,
     dtype: str,
-    module_types: Sequence[Union[str, type]],
+    module_types: Sequence[str | type],
     progress: bool = False,
 ) -> Callable[[list[str]], nn.Module]:
     """A function from an extra skip list to the int8 model (static mode recalibrates each time)."""
     types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else ()
 
     def build(extra_skip: list[str]) -> nn.Module:
-        skipped = dataclasses.replace(config, skip=tuple(config.skip) + tuple(extra_skip), export=None)
+        skipped = dataclasses.replace(config, skip=tuple(config.skip) + tuple(extra_skip), export=())
         if mode is Mode.DYNAMIC:
             return quantize_dynamic_copy(model, skipped, types, dtype)
         if calibration_data is None:
@@ -122,28 +124,6 @@ def builder(
     return build
 
 
-def quantize_within_budget(
-    model: nn.Module,
-    build: Callable[[list[str]], nn.Module],
-    batches: Sequence[Any],
-    engine: str,
-    max_metric_drop: float,
-    layer_types: Sequence[type],
-    batch_to_input: Optional[Callable[[Any], Any]] = None,
-) -> tuple[nn.Module, SkipSearch]:
-    """The int8 model with the fewest float islands that keeps the score within ``max_metric_drop``.
-
-    Returns:
-        the int8 model (with every candidate in float if even that misses the budget: check
-        ``search.met``) and the :class:`~lightning_quant.analysis.SkipSearch`.
-    """
-    check_non_negative(max_metric_drop, "max_metric_drop", allow_none=True)
-    targets = batch_targets(batches)
-    layers = quantizable_layers(model, layer_types)
-    search, _ = skip_search(model, build, layers, batches, engine, max_metric_drop, targets, batch_to_input)
-    return build(list(search.skipped)), search
-
-
 def _chain_first(first: Any, rest: Iterable[Any]) -> Iterable[Any]:
     yield first
     yield from rest
@@ -151,22 +131,23 @@ def _chain_first(first: Any, rest: Iterable[Any]) -> Iterable[Any]:
 
 def quantize(
     model: nn.Module,
-    calibration_data: Optional[Iterable[Any]] = None,
+    calibration_data: Iterable[Any] | None = None,
     mode: str = "static",
     backend: str = "x86",
     flow: str = "fx",
     observer: str = "histogram",
-    per_channel: Optional[bool] = None,
-    skip: Sequence[Union[str, type]] = (),
+    per_channel: bool | None = None,
+    skip: Sequence[str | type] = (),
     qconfig_mapping: Any = None,
     calibration_batches: int = 32,
-    batch_to_input: Optional[Callable[[Any], Any]] = None,
+    batch_to_input: Callable[[Any], Any] | None = None,
     dtype: str = "qint8",
-    module_types: Sequence[Union[str, type]] = DEFAULT_DYNAMIC_TYPES,
+    module_types: Sequence[str | type] = DEFAULT_DYNAMIC_TYPES,
     progress: bool = True,
-    max_metric_drop: Optional[float] = None,
-    eval_data: Optional[Iterable[Any]] = None,
+    max_metric_drop: float | None = None,
+    eval_data: Iterable[Any] | None = None,
     eval_batches: int = 16,
+    config: QuantizationConfig | None = None,
 ) -> nn.Module:
     """Return an int8 copy of ``model``, quantized after training; ``model`` is not modified.
 
@@ -188,8 +169,12 @@ def quantize(
         max_metric_drop: keep the most sensitive layers in float until the int8 model is within
             this much of the float model on ``eval_data``: top-1 accuracy when batches carry
             targets ``(input, target)``, else mean cosine similarity of outputs (float = 1.0).
-            ``None`` (default) quantizes every layer. See :func:`quantize_within_budget`.
+            ``None`` (default) quantizes every layer. :func:`quantize_within_budget` does the
+            same and also returns the search.
         eval_data: batches for that score (default: the calibration data); ``eval_batches`` of them.
+        config: a :class:`~lightning_quant.QuantizationConfig` instead of ``backend``, ``flow``,
+            ``observer``, ``per_channel``, ``skip`` and ``qconfig_mapping`` (which must then keep
+            their defaults).
 
     Raises:
         ValueError: an invalid option, empty calibration data, or nothing to quantize.
@@ -203,29 +188,78 @@ def quantize(
         >>> int8(torch.randn(2, 4)).shape
         torch.Size([2, 4])
     """
-    mode = parse_enum(Mode, mode, "mode")
-    config = QuantizationConfig(
-        backend=backend,
-        flow=flow,
-        observer=observer,
-        per_channel=per_channel,
-        skip=skip,
-        qconfig_mapping=qconfig_mapping,
-        export=None,
+    int8, _ = _quantize(dict(locals()))
+    return int8
+
+
+def quantize_within_budget(
+    model: nn.Module, calibration_data: Iterable[Any] | None = None, *, max_metric_drop: float, **options: Any
+) -> tuple[nn.Module, SkipSearch]:
+    """:func:`quantize` with the sensitivity search, returning the int8 model and the search.
+
+    Everything is quantized first; if that misses ``max_metric_drop``, each candidate layer is
+    quantized alone and scored, and the most sensitive are kept in float one at a time until
+    the budget holds (or every candidate is float: check ``search.met``).
+
+    Args:
+        model, calibration_data: as for :func:`quantize`.
+        max_metric_drop: the budget (accuracy points, or cosine without targets).
+        **options: any other argument of :func:`quantize` (``mode``, ``eval_data``, ``config``...).
+
+    Returns:
+        the int8 model and the :class:`~lightning_quant.SkipSearch` (``skipped``: the layers
+        kept in float; ``history``: the score after each step; ``met``).
+
+    Example::
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        >>> int8, search = quantize_within_budget(net, mode="dynamic", max_metric_drop=0.1,
+        ...                                       eval_data=[torch.randn(8, 4)])
+        >>> search.met
+        True
+    """
+    if max_metric_drop is None:
+        raise ValueError("quantize_within_budget needs max_metric_drop (a non-negative number)")
+    arguments = inspect.signature(quantize).bind(model, calibration_data, max_metric_drop=max_metric_drop, **options)
+    arguments.apply_defaults()
+    int8, search = _quantize(arguments.arguments)
+    assert search is not None  # max_metric_drop is set, so the search ran
+    return int8, search
+
+
+def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | None]:
+    """The body of :func:`quantize`: ``args`` are its arguments by name."""
+    mode = parse_enum(Mode, args["mode"], "mode")
+    config = config_from(args["config"], args, inspect.signature(quantize).parameters, "quantize")
+    config = dataclasses.replace(config, export=())
+    calibration_batches = check_positive_int(args["calibration_batches"], "calibration_batches")
+    max_metric_drop = check_non_negative(args["max_metric_drop"], "max_metric_drop", allow_none=True)
+    eval_batches = check_positive_int(args["eval_batches"], "eval_batches")
+    check_callable(args["batch_to_input"], "batch_to_input")
+    model, calibration_data, batch_to_input = args["model"], args["calibration_data"], args["batch_to_input"]
+    dtype, module_types = args["dtype"], args["module_types"]
+    build = builder(
+        model,
+        config,
+        mode,
+        calibration_data,
+        calibration_batches,
+        batch_to_input,
+        dtype,
+        module_types,
+        progress=args["progress"] and max_metric_drop is None,  # no bar for each of the search's builds
     )
-    calibration_batches = check_positive_int(calibration_batches, "calibration_batches")
-    if max_metric_drop is not None:
-        data = eval_data if eval_data is not None else calibration_data
-        if data is None:
-            raise ValueError("max_metric_drop needs eval_data (or calibration_data) to measure the drop on")
-        batches = list(itertools.islice(iter(data), eval_batches))
-        build = builder(model, config, mode, calibration_data, calibration_batches, batch_to_input, dtype, module_types)
-        types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else STATIC_LAYER_TYPES
-        int8, search = quantize_within_budget(
-            model, build, batches, config.engine, max_metric_drop, types, batch_to_input
-        )
-        log.info("int8 within budget: %s; layers kept in float: %s", search.met, search.skipped)
-        return int8
-    return builder(
-        model, config, mode, calibration_data, calibration_batches, batch_to_input, dtype, module_types, progress
-    )([])
+    if max_metric_drop is None:
+        return build([]), None
+    data = args["eval_data"] if args["eval_data"] is not None else calibration_data
+    if data is None:
+        raise ValueError("max_metric_drop needs eval_data (or calibration_data) to measure the drop on")
+    batches = list(itertools.islice(iter(data), eval_batches))
+    types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else STATIC_LAYER_TYPES
+    layers = quantizable_layers(model, types)
+    search, _ = skip_search(
+        model, build, layers, batches, config.engine, max_metric_drop, batch_targets(batches), batch_to_input
+    )
+    log.info("int8 within budget: %s; layers kept in float: %s", search.met, search.skipped)
+    return build(list(search.skipped)), search

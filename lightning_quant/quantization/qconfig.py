@@ -16,8 +16,7 @@ the same thing everywhere:
 
 from __future__ import annotations
 
-import importlib
-from typing import Union
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -37,8 +36,9 @@ from torch.ao.quantization import (
 
 from lightning_quant.quantization.config import Backend, Observer, QuantizationConfig
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+from lightning_quant.utils.modules import locate_module_type
 
-_ACTIVATION_OBSERVERS = {
+_ACTIVATION_OBSERVERS: dict[Observer, Any] = {
     Observer.MOVING_AVERAGE: MovingAverageMinMaxObserver,
     Observer.MINMAX: MinMaxObserver,
     Observer.HISTOGRAM: HistogramObserver,
@@ -54,6 +54,7 @@ def build_qconfig(config: QuantizationConfig, qat: bool) -> QConfig:
     """The layer-level ``QConfig`` for the options in ``config`` (QAT: with fake quantization)."""
     quant_min, quant_max = activation_range(config.backend)
     act_kwargs = dict(dtype=torch.quint8, quant_min=quant_min, quant_max=quant_max, qscheme=torch.per_tensor_affine)
+    weight_observer: Any
     if config.per_channel:
         weight_kwargs = dict(dtype=torch.qint8, quant_min=-128, quant_max=127, qscheme=torch.per_channel_symmetric)
         weight_observer = MovingAveragePerChannelMinMaxObserver if qat else PerChannelMinMaxObserver
@@ -72,7 +73,7 @@ def build_qconfig(config: QuantizationConfig, qat: bool) -> QConfig:
     )
 
 
-def resolve_skip(model: nn.Module, skip: tuple[Union[str, type], ...]) -> tuple[tuple[str, ...], tuple[type, ...]]:
+def resolve_skip(model: nn.Module, skip: tuple[str | type, ...]) -> tuple[tuple[str, ...], tuple[type, ...]]:
     """Split ``skip`` into submodule names and module types, checking each against ``model``.
 
     Raises:
@@ -95,18 +96,6 @@ def resolve_skip(model: nn.Module, skip: tuple[Union[str, type], ...]) -> tuple[
                 )
             types.append(located)
     return tuple(names), tuple(types)
-
-
-def locate_module_type(path: str) -> Union[type, None]:
-    """The ``nn.Module`` subclass at import path ``path`` (``"torch.nn.LSTM"``), or ``None``."""
-    module_path, _, attr = path.rpartition(".")
-    if not module_path:
-        return None
-    try:
-        located = getattr(importlib.import_module(module_path), attr, None)
-    except ImportError:
-        return None
-    return located if isinstance(located, type) and issubclass(located, nn.Module) else None
 
 
 def build_qconfig_mapping(config: QuantizationConfig, model: nn.Module, qat: bool) -> QConfigMapping:

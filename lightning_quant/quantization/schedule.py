@@ -18,13 +18,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Optional
 
 import torch.nn as nn
 from torch.ao.quantization import FakeQuantizeBase
 from torch.ao.quantization.observer import ObserverBase
 
-from lightning_quant.quantization.config import check_epoch
+from lightning_quant.utils.checks import check_epoch
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -71,7 +70,7 @@ def set_bn_frozen(module: nn.Module, frozen: bool) -> None:
     """
     for m in module.modules():
         if hasattr(m, "freeze_bn_stats") and hasattr(m, "freeze_bn"):
-            m.freeze_bn_stats() if frozen else m.update_bn_stats()
+            getattr(m, "freeze_bn_stats" if frozen else "update_bn_stats")()
         elif isinstance(m, _BATCHNORMS) and frozen:
             m.eval()
 
@@ -125,8 +124,8 @@ class QATSchedule:
     """
 
     quant_start_epoch: int = 0
-    freeze_observers_epoch: Optional[int] = None
-    freeze_bn_epoch: Optional[int] = None
+    freeze_observers_epoch: int | None = None
+    freeze_bn_epoch: int | None = None
 
     def __post_init__(self) -> None:
         check_epoch(self.quant_start_epoch, "quant_start_epoch", allow_none=False)

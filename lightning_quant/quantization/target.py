@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Optional
-
 import torch.nn as nn
 
 
@@ -12,13 +9,7 @@ def _has_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters())
 
 
-def within(name: str, outer: Iterable[str], strictly: bool = False) -> Optional[str]:
-    """The first of ``outer`` that is module ``name`` itself or a module containing it (by dotted
-    path); with ``strictly``, only a container counts. ``None`` if there is none."""
-    return next((o for o in outer if (not strictly and name == o) or name.startswith(o + ".")), None)
-
-
-def resolve_target(root: nn.Module, path: Optional[str]) -> tuple[str, nn.Module]:
+def resolve_target(root: nn.Module, path: str | None) -> tuple[str, nn.Module]:
     """The ``(path, module)`` to quantize: ``path`` if given, else the only child with parameters.
 
     Raises:

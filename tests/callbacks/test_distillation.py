@@ -172,7 +172,7 @@ def test_kd_with_qat_in_either_order_uses_the_float_model_as_teacher(qat_first):
     assert is_prepared(model.net) and not is_prepared(kd.teacher)
     assert isinstance(kd.teacher, TinyNet)
     assert all(torch.equal(float_weights[k], v) for k, v in kd.teacher.state_dict().items())
-    assert qat.quantized_model is not None
+    assert "quantized" in type(qat.quantized_model.head).__module__  # converted to int8 at the end of fit
 
 
 def test_kd_teacher_from_checkpoint(tmp_path):

@@ -8,11 +8,10 @@ import torch.nn as nn
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_quant import PostTrainingQuantization
-from lightning_quant.data import DigitsDataModule
-from lightning_quant.models import DigitsCNN, Classifier
+from lightning_quant import PostTrainingQuantization, quantize
+from lightning_quant.demos import Classifier, DigitsCNN, DigitsDataModule
+from lightning_quant.evaluation.metrics import classification_accuracy
 from lightning_quant.quantization.convert import quantized_engine
-from lightning_quant.report import classification_accuracy
 from tests.helpers import BoringClassifier, quiet_trainer
 
 
@@ -100,9 +99,14 @@ def test_ptq_calibrates_on_the_requested_number_of_batches():
 
 
 def test_ptq_val_calibration_source():
+    model = BoringClassifier()
     callback = PostTrainingQuantization(calibration_data="val", calibration_batches=1, export=None, progress=False)
-    quiet_trainer(callbacks=[callback], limit_train_batches=1).fit(BoringClassifier())
-    assert callback.quantized_model is not None
+    quiet_trainer(callbacks=[callback], limit_train_batches=1).fit(model)
+    first_val_batch = next(iter(model.val_dataloader()))
+    expected = quantize(model.net, [first_val_batch], calibration_batches=1, progress=False)
+    x = torch.randn(8, 1, 6, 6) * 3
+    with torch.no_grad(), quantized_engine("x86"):
+        assert torch.equal(callback.quantized_model(x), expected(x))
 
 
 def test_ptq_raises_on_empty_calibration_dataloader():
@@ -184,7 +188,7 @@ def test_ptq_max_metric_drop_keeps_the_broken_layer_float():
     assert search.met and search.skipped == ["fc2"] and search.full_int8 < 0.9
     assert min(callback.sensitivity, key=callback.sensitivity.get) == "fc2"
     assert type(callback.quantized_model.fc2) is nn.Linear
-    from lightning_quant.report import classification_accuracy
+    from lightning_quant.evaluation.metrics import classification_accuracy
 
     assert classification_accuracy(callback.quantized_model, batches, engine="x86") >= 0.98
 

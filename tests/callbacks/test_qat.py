@@ -176,10 +176,8 @@ def test_qat_swaps_modules_and_keeps_forward_unwrapped():
 def test_qat_silences_known_torch_warnings_only():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        quiet_trainer(callbacks=[QuantizationAwareTraining()], limit_train_batches=2).fit(
-            BoringClassifier()
-        )
-        warnings.warn("a user's own warning", UserWarning)
+        quiet_trainer(callbacks=[QuantizationAwareTraining()], limit_train_batches=2).fit(BoringClassifier())
+        warnings.warn("a user's own warning", UserWarning, stacklevel=1)
     messages = [str(w.message) for w in caught]
     assert not any("torch.ao.quantization is deprecated" in m for m in messages)
     assert not any("reduce_range will be deprecated" in m for m in messages)

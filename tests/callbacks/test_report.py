@@ -10,8 +10,7 @@ from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining, QuantizationReport
-from lightning_quant.data import DigitsDataModule
-from lightning_quant.models import Classifier, DigitsCNN
+from lightning_quant.demos import Classifier, DigitsCNN, DigitsDataModule
 from lightning_quant.quantization.convert import quantized_engine
 from tests.helpers import BoringClassifier, quiet_trainer
 

@@ -8,8 +8,6 @@ from lightning_quant.quantization.config import (
     Flow,
     Observer,
     QuantizationConfig,
-    check_epoch,
-    parse_enum,
 )
 
 
@@ -80,11 +78,3 @@ def test_types_and_qconfig_mapping_pass_through():
     mapping = QConfigMapping()
     config = QuantizationConfig(skip=[nn.LSTM], qconfig_mapping=mapping)
     assert config.skip == (nn.LSTM,) and config.qconfig_mapping is mapping
-
-
-def test_parse_enum_and_check_epoch():
-    assert parse_enum(Backend, "qnnpack", "backend") is Backend.QNNPACK
-    assert parse_enum(Backend, Backend.X86, "backend") is Backend.X86
-    assert check_epoch(None, "e", allow_none=True) is None
-    with pytest.raises(ValueError, match=r"e must be a non-negative int, got True"):
-        check_epoch(True, "e", allow_none=False)

@@ -2,8 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lightning_quant import quantize
-from lightning_quant.quantization.config import QuantizationConfig
+from lightning_quant import QuantizationConfig, quantize, quantize_within_budget
 from lightning_quant.quantization.convert import quantized_engine
 from tests.helpers import TinyNet, TwoInputNet
 
@@ -78,7 +77,7 @@ def test_quantize_exhausted_iterator_raises():
 
 
 def _broken_mlp_and_data():
-    from tests.test_analysis import MLP
+    from tests.evaluation.test_analysis import MLP
 
     torch.manual_seed(0)
     model = MLP().eval()
@@ -97,14 +96,12 @@ def _broken_mlp_and_data():
 
 
 def _accuracy(int8, batches):
-    from lightning_quant.report import classification_accuracy
+    from lightning_quant.evaluation.metrics import classification_accuracy
 
     return classification_accuracy(int8, batches, engine="x86")
 
 
 def test_skip_search_meets_a_budget_plain_ptq_misses():
-    from lightning_quant.quantization.ptq import Mode, builder, quantize_within_budget
-
     model, batches = _broken_mlp_and_data()
     options = dict(per_channel=False, observer="minmax", progress=False)
     plain = quantize(model, batches, **options)
@@ -113,9 +110,9 @@ def test_skip_search_meets_a_budget_plain_ptq_misses():
     assert _accuracy(within, batches) >= 0.98
     assert type(within.fc2) is nn.Linear and "quantized" in type(within.fc1).__module__
 
-    config = QuantizationConfig(per_channel=False, observer="minmax", export=None)
-    build = builder(model, config, Mode.STATIC, batches, 32, None, "qint8", ())
-    _, search = quantize_within_budget(model, build, batches, "x86", 0.02, (nn.Linear,))
+    config = QuantizationConfig(per_channel=False, observer="minmax")
+    int8, search = quantize_within_budget(model, batches, config=config, max_metric_drop=0.02, progress=False)
+    assert _accuracy(int8, batches) == _accuracy(within, batches)
     assert search.met and search.skipped[0] == "fc2" and search.full_int8 < 0.9 <= 0.98 <= search.final
 
 
@@ -129,9 +126,27 @@ def test_skip_search_without_targets_uses_output_cosine():
 
 
 def test_max_metric_drop_raises():
-    from lightning_quant.quantization.ptq import quantize_within_budget
-
     with pytest.raises(ValueError, match=r"max_metric_drop must be a non-negative number or None, got -1"):
-        quantize_within_budget(TinyNet(), lambda s: TinyNet(), [], "x86", -1, (nn.Linear,))
+        quantize_within_budget(TinyNet(), [], max_metric_drop=-1)
+    with pytest.raises(ValueError, match=r"max_metric_drop must be a non-negative number or None, got nan"):
+        quantize(TinyNet(), mode="dynamic", max_metric_drop=float("nan"))
+    with pytest.raises(TypeError, match=r"got an unexpected keyword argument 'max_drop'"):
+        quantize_within_budget(TinyNet(), [], max_metric_drop=0.1, max_drop=0.1)
     with pytest.raises(ValueError, match=r"max_metric_drop needs eval_data \(or calibration_data\)"):
         quantize(TinyNet(), mode="dynamic", max_metric_drop=0.1)
+
+
+def test_quantize_takes_a_config_object_or_keywords_not_both():
+    model = TinyNet().eval()
+    config = QuantizationConfig(backend="qnnpack", observer="minmax")
+    from_config = quantize(model, _calibration(), config=config, progress=False)
+    from_keywords = quantize(model, _calibration(), backend="qnnpack", observer="minmax", progress=False)
+    x = _calibration(1, seed=3)[0][0]
+    with torch.no_grad(), quantized_engine("qnnpack"):
+        assert torch.equal(from_config(x), from_keywords(x))
+    with pytest.raises(
+        ValueError, match=r"quantize got config= and also \['backend'\]: set them on the QuantizationConfig"
+    ):
+        quantize(model, _calibration(), config=config, backend="fbgemm", progress=False)
+    with pytest.raises(TypeError, match=r"config must be a QuantizationConfig or None, got dict"):
+        quantize(model, _calibration(), config={"backend": "x86"}, progress=False)

@@ -30,11 +30,3 @@ def test_resolve_raises_with_candidates():
         resolve_target(root, None)
     with pytest.raises(ValueError, match=r"module='neck' is not a submodule of Root; submodules: \['backbone'"):
         resolve_target(root, "neck")
-
-
-def test_within_finds_the_module_or_its_container():
-    from lightning_quant.quantization.target import within
-
-    assert within("encoder.layer.0.output", ["decoder", "encoder.layer"]) == "encoder.layer"
-    assert within("encoder", ["encoder"]) == "encoder" and within("encoder", ["encoder"], strictly=True) is None
-    assert within("encoder_2.fc", ["encoder"]) is None  # a prefix of the name is not a container

@@ -11,8 +11,9 @@ from typing import Protocol
 
 import torch.nn as nn
 
-from lightning_quant.quantization.config import Flow, QuantizationConfig, parse_enum
+from lightning_quant.quantization.config import Flow, QuantizationConfig
 from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.utils.checks import parse_enum
 
 
 class QuantizationFlow(Protocol):

@@ -15,7 +15,8 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,8 +26,8 @@ from torch.ao.quantization.fuse_modules import fuse_modules, fuse_modules_qat
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.qconfig import build_qconfig_mapping, resolve_skip
-from lightning_quant.quantization.target import within
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+from lightning_quant.utils.modules import within
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -93,7 +94,7 @@ class FloatIsland(nn.Module):
         self.dequant = DeQuantStub()
         self.module = module
         self.quant = QuantStub()
-        self.module.qconfig = None
+        self.module.qconfig = None  # type: ignore[assignment]  # torch reads qconfig attributes
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         args = tuple(self.dequant(a) if isinstance(a, torch.Tensor) else a for a in args)
@@ -123,7 +124,7 @@ def find_fusable_groups(model: nn.Module) -> list[list[str]]:
 
 def _assign_qconfigs(model: nn.Module, mapping: QConfigMapping) -> None:
     """Write a ``QConfigMapping`` as eager-mode ``qconfig`` attributes (name beats type beats global)."""
-    model.qconfig = mapping.global_qconfig
+    model.qconfig = mapping.global_qconfig  # type: ignore[assignment]
     for name, module in model.named_modules():
         if name in mapping.module_name_qconfigs:
             module.qconfig = mapping.module_name_qconfigs[name]
@@ -158,7 +159,7 @@ class EagerFlow:
             _assign_qconfigs(model, mapping)
             _swap_in_islands(model, names, types)
             boundary = QuantBoundary(model, example)
-            boundary.qconfig = mapping.global_qconfig
+            boundary.qconfig = mapping.global_qconfig  # type: ignore[assignment]
             boundary.train(qat)
             (prepare_qat if qat else prepare)(boundary, inplace=True)
         return boundary

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch.fx
 import torch.nn as nn
@@ -41,6 +41,7 @@ class FxFlow:
 
     def convert(self, prepared: nn.Module) -> nn.Module:
         with known_torch_warnings_silenced():
+            assert isinstance(prepared, torch.fx.GraphModule), "the FX flow converts what it prepared"
             return _drop_string_annotations(convert_fx(prepared))
 
 
@@ -65,7 +66,7 @@ class _LocatingTracer(torch.fx.Tracer):
 
     def __init__(self, leaf_names: tuple[str, ...], leaf_types: tuple[type, ...]) -> None:
         super().__init__()
-        self.failed_at: Optional[str] = None
+        self.failed_at: str | None = None
         self._leaf_names = leaf_names
         self._leaf_types = leaf_types
 

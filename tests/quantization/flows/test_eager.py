@@ -1,6 +1,7 @@
+import pytest
 import torch
 import torch.nn as nn
-from torch.ao.nn.intrinsic import ConvBnReLU2d
+from torch.ao.nn.intrinsic.qat import ConvBnReLU2d as QATConvBnReLU2d
 
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy, quantized_engine
@@ -57,8 +58,11 @@ def test_eager_explicit_fusion_groups_and_keyword_inputs():
     x, e = torch.randn(8, 1, 6, 6), torch.randn(8, 3)
     config = QuantizationConfig(flow="eager", modules_to_fuse=[["features.0", "features.1", "features.2"]])
     prepared = get_flow("eager").prepare(model, config, ExampleInputs((x,), {"extra": e}), qat=True)
-    assert type(prepared.module.features[0]).__name__ == "ConvBnReLU2d"
+    assert type(prepared.module.features[0]) is QATConvBnReLU2d  # fused, then swapped for its QAT version
     assert sorted(prepared.quant) == ["extra", "x"]
+    observer = prepared.quant["extra"].activation_post_process.activation_post_process  # the fake quant's observer
     prepared(x, extra=e)
-    prepared(x, e)  # by position: the same stubs
-    assert ConvBnReLU2d is not None
+    after_keyword = (float(observer.min_val), float(observer.max_val))
+    prepared(x, e + 10)  # by position: the same stub sees it and moves its range up
+    assert after_keyword == (pytest.approx(float(e.min())), pytest.approx(float(e.max())))
+    assert float(observer.max_val) > after_keyword[1] and float(observer.min_val) > after_keyword[0]

@@ -12,10 +12,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf, open_dict
 
-from lightning_quant import KnowledgeDistillation, PostTrainingQuantization, QuantizationAwareTraining
-from lightning_quant.app import build_callbacks, check_config
+from lightning_quant import (
+    KnowledgeDistillation,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    QuantizationCallback,
+)
+from lightning_quant.app.main import build_callbacks, check_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def options(group: str) -> list[str]:
@@ -115,7 +120,7 @@ def test_experiment_configs(experiment, tmp_path):
     objects = instantiate_all(composed(f"experiment={experiment}", tmp_path=tmp_path))
     assert isinstance(objects["model"], pl.LightningModule)
     assert isinstance(objects["data"], pl.LightningDataModule)
-    assert objects["quant"] is not None
+    assert isinstance(objects["quant"], QuantizationCallback)
 
 
 @pytest.mark.parametrize(

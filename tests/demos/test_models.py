@@ -1,6 +1,6 @@
 import torch
 
-from lightning_quant.models import DigitsCNN, Classifier
+from lightning_quant.demos import Classifier, DigitsCNN
 
 
 def test_digits_cnn_shapes_for_8x8_and_28x28():

@@ -1,7 +1,10 @@
 """The ``lightning-quant`` command: a Hydra app that trains, quantizes, exports and reports.
 
-Configs live in the repository's ``conf/`` folder (install the project editable, as the
-Makefile does, or pass ``--config-dir``). The default experiment trains a small CNN on
+Configs are the repository's ``conf/`` folder, shipped inside the package as
+``lightning_quant.app.conf`` and found through Hydra's ``pkg://`` search path, so the command
+runs from any folder once the project is installed (editable or from a wheel).
+
+The default experiment trains a small CNN on
 scikit-learn's digits with a float warm-up and QAT, converts it to int8, exports it and
 prints float vs int8 accuracy, size and latency. ``-m`` sweeps end with one results table
 (:mod:`lightning_quant.sweep`); ``hparams_search=optuna`` optimises the returned objective.
@@ -17,7 +20,7 @@ import math
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import hydra
 import lightning.pytorch as pl
@@ -28,13 +31,12 @@ from hydra.types import RunMode
 from hydra.utils import get_method, instantiate
 from omegaconf import MISSING, DictConfig, ListConfig
 
-from lightning_quant.callbacks.ptq import PostTrainingQuantization
-from lightning_quant.quantization.schedule import quantization_disabled
-from lightning_quant.report import compare, comparison_table
+from lightning_quant import PostTrainingQuantization, quantization_disabled
+from lightning_quant.evaluation.metrics import compare, comparison_table
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_PATH = "pkg://lightning_quant.app.conf"
 
 
 @dataclass
@@ -62,7 +64,7 @@ class AppConfig:
     callbacks: Any = field(default_factory=dict)
     distillation: Any = None
     seed: int = 0
-    ckpt_path: Optional[str] = None
+    ckpt_path: str | None = None
     float_epochs: int = 0
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -93,11 +95,11 @@ def check_config(node: Any, path: str) -> None:
             raise ValueError(f"{path}._target_={target!r} cannot be imported: {err}") from err
         params = signature.parameters
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            for key in node:
+            for key in map(str, node):
                 if key not in params and key not in _HYDRA_KEYS:
                     allowed = sorted(k for k in params if k != "self")
                     raise ValueError(f"{path}.{key} is not an argument of {target}; it takes {allowed}")
-    for key in node:
+    for key in map(str, node):
         if key != "_target_":
             check_config(node._get_node(key), f"{path}.{key}")
 
@@ -154,7 +156,7 @@ def measure_float(cfg: DictConfig, model: pl.LightningModule, datamodule: pl.Lig
     """The float baseline alone (``quant=none``): test accuracy, size, latency."""
     from lightning_quant.quantization.inputs import default_batch_to_input
 
-    net = copy.deepcopy(model.net).cpu().eval()
+    net = copy.deepcopy(model.get_submodule("net")).cpu().eval()
     test = list(datamodule.test_dataloader())
     bench = cfg.benchmark
     example = default_batch_to_input(test[0]).to("cpu")
@@ -237,7 +239,7 @@ def _write_metrics(metrics: dict[str, Any]) -> None:
     (Path(hydra_cfg.runtime.output_dir) / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+@hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="config")
 def main(cfg: DictConfig) -> float:
     """Run one experiment; return the objective (for Optuna). In a multirun a failing run is
     recorded (traceback logged, error in its ``metrics.json``) and returns NaN, so the sweep and

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 
 def main() -> None:
-    from lightning_quant.quantization.config import require_module
+    from lightning_quant.utils.checks import require_module
 
     require_module("jsonargparse", '"jsonargparse[signatures]"', "lightning-quant-cli")
     from lightning.pytorch.cli import LightningCLI

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_lightning_cli_yaml_runs_qat_and_distillation(tmp_path):
@@ -18,7 +18,7 @@ def test_lightning_cli_yaml_runs_qat_and_distillation(tmp_path):
     )
     (tmp_path / "cli.yaml").write_text(config)
     result = subprocess.run(
-        [sys.executable, "-m", "lightning_quant.cli", "fit", "--config", str(tmp_path / "cli.yaml")],
+        [sys.executable, "-m", "lightning_quant.app.cli", "fit", "--config", str(tmp_path / "cli.yaml")],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -3,23 +3,15 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
 import torch.nn as nn
 
-from lightning_quant.analysis import (
-    greedy_skip,
-    layer_sensitivity,
-    mean_cosine,
-    next_steps,
-    observer_ranges,
-    per_layer_sqnr,
-    quantizable_layers,
-    sqnr_db,
-)
+from lightning_quant.evaluation.analysis import next_steps, observer_ranges, per_layer_sqnr
 from lightning_quant.quantization import ExampleInputs, QuantizationConfig, convert_copy, get_flow
+from lightning_quant.quantization.outputs import sqnr_db
+from lightning_quant.quantization.search import quantizable_layers
 
 
 class MLP(nn.Module):
@@ -39,17 +31,6 @@ def _prepared_and_int8(model, x, flow="fx", **options):
     prepared = get_flow(flow).prepare(copy.deepcopy(model).eval(), config, ExampleInputs((x,)), qat=False)
     prepared(x)
     return prepared, convert_copy(prepared, flow, "x86")
-
-
-def test_sqnr_and_cosine_match_their_formulas():
-    a = torch.randn(100)
-    b = a + 0.1 * torch.randn(100)
-    expected = 10 * math.log10(float((a**2).sum()) / float(((a - b) ** 2).sum()))
-    assert sqnr_db(a, b) == pytest.approx(expected)
-    assert sqnr_db(a, a) == float("inf")
-    rows = torch.randn(5, 8)
-    assert mean_cosine(rows, rows) == pytest.approx(1.0)
-    assert mean_cosine(rows, -rows) == pytest.approx(-1.0)
 
 
 @pytest.mark.parametrize("flow", ["fx", "eager"])
@@ -95,19 +76,6 @@ def test_observer_ranges_are_the_observed_min_and_max():
     assert first["min"] == pytest.approx(float(x.min())) and first["max"] == pytest.approx(float(x.max()))
     assert first["scale"] == pytest.approx((float(x.max()) - min(0.0, float(x.min()))) / 127, rel=1e-4)
     assert any(r["observes"] == "output of fc1" for r in ranges.values())
-
-
-def test_sensitivity_and_greedy_skip_on_a_toy_scorer():
-    layers = ["a", "b", "c"]
-    cost = {"a": 0.05, "b": 0.3, "c": 0.01}
-    build = lambda skip: tuple(skip)  # noqa: E731  the "model" is the skip list
-    score = lambda skipped: 1.0 - sum(v for k, v in cost.items() if k not in skipped)  # noqa: E731
-    sensitivity = layer_sensitivity(layers, build, score)
-    assert sensitivity == pytest.approx({"a": 0.95, "b": 0.7, "c": 0.99})
-    search = greedy_skip(layers, sensitivity, build, score, reference=1.0, target=0.96)
-    assert search.met and search.skipped == ["b", "a"] and search.final == pytest.approx(0.99)
-    impossible = greedy_skip(layers, sensitivity, build, score, reference=1.0, target=1.5)
-    assert not impossible.met and impossible.skipped == ["b", "a", "c"]
 
 
 def test_quantizable_layers_and_next_steps():

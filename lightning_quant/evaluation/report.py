@@ -1,191 +1,26 @@
-"""Measure what quantization cost and bought: accuracy, size and latency, and print them as a table."""
+"""The quantization report: task metric, output and per-layer SQNR, ranges, size, latency; JSON, Markdown, PNG."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import os
-import statistics
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from lightning_quant.quantization.convert import quantized_engine
-from lightning_quant.quantization import inputs
-from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
+from lightning_quant.evaluation.analysis import observer_ranges, per_layer_sqnr
+from lightning_quant.evaluation.metrics import latency_ms, state_dict_bytes
+from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.outputs import collect_outputs, higher_is_better, sqnr_db, task_metric
+from lightning_quant.utils.files import atomic_write
+from lightning_quant.utils.tables import format_table
 
 log = logging.getLogger(__name__)
-
-
-def state_dict_bytes(module: nn.Module) -> int:
-    """Bytes of ``torch.save(module.state_dict())``: what the weights cost on disk."""
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
-
-
-def latency_ms(
-    module: nn.Module,
-    example: ExampleInputs,
-    batch_size: int,
-    repeats: int = 50,
-    warmup: int = 10,
-    engine: Optional[str] = None,
-) -> float:
-    """Median wall time in milliseconds of one forward pass at ``batch_size``, after ``warmup`` passes."""
-    inputs = example.to("cpu").with_batch_size(batch_size)
-    module = module.eval()
-    times = []
-    with quantized_engine(engine or torch.backends.quantized.engine), torch.inference_mode():
-        for _ in range(warmup):
-            inputs(module)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            inputs(module)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def classification_accuracy(
-    module: nn.Module,
-    batches: Iterable[Any],
-    engine: Optional[str] = None,
-    batch_to_input: Optional[Callable[[Any], Any]] = None,
-    target_of: Callable[[Any], torch.Tensor] = inputs.target_of,
-) -> float:
-    """Top-1 accuracy of ``module`` (on CPU) over ``batches`` of ``(input, target)`` (or mappings with labels)."""
-    batches = list(batches)
-    if not batches:
-        raise ValueError("no batches to measure accuracy on")
-    predictions = collect_outputs(module, batches, engine, batch_to_input).argmax(dim=-1)
-    targets = torch.cat([target_of(batch).cpu().reshape(-1) for batch in batches])
-    return int((predictions == targets).sum()) / targets.numel()
-
-
-def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A Markdown table, readable in a terminal and pasteable into a README."""
-    cells = [[str(h) for h in headers]] + [[_fmt(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-def compare(
-    float_model: nn.Module,
-    int8_model: Optional[nn.Module],
-    test_batches: Sequence[Any],
-    example: ExampleInputs,
-    engine: str,
-    batch_sizes: Sequence[int] = (1, 32),
-    repeats: int = 50,
-    warmup: int = 10,
-    float_eval_model: Optional[nn.Module] = None,
-    batch_to_input: Optional[Callable[[Any], Any]] = None,
-) -> dict[str, Any]:
-    """Float vs int8: test accuracy, weight bytes and median latency at each batch size.
-
-    Args:
-        float_model: the fp32 model timed and sized.
-        int8_model: the quantized model; ``None`` measures the float model alone (a baseline).
-        test_batches: ``(input, target)`` batches for accuracy.
-        example: inputs for timing (tiled or cut to each batch size).
-        engine: quantized engine the int8 model was converted for.
-        float_eval_model: the model whose accuracy counts as "float" when it is not
-            ``float_model`` (a QAT model with quantization switched off, say).
-    """
-    metrics: dict[str, Any] = {
-        "float_acc": classification_accuracy(
-            float_eval_model or float_model, test_batches, batch_to_input=batch_to_input
-        ),
-        "fp32_bytes": state_dict_bytes(float_model),
-    }
-    if int8_model is not None:
-        metrics["int8_acc"] = classification_accuracy(int8_model, test_batches, engine, batch_to_input)
-        metrics["int8_bytes"] = state_dict_bytes(int8_model)
-    for bs in batch_sizes:
-        metrics[f"fp32_ms_b{bs}"] = latency_ms(float_model, example, bs, repeats, warmup)
-        if int8_model is not None:
-            metrics[f"int8_ms_b{bs}"] = latency_ms(int8_model, example, bs, repeats, warmup, engine)
-    return metrics
-
-
-def comparison_table(metrics: dict[str, Any], batch_sizes: Sequence[int] = (1, 32)) -> str:
-    """The float-vs-int8 table :func:`compare`'s metrics make: accuracy, size, latency per batch size."""
-    rows = [
-        (
-            "accuracy (test)",
-            f"{metrics['float_acc']:.4f}",
-            f"{metrics['int8_acc']:.4f}",
-            f"{metrics['int8_acc'] - metrics['float_acc']:+.4f}",
-        ),
-        (
-            "weights (bytes)",
-            metrics["fp32_bytes"],
-            metrics["int8_bytes"],
-            f"{metrics['fp32_bytes'] / metrics['int8_bytes']:.2f}x smaller",
-        ),
-    ]
-    for bs in batch_sizes:
-        fp32, int8 = metrics[f"fp32_ms_b{bs}"], metrics[f"int8_ms_b{bs}"]
-        rows.append((f"latency batch {bs} (ms)", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster"))
-    return format_table(("", "float", "int8", "change"), rows)
-
-
-# ---------------------------------------------------------------------------- the full report
-def task_metric(outputs: torch.Tensor, targets: torch.Tensor, metric: Any = None) -> tuple[str, float]:
-    """``(name, value)`` of the task metric: the given torchmetrics ``Metric`` (cloned), else accuracy
-    for integer targets (top-1, torchmetrics) or mean squared error otherwise."""
-    import torchmetrics
-
-    if metric is not None:
-        fresh = metric.clone().cpu()
-        fresh.reset()
-        return type(metric).__name__, float(fresh(outputs, targets))
-    if not targets.is_floating_point() and outputs.dim() >= 2:
-        accuracy = torchmetrics.classification.MulticlassAccuracy(outputs.shape[-1], average="micro")
-        return "accuracy", float(accuracy(outputs, targets))
-    return "mse", float(torchmetrics.functional.mean_squared_error(outputs.float(), targets.float()))
-
-
-def higher_is_better(metric_name: str) -> bool:
-    return metric_name not in ("mse", "MeanSquaredError", "MeanAbsoluteError")
-
-
-@torch.inference_mode()
-def collect_outputs(
-    module: nn.Module,
-    batches: Sequence[Any],
-    engine: Optional[str] = None,
-    batch_to_input: Optional[Callable[[Any], Any]] = None,
-) -> torch.Tensor:
-    """The first output tensor of ``module`` on every batch, concatenated (dequantized, on CPU).
-
-    Outputs with more than two dimensions (token vectors) become rows of their last dimension,
-    so batches padded to different lengths still line up.
-    """
-    from lightning_quant.export import flat_tensors
-
-    outputs = []
-    module = module.eval()
-    with quantized_engine(engine or torch.backends.quantized.engine):
-        for batch in batches:
-            out = flat_tensors(batch_inputs(batch, batch_to_input).to("cpu")(module))[0]
-            out = (out.dequantize() if out.is_quantized else out).float().cpu()
-            outputs.append(out.reshape(-1, out.shape[-1]) if out.dim() > 2 else out)
-    return torch.cat(outputs)
 
 
 def build_report(
@@ -196,14 +31,14 @@ def build_report(
     batches: Sequence[Any],
     example: ExampleInputs,
     engine: str,
-    prepared: Optional[nn.Module] = None,
-    export_paths: Optional[dict[str, str]] = None,
+    prepared: nn.Module | None = None,
+    export_paths: dict[str, str] | None = None,
     batch_sizes: Sequence[int] = (1, 32),
-    targets: Optional[torch.Tensor] = None,
+    targets: torch.Tensor | None = None,
     metric: Any = None,
     threshold: float = 0.01,
     next_steps: Sequence[str] = (),
-    batch_to_input: Optional[Callable[[Any], Any]] = None,
+    batch_to_input: Callable[[Any], Any] | None = None,
     repeats: int = 30,
 ) -> dict[str, Any]:
     """Everything the report says, as plain data (see :func:`write_report`).
@@ -224,8 +59,6 @@ def build_report(
         threshold: largest acceptable metric loss (default 0.01 = 1 point of accuracy).
         next_steps: remedies to name when the threshold is missed.
     """
-    from lightning_quant.analysis import observer_ranges, per_layer_sqnr, sqnr_db
-
     float_out = collect_outputs(reference, batches, batch_to_input=batch_to_input)
     int8_out = collect_outputs(int8_model, batches, engine, batch_to_input)
     layers = per_layer_sqnr(reference, int8_model, batches, engine, batch_to_input)
@@ -353,14 +186,17 @@ def _bar_chart(
     return path
 
 
+def _write_text(path: str, text: str) -> None:
+    Path(path).write_text(text)
+
+
 def write_report(report: dict[str, Any], directory: os.PathLike | str) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and the PNG plots (per-layer SQNR, observer ranges)."""
-    from lightning_quant.export import atomic_write
 
     directory = Path(directory)
     paths = {"json": directory / "report.json", "md": directory / "report.md"}
-    atomic_write(paths["json"], lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
-    atomic_write(paths["md"], lambda tmp: Path(tmp).write_text(report_markdown(report)))
+    atomic_write(paths["json"], lambda tmp: _write_text(tmp, json.dumps(report, indent=2)))
+    atomic_write(paths["md"], lambda tmp: _write_text(tmp, report_markdown(report)))
     try:
         import matplotlib
 

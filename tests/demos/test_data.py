@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_quant.data import DigitsDataModule, stratified_split
+from lightning_quant.demos import DigitsDataModule, stratified_split
 
 
 def test_digits_split_is_stratified_disjoint_and_complete():

@@ -1,41 +1,10 @@
-import io
+"""The report's numbers agree with independent computations and name a broken layer."""
 
 import pytest
 import torch
-import torch.nn as nn
 
+from lightning_quant.evaluation.metrics import state_dict_bytes
 from lightning_quant.quantization.inputs import ExampleInputs
-from lightning_quant.report import classification_accuracy, format_table, latency_ms, state_dict_bytes
-
-
-def test_state_dict_bytes_matches_torch_save():
-    model = nn.Linear(100, 10)
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    assert state_dict_bytes(model) == len(buffer.getvalue())
-    assert state_dict_bytes(model) > 4 * 1010
-
-
-def test_classification_accuracy_counts_correct_predictions():
-    model = nn.Identity()
-    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
-    batches = [(logits[:2], torch.tensor([0, 1])), (logits[2:], torch.tensor([1, 1]))]
-    assert classification_accuracy(model, batches) == 0.75
-    with pytest.raises(ValueError, match="no batches to measure accuracy on"):
-        classification_accuracy(model, [])
-
-
-def test_latency_is_positive_and_grows_with_batch():
-    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
-    example = ExampleInputs((torch.randn(1, 256),))
-    small = latency_ms(model, example, 1, repeats=20, warmup=3)
-    large = latency_ms(model, example, 512, repeats=20, warmup=3)
-    assert 0 < small < large
-
-
-def test_format_table():
-    table = format_table(("a", "b"), [(1, 0.123456), ("x", "y")])
-    assert table.splitlines() == ["| a | b      |", "|---|--------|", "| 1 | 0.1235 |", "| x | y      |"]
 
 
 # ---------------------------------------------------------------- the full report
@@ -43,7 +12,7 @@ def _mlp_setup(break_fc2: bool):
     import copy as _copy
 
     from lightning_quant.quantization import QuantizationConfig, convert_copy, get_flow
-    from tests.test_analysis import MLP
+    from tests.evaluation.test_analysis import MLP
 
     torch.manual_seed(0)
     model = MLP().eval()
@@ -61,9 +30,9 @@ def _mlp_setup(break_fc2: bool):
 
 
 def test_report_numbers_agree_with_independent_computations(tmp_path):
-    from lightning_quant.analysis import sqnr_db
+    from lightning_quant.evaluation.report import build_report, write_report
     from lightning_quant.quantization.convert import quantized_engine
-    from lightning_quant.report import build_report, write_report
+    from lightning_quant.quantization.outputs import sqnr_db
 
     model, prepared, int8, x, y = _mlp_setup(break_fc2=False)
     exported = tmp_path / "model.pt"
@@ -105,7 +74,7 @@ def test_report_numbers_agree_with_independent_computations(tmp_path):
 
 
 def test_report_warns_and_names_the_broken_layer():
-    from lightning_quant.report import build_report, report_markdown
+    from lightning_quant.evaluation.report import build_report, report_markdown
 
     model, prepared, int8, x, y = _mlp_setup(break_fc2=True)
     report = build_report(

@@ -15,12 +15,13 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+from typing_extensions import override
 
-from lightning_quant.report import format_table
+from lightning_quant.utils.tables import format_table
 
 log = logging.getLogger(__name__)
 
@@ -52,14 +53,17 @@ def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
     return runs
 
 
-def _number(value: Any) -> Optional[float]:
+def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not math.isnan(float(value)) else None
 
 
 def pareto_front(runs: list[dict[str, Any]], metric: str, latency: str) -> set[str]:
     """Names of runs no other run beats on both ``metric`` (higher) and ``latency`` (lower)."""
-    points = [(r["run"], _number(r.get(metric)), _number(r.get(latency))) for r in runs]
-    points = [(n, m, t) for n, m, t in points if m is not None and t is not None]
+    points: list[tuple[str, float, float]] = []
+    for r in runs:
+        m, t = _number(r.get(metric)), _number(r.get(latency))
+        if m is not None and t is not None:
+            points.append((r["run"], m, t))
     return {
         n
         for n, m, t in points
@@ -103,10 +107,12 @@ def results_rows(
                 "error": " ".join(str(r.get("error", "")).split())[:300],
             }
         )
-    key = _number
-    rows.sort(
-        key=lambda row: (row["status"] != "ok", -(key(row.get(metric)) if key(row.get(metric)) is not None else -1))
-    )
+
+    def order(row: dict[str, Any]) -> tuple[bool, float]:
+        value = _number(row.get(metric))
+        return row["status"] != "ok", -(value if value is not None else -1.0)
+
+    rows.sort(key=order)
     return rows
 
 
@@ -146,6 +152,7 @@ class SweepResults(Callback):
     def __init__(self, metric: str = "int8_acc", latency: str = "int8_ms_b1") -> None:
         self.metric, self.latency = metric, latency
 
+    @override
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():

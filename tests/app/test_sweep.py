@@ -11,9 +11,9 @@ from pathlib import Path
 
 import yaml
 
-from lightning_quant.sweep import common_overrides, pareto_front, results_rows, write_results
+from lightning_quant.app.sweep import common_overrides, pareto_front, results_rows, write_results
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(name, acc, ms, overrides, status="ok", **extra):

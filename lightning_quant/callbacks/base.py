@@ -1,0 +1,196 @@
+"""What every quantization callback shares: one base class, and the two moments other callbacks hear of.
+
+:class:`QuantizationCallback` owns the state QAT and PTQ have in common (``config``,
+``example_inputs``, ``quantized_model``, ``export_paths``, the target submodule) and the steps
+they take the same way: check the strategy, take example inputs, and *publish* (convert,
+export on global rank 0, announce). A subclass says *when* it quantizes and *what* its float
+reference and observed model are.
+
+:class:`QuantizationListener` is the type of a callback that listens to those moments:
+``on_before_quantization_prepare`` (the float model is about to be rewritten) and
+``on_quantized`` (the int8 model and its files are ready). ``KnowledgeDistillation`` and
+``QuantizationReport`` are listeners; any callback in the Trainer that is one hears of them,
+in whatever order the callbacks list holds them.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import lightning.pytorch as pl
+import torch.nn as nn
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_quant.callbacks._trainer import stage_dataloader, trainer_callbacks
+from lightning_quant.export import ExportRecord, export_int8
+from lightning_quant.quantization.config import QuantizationConfig, config_from
+from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
+from lightning_quant.quantization.target import resolve_target
+from lightning_quant.utils.checks import check_callable
+
+
+@runtime_checkable
+class QuantizationListener(Protocol):
+    """A callback that hears of the two moments of quantization.
+
+    Subclass it (both methods do nothing unless overridden) or define both methods.
+    """
+
+    def on_before_quantization_prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The float model is about to be rewritten (QAT prepares it in ``setup``)."""
+        return None
+
+    def on_quantized(self, trainer: pl.Trainer, pl_module: pl.LightningModule, callback: QuantizationCallback) -> None:
+        """``callback.quantized_model`` and ``callback.export_paths`` are ready."""
+        return None
+
+
+class QuantizationCallback(Callback):
+    """The base of the quantization callbacks (QAT and PTQ): shared state, shared steps, override points.
+
+    Args:
+        config: what to quantize and how.
+        batch_to_input: callable from a batch to the model input (``None``: the usual batch layouts).
+
+    Attributes:
+        config: the :class:`~lightning_quant.QuantizationConfig`.
+        example_inputs: the inputs the model was prepared, checked and exported with.
+        quantized_model: the int8 model after the callback converted (CPU, eval mode).
+        export_paths: ``{target: path}`` of the files written.
+        export_records: ``{target: ExportRecord}``: each file and its reload difference.
+    """
+
+    #: the name in log lines and logged metrics ("QAT", "PTQ")
+    label: ClassVar[str] = "quant"
+
+    def __init__(self, config: QuantizationConfig, batch_to_input: Callable[[Any], Any] | None = None) -> None:
+        self.config = config
+        self.batch_to_input = check_callable(batch_to_input, "batch_to_input")
+        self.example_inputs: ExampleInputs | None = None
+        self.quantized_model: nn.Module | None = None
+        self.export_paths: dict[str, str] = {}
+        self.export_records: dict[str, ExportRecord] = {}
+        self._target_path: str | None = None
+
+    @classmethod
+    def _config_from(cls, config: QuantizationConfig | None, arguments: Mapping[str, Any]) -> QuantizationConfig:
+        """``config`` when given, else a config built from the constructor's ``arguments`` (its ``locals()``).
+
+        Raises:
+            TypeError: ``config`` is not a ``QuantizationConfig``.
+            ValueError: ``config`` is given and an option it holds was also set to a non-default value.
+        """
+        return config_from(config, arguments, inspect.signature(cls.__init__).parameters, cls.__name__)
+
+    # ------------------------------------------------------------------ override points
+    @property
+    def target_path(self) -> str | None:
+        """Dotted path of the quantized submodule once setup found it."""
+        return self._target_path
+
+    def target(self, pl_module: pl.LightningModule) -> nn.Module:
+        """The submodule this callback quantizes."""
+        return resolve_target(pl_module, self._target_path or self.config.module)[1]
+
+    def float_reference(self, pl_module: pl.LightningModule) -> nn.Module:
+        """A CPU copy computing float outputs under the int8 model's module names (for per-layer error)."""
+        raise NotImplementedError
+
+    def observed_model(self, pl_module: pl.LightningModule) -> nn.Module | None:
+        """The model whose observers hold the ranges, if any."""
+        raise NotImplementedError
+
+    @property
+    def calibration_batches_used(self) -> int | None:
+        """How many calibration batches set the ranges (``None``: not calibrated, e.g. QAT)."""
+        return None
+
+    @property
+    def learns_ranges(self) -> bool:
+        """Whether the ranges were learnt by training (QAT) rather than calibrated."""
+        return False
+
+    # ------------------------------------------------------------------ shared steps
+    def _check_strategy(self, trainer: pl.Trainer) -> None:
+        """Raise for strategies that shard or replace modules (FSDP, DeepSpeed): quantized layers must be whole."""
+        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(
+                f"{type(self).__name__} supports single-device and DDP strategies, got "
+                f'{type(trainer.strategy).__name__}: use strategy="ddp" (or "auto" on one device)'
+            )
+
+    def _take_example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> ExampleInputs:
+        """Model inputs from ``example_input_array``, else from the first batch of the stage's data."""
+        if pl_module.example_input_array is not None:
+            return ExampleInputs.from_value(pl_module.example_input_array).to("cpu")
+        loader = stage_dataloader(trainer, stage)
+        batch = next(iter(loader), None) if loader is not None else None
+        if batch is None:
+            raise ValueError(
+                f"{type(self).__name__} needs one real input to prepare the model: set `example_input_array` on "
+                f"{type(pl_module).__name__} or give the Trainer a non-empty {stage} dataloader"
+            )
+        return batch_inputs(batch, self.batch_to_input).to("cpu")
+
+    def export_dir(self, trainer: pl.Trainer) -> Path:
+        """Where files go: ``export_dir``, else ``<trainer.log_dir>/quantized``."""
+        if self.config.export_dir is not None:
+            return Path(self.config.export_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / "quantized"
+
+    def _notify(self, trainer: pl.Trainer, pl_module: pl.LightningModule, moment: str) -> None:
+        """Tell every listener in the Trainer's callbacks of ``moment`` (``"prepare"`` or ``"quantized"``)."""
+        for callback in trainer_callbacks(trainer):
+            if callback is self or not isinstance(callback, QuantizationListener):
+                continue
+            if moment == "prepare":
+                callback.on_before_quantization_prepare(trainer, pl_module)
+            else:
+                callback.on_quantized(trainer, pl_module, self)
+
+    def _publish(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        convert: Callable[[str], nn.Module],
+        description: str,
+    ) -> None:
+        """The end of every quantization callback: convert, export, announce.
+
+        Sets ``quantized_model`` to ``convert(<backend engine>)``; on global rank 0 exports it to
+        each target (converting again only for a target that needs another engine); then calls
+        ``on_quantized`` on every listener.
+        """
+        config = self.config
+        self.quantized_model = convert(config.engine)
+        rank_zero_info(f"[{self.label}] {description}: callback.quantized_model")
+        if config.export and trainer.is_global_zero:
+            if self.example_inputs is None:
+                raise RuntimeError(f"{type(self).__name__} has no example inputs: it takes them in setup")
+            converted = {config.engine: self.quantized_model}
+
+            def int8_for(engine: str) -> nn.Module:
+                if engine not in converted:
+                    converted[engine] = convert(engine)
+                return converted[engine]
+
+            self.export_records = export_int8(
+                int8_for, config.export, self.export_dir(trainer), self.example_inputs, config.backend
+            )
+            self.export_paths = self._log_exports(trainer)
+        self._notify(trainer, pl_module, "quantized")
+
+    def _log_exports(self, trainer: pl.Trainer) -> dict[str, str]:
+        """Tell the user where files went and log each reload difference to the Trainer's loggers."""
+        prefix = self.label.lower()
+        for target, record in self.export_records.items():
+            rank_zero_info(f"[{prefix}] {target}: {record.path} (reloaded output max |diff| {record.max_abs_diff:.3g})")
+        metrics = {f"{prefix}/export_max_abs_diff_{t}": r.max_abs_diff for t, r in self.export_records.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        return {target: str(record.path) for target, record in self.export_records.items()}

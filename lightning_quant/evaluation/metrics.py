@@ -1,0 +1,124 @@
+"""Accuracy, size and latency of a float and an int8 model, and the table that compares them."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lightning_quant.quantization import inputs
+from lightning_quant.quantization.convert import quantized_engine
+from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.outputs import collect_outputs
+from lightning_quant.utils.tables import format_table
+
+
+def state_dict_bytes(module: nn.Module) -> int:
+    """Bytes of ``torch.save(module.state_dict())``: what the weights cost on disk."""
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def latency_ms(
+    module: nn.Module,
+    example: ExampleInputs,
+    batch_size: int,
+    repeats: int = 50,
+    warmup: int = 10,
+    engine: str | None = None,
+) -> float:
+    """Median wall time in milliseconds of one forward pass at ``batch_size``, after ``warmup`` passes."""
+    inputs = example.to("cpu").with_batch_size(batch_size)
+    module = module.eval()
+    times = []
+    with quantized_engine(engine or torch.backends.quantized.engine), torch.inference_mode():
+        for _ in range(warmup):
+            inputs(module)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            inputs(module)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def classification_accuracy(
+    module: nn.Module,
+    batches: Iterable[Any],
+    engine: str | None = None,
+    batch_to_input: Callable[[Any], Any] | None = None,
+    target_of: Callable[[Any], torch.Tensor] = inputs.target_of,
+) -> float:
+    """Top-1 accuracy of ``module`` (on CPU) over ``batches`` of ``(input, target)`` (or mappings with labels)."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("no batches to measure accuracy on")
+    predictions = collect_outputs(module, batches, engine, batch_to_input).argmax(dim=-1)
+    targets = torch.cat([target_of(batch).cpu().reshape(-1) for batch in batches])
+    return int((predictions == targets).sum()) / targets.numel()
+
+
+def compare(
+    float_model: nn.Module,
+    int8_model: nn.Module | None,
+    test_batches: Sequence[Any],
+    example: ExampleInputs,
+    engine: str,
+    batch_sizes: Sequence[int] = (1, 32),
+    repeats: int = 50,
+    warmup: int = 10,
+    float_eval_model: nn.Module | None = None,
+    batch_to_input: Callable[[Any], Any] | None = None,
+) -> dict[str, Any]:
+    """Float vs int8: test accuracy, weight bytes and median latency at each batch size.
+
+    Args:
+        float_model: the fp32 model timed and sized.
+        int8_model: the quantized model; ``None`` measures the float model alone (a baseline).
+        test_batches: ``(input, target)`` batches for accuracy.
+        example: inputs for timing (tiled or cut to each batch size).
+        engine: quantized engine the int8 model was converted for.
+        float_eval_model: the model whose accuracy counts as "float" when it is not
+            ``float_model`` (a QAT model with quantization switched off, say).
+    """
+    metrics: dict[str, Any] = {
+        "float_acc": classification_accuracy(
+            float_eval_model or float_model, test_batches, batch_to_input=batch_to_input
+        ),
+        "fp32_bytes": state_dict_bytes(float_model),
+    }
+    if int8_model is not None:
+        metrics["int8_acc"] = classification_accuracy(int8_model, test_batches, engine, batch_to_input)
+        metrics["int8_bytes"] = state_dict_bytes(int8_model)
+    for bs in batch_sizes:
+        metrics[f"fp32_ms_b{bs}"] = latency_ms(float_model, example, bs, repeats, warmup)
+        if int8_model is not None:
+            metrics[f"int8_ms_b{bs}"] = latency_ms(int8_model, example, bs, repeats, warmup, engine)
+    return metrics
+
+
+def comparison_table(metrics: dict[str, Any], batch_sizes: Sequence[int] = (1, 32)) -> str:
+    """The float-vs-int8 table :func:`compare`'s metrics make: accuracy, size, latency per batch size."""
+    rows = [
+        (
+            "accuracy (test)",
+            f"{metrics['float_acc']:.4f}",
+            f"{metrics['int8_acc']:.4f}",
+            f"{metrics['int8_acc'] - metrics['float_acc']:+.4f}",
+        ),
+        (
+            "weights (bytes)",
+            metrics["fp32_bytes"],
+            metrics["int8_bytes"],
+            f"{metrics['fp32_bytes'] / metrics['int8_bytes']:.2f}x smaller",
+        ),
+    ]
+    for bs in batch_sizes:
+        fp32, int8 = metrics[f"fp32_ms_b{bs}"], metrics[f"int8_ms_b{bs}"]
+        rows.append((f"latency batch {bs} (ms)", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster"))
+    return format_table(("", "float", "int8", "change"), rows)

@@ -1,0 +1,26 @@
+"""Module names and types as users write them: dotted paths and import paths."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+
+import torch.nn as nn
+
+
+def within(name: str, outer: Iterable[str], strictly: bool = False) -> str | None:
+    """The first of ``outer`` that is module ``name`` itself or a module containing it (by dotted
+    path); with ``strictly``, only a container counts. ``None`` if there is none."""
+    return next((o for o in outer if (not strictly and name == o) or name.startswith(o + ".")), None)
+
+
+def locate_module_type(path: str) -> type | None:
+    """The ``nn.Module`` subclass at import path ``path`` (``"torch.nn.LSTM"``), or ``None``."""
+    module_path, _, attr = path.rpartition(".")
+    if not module_path:
+        return None
+    try:
+        located = getattr(importlib.import_module(module_path), attr, None)
+    except ImportError:
+        return None
+    return located if isinstance(located, type) and issubclass(located, nn.Module) else None

@@ -1,0 +1,95 @@
+"""What the quantization callbacks share: config= or keywords, the listener protocol, the publish step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Callback, seed_everything
+
+from lightning_quant import (
+    KnowledgeDistillation,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    QuantizationCallback,
+    QuantizationConfig,
+    QuantizationListener,
+    QuantizationReport,
+)
+from lightning_quant.quantization.convert import quantized_engine
+from tests.helpers import BoringClassifier, quiet_trainer
+
+
+@pytest.mark.parametrize("callback_class", [QuantizationAwareTraining, PostTrainingQuantization])
+def test_config_object_gives_the_same_model_as_keywords(callback_class):
+    config = QuantizationConfig(backend="qnnpack", observer="minmax", per_channel=True, export=None)
+    outputs = []
+    for callback in (
+        callback_class(config=config),
+        callback_class(backend="qnnpack", observer="minmax", per_channel=True, export=None),
+    ):
+        assert callback.config == config
+        seed_everything(0)
+        quiet_trainer(callbacks=[callback], limit_train_batches=2).fit(BoringClassifier())
+        with torch.no_grad(), quantized_engine("qnnpack"):
+            outputs.append(
+                callback.quantized_model(torch.randn(4, 1, 6, 6, generator=torch.Generator().manual_seed(1)))
+            )
+    assert torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("callback_class", [QuantizationAwareTraining, PostTrainingQuantization])
+def test_config_object_and_a_keyword_it_holds_raises(callback_class):
+    config = QuantizationConfig(backend="qnnpack")
+    with pytest.raises(
+        ValueError,
+        match=rf"{callback_class.__name__} got config= and also \['observer', 'skip'\]: set them on the "
+        r"QuantizationConfig \(dataclasses.replace\(config, ...\)\), or pass keyword arguments without config=",
+    ):
+        callback_class(config=config, observer="minmax", skip=["head"])
+    with pytest.raises(TypeError, match=r"config must be a QuantizationConfig or None, got str"):
+        callback_class(config="x86")
+    # options that are not the config's stay keywords beside it
+    assert callback_class(config=config, export_dir=None).config is config
+
+
+class Recorder(QuantizationListener, Callback):
+    """A user's listener: records the moments it hears of."""
+
+    def __init__(self) -> None:
+        self.heard: list[tuple[str, object]] = []
+
+    def on_before_quantization_prepare(self, trainer, pl_module):
+        self.heard.append(("prepare", type(pl_module.net).__name__))
+
+    def on_quantized(self, trainer, pl_module, callback):
+        self.heard.append(("quantized", callback))
+
+
+class Structural(Callback):
+    """Not a subclass: defines both methods, so it is a listener by shape."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def on_before_quantization_prepare(self, trainer, pl_module):
+        self.calls += 1
+
+    def on_quantized(self, trainer, pl_module, callback):
+        self.calls += 10
+
+
+def test_listeners_hear_both_moments_in_any_order(tmp_path):
+    recorder, structural = Recorder(), Structural()
+    qat = QuantizationAwareTraining(export=("torchscript",), export_dir=tmp_path)
+    quiet_trainer(callbacks=[recorder, qat, structural], limit_train_batches=2).fit(BoringClassifier())
+    assert recorder.heard == [("prepare", "TinyNet"), ("quantized", qat)]
+    assert structural.calls == 11
+    assert isinstance(qat, QuantizationCallback) and not isinstance(qat, QuantizationListener)
+    assert all(isinstance(c, QuantizationListener) for c in (KnowledgeDistillation(), QuantizationReport()))
+
+
+def test_ptq_announces_without_a_prepare_moment():
+    recorder = Recorder()
+    ptq = PostTrainingQuantization(export=None, calibration_batches=2, progress=False)
+    quiet_trainer(callbacks=[ptq, recorder], limit_train_batches=2).fit(BoringClassifier())
+    assert recorder.heard == [("quantized", ptq)]
