@@ -27,7 +27,7 @@ test: $(INSTALLED)
 # `make test-gpu`: the callback suites (QAT, distillation, report) with training on a GPU; the
 # int8 conversion and exports run on CPU copies as always. Needs a CUDA torch; outside CI.
 test-gpu:
-	LIGHTNING_QUANT_TEST_ACCELERATOR=gpu $(PYTHON) -m pytest tests/callbacks/test_qat.py tests/callbacks/test_distillation.py tests/callbacks/test_report.py
+	LIGHTNING_QUANT_TEST_ACCELERATOR=gpu $(PYTHON) -m pytest tests/callbacks/test_base.py tests/callbacks/test_qat.py tests/callbacks/test_distillation.py tests/callbacks/test_report.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

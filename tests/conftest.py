@@ -1,6 +1,15 @@
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _full_precision_on_gpu():
+    """`make test-gpu`: no TF32, so GPU results are compared with CPU ones at float32 tolerances."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
 @pytest.fixture(autouse=True)
 def _run_in_tmp_path(tmp_path, monkeypatch):
     """Each test runs in its own ``tmp_path``: whatever a Trainer or Hydra writes by default lands there."""

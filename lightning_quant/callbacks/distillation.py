@@ -41,11 +41,12 @@ class KnowledgeDistillation(QuantizationListener, Callback):
     Manual optimisation is refused in ``setup``: there, add :meth:`distillation_loss` yourself.
 
     The teacher is kept on this callback, not on the LightningModule: in eval mode, without
-    gradients, on the student's device, never in the optimizer, never in a checkpoint, never
-    wrapped by DDP. ``teacher=None`` takes a frozen copy of the student's float module as the
-    model stands when fit starts, before ``QuantizationAwareTraining`` prepares it (in either
-    order in the callbacks list) and before a checkpoint is restored: build the model the same
-    way when resuming and the teacher is rebuilt the same.
+    gradients, on the student's device during fit (and back on its own device after), never in
+    the optimizer, never in a checkpoint, never wrapped by DDP. ``teacher=None`` takes a frozen
+    copy of the student's float module as the model stands when fit starts, before
+    ``QuantizationAwareTraining`` prepares it (in either order in the callbacks list) and before
+    a checkpoint is restored: build the model the same way when resuming and the teacher is
+    rebuilt the same.
 
     Args:
         teacher: an ``nn.Module`` (frozen in place), a Lightning checkpoint path whose weights
@@ -96,6 +97,7 @@ class KnowledgeDistillation(QuantizationListener, Callback):
         self._handle: Any = None
         self._capturing = False
         self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._teacher_home: torch.device | None = None
 
     @property
     @override
@@ -150,10 +152,12 @@ class KnowledgeDistillation(QuantizationListener, Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hook()
+        self._send_teacher_home()
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hook()
+        self._send_teacher_home()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -204,6 +208,8 @@ class KnowledgeDistillation(QuantizationListener, Callback):
                 "the teacher shares parameters with the LightningModule, so the optimizer would train it: "
                 "pass a separate module (copy.deepcopy) or teacher=None"
             )
+        # the teacher goes back where it came from after fit, as Lightning moves the LightningModule
+        self._teacher_home = next(teacher.parameters(), torch.empty(0)).device
         teacher.eval().requires_grad_(False).to(pl_module.device)
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -230,6 +236,10 @@ class KnowledgeDistillation(QuantizationListener, Callback):
             {"kd/task_loss": task, "kd/kd_loss": kd.detach(), "kd/total_loss": total}, on_step=True, on_epoch=False
         )
         self._pairs.clear()
+
+    def _send_teacher_home(self) -> None:
+        if self.teacher is not None and self._teacher_home is not None:
+            self.teacher.to(self._teacher_home)
 
     def _remove_hook(self) -> None:
         if self._handle is not None:

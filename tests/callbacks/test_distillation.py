@@ -104,7 +104,7 @@ def test_kd_teacher_gets_no_gradient_and_never_changes():
 class _GradSpy(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         if trainer.global_step == 0:
-            self.grads = [p.grad.clone() for p in pl_module.net.parameters()]
+            self.grads = [p.grad.detach().cpu().clone() for p in pl_module.net.parameters()]
 
 
 class _LossSpy(Callback):
