@@ -24,11 +24,12 @@ import lightning.pytorch as pl
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_quant.callbacks._trainer import stage_dataloader, trainer_callbacks
 from lightning_quant.export import ExportRecord, export_int8
 from lightning_quant.quantization.config import QuantizationConfig, config_from
+from lightning_quant.quantization.convert import allow_int8_kernels_under_determinism
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
 from lightning_quant.quantization.target import resolve_target
 from lightning_quant.utils.checks import check_callable
@@ -168,6 +169,12 @@ class QuantizationCallback(Callback):
         """
         config = self.config
         self.quantized_model = convert(config.engine)
+        if allow_int8_kernels_under_determinism():
+            rank_zero_warn(
+                "deterministic algorithms are on (Trainer(deterministic=True)), which makes torch's int8 Linear "
+                "kernel raise; switched torch.use_deterministic_algorithms to warn_only=True so the int8 model "
+                "runs in this process (deterministic kernels are still used everywhere)"
+            )
         rank_zero_info(f"[{self.label}] {description}: callback.quantized_model")
         if config.export and trainer.is_global_zero:
             if self.example_inputs is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import logging
@@ -11,16 +12,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+import torch
 import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_quant.callbacks._trainer import first_of, metric_name, module_metric
 from lightning_quant.callbacks.base import QuantizationCallback
+from lightning_quant.quantization.calibrate import first_non_finite_layer
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy, unobserved
 from lightning_quant.quantization.flows import get_flow
-from lightning_quant.quantization.inputs import batch_targets
+from lightning_quant.quantization.inputs import batch_inputs, batch_targets
 from lightning_quant.quantization.outputs import collect_outputs, task_metric
 from lightning_quant.quantization.schedule import (
     Phase,
@@ -98,7 +101,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         >>> trainer = Trainer(callbacks=[QuantizationAwareTraining(freeze_observers_epoch=3)], logger=False)
     """
 
-    STATE_VERSION = 1
+    STATE_VERSION = 2  # 2: also observer and per_channel
     label = "QAT"
 
     def __init__(
@@ -126,6 +129,11 @@ class QuantizationAwareTraining(QuantizationCallback):
         self.convert_on_fit_end = check_bool(convert_on_fit_end, "convert_on_fit_end")
         self.validate_int8 = check_bool(validate_int8, "validate_int8")
         self._phase: Phase | None = None
+        self._load_hook: Any = None
+        self._said_float = False
+        self._current_batch: Any = None
+        # (epoch, batch, loss-is-finite flag on the loss's device): read only to explain a failure
+        self._loss_finite: collections.deque[tuple[int, int, torch.Tensor]] = collections.deque(maxlen=256)
         self._saved_observers: dict[str, bool] | None = None
 
     @property
@@ -139,9 +147,18 @@ class QuantizationAwareTraining(QuantizationCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._check_strategy(trainer)
+        path, target = resolve_target(pl_module, self.config.module)
         if stage == "fit":
             self._check_schedule_fits(trainer)
-        self._prepare(trainer, pl_module, stage)
+            if self._target_path is not None and not is_prepared(target):
+                self.example_inputs = None  # another model than last time: its own inputs
+            self._target_path = path
+            self._prepare(trainer, pl_module, stage)
+        else:
+            # Outside fit the model is evaluated as it is: a float model stays float. A QAT
+            # checkpoint (ckpt_path=...) is recognised as Lightning loads it and prepared then.
+            self._target_path = path
+        self._watch_checkpoint_loads(trainer, pl_module, stage)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -151,11 +168,13 @@ class QuantizationAwareTraining(QuantizationCallback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._current_batch = (batch, batch_idx, trainer.current_epoch)
         if self._phase is not None and self._phase.bn_frozen:
             set_bn_frozen(self.target(pl_module), True)  # Lightning's model.train() after validation unfreezes plain BN
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._say_if_float(trainer, pl_module)
         self._pause_observers(pl_module)
 
     @override
@@ -169,6 +188,7 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._say_if_float(trainer, pl_module)
         self._pause_observers(pl_module)
 
     @override
@@ -177,6 +197,7 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._say_if_float(trainer, pl_module)
         self._pause_observers(pl_module)
 
     @override
@@ -186,6 +207,13 @@ class QuantizationAwareTraining(QuantizationCallback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._resume_observers(pl_module)
+        self._explain_non_finite(pl_module, exception)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._load_hook is not None:
+            self._load_hook.remove()
+            self._load_hook = None
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -196,11 +224,20 @@ class QuantizationAwareTraining(QuantizationCallback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "version": self.STATE_VERSION,
-            "backend": self.config.backend.value,
-            "flow": self.config.flow.value,
-            "module": self._target_path,
+            **self._recipe(),
             "schedule": asdict(self.schedule),
         }
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        if self._current_batch is not None:  # no host sync: the flag is read only if something fails
+            self._loss_finite.append(
+                (trainer.current_epoch, self._current_batch[1], torch.isfinite(loss.detach()).all())
+            )
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._current_batch = None  # kept only to explain a failure inside the epoch
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -238,6 +275,96 @@ class QuantizationAwareTraining(QuantizationCallback):
         """The QAT model, whose fake-quantize modules hold the learnt ranges."""
         return self.target(pl_module)
 
+    def convert_and_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Convert and export now, as at the end of fit: for a QAT checkpoint loaded by ``validate``,
+        say (``trainer.validate(model, ckpt_path=...)`` with this callback, then this)."""
+        if not is_prepared(self.target(pl_module)):
+            raise ValueError(
+                f"{self._target_path!r} holds no quantization state: fit with this callback first, or "
+                "validate a QAT checkpoint (ckpt_path=...) before converting"
+            )
+        self._convert_and_export(trainer, pl_module)
+
+    def _recipe(self) -> dict[str, Any]:
+        """How the model is quantized: what a checkpoint records so it can be loaded again."""
+        return {
+            "backend": self.config.backend.value,
+            "flow": self.config.flow.value,
+            "module": self._target_path,
+            "observer": self.config.observer.value,
+            "per_channel": self.config.per_channel,
+        }
+
+    def _say_if_float(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" or self._said_float or is_prepared(self.target(pl_module)):
+            return
+        self._said_float = True
+        rank_zero_info(
+            f"[QAT] {trainer.state.fn}: {self._target_path!r} holds no quantization state (it was not trained "
+            "with QuantizationAwareTraining), so it is evaluated in float; pass a QAT checkpoint (ckpt_path=...) "
+            "to evaluate the quantized model"
+        )
+
+    def _watch_checkpoint_loads(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Recognise a QAT checkpoint as Lightning loads it into the LightningModule.
+
+        A float model receiving QAT weights is prepared first, so they fit; a QAT checkpoint
+        made with other settings raises naming them instead of torch's missing/unexpected keys.
+        """
+        if self._load_hook is not None:
+            self._load_hook.remove()
+
+        def before_load(module: nn.Module, state_dict: Any, prefix: str, *args: Any) -> None:
+            self._before_load(trainer, pl_module, stage, state_dict, prefix)
+
+        self._load_hook = pl_module.register_load_state_dict_pre_hook(before_load)
+
+    def _before_load(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str, state_dict: Any, prefix: str
+    ) -> None:
+        target_prefix = f"{prefix}{self._target_path}."
+        incoming = {k[len(target_prefix) :] for k in state_dict if k.startswith(target_prefix)}
+        if not any("fake_quant" in k for k in incoming):
+            if is_prepared(self.target(pl_module)) and stage != "fit":
+                raise ValueError(
+                    f"the checkpoint holds a float {self._target_path!r} but the model in memory is already "
+                    "QAT-prepared: load float checkpoints into a float model (a new LightningModule)"
+                )
+            return  # float weights into a float model (or a fit that starts QAT from float weights)
+        if not is_prepared(self.target(pl_module)):
+            self._prepare(trainer, pl_module, stage)
+        expected = set(self.target(pl_module).state_dict())
+        if incoming != expected:
+            saved = _saved_recipe(trainer)
+            trained = f"trained with {saved}" if saved else "made with other quantization settings"
+            raise ValueError(
+                f"the checkpoint holds a QAT model of {self._target_path!r} {trained}, but this "
+                f"QuantizationAwareTraining is {self._recipe()}; create the callback with the checkpoint's "
+                f"settings to load it (missing e.g. {sorted(expected - incoming)[:3]}, "
+                f"unexpected e.g. {sorted(incoming - expected)[:3]})"
+            )
+
+    def _explain_non_finite(self, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Add to an error raised by NaN/Inf reaching fake quantization the layer and batch where it appeared."""
+        if self._current_batch is None or self._target_path is None or not hasattr(exception, "add_note"):
+            return
+        batch, batch_idx, epoch = self._current_batch
+        found = first_non_finite_layer(self.target(pl_module), batch_inputs(batch, self.batch_to_input))
+        if found is None:
+            return
+        first_bad_loss = next(((e, b) for e, b, finite in self._loss_finite if not bool(finite)), None)
+        origin = (
+            f"; the loss was first non-finite at training batch {first_bad_loss[1]} of epoch {first_bad_loss[0]}, "
+            "whose inputs or gradients made the weights non-finite"
+            if first_bad_loss is not None
+            else ""
+        )
+        exception.add_note(
+            f"lightning-quant: NaN or Inf reached fake quantization at training batch {batch_idx} of epoch "
+            f"{epoch}, first in {found}{origin}. Check those batches, the loss and the learning rate (fake "
+            "quantization cannot represent non-finite values)"
+        )
+
     def _check_schedule_fits(self, trainer: pl.Trainer) -> None:
         max_epochs = trainer.max_epochs
         if (
@@ -252,7 +379,7 @@ class QuantizationAwareTraining(QuantizationCallback):
             )
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        path, target = resolve_target(pl_module, self.config.module)
+        path, target = resolve_target(pl_module, self._target_path or self.config.module)
         self._target_path = path
         if self.example_inputs is None:
             self.example_inputs = self._take_example_inputs(trainer, pl_module, stage)
@@ -316,3 +443,16 @@ class QuantizationAwareTraining(QuantizationCallback):
             lambda engine: self.convert(pl_module, engine),
             f"converted {self._target_path!r} to int8 for {self.config.engine}",
         )
+
+
+def _saved_recipe(trainer: pl.Trainer) -> dict[str, Any] | None:
+    """The quantization settings a checkpoint being loaded was trained with, from its QAT callback state.
+
+    Lightning has read the checkpoint when it loads the weights, but offers no public view of
+    it; this is for an error message only and gives ``None`` when it cannot tell.
+    """
+    checkpoint = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None) or {}
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if str(key).startswith(QuantizationAwareTraining.__name__) and isinstance(state, dict):
+            return {k: state[k] for k in ("backend", "flow", "module", "observer", "per_channel") if k in state}
+    return None

@@ -8,6 +8,7 @@ layer whose output is not finite, since a NaN reaching an observer ruins its ran
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -19,6 +20,7 @@ from torch.ao.quantization import FakeQuantizeBase
 from torch.ao.quantization.observer import ObserverBase
 
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
+from lightning_quant.quantization.schedule import set_fake_quant, set_observers
 from lightning_quant.utils.modules import within
 
 
@@ -127,3 +129,25 @@ def calibrate(
             "pass a DataLoader or a list of batches"
         )
     return used
+
+
+def first_non_finite_layer(model: nn.Module, inputs: ExampleInputs) -> str | None:
+    """Where NaN/Inf first appears when ``inputs`` run through ``model`` in float: ``"the model input"``,
+    ``"layer 'name' (Type)"``, or ``None`` when every output is finite.
+
+    Runs a copy with fake quantization and observers off (the original keeps its state), so it
+    can explain an error that fake quantization raised on non-finite values.
+    """
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    inputs = inputs.to(device)
+    if _non_finite([*inputs.args, *inputs.kwargs.values()]):
+        return "the model input"
+    probe = copy.deepcopy(model)
+    set_fake_quant(probe, False)
+    set_observers(probe, False)
+    with calibrating(probe) as found:
+        try:
+            inputs(probe)
+        except Exception:  # the probe only looks for where values stop being finite
+            pass
+    return f"layer {found['layer']!r} ({found['type']})" if found else None

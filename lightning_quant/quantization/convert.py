@@ -39,6 +39,26 @@ def quantized_engine(engine: str) -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
+def for_inference(model: nn.Module) -> nn.Module:
+    """An int8 model is an inference artifact: eval mode and no parameter that asks for gradients
+    (layers kept in float included)."""
+    return model.eval().requires_grad_(False)
+
+
+def allow_int8_kernels_under_determinism() -> bool:
+    """Let int8 models run in a process where deterministic algorithms are enforced.
+
+    ``torch.use_deterministic_algorithms(True)`` (which ``Trainer(deterministic=True)`` sets for
+    the whole process) makes torch's quantized Linear kernel raise ("quantized_resize_cpu_ does
+    not have a deterministic implementation"). Switching to ``warn_only=True`` keeps every
+    deterministic kernel in use and turns that refusal into a warning. Returns whether it switched.
+    """
+    if not torch.are_deterministic_algorithms_enabled() or torch.is_deterministic_algorithms_warn_only_enabled():
+        return False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    return True
+
+
 def unobserved(prepared: nn.Module) -> list[str]:
     """Names of observers in ``prepared`` that have never seen data (their range is still empty)."""
     names = []
@@ -75,4 +95,4 @@ def convert_copy(prepared: nn.Module, flow: Flow | str, engine: str) -> nn.Modul
     check_observed(prepared)
     model = copy.deepcopy(prepared).cpu().eval()
     with quantized_engine(engine):
-        return get_flow(flow).convert(model)
+        return for_inference(get_flow(flow).convert(model))

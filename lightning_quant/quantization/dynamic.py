@@ -28,7 +28,7 @@ from torch.ao.quantization import (
 )
 
 from lightning_quant.quantization.config import QuantizationConfig
-from lightning_quant.quantization.convert import quantized_engine
+from lightning_quant.quantization.convert import for_inference, quantized_engine
 from lightning_quant.quantization.qconfig import resolve_skip
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.modules import locate_module_type, within
@@ -117,4 +117,4 @@ def quantize_dynamic_copy(
             float_model, qconfig_spec=spec, dtype=torch.float16 if dtype == "float16" else torch.qint8
         )
     disable_transformer_fast_path(int8)
-    return int8
+    return for_inference(int8)

@@ -36,8 +36,10 @@ MODES = tuple(m.value for m in Mode)
 
 
 def _has_quantized_modules(model: nn.Module) -> bool:
+    """Whether some layer computes in int8: quantized modules, fused ones (``ConvReLU2d``...) included."""
     return any(
-        type(m).__module__.startswith("torch.ao.nn.quantized")
+        type(m).__module__.startswith("torch.ao.nn.")
+        and ".quantized" in type(m).__module__
         and not type(m).__name__.startswith(("Quantize", "DeQuantize"))
         for m in model.modules()
     )

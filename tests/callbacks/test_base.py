@@ -93,3 +93,16 @@ def test_ptq_announces_without_a_prepare_moment():
     ptq = PostTrainingQuantization(export=None, calibration_batches=2, progress=False)
     quiet_trainer(callbacks=[ptq, recorder], limit_train_batches=2).fit(BoringClassifier())
     assert recorder.heard == [("quantized", ptq)]
+
+
+@pytest.mark.parametrize("callback_class", [QuantizationAwareTraining, PostTrainingQuantization])
+def test_int8_model_runs_after_a_deterministic_trainer_and_has_no_gradients(callback_class):
+    callback = callback_class(export=None, skip=["head"])
+    with pytest.warns(UserWarning, match=r"switched torch.use_deterministic_algorithms to warn_only=True"):
+        quiet_trainer(callbacks=[callback], deterministic=True, limit_train_batches=2).fit(BoringClassifier())
+    assert torch.are_deterministic_algorithms_enabled()  # still on, for every kernel that has a deterministic version
+    int8 = callback.quantized_model
+    assert type(int8.head) is torch.nn.Linear  # the skipped layer stayed float...
+    assert [n for n, p in int8.named_parameters() if p.requires_grad] == []  # ...and asks for no gradient
+    with torch.no_grad():
+        assert int8(torch.randn(3, 1, 6, 6)).shape == (3, 4)

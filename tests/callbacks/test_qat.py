@@ -14,6 +14,7 @@ from lightning_quant import FxTracingError, QuantizationAwareTraining
 from lightning_quant.quantization.schedule import fake_quantizers, is_prepared
 from tests.helpers import (
     BoringClassifier,
+    TinyNet,
     TwoInputClassifier,
     assert_same_state,
     fake_quant_flags,
@@ -393,3 +394,87 @@ def test_qat_keyword_and_multi_input_model(flow, tmp_path):
     assert int8_out.shape == (8, 4)
     assert (int8_out - float_out).abs().max() < 0.25 * float_out.abs().max()
     assert callback.export_records["torchscript"].max_abs_diff == 0.0
+
+
+# ---------------------------------------------------------------- outside fit, checkpoints, failures
+def _val_loss(trainer, model):
+    return trainer.validate(model, verbose=False)[0]["val_loss"]
+
+
+@pytest.mark.parametrize("stage", ["validate", "test", "predict"])
+def test_qat_outside_fit_leaves_a_float_model_float(stage):
+    seed_everything(0)
+    model = BoringClassifier()
+    quiet_trainer(max_epochs=3).fit(model)  # a trained float model
+    x = torch.randn(8, 1, 6, 6)
+    with torch.no_grad():
+        expected = model(x)
+    qat = QuantizationAwareTraining(export=None)
+    trainer = quiet_trainer(callbacks=[qat])
+    if stage == "predict":
+        trainer.predict(model)
+    else:
+        getattr(trainer, stage)(model, verbose=False)
+    assert not is_prepared(model.net) and type(model.net) is TinyNet
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    assert _val_loss(quiet_trainer(callbacks=[QuantizationAwareTraining(export=None)]), model) == pytest.approx(
+        _val_loss(quiet_trainer(), model)
+    )
+
+
+def test_qat_checkpoint_validates_as_the_trained_qat_model(tmp_path):
+    seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = BoringClassifier()
+    trainer = quiet_trainer(
+        callbacks=[QuantizationAwareTraining(export=None), checkpoint], enable_checkpointing=True, max_epochs=2
+    )
+    trainer.fit(model)
+    trained = trainer.validate(model, verbose=False)[0]["val_loss"]
+    fresh = BoringClassifier()
+    qat = QuantizationAwareTraining(export=None)
+    again = quiet_trainer(callbacks=[qat]).validate(fresh, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
+    assert is_prepared(fresh.net) and again[0]["val_loss"] == pytest.approx(trained)
+    qat.convert_and_export(quiet_trainer(), fresh)  # the QAT checkpoint to int8 without training
+    assert "quantized" in type(qat.quantized_model.head).__module__
+
+
+def test_qat_checkpoint_with_other_settings_names_them(tmp_path):
+    seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(
+        callbacks=[QuantizationAwareTraining(export=None, per_channel=False), checkpoint],
+        enable_checkpointing=True,
+        limit_train_batches=2,
+    ).fit(BoringClassifier())
+    with pytest.raises(
+        ValueError,
+        match=r"the checkpoint holds a QAT model of 'net' trained with \{'backend': 'x86', 'flow': 'fx', "
+        r"'module': 'net', 'observer': 'moving_average', 'per_channel': False\}, but this QuantizationAwareTraining "
+        r"is \{'backend': 'x86', 'flow': 'eager'.*create the callback with the checkpoint's settings to load it",
+    ):
+        quiet_trainer(callbacks=[QuantizationAwareTraining(export=None, flow="eager")]).validate(
+            BoringClassifier(), ckpt_path=str(tmp_path / "last.ckpt"), verbose=False
+        )
+
+
+class _PoisonBatch(Callback):
+    """Turns the inputs of one training batch into NaN."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 2:
+            batch[0].fill_(float("nan"))
+
+
+def test_qat_nan_in_a_training_batch_is_named(tmp_path):
+    with pytest.raises(Exception) as caught:
+        quiet_trainer(callbacks=[_PoisonBatch(), QuantizationAwareTraining(export=None)], max_epochs=1).fit(
+            BoringClassifier(batch_size=8)
+        )
+    notes = "\n".join(getattr(caught.value, "__notes__", []))
+    # batch 2's NaN inputs make the loss and then the weights NaN; fake quantization fails on batch 3
+    assert (
+        "lightning-quant: NaN or Inf reached fake quantization at training batch 3 of epoch 0, first in layer "
+        "'features.0' (ConvBnReLU2d); the loss was first non-finite at training batch 2 of epoch 0" in notes
+    ), f"{caught.value!r} {notes}"

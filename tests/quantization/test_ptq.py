@@ -150,3 +150,10 @@ def test_quantize_takes_a_config_object_or_keywords_not_both():
         quantize(model, _calibration(), config=config, backend="fbgemm", progress=False)
     with pytest.raises(TypeError, match=r"config must be a QuantizationConfig or None, got dict"):
         quantize(model, _calibration(), config={"backend": "x86"}, progress=False)
+
+
+def test_static_model_whose_only_int8_layers_are_fused_is_not_called_empty():
+    int8 = quantize(TinyNet().eval(), _calibration(), skip=["head"], progress=False)
+    fused = int8.get_submodule("features.0")
+    assert type(fused).__name__ == "ConvReLU2d" and "quantized" in type(fused).__module__
+    assert type(int8.head) is nn.Linear
