@@ -1,9 +1,11 @@
-"""Write int8 models to disk for servers (TorchScript), phones (lite interpreter) and ONNX runtimes.
+"""Write int8 models for servers (TorchScript), phones (lite interpreter) and ONNX runtimes.
 
-Every file is written under a temporary name in the destination folder and renamed into
-place, so an interrupted export never leaves a half-written file where a good one was. Each
-file is then loaded back and run on the example inputs; the largest difference from the
-in-process int8 model is recorded and logged.
+Each model is serialized in memory, loaded back from those bytes and run on the example inputs
+and on a batch of another size; the largest difference from the in-process int8 model is
+recorded, and one beyond a few quantization steps of the model fails the export.
+Only when every target has passed are the files written, all-or-nothing, each under a
+temporary name then renamed (:func:`lightning_quant.utils.files.atomic_write_files`): a failed
+check or a full disk leaves the previous set of files exactly as it was.
 
 Targets and engines:
 
@@ -11,12 +13,14 @@ Targets and engines:
 - ``mobile``: a copy converted for qnnpack (ARM), saved for the lite interpreter (``.ptl``);
   ``optimize_for_mobile`` runs when this torch build has XNNPACK, and is skipped with a log
   line when it does not (the CPU wheels of torch 2.13 do not);
-- ``onnx``: legacy TorchScript-based ONNX export with QuantizeLinear/DequantizeLinear pairs
+- ``onnx``: legacy TorchScript-based ONNX export with QuantizeLinear/DequantizeLinear pairs, a
+  dynamic batch axis on every input and output and a dynamic sequence axis on token inputs
   (needs ``pip install onnx``; checked with onnxruntime when that is installed).
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -30,14 +34,25 @@ import torch.nn as nn
 from lightning_quant.quantization.config import Backend, ExportTarget
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.inputs import ExampleInputs, as_positional
-from lightning_quant.quantization.outputs import max_abs_diff
+from lightning_quant.quantization.outputs import flat_tensors, max_abs_diff
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.checks import require_module
-from lightning_quant.utils.files import atomic_write
+from lightning_quant.utils.files import atomic_write_files, check_writable_folder
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = {ExportTarget.TORCHSCRIPT: ".pt", ExportTarget.MOBILE: ".ptl", ExportTarget.ONNX: ".onnx"}
+
+#: how far a reloaded file may differ from the in-process model, in quantization steps (the
+#: largest output scale of the model's int8 layers). TorchScript runs the same kernels (identical
+#: in practice); the lite interpreter and ONNX runtimes may round a requantization the other way,
+#: and an error can carry through a layer or two. A file that computes something else (a layer
+#: frozen in training mode, a batch size baked in) is off by far more.
+RELOAD_STEPS = {ExportTarget.TORCHSCRIPT: 2.0, ExportTarget.MOBILE: 2.0, ExportTarget.ONNX: 4.0}
+
+
+class ExportCheckError(RuntimeError):
+    """A reloaded file computes something other than the in-process int8 model: nothing was written."""
 
 
 @dataclass
@@ -67,14 +82,24 @@ def to_torchscript(model: nn.Module, example: ExampleInputs) -> torch.jit.Script
             return torch.jit.trace(model, example.args, check_trace=False)
 
 
-def _export_torchscript(model: nn.Module, path: Path, example: ExampleInputs) -> Any:
+Loaded = Callable[[ExampleInputs], Any]
+
+
+def _torchscript_bytes(model: nn.Module, example: ExampleInputs) -> tuple[bytes, Callable[[bytes], Loaded]]:
     scripted = to_torchscript(model, example)
+    buffer = io.BytesIO()
     with known_torch_warnings_silenced():
-        atomic_write(path, lambda tmp: torch.jit.save(scripted, tmp))
-        return example(torch.jit.load(str(path)))
+        torch.jit.save(scripted, buffer)
+
+    def load(data: bytes) -> Loaded:
+        with known_torch_warnings_silenced():
+            loaded = torch.jit.load(io.BytesIO(data))
+        return lambda inputs: inputs(loaded)
+
+    return buffer.getvalue(), load
 
 
-def _export_mobile(model: nn.Module, path: Path, example: ExampleInputs) -> Any:
+def _mobile_bytes(model: nn.Module, example: ExampleInputs) -> tuple[bytes, Callable[[bytes], Loaded]]:
     from torch.jit.mobile import _load_for_lite_interpreter
 
     scripted = to_torchscript(model, example)
@@ -83,40 +108,152 @@ def _export_mobile(model: nn.Module, path: Path, example: ExampleInputs) -> Any:
 
         scripted = optimize_for_mobile(scripted)
     else:
-        log.info(
-            "this torch build has no XNNPACK: %s saved for the lite interpreter without optimize_for_mobile", path.name
-        )
+        log.info("this torch build has no XNNPACK: the lite-interpreter file is saved without optimize_for_mobile")
     with known_torch_warnings_silenced():
-        atomic_write(path, lambda tmp: scripted._save_for_lite_interpreter(tmp))
-        return example(_load_for_lite_interpreter(str(path)))
+        data = scripted._save_to_buffer_for_lite_interpreter()
+
+    def load(data: bytes) -> Loaded:
+        with known_torch_warnings_silenced():
+            loaded = _load_for_lite_interpreter(io.BytesIO(data))
+        return lambda inputs: inputs(loaded)
+
+    return bytes(data), load
 
 
-def _export_onnx(model: nn.Module, path: Path, example: ExampleInputs) -> Any:
+def _onnx_axes(model: nn.Module, example: ExampleInputs) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
+    """Input and output names, and dynamic axes: batch everywhere, sequence on token inputs."""
+    signature = getattr(model, "input_signature", None)
+    parameters = list(signature.parameters) if signature is not None else []
+    if not parameters:
+        import inspect
+
+        parameters = list(inspect.signature(model.forward).parameters)
+    values = [*example.args, *example.kwargs.values()]
+    names = [*parameters[: len(example.args)], *example.kwargs.keys()]
+    names = [n if n not in ("args", "kwargs") else f"input_{i}" for i, n in enumerate(names)]
+    axes: dict[str, dict[int, str]] = {}
+    for name, value in zip(names, values):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            axes[name] = {0: "batch"}
+            if not value.is_floating_point() and value.dim() >= 2:
+                axes[name][1] = "sequence"
+    with torch.inference_mode():
+        outputs = flat_tensors(example(model))
+    output_names = [f"output_{i}" for i in range(len(outputs))]
+    for name, out in zip(output_names, outputs):
+        if out.dim() > 0:
+            axes[name] = {0: "batch"}
+    return names, output_names, axes
+
+
+def _onnx_bytes(model: nn.Module, example: ExampleInputs) -> tuple[bytes, Callable[[bytes], Loaded] | None]:
     require_module("onnx", "onnx", 'export="onnx"')
     import onnx
 
-    def write(tmp: str) -> None:
-        with known_torch_warnings_silenced():
-            torch.onnx.export(model, example.args, tmp, kwargs=example.kwargs or None, dynamo=False, opset_version=17)
-
-    atomic_write(path, write)
-    onnx.checker.check_model(str(path))
+    input_names, output_names, axes = _onnx_axes(model, example)
+    buffer = io.BytesIO()
+    with known_torch_warnings_silenced():
+        torch.onnx.export(
+            model,
+            example.args,
+            buffer,  # type: ignore[arg-type]  # the legacy exporter writes to file-like objects too
+            kwargs=example.kwargs or None,
+            dynamo=False,
+            opset_version=17,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=axes,
+        )
+    data = buffer.getvalue()
+    onnx.checker.check_model(onnx.load_from_string(data))
     try:
         import onnxruntime
     except ImportError:
-        log.info("onnxruntime is not installed: %s checked with onnx.checker only", path.name)
-        return None
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    values = [*example.args, *example.kwargs.values()]
-    feeds = {inp.name: v.numpy() for inp, v in zip(session.get_inputs(), values)}
-    return [torch.from_numpy(o) for o in session.run(None, feeds)]
+        log.info("onnxruntime is not installed: the ONNX file is checked with onnx.checker only")
+        return data, None
+
+    def load(data: bytes) -> Loaded:
+        session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
+
+        def run(inputs: ExampleInputs) -> Any:
+            values = [*inputs.args, *inputs.kwargs.values()]
+            feeds = {inp.name: v.numpy() for inp, v in zip(session.get_inputs(), values)}
+            return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+        return run
+
+    return data, load
 
 
-_WRITERS = {
-    ExportTarget.TORCHSCRIPT: _export_torchscript,
-    ExportTarget.MOBILE: _export_mobile,
-    ExportTarget.ONNX: _export_onnx,
+_SERIALIZERS = {
+    ExportTarget.TORCHSCRIPT: _torchscript_bytes,
+    ExportTarget.MOBILE: _mobile_bytes,
+    ExportTarget.ONNX: _onnx_bytes,
 }
+
+
+def other_batch_size(example: ExampleInputs) -> int:
+    """A batch size other than the example's, to show a file is not tied to it (1 when possible)."""
+    size = example.batch_size
+    return 2 if size in (None, 1) else 1
+
+
+def quantization_step(model: nn.Module, output: Any) -> float:
+    """The coarsest output step of the model's int8 layers (their ``scale``); for a model without
+    any (weight-only/dynamic), a millionth of the largest output."""
+    scales = []
+    for m in model.modules():
+        scale = getattr(m, "scale", None)
+        if type(m).__module__.startswith("torch.ao.nn.") and (
+            isinstance(scale, float) or (isinstance(scale, torch.Tensor) and scale.numel() == 1)
+        ):
+            scales.append(float(scale))
+    largest = max((float(t.float().abs().max()) for t in flat_tensors(output) if t.numel()), default=0.0)
+    return max([*scales, 1e-6 * largest, 1e-8])
+
+
+def reload_difference(
+    target: ExportTarget, model: nn.Module, run: Loaded, example: ExampleInputs, engine: str
+) -> float:
+    """The largest difference between ``run`` (a reloaded file) and ``model`` over the example and
+    another batch size.
+
+    Raises:
+        ExportCheckError: the reloaded file fails on the other batch size, or differs by more than
+            ``RELOAD_STEPS`` quantization steps.
+    """
+    worst = 0.0
+    for inputs in (example, example.with_batch_size(other_batch_size(example))):
+        with quantized_engine(engine), torch.inference_mode():
+            try:
+                expected = inputs(model)
+            except Exception as err:  # the model itself takes only the example's batch size
+                if inputs is example:
+                    raise
+                log.info(
+                    "the int8 model fails on a batch of %s (%s): checked at the example's size only",
+                    inputs.batch_size,
+                    err,
+                )
+                continue
+            try:
+                reloaded = run(inputs)
+            except Exception as err:
+                raise ExportCheckError(
+                    f"the {target.value} file fails on a batch of {inputs.batch_size} (the example has "
+                    f"{example.batch_size}): {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+                ) from err
+        diff = max_abs_diff(expected, reloaded)
+        step = quantization_step(model, expected)
+        tolerance = RELOAD_STEPS[target] * step
+        if not diff <= tolerance:
+            raise ExportCheckError(
+                f"the reloaded {target.value} file differs from the int8 model by {diff:.4g} on a batch of "
+                f"{inputs.batch_size} (tolerance {tolerance:.4g}: {RELOAD_STEPS[target]:g} quantization steps of "
+                f"{step:.4g}); nothing was written"
+            )
+        worst = max(worst, diff)
+    return worst
 
 
 def export_int8(
@@ -127,7 +264,7 @@ def export_int8(
     backend: Backend,
     basename: str = "model_int8",
 ) -> dict[str, ExportRecord]:
-    """Export the int8 model to each target; returns ``{target: ExportRecord}``.
+    """Export the int8 model to each target, all-or-nothing; returns ``{target: ExportRecord}``.
 
     Args:
         int8_for_engine: gives the int8 model converted for an engine name (called once per engine).
@@ -136,18 +273,25 @@ def export_int8(
         example: inputs used to check each reloaded file against the in-process model.
         backend: the backend of the run; decides the engine of TorchScript and ONNX files.
         basename: file name stem; ``model_int8`` gives ``model_int8.pt``, ``model_int8.ptl``...
+
+    Raises:
+        ExportCheckError: a reloaded file disagrees with the in-process model (nothing is written).
+        OSError: the files could not be written (nothing is changed).
     """
-    records: dict[str, ExportRecord] = {}
+    directory = check_writable_folder(directory, "export_dir")
     example = example.to("cpu")
+    staged: dict[Path, bytes] = {}
+    records: dict[str, ExportRecord] = {}
     for target in targets:
         engine = engine_for(target, backend)
-        path = Path(directory) / f"{basename}{SUFFIXES[target]}"
+        path = directory / f"{basename}{SUFFIXES[target]}"
         model = int8_for_engine(engine)
         inputs = as_positional(model, example)
-        with quantized_engine(engine), torch.inference_mode():
-            expected = inputs(model)
-            reloaded: Any | None = _WRITERS[target](model, path, inputs)
-        diff = max_abs_diff(expected, reloaded) if reloaded is not None else float("nan")
-        log.info("exported %s (%s engine) to %s; reloaded output max |diff| = %.3g", target.value, engine, path, diff)
+        with quantized_engine(engine):
+            data, load = _SERIALIZERS[target](model, inputs)
+        diff = reload_difference(target, model, load(data), inputs, engine) if load is not None else float("nan")
+        log.info("exported %s (%s engine) for %s; reloaded output max |diff| = %.3g", target.value, engine, path, diff)
+        staged[path] = data
         records[target.value] = ExportRecord(target, path, engine, diff)
+    atomic_write_files(staged)
     return records

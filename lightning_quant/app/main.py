@@ -33,6 +33,7 @@ from omegaconf import MISSING, DictConfig, ListConfig
 
 from lightning_quant import PostTrainingQuantization, quantization_disabled
 from lightning_quant.evaluation.metrics import compare, comparison_table
+from lightning_quant.utils.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +237,7 @@ def describe_error(err: BaseException) -> str:
 def _write_metrics(metrics: dict[str, Any]) -> None:
     hydra_cfg = HydraConfig.get()
     record = {**metrics, "overrides": list(hydra_cfg.overrides.task)}
-    (Path(hydra_cfg.runtime.output_dir) / "metrics.json").write_text(json.dumps(record, indent=2, default=str))
+    atomic_write(Path(hydra_cfg.runtime.output_dir) / "metrics.json", json.dumps(record, indent=2, default=str))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_PATH, config_name="config")

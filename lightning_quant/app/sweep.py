@@ -11,6 +11,7 @@ A failed run keeps its row, with its error; it does not stop the table.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 from typing_extensions import override
 
+from lightning_quant.utils.files import atomic_write_files
 from lightning_quant.utils.tables import format_table
 
 log = logging.getLogger(__name__)
@@ -128,16 +130,18 @@ def write_results(sweep_dir: Path, metric: str = "int8_acc", latency: str = "int
     """Write ``results.csv`` and ``results.md`` in ``sweep_dir``; return the Markdown table."""
     runs = load_runs(sweep_dir)
     rows = results_rows(runs, metric, latency)
-    with open(sweep_dir / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    csv_text = io.StringIO(newline="")
+    writer = csv.DictWriter(csv_text, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
     table = format_table(COLUMNS, [[_cell(row[c]) for c in COLUMNS] for row in rows])
     note = f"Sorted by {metric}; * = Pareto front of {metric} (higher) vs {latency} (lower)."
     shared = common_overrides(runs)
     if shared:
         note += f" Every run: {' '.join(shared)}."
-    (sweep_dir / "results.md").write_text(f"{table}\n\n{note}\n")
+    atomic_write_files(
+        {sweep_dir / "results.csv": csv_text.getvalue(), sweep_dir / "results.md": f"{table}\n\n{note}\n"}
+    )
     return f"{table}\n{note}"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -17,7 +18,7 @@ from lightning_quant.evaluation.analysis import observer_ranges, per_layer_sqnr
 from lightning_quant.evaluation.metrics import latency_ms, state_dict_bytes
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.outputs import collect_outputs, higher_is_better, sqnr_db, task_metric
-from lightning_quant.utils.files import atomic_write
+from lightning_quant.utils.files import atomic_write_files
 from lightning_quant.utils.tables import format_table
 
 log = logging.getLogger(__name__)
@@ -168,35 +169,46 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 def _bar_chart(
     plt: Any,
-    path: Path,
     labels: list[str],
     widths: list[float],
     lefts: list[float],
     color: Any,
     xlabel: str,
     title: str,
-) -> Path:
+) -> bytes:
+    """A horizontal bar chart as PNG bytes."""
     fig, ax = plt.subplots(figsize=(7, 0.3 * len(labels) + 1.2))
     ax.barh(labels, widths, left=lefts, color=color)
     ax.set_xlabel(xlabel)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    return path
-
-
-def _write_text(path: str, text: str) -> None:
-    Path(path).write_text(text)
+    return buffer.getvalue()
 
 
 def write_report(report: dict[str, Any], directory: os.PathLike | str) -> dict[str, Path]:
-    """Write ``report.json``, ``report.md`` and the PNG plots (per-layer SQNR, observer ranges)."""
+    """Write ``report.json``, ``report.md`` and the PNG plots (per-layer SQNR, observer ranges).
 
+    Every file is made in memory, then the set is written all-or-nothing: a full disk leaves
+    the previous report as it was, never an empty or half-written file.
+    """
     directory = Path(directory)
     paths = {"json": directory / "report.json", "md": directory / "report.md"}
-    atomic_write(paths["json"], lambda tmp: _write_text(tmp, json.dumps(report, indent=2)))
-    atomic_write(paths["md"], lambda tmp: _write_text(tmp, report_markdown(report)))
+    contents: dict[Path, bytes | str] = {
+        paths["json"]: json.dumps(report, indent=2),
+        paths["md"]: report_markdown(report),
+    }
+    for key, png in _plots(report).items():
+        paths[key] = directory / f"{key.removesuffix('_png')}.png"
+        contents[paths[key]] = png
+    atomic_write_files(contents)
+    return paths
+
+
+def _plots(report: dict[str, Any]) -> dict[str, bytes]:
+    """The report's PNG plots (none without matplotlib)."""
     try:
         import matplotlib
 
@@ -204,14 +216,14 @@ def write_report(report: dict[str, Any], directory: os.PathLike | str) -> dict[s
         import matplotlib.pyplot as plt
     except ImportError:
         log.info("matplotlib is not installed: report plots skipped (pip install matplotlib)")
-        return paths
+        return {}
+    plots = {}
     if report["layers"]:
         names = [l["name"] for l in report["layers"]][::-1]
         values = [max(l["sqnr_db"], -10) if math.isfinite(l["sqnr_db"]) else 100 for l in report["layers"]][::-1]
         colors = ["#c0392b" if n in report["worst_layers"][:1] else "#2e86c1" for n in names]
-        paths["sqnr_png"] = _bar_chart(
+        plots["sqnr_png"] = _bar_chart(
             plt,
-            directory / "sqnr.png",
             names,
             values,
             [0] * len(names),
@@ -223,9 +235,8 @@ def write_report(report: dict[str, Any], directory: os.PathLike | str) -> dict[s
         ranges = report["ranges"]
         names = list(ranges)[::-1]
         labels = [f"{n} ({ranges[n]['observes']})" if ranges[n]["observes"] else n for n in names]
-        paths["ranges_png"] = _bar_chart(
+        plots["ranges_png"] = _bar_chart(
             plt,
-            directory / "ranges.png",
             labels,
             [ranges[n]["max"] - ranges[n]["min"] for n in names],
             [ranges[n]["min"] for n in names],
@@ -233,4 +244,4 @@ def write_report(report: dict[str, Any], directory: os.PathLike | str) -> dict[s
             "observed range",
             "Observer ranges",
         )
-    return paths
+    return plots
