@@ -30,9 +30,16 @@ from lightning_quant.callbacks._trainer import stage_dataloader, trainer_callbac
 from lightning_quant.export import ExportRecord, export_int8
 from lightning_quant.quantization.config import QuantizationConfig, config_from
 from lightning_quant.quantization.convert import allow_int8_kernels_under_determinism
-from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
+from lightning_quant.quantization.inputs import (
+    ExampleInputs,
+    batch_inputs,
+    check_example_inputs,
+    describe_inputs,
+    input_kinds,
+)
 from lightning_quant.quantization.target import resolve_target
 from lightning_quant.utils.checks import check_callable
+from lightning_quant.utils.files import check_writable_folder
 
 
 @runtime_checkable
@@ -77,6 +84,8 @@ class QuantizationCallback(Callback):
         self.export_paths: dict[str, str] = {}
         self.export_records: dict[str, ExportRecord] = {}
         self._target_path: str | None = None
+        self._real_call_hook: Any = None
+        self._declared_inputs = False
 
     @classmethod
     def _config_from(cls, config: QuantizationConfig | None, arguments: Mapping[str, Any]) -> QuantizationConfig:
@@ -126,17 +135,73 @@ class QuantizationCallback(Callback):
             )
 
     def _take_example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> ExampleInputs:
-        """Model inputs from ``example_input_array``, else from the first batch of the stage's data."""
+        """Model inputs from ``example_input_array``, else from the first batch of the stage's data.
+
+        Raises:
+            ValueError: no input to be had; a floating-point input that is not float32 (float64,
+                float16: quantization observes float32 activations); a mapping batch with keys
+                that are not arguments of the quantized module's forward.
+        """
+        target = self.target(pl_module)
+        stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
         if pl_module.example_input_array is not None:
-            return ExampleInputs.from_value(pl_module.example_input_array).to("cpu")
-        loader = stage_dataloader(trainer, stage)
-        batch = next(iter(loader), None) if loader is not None else None
-        if batch is None:
-            raise ValueError(
-                f"{type(self).__name__} needs one real input to prepare the model: set `example_input_array` on "
-                f"{type(pl_module).__name__} or give the Trainer a non-empty {stage} dataloader"
+            example = ExampleInputs.from_value(pl_module.example_input_array).to("cpu")
+            source = f"{type(pl_module).__name__}.example_input_array"
+            self._declared_inputs = True
+        else:
+            loader = stage_dataloader(trainer, stage)
+            batch = next(iter(loader), None) if loader is not None else None
+            if batch is None:
+                raise ValueError(
+                    f"{type(self).__name__} needs one real input to prepare the model: set `example_input_array` "
+                    f"on {type(pl_module).__name__} or give the Trainer a non-empty {stage} dataloader"
+                )
+            example = batch_inputs(batch, self.batch_to_input).to("cpu")
+            source = f"the first {stage} batch"
+            self._declared_inputs = False
+        check_example_inputs(target, example, source, keyed_batch=self.batch_to_input is None)
+        return example
+
+    def _record_real_call(self, pl_module: pl.LightningModule) -> None:
+        """Take the quantized module's inputs from its first call in this run (see :meth:`_on_real_call`)."""
+        self._forget_real_call()
+
+        def first_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._forget_real_call()
+            real = ExampleInputs(args, dict(kwargs)).map_tensors(lambda t: t.detach().to("cpu", copy=True))
+            self._on_real_call(module, real)
+
+        self._real_call_hook = self.target(pl_module).register_forward_pre_hook(first_call, with_kwargs=True)
+
+    def _forget_real_call(self) -> None:
+        hook = getattr(self, "_real_call_hook", None)
+        if hook is not None:
+            hook.remove()
+        self._real_call_hook = None
+
+    def _on_real_call(self, module: nn.Module, real: ExampleInputs) -> None:
+        """The module's first real call. Inputs read from the data are replaced by it for checks,
+        exports and the report; ``example_input_array`` is kept unless its inputs are of other
+        names or kinds. Subclasses refuse a call the prepared model cannot take."""
+        example = self.example_inputs
+        if example is None:
+            self.example_inputs = real
+            return
+        agree = input_kinds(module, example) == input_kinds(module, real)
+        if self._declared_inputs and agree:
+            return
+        if not agree:
+            where = "example_input_array" if self._declared_inputs else "the data"
+            rank_zero_warn(
+                f"{self._target_path!r} is called with {describe_inputs(module, real)}, but the inputs taken from "
+                f"{where} were {describe_inputs(module, example)}: exports, checks and the report use the real call"
             )
-        return batch_inputs(batch, self.batch_to_input).to("cpu")
+        self.example_inputs = real
+
+    def _check_export_dir(self, trainer: pl.Trainer) -> None:
+        """A folder that cannot receive the files fails now, not after training."""
+        if self.config.export:
+            check_writable_folder(self.export_dir(trainer), "export_dir")
 
     def export_dir(self, trainer: pl.Trainer) -> Path:
         """Where files go: ``export_dir``, else ``<trainer.log_dir>/quantized``."""

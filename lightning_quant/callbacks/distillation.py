@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -82,8 +83,13 @@ class KnowledgeDistillation(QuantizationListener, Callback):
     ) -> None:
         if teacher is not None and not isinstance(teacher, (nn.Module, str, Path)):
             raise TypeError(f"teacher must be an nn.Module, a checkpoint path or None, got {type(teacher).__name__}")
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not math.isfinite(temperature)
+            or temperature <= 0
+        ):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
         self.loss = parse_enum(DistillationLoss, loss, "loss")

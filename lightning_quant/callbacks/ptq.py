@@ -17,12 +17,14 @@ from typing_extensions import override
 from lightning_quant.callbacks._trainer import stage_dataloader
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.quantization.config import QuantizationConfig
-from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, check_dynamic_options, quantize_dynamic_copy
-from lightning_quant.quantization.inputs import batch_targets
+from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, quantize_dynamic_copy
+from lightning_quant.quantization.inputs import ExampleInputs, batch_targets, describe_inputs, input_kinds
 from lightning_quant.quantization.ptq import (
     STATIC_LAYER_TYPES,
     Mode,
     builder,
+    check_calibration_data,
+    check_mode_options,
     convert_calibrated,
     prepare_and_calibrate,
 )
@@ -117,10 +119,12 @@ class PostTrainingQuantization(QuantizationCallback):
                 f"calibration_data must be one of {CALIBRATION_SOURCES} or an iterable of batches, "
                 f"got {type(calibration_data).__name__}"
             )
+        if not isinstance(calibration_data, str):
+            check_calibration_data(calibration_data)
         self.calibration_data = calibration_data
         self.calibration_batches = check_positive_int(calibration_batches, "calibration_batches")
         self.dtype = dtype
-        self.module_types = check_dynamic_options(dtype, module_types)
+        self.module_types = check_mode_options(self.mode, dtype, module_types)
         self.progress = check_bool(progress, "progress")
         self.max_metric_drop = check_non_negative(max_metric_drop, "max_metric_drop", allow_none=True)
         self.eval_batches = check_positive_int(eval_batches, "eval_batches")
@@ -143,12 +147,39 @@ class PostTrainingQuantization(QuantizationCallback):
         self._check_strategy(trainer)
         self._target_path, _ = resolve_target(pl_module, self.config.module)
         self.example_inputs = self._take_example_inputs(trainer, pl_module, stage)
+        self._check_export_dir(trainer)
         if self.mode is Mode.STATIC:
-            if self._calibration_batches_source(trainer) is None:
+            source = self._calibration_batches_source(trainer)
+            if source is None:
                 raise ValueError(
                     f"calibration_data={self.calibration_data!r} but the Trainer has no such dataloader; "
                     "give one, or pass calibration_data=<an iterable of batches>"
                 )
+            check_calibration_data(source, f"calibration_data={self.calibration_data!r}")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record_real_call(pl_module)
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "validate":
+            self._record_real_call(pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._forget_real_call()
+
+    @override
+    def _on_real_call(self, module: nn.Module, real: ExampleInputs) -> None:
+        read = self.example_inputs
+        if self.mode is Mode.STATIC and read is not None and input_kinds(module, read) != input_kinds(module, real):
+            raise ValueError(
+                f"calibration reads the model input from each batch as {describe_inputs(module, read)}, but the "
+                f"model calls {self._target_path!r} with {describe_inputs(module, real)}: pass batch_to_input= "
+                "returning that call's inputs (a dict for keyword inputs)"
+            )
+        super()._on_real_call(module, real)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -6,6 +6,7 @@ import collections
 import copy
 import itertools
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -17,13 +18,19 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_quant.callbacks._trainer import first_of, metric_name, module_metric
+from lightning_quant.callbacks._trainer import first_of, metric_name, module_metric, stage_dataloader
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.quantization.calibrate import first_non_finite_layer
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy, unobserved
 from lightning_quant.quantization.flows import get_flow
-from lightning_quant.quantization.inputs import batch_inputs, batch_targets
+from lightning_quant.quantization.inputs import (
+    ExampleInputs,
+    batch_inputs,
+    batch_targets,
+    describe_inputs,
+    input_kinds,
+)
 from lightning_quant.quantization.outputs import collect_outputs, task_metric
 from lightning_quant.quantization.schedule import (
     Phase,
@@ -150,6 +157,8 @@ class QuantizationAwareTraining(QuantizationCallback):
         path, target = resolve_target(pl_module, self.config.module)
         if stage == "fit":
             self._check_schedule_fits(trainer)
+            if self.convert_on_fit_end:
+                self._check_export_dir(trainer)
             if self._target_path is not None and not is_prepared(target):
                 self.example_inputs = None  # another model than last time: its own inputs
             self._target_path = path
@@ -159,6 +168,10 @@ class QuantizationAwareTraining(QuantizationCallback):
             # checkpoint (ckpt_path=...) is recognised as Lightning loads it and prepared then.
             self._target_path = path
         self._watch_checkpoint_loads(trainer, pl_module, stage)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record_real_call(pl_module)
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -211,6 +224,7 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._forget_real_call()
         if self._load_hook is not None:
             self._load_hook.remove()
             self._load_hook = None
@@ -284,6 +298,21 @@ class QuantizationAwareTraining(QuantizationCallback):
                 "validate a QAT checkpoint (ckpt_path=...) before converting"
             )
         self._convert_and_export(trainer, pl_module)
+
+    @override
+    def _on_real_call(self, module: nn.Module, real: ExampleInputs) -> None:
+        quantized_inputs = getattr(module, "quant", None)  # the eager boundary's stubs, one per float input
+        if quantized_inputs is not None:
+            floats = sorted(name for name, kind in input_kinds(module, real).items() if kind.startswith("float"))
+            if floats != sorted(quantized_inputs):
+                guessed = describe_inputs(module, self.example_inputs) if self.example_inputs is not None else "-"
+                raise ValueError(
+                    f"QuantizationAwareTraining prepared {self._target_path!r} (eager flow) to quantize the float "
+                    f"inputs {sorted(quantized_inputs)} read from the data {guessed}, but training calls it with "
+                    f"{describe_inputs(module, real)}: set example_input_array on the LightningModule to the "
+                    "inputs of that call (a dict for keyword inputs), or pass batch_to_input="
+                )
+        super()._on_real_call(module, real)
 
     def _recipe(self) -> dict[str, Any]:
         """How the model is quantized: what a checkpoint records so it can be loaded again."""
@@ -366,17 +395,22 @@ class QuantizationAwareTraining(QuantizationCallback):
         )
 
     def _check_schedule_fits(self, trainer: pl.Trainer) -> None:
+        """The fit must reach ``quant_start_epoch`` (by ``max_epochs`` and ``max_steps``), or nothing is quantized."""
+        start = self.schedule.quant_start_epoch
         max_epochs = trainer.max_epochs
-        if (
-            self.convert_on_fit_end
-            and max_epochs is not None
-            and max_epochs >= 0
-            and (self.schedule.quant_start_epoch >= max_epochs)
-        ):
+        if self.convert_on_fit_end and max_epochs is not None and max_epochs >= 0 and start >= max_epochs:
             raise ValueError(
-                f"quant_start_epoch={self.schedule.quant_start_epoch} is not before max_epochs={max_epochs}: the model "
+                f"quant_start_epoch={start} is not before max_epochs={max_epochs}: the model "
                 "would never be quantized; lower quant_start_epoch or raise max_epochs"
             )
+        steps_per_epoch = _optimizer_steps_per_epoch(trainer)
+        if self.convert_on_fit_end and start > 0 and trainer.max_steps > 0 and steps_per_epoch:
+            if trainer.max_steps <= start * steps_per_epoch:
+                raise ValueError(
+                    f"max_steps={trainer.max_steps} ends the fit in epoch {(trainer.max_steps - 1) // steps_per_epoch} "
+                    f"({steps_per_epoch} optimizer steps per epoch), before quant_start_epoch={start}: the model would "
+                    f"never be quantized; raise max_steps above {start * steps_per_epoch} or lower quant_start_epoch"
+                )
 
     def _prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         path, target = resolve_target(pl_module, self._target_path or self.config.module)
@@ -456,3 +490,15 @@ def _saved_recipe(trainer: pl.Trainer) -> dict[str, Any] | None:
         if str(key).startswith(QuantizationAwareTraining.__name__) and isinstance(state, dict):
             return {k: state[k] for k in ("backend", "flow", "module", "observer", "per_channel") if k in state}
     return None
+
+
+def _optimizer_steps_per_epoch(trainer: pl.Trainer) -> int | None:
+    """Optimizer steps in one training epoch, from the train dataloader's length (``None`` if it has none)."""
+    loader = stage_dataloader(trainer, "fit")
+    try:
+        batches = len(loader)
+    except TypeError:
+        return None
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * (limit if limit is not None else 1.0))
+    return math.ceil(batches / trainer.accumulate_grad_batches) if batches else None

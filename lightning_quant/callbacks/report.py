@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,10 @@ class QuantizationReport(QuantizationListener, Callback):
     ) -> None:
         if isinstance(data, str) and data not in REPORT_DATA:
             raise ValueError(f"data must be one of {REPORT_DATA} or an iterable of batches, got {data!r}")
+        if not isinstance(data, (str, Iterable)):
+            raise TypeError(f"data must be one of {REPORT_DATA} or an iterable of batches, got {data!r}")
+        if report_dir is not None and not isinstance(report_dir, (str, os.PathLike)):
+            raise TypeError(f"report_dir must be a path or None, got {report_dir!r}")
         check_positive_int(max_batches, "max_batches")
         check_non_negative(threshold, "threshold")
         if batch_sizes is not None and (

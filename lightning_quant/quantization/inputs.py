@@ -107,6 +107,72 @@ def as_positional(module: torch.nn.Module, example: ExampleInputs) -> ExampleInp
     return ExampleInputs(tuple(bound.args), dict(bound.kwargs))
 
 
+def _signature(module: torch.nn.Module) -> inspect.Signature:
+    return getattr(module, "input_signature", None) or inspect.signature(module.forward)
+
+
+def describe_inputs(module: torch.nn.Module, example: ExampleInputs) -> str:
+    """The inputs by parameter name, with shape and dtype: ``(x: [16, 1, 8, 8] float32, extra: ...)``.
+
+    Two calls that differ here give the module different inputs (missing ones, other shapes
+    or dtypes).
+    """
+
+    def what(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"{list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
+        return type(value).__name__
+
+    try:
+        arguments = _signature(module).bind_partial(*example.args, **example.kwargs).arguments
+    except TypeError:
+        arguments = {f"arg{i}": v for i, v in enumerate(example.args)} | dict(example.kwargs)
+    return "(" + ", ".join(f"{name}: {what(value)}" for name, value in arguments.items()) + ")"
+
+
+def input_kinds(module: torch.nn.Module, example: ExampleInputs) -> dict[str, str]:
+    """Each input by parameter name and its kind (``"float32"``, ``"int64"``, ``"NoneType"``...): what
+    must agree between the inputs a model was prepared with and the ones it is called with."""
+    try:
+        arguments = _signature(module).bind_partial(*example.args, **example.kwargs).arguments
+    except TypeError:
+        arguments = {f"arg{i}": v for i, v in enumerate(example.args)} | dict(example.kwargs)
+    return {
+        name: str(value.dtype).removeprefix("torch.") if isinstance(value, torch.Tensor) else type(value).__name__
+        for name, value in arguments.items()
+    }
+
+
+#: floating-point input dtypes quantization observes as they are
+FLOAT_INPUTS = (torch.float32,)
+
+
+def check_example_inputs(module: torch.nn.Module, example: ExampleInputs, source: str, keyed_batch: bool) -> None:
+    """Refuse, before any training, inputs the quantized module cannot be prepared for.
+
+    Raises:
+        ValueError: a floating-point input that is not float32, or (``keyed_batch``: the inputs
+            are a mapping batch's keys) a key that is not an argument of ``module``'s forward.
+    """
+    for name, value in [*enumerate(example.args), *example.kwargs.items()]:
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype not in FLOAT_INPUTS:
+            raise ValueError(
+                f"{source} gives input {name!r} as {str(value.dtype).removeprefix('torch.')}: int8 quantization "
+                "observes float32 activations; convert the data to float32 (tensor.float()), or use a precision "
+                'plugin (Trainer(precision="16-mixed")) rather than half-precision inputs'
+            )
+    signature = _signature(module)
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
+    if keyed_batch and example.kwargs and not takes_any:
+        unknown = [key for key in example.kwargs if key not in signature.parameters]
+        if unknown:
+            raise ValueError(
+                f"{source} is a mapping whose keys {unknown} are not arguments of "
+                f"{type(module).__name__}.forward{signature}, so they cannot be passed to it: drop them from the "
+                f"batch, or pass batch_to_input=lambda batch: {{k: batch[k] for k in {list(signature.parameters)}}}"
+            )
+
+
 def target_of(batch: Any) -> Any:
     """The target of a batch: the second item of a tuple/list, or ``labels``/``label``/``y``/``target`` of a mapping."""
     if isinstance(batch, Mapping):

@@ -7,7 +7,7 @@ import dataclasses
 import inspect
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence, Sized
 from enum import Enum
 from typing import Any
 
@@ -96,6 +96,44 @@ def convert_calibrated(prepared: nn.Module, config: QuantizationConfig, engine: 
 
 
 STATIC_LAYER_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def check_mode_options(mode: Mode, dtype: str, module_types: Sequence[str | type]) -> tuple[type, ...]:
+    """Validate the options that belong to one mode; returns the dynamic mode's module types.
+
+    ``dtype`` and ``module_types`` say what dynamic mode quantizes; static mode quantizes
+    Conv/Linear (and their fusions) with calibrated activations and takes neither.
+
+    Raises:
+        ValueError: an invalid value, or a dynamic-mode option set for ``mode="static"``.
+    """
+    types = check_dynamic_options(dtype, module_types)
+    if mode is Mode.STATIC and (dtype != "qint8" or types != DEFAULT_DYNAMIC_TYPES):
+        given = [
+            name
+            for name, changed in (("dtype", dtype != "qint8"), ("module_types", types != DEFAULT_DYNAMIC_TYPES))
+            if changed
+        ]
+        raise ValueError(
+            f"{given} are options of mode='dynamic', but mode='static' (which quantizes Conv/Linear with "
+            "calibrated activations): set mode='dynamic', or leave them out"
+        )
+    return types
+
+
+def check_calibration_data(data: Any, name: str = "calibration_data") -> None:
+    """Refuse, before any training, calibration data that would yield no batch when its time comes.
+
+    Raises:
+        ValueError: ``data`` is a one-shot iterator (used once, it is empty the next time) or empty.
+    """
+    if iter(data) is data:
+        raise ValueError(
+            f"{name} is an iterator ({type(data).__name__}), which is empty once read: pass a list of batches or a "
+            "DataLoader, which can be read again"
+        )
+    if isinstance(data, Sized) and len(data) == 0:
+        raise ValueError(f"{name} is empty ({type(data).__name__} of length 0): give it representative batches")
 
 
 def builder(
@@ -241,6 +279,9 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | None]:
     check_callable(args["batch_to_input"], "batch_to_input")
     model, calibration_data, batch_to_input = args["model"], args["calibration_data"], args["batch_to_input"]
     dtype, module_types = args["dtype"], args["module_types"]
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_mode_options(mode, dtype, module_types)
     build = builder(
         model,
         config,

@@ -28,7 +28,11 @@ def _trained_teacher() -> nn.Module:
     ("kwargs", "error", "match"),
     [
         ({"teacher": 3}, TypeError, r"teacher must be an nn.Module, a checkpoint path or None, got int"),
-        ({"temperature": 0}, ValueError, r"temperature must be a positive number, got 0"),
+        ({"temperature": 0}, ValueError, r"temperature must be a positive finite number, got 0"),
+        ({"temperature": float("nan")}, ValueError, r"temperature must be a positive finite number, got nan"),
+        ({"temperature": float("inf")}, ValueError, r"temperature must be a positive finite number, got inf"),
+        ({"alpha": float("nan")}, ValueError, r"alpha must be a number in \[0, 1\], got nan"),
+        ({"alpha": -0.1}, ValueError, r"alpha must be a number in \[0, 1\], got -0.1"),
         ({"alpha": 1.5}, ValueError, r"alpha must be a number in \[0, 1\], got 1.5"),
         ({"alpha": True}, ValueError, r"alpha must be a number in \[0, 1\], got True"),
         ({"loss": "ce"}, ValueError, r"loss must be one of \('kl', 'mse'\), got 'ce'"),

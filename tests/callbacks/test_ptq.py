@@ -7,12 +7,13 @@ import torch
 import torch.nn as nn
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
 
 from lightning_quant import PostTrainingQuantization, quantize
 from lightning_quant.demos import Classifier, DigitsCNN, DigitsDataModule
 from lightning_quant.evaluation.metrics import classification_accuracy
 from lightning_quant.quantization.convert import quantized_engine
-from tests.helpers import BoringClassifier, quiet_trainer
+from tests.helpers import BoringClassifier, TinyNet, quiet_trainer, random_images
 
 
 @pytest.mark.parametrize(
@@ -109,14 +110,49 @@ def test_ptq_val_calibration_source():
         assert torch.equal(callback.quantized_model(x), expected(x))
 
 
-def test_ptq_raises_on_empty_calibration_dataloader():
-    callback = PostTrainingQuantization(calibration_data=[], export=None, progress=False)
+def test_ptq_refuses_empty_or_one_shot_calibration_data_before_training():
+    with pytest.raises(ValueError, match=r"calibration_data is empty \(list of length 0\): give it representative"):
+        PostTrainingQuantization(calibration_data=[])
     with pytest.raises(
         ValueError,
-        match=r"calibration data yielded no batch: it is empty or an iterator that was "
-        r"already consumed; pass a DataLoader or a list of batches",
+        match=r"calibration_data is an iterator \(generator\), which is empty once read: pass a list of batches or "
+        r"a DataLoader",
     ):
-        quiet_trainer(callbacks=[callback], limit_train_batches=1).fit(BoringClassifier())
+        PostTrainingQuantization(calibration_data=(b for b in [torch.randn(2, 1, 6, 6)]))
+
+
+class _NoTrainBatches(BoringClassifier):
+    def train_dataloader(self):
+        return DataLoader(random_images(0), batch_size=4)
+
+
+def test_ptq_refuses_an_empty_train_dataloader_in_setup():
+    model = _NoTrainBatches()
+    model.example_input_array = torch.randn(2, 1, 6, 6)
+    trainer = quiet_trainer(callbacks=[PostTrainingQuantization(export=None, progress=False)])
+    with pytest.raises(
+        ValueError, match=r"calibration_data='train' is empty \(DataLoader of length 0\): give it representative"
+    ):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("options", [{"dtype": "float16"}, {"module_types": ["torch.nn.LSTM"]}])
+def test_static_mode_refuses_dynamic_options_in_the_callback_and_in_quantize(options):
+    message = r"\['(dtype|module_types)'\] are options of mode='dynamic', but mode='static'"
+    with pytest.raises(ValueError, match=message):
+        PostTrainingQuantization(mode="static", **options)
+    with pytest.raises(ValueError, match=message):
+        quantize(TinyNet().eval(), [torch.randn(4, 1, 6, 6)], mode="static", **options)
+
+
+def test_ptq_refuses_an_export_dir_that_is_a_file_before_training(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    trainer = quiet_trainer(callbacks=[PostTrainingQuantization(export_dir=blocker, progress=False)])
+    with pytest.raises(ValueError, match=r"export_dir='.*not_a_folder' is a file, not a folder"):
+        trainer.fit(BoringClassifier())
+    assert trainer.global_step == 0
 
 
 class _LSTMClassifier(BoringClassifier):
@@ -198,3 +234,16 @@ def test_ptq_max_metric_drop_argument_checks():
         PostTrainingQuantization(max_metric_drop=-0.5)
     with pytest.raises(ValueError, match=r"eval_batches must be a positive int, got 0"):
         PostTrainingQuantization(eval_batches=0)
+
+
+def test_ptq_refuses_at_the_first_call_when_calibration_would_feed_other_inputs():
+    from tests.callbacks.test_qat import KeywordClassifier
+
+    trainer = quiet_trainer(callbacks=[PostTrainingQuantization(export=None, progress=False)])
+    with pytest.raises(
+        ValueError,
+        match=r"calibration reads the model input from each batch as \(img: \[16, 1, 6, 6\] float32\), but the model "
+        r"calls 'net' with \(img: \[16, 1, 6, 6\] float32, extra: \[16, 3\] float32\): pass batch_to_input=",
+    ):
+        trainer.fit(KeywordClassifier())
+    assert trainer.global_step == 0

@@ -7,8 +7,10 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_quant import FxTracingError, QuantizationAwareTraining
 from lightning_quant.quantization.schedule import fake_quantizers, is_prepared
@@ -16,10 +18,12 @@ from tests.helpers import (
     BoringClassifier,
     TinyNet,
     TwoInputClassifier,
+    TwoInputNet,
     assert_same_state,
     fake_quant_flags,
     quant_state,
     quiet_trainer,
+    random_images,
 )
 
 
@@ -54,6 +58,42 @@ from tests.helpers import (
 def test_qat_raises_on_invalid_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         QuantizationAwareTraining(**kwargs)
+
+
+def test_qat_raises_when_max_steps_ends_before_quantization_starts():
+    # 64 samples in batches of 16: 4 optimizer steps per epoch; epoch 1 starts at step 4
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(quant_start_epoch=1)], max_epochs=5, max_steps=4)
+    with pytest.raises(
+        ValueError,
+        match=r"max_steps=4 ends the fit in epoch 0 \(4 optimizer steps per epoch\), before quant_start_epoch=1: the "
+        r"model would never be quantized; raise max_steps above 4 or lower quant_start_epoch",
+    ):
+        trainer.fit(BoringClassifier())
+    assert trainer.global_step == 0
+    quiet_trainer(
+        callbacks=[QuantizationAwareTraining(quant_start_epoch=1, export=None)], max_epochs=5, max_steps=5
+    ).fit(BoringClassifier())
+
+
+def test_qat_raises_on_an_export_dir_that_is_a_file_before_training(tmp_path):
+    blocker = tmp_path / "quantized"
+    blocker.write_text("x")
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(export_dir=blocker)])
+    with pytest.raises(ValueError, match=r"export_dir='.*quantized' is a file, not a folder: choose a folder"):
+        trainer.fit(BoringClassifier())
+    assert trainer.global_step == 0
+
+
+def test_qat_eager_fusion_group_naming_a_missing_module_raises_before_training():
+    qat = QuantizationAwareTraining(flow="eager", modules_to_fuse=[["features.0", "features.9"]])
+    trainer = quiet_trainer(callbacks=[qat])
+    with pytest.raises(
+        ValueError,
+        match=r"modules_to_fuse group \['features.0', 'features.9'\] names \['features.9'\], which TinyNet does "
+        r"not have; its modules include \['features', 'features.0'",
+    ):
+        trainer.fit(BoringClassifier())
+    assert trainer.global_step == 0
 
 
 def test_qat_raises_when_quantization_would_never_start():
@@ -478,3 +518,108 @@ def test_qat_nan_in_a_training_batch_is_named(tmp_path):
         "lightning-quant: NaN or Inf reached fake quantization at training batch 3 of epoch 0, first in layer "
         "'features.0' (ConvBnReLU2d); the loss was first non-finite at training batch 2 of epoch 0" in notes
     ), f"{caught.value!r} {notes}"
+
+
+# ---------------------------------------------------------------- the model's real call
+class KeywordNet(nn.Module):
+    """Called as ``net(img=x, extra=e)``; the batches hold only ``(x, y)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.side = nn.Linear(3, 8)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, img, extra):
+        return self.head(torch.cat([torch.flatten(self.features(img), 1), self.side(extra)], dim=1))
+
+
+class KeywordClassifier(BoringClassifier):
+    def __init__(self) -> None:
+        super().__init__(net=KeywordNet())
+
+    def forward(self, x):
+        extra = torch.stack([x.mean(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3)), x.amin(dim=(1, 2, 3))], dim=1)
+        return self.net(img=x, extra=extra)
+
+
+def test_qat_uses_the_real_call_for_exports_when_the_batch_shows_less(tmp_path):
+    seed_everything(0)
+    model = KeywordClassifier()
+    qat = QuantizationAwareTraining(export=("torchscript", "onnx"), export_dir=tmp_path)
+    with pytest.warns(
+        UserWarning,
+        match=r"'net' is called with \(img: \[16, 1, 6, 6\] float32, extra: \[16, 3\] "
+        r"float32\), but the inputs taken from the data were \(img: \[16, 1, 6, 6\] float32\)",
+    ):
+        quiet_trainer(callbacks=[qat], max_epochs=2).fit(model)
+    assert sorted(qat.example_inputs.kwargs) == ["extra", "img"]
+    assert sorted(qat.export_paths) == ["onnx", "torchscript"] and all(
+        r.max_abs_diff == 0 for r in [qat.export_records["torchscript"]]
+    )
+
+
+def test_qat_eager_refuses_a_real_call_it_was_not_prepared_for_before_any_step():
+    model = KeywordClassifier()
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(export=None, flow="eager")])
+    with pytest.raises(
+        ValueError,
+        match=r"QuantizationAwareTraining prepared 'net' \(eager flow\) to quantize the float inputs \['img'\] read "
+        r"from the data .*, but training calls it with \(img: .*, extra: .*\): set example_input_array",
+    ):
+        trainer.fit(model)
+    assert trainer.global_step == 0
+
+
+class DoubleClassifier(BoringClassifier):
+    def train_dataloader(self):
+        x, y = random_images(self.n).tensors
+        return DataLoader(TensorDataset(x.double(), y), batch_size=self.batch_size)
+
+
+def test_qat_refuses_float64_inputs_at_setup():
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(export=None)])
+    with pytest.raises(
+        ValueError, match=r"the first fit batch gives input 0 as float64: int8 quantization observes float32"
+    ):
+        trainer.fit(DoubleClassifier())
+    assert trainer.global_step == 0
+
+
+def test_qat_reused_on_a_second_model_takes_that_models_inputs():
+    qat = QuantizationAwareTraining(export=None)
+    quiet_trainer(callbacks=[qat], limit_train_batches=1).fit(BoringClassifier())
+    assert qat.example_inputs.args[0].shape == (16, 1, 6, 6)
+    quiet_trainer(callbacks=[qat], limit_train_batches=1).fit(TwoInputClassifier())
+    example = qat.example_inputs
+    assert [tuple(a.shape) for a in (*example.args, *example.kwargs.values())] == [(8, 1, 6, 6), (8, 3)]
+
+
+class DictBatchClassifier(BoringClassifier):
+    """Batches are dicts with a ``labels`` key the net does not take."""
+
+    def __init__(self) -> None:
+        super().__init__(net=TwoInputNet())
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch["x"], extra=batch["extra"]), batch["labels"])
+
+    def train_dataloader(self):
+        x, y = random_images(32).tensors
+        rows = [{"x": a, "extra": torch.randn(3), "labels": b} for a, b in zip(x, y)]
+        return DataLoader(rows, batch_size=8)
+
+
+def test_qat_refuses_a_dict_batch_with_keys_the_forward_does_not_take():
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(export=None)])
+    with pytest.raises(
+        ValueError,
+        match=r"the first fit batch is a mapping whose keys \['labels'\] are not arguments of "
+        r"TwoInputNet.forward\(x, extra\), so they cannot be passed to it: drop them from the batch, or pass "
+        r"batch_to_input=",
+    ):
+        trainer.fit(DictBatchClassifier())
+    qat = QuantizationAwareTraining(export=None, batch_to_input=lambda b: {"x": b["x"], "extra": b["extra"]})
+    quiet_trainer(callbacks=[qat], limit_train_batches=2, limit_val_batches=0).fit(DictBatchClassifier())
+    # as training_step calls it: x by position, extra by keyword
+    assert len(qat.example_inputs.args) == 1 and sorted(qat.example_inputs.kwargs) == ["extra"]

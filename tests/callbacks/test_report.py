@@ -29,6 +29,18 @@ def test_report_raises(kwargs, match):
         QuantizationReport(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"data": 5}, r"data must be one of \('val', 'test'\) or an iterable of batches, got 5"),
+        ({"report_dir": 5}, r"report_dir must be a path or None, got 5"),
+    ],
+)
+def test_report_raises_on_wrong_types(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        QuantizationReport(**kwargs)
+
+
 @pytest.mark.parametrize("report_first", [True, False])
 @pytest.mark.parametrize("quant", ["qat", "ptq"])
 def test_report_after_quantization_in_either_order(quant, report_first, tmp_path):

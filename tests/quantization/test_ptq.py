@@ -62,6 +62,12 @@ def test_quantize_qnnpack_backend_runs_on_qnnpack():
             r"calibration_batches must be a positive int, got 0",
         ),
         ({"mode": "int4"}, ValueError, r"mode must be one of \('static', 'dynamic'\), got 'int4'"),
+        (
+            {"calibration_data": _calibration(), "batch_to_input": "x"},
+            TypeError,
+            r"batch_to_input must be a callable or None, got 'x'",
+        ),
+        ({"calibration_data": _calibration(), "eval_batches": 0}, ValueError, r"eval_batches must be a positive int"),
     ],
 )
 def test_quantize_raises(kwargs, error, match):
@@ -157,3 +163,8 @@ def test_static_model_whose_only_int8_layers_are_fused_is_not_called_empty():
     fused = int8.get_submodule("features.0")
     assert type(fused).__name__ == "ConvReLU2d" and "quantized" in type(fused).__module__
     assert type(int8.head) is nn.Linear
+
+
+def test_quantize_refuses_what_is_not_a_module():
+    with pytest.raises(TypeError, match=r"model must be an nn.Module, got dict"):
+        quantize({"weight": torch.zeros(2)}, _calibration(), progress=False)

@@ -74,7 +74,7 @@ class QuantBoundary(nn.Module):
         super().__init__()
         self.module = module
         self.input_signature = inspect.signature(module.forward)
-        arguments = self.input_signature.bind(*example.args, **example.kwargs).arguments
+        arguments = self.input_signature.bind_partial(*example.args, **example.kwargs).arguments
         self.quant = nn.ModuleDict({name: QuantStub() for name, value in arguments.items() if _is_float_tensor(value)})
         self.dequant = DeQuantStub()
 
@@ -122,6 +122,22 @@ def find_fusable_groups(model: nn.Module) -> list[list[str]]:
     return groups
 
 
+def check_fusion_groups(model: nn.Module, groups: list[list[str]]) -> None:
+    """Raise before fusing when a group names a module ``model`` does not have.
+
+    Raises:
+        ValueError: naming the missing module and the modules there are.
+    """
+    names = {name for name, _ in model.named_modules() if name}
+    for group in groups:
+        missing = [name for name in group if name not in names]
+        if missing:
+            raise ValueError(
+                f"modules_to_fuse group {group} names {missing}, which {type(model).__name__} does not have; "
+                f"its modules include {sorted(names)[:20]}"
+            )
+
+
 def _assign_qconfigs(model: nn.Module, mapping: QConfigMapping) -> None:
     """Write a ``QConfigMapping`` as eager-mode ``qconfig`` attributes (name beats type beats global)."""
     model.qconfig = mapping.global_qconfig  # type: ignore[assignment]
@@ -153,6 +169,7 @@ class EagerFlow:
         names, types = resolve_skip(model, config.skip)
         model.train(qat)
         groups = [list(g) for g in config.modules_to_fuse] if config.modules_to_fuse else find_fusable_groups(model)
+        check_fusion_groups(model, groups)
         with known_torch_warnings_silenced():
             if groups:
                 (fuse_modules_qat if qat else fuse_modules)(model, groups, inplace=True)
