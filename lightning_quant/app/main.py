@@ -31,7 +31,7 @@ from hydra.types import RunMode
 from hydra.utils import get_method, instantiate
 from omegaconf import MISSING, DictConfig, ListConfig
 
-from lightning_quant import PostTrainingQuantization, quantization_disabled
+from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining, quantization_disabled
 from lightning_quant.evaluation.metrics import compare, comparison_table
 from lightning_quant.utils.files import atomic_write
 
@@ -105,8 +105,8 @@ def check_config(node: Any, path: str) -> None:
             check_config(node._get_node(key), f"{path}.{key}")
 
 
-def load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
-    """Load a Lightning checkpoint's ``state_dict`` into ``model`` without unpickling arbitrary objects.
+def read_checkpoint(ckpt_path: str) -> tuple[Path, dict[str, Any]]:
+    """A Lightning checkpoint, read without unpickling arbitrary objects.
 
     Raises:
         FileNotFoundError: no file at ``ckpt_path``.
@@ -118,8 +118,46 @@ def load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"ckpt_path={ckpt_path!r} is not a Lightning checkpoint (it has no 'state_dict')")
+    return path, checkpoint
+
+
+def qat_recipe(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The quantization settings of a QAT checkpoint (its QuantizationAwareTraining state), else ``None``."""
+    for key, state in checkpoint.get("callbacks", {}).items():
+        if str(key).startswith(QuantizationAwareTraining.__name__) and isinstance(state, dict):
+            return {k: state[k] for k in ("backend", "flow", "module", "observer", "per_channel") if k in state}
+    return None
+
+
+def load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
+    """Load a float checkpoint's ``state_dict`` into ``model`` without unpickling arbitrary objects.
+
+    Raises:
+        FileNotFoundError: no file at ``ckpt_path``.
+        ValueError: the file is not a Lightning checkpoint, or holds a QAT model.
+    """
+    path, checkpoint = read_checkpoint(ckpt_path)
+    recipe = qat_recipe(checkpoint)
+    if recipe is not None:
+        raise ValueError(
+            f"ckpt_path={ckpt_path!r} holds a QAT model (trained with {recipe}), not float weights: use quant=ptq "
+            "(or quant=dynamic) to convert it to int8 with its learnt ranges, or resume that run's training with "
+            "Lightning's own ckpt_path"
+        )
     model.load_state_dict(checkpoint["state_dict"])
     log.info("loaded weights from %s", path)
+
+
+def qat_callback_for(recipe: dict[str, Any], quant: Any) -> QuantizationAwareTraining:
+    """A QuantizationAwareTraining that loads a QAT checkpoint of ``recipe``, exporting as ``quant`` would."""
+    settings = {k: v for k, v in recipe.items() if k != "module"}
+    return QuantizationAwareTraining(
+        **settings,
+        module=recipe.get("module"),
+        export=tuple(t.value for t in quant.config.export),
+        export_dir=quant.config.export_dir,
+        batch_to_input=quant.batch_to_input,
+    )
 
 
 def measure(
@@ -199,15 +237,67 @@ def build_callbacks(cfg: DictConfig) -> tuple[Any, list[pl.Callback]]:
     return quant, callbacks
 
 
+#: Trainer arguments that are counts, checked before anything runs (Lightning would fail mid-run)
+_TRAINER_INTS = (
+    "max_epochs",
+    "min_epochs",
+    "max_steps",
+    "min_steps",
+    "accumulate_grad_batches",
+    "log_every_n_steps",
+    "check_val_every_n_epoch",
+    "num_sanity_val_steps",
+)
+_TRAINER_LIMITS = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "val_check_interval")
+
+
+def check_run_values(cfg: DictConfig) -> None:
+    """Check the values Hydra cannot type: the Trainer's counts, the benchmark, the objective, float_epochs.
+
+    Raises:
+        ValueError: naming the key, what it must be, and what it is.
+    """
+    for key in _TRAINER_INTS:
+        value = cfg.trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ValueError(f"trainer.{key} must be an int, got {value!r}")
+    for key in _TRAINER_LIMITS:
+        value = cfg.trainer.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ValueError(f"trainer.{key} must be a non-negative int (batches) or float (fraction), got {value!r}")
+    bench = cfg.benchmark
+    if bench.repeats < 1 or bench.warmup < 0:
+        raise ValueError(
+            f"benchmark.repeats must be >= 1 and benchmark.warmup >= 0, got repeats={bench.repeats} "
+            f"warmup={bench.warmup}"
+        )
+    if not bench.batch_sizes or any(b < 1 for b in bench.batch_sizes):
+        raise ValueError(f"benchmark.batch_sizes must be positive ints, got {list(bench.batch_sizes)}")
+    if cfg.float_epochs < 0:
+        raise ValueError(f"float_epochs must be >= 0 (0: no float pre-training), got {cfg.float_epochs}")
+    metrics = ["float_acc", "int8_acc", "fp32_bytes", "int8_bytes", "global_step"]
+    metrics += [f"{kind}_ms_b{b}" for b in bench.batch_sizes for kind in ("fp32", "int8")]
+    if cfg.objective.metric not in metrics:
+        raise ValueError(f"objective.metric must be one of {metrics}, got {cfg.objective.metric!r}")
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train and quantize as ``cfg`` says; returns the measured metrics."""
     for key in ("data", "model", "trainer", "quant", "callbacks", "distillation"):
         check_config(cfg.get(key), key)
+    check_run_values(cfg)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     quant, callbacks = build_callbacks(cfg)
-    if cfg.ckpt_path:
+    recipe = qat_recipe(read_checkpoint(cfg.ckpt_path)[1]) if cfg.ckpt_path else None
+    if recipe is not None and isinstance(quant, PostTrainingQuantization):
+        # a QAT checkpoint has learnt its ranges: convert it with them instead of calibrating
+        log.info("ckpt_path holds a QAT model (trained with %s): converting it with its learnt ranges", recipe)
+        callbacks = [c for c in callbacks if c is not quant]
+        quant = qat_callback_for(recipe, quant)
+        callbacks.append(quant)
+    elif cfg.ckpt_path:
         load_weights(model, cfg.ckpt_path)
     if cfg.float_epochs > 0:  # float pre-training, then quantization from those weights
         instantiate(
@@ -215,7 +305,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ).fit(model, datamodule=datamodule)
     float_net = copy.deepcopy(model.net).eval()
     trainer = instantiate(cfg.trainer, callbacks=callbacks)
-    if cfg.ckpt_path and isinstance(quant, PostTrainingQuantization):
+    if recipe is not None and isinstance(quant, QuantizationAwareTraining):
+        trainer.validate(model, datamodule=datamodule, ckpt_path=str(read_checkpoint(cfg.ckpt_path)[0]))
+        quant.convert_and_export(trainer, model)  # the QAT model as trained, to int8: no training
+    elif cfg.ckpt_path and isinstance(quant, PostTrainingQuantization):
         trainer.validate(model, datamodule=datamodule)  # float metrics, then calibrate + convert: no training
     else:
         trainer.fit(model, datamodule=datamodule)

@@ -163,6 +163,12 @@ class SweepResults(Callback):
             return
         table = write_results(sweep_dir, self.metric, self.latency)
         print(f"\nSweep results ({sweep_dir / 'results.md'}):\n{table}")
-        failed = sum(1 for r in load_runs(sweep_dir) if r.get("status") == "failed")
+        runs = load_runs(sweep_dir)
+        failed = sum(1 for r in runs if r.get("status") == "failed")
+        if runs and failed == len(runs):
+            # SystemExit, not an exception: Hydra turns a callback's exceptions into warnings
+            raise SystemExit(
+                f"every run of the sweep failed ({failed}); their errors are in {sweep_dir / 'results.md'}"
+            )
         if failed:
             log.warning("%d run(s) of the sweep failed; their errors are in the table", failed)

@@ -87,3 +87,29 @@ def test_app_float_baseline_without_quantization(tmp_path):
     assert "float only: test accuracy" in stdout
     assert metrics["float_acc"] >= 0.9 and "int8_acc" not in metrics and metrics["fp32_bytes"] > 0
     assert metrics["fp32_ms_b1"] > 0 and "int8_ms_b1" not in metrics
+
+
+def test_app_ptq_of_a_qat_checkpoint_converts_it_with_its_learnt_ranges(tmp_path):
+    first, second = tmp_path / "qat", tmp_path / "ptq"
+    _, trained = run_app(first, "trainer.max_epochs=3", "quant.export=[]")
+    checkpoint = first / "checkpoints" / "last.ckpt"
+    stdout, metrics = run_app(second, "quant=ptq", f"ckpt_path='{checkpoint}'")
+    assert metrics["global_step"] == 0  # no training step
+    assert metrics["int8_acc"] == pytest.approx(trained["int8_acc"])  # the same int8 model as the QAT run's
+    assert sorted(metrics["export_paths"]) == ["mobile", "torchscript"]
+
+
+def test_app_float_load_of_a_qat_checkpoint_names_the_way_out(tmp_path):
+    first = tmp_path / "qat"
+    run_app(first, "trainer.max_epochs=3", "quant.export=[]")
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_quant.app",
+        f"hydra.run.dir={tmp_path / 'again'}",
+        f"ckpt_path='{first / 'checkpoints' / 'last.ckpt'}'",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode != 0
+    assert "holds a QAT model (trained with {'backend': 'x86', 'flow': 'fx'" in result.stderr
+    assert "use quant=ptq (or quant=dynamic) to convert it to int8 with its learnt ranges" in result.stderr

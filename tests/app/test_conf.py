@@ -199,3 +199,26 @@ def test_bad_value_fails_before_training_naming_the_argument(tmp_path):
         Exception, match=r"observer must be one of \('moving_average', 'minmax', 'histogram'\), got 'ema'"
     ):
         instantiate_all(cfg)
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("trainer.max_epochs=abc", r"trainer.max_epochs must be an int, got 'abc'"),
+        ("+trainer.limit_train_batches=-2", r"trainer.limit_train_batches must be a non-negative int"),
+        ("benchmark.repeats=0", r"benchmark.repeats must be >= 1 and benchmark.warmup >= 0, got repeats=0"),
+        ("benchmark.batch_sizes=[0]", r"benchmark.batch_sizes must be positive ints, got \[0\]"),
+        (
+            "objective.metric=int8_accuracy",
+            r"objective.metric must be one of \['float_acc', 'int8_acc'.*got 'int8_accuracy'",
+        ),
+        ("float_epochs=-1", r"float_epochs must be >= 0 \(0: no float pre-training\), got -1"),
+    ],
+)
+def test_run_values_are_checked_before_anything_runs(override, match, tmp_path):
+    from lightning_quant.app.main import check_run_values
+
+    cfg = composed(override, tmp_path=tmp_path)
+    with pytest.raises(ValueError, match=match):
+        check_run_values(cfg)
+    check_run_values(composed(tmp_path=tmp_path))  # the defaults pass

@@ -136,3 +136,22 @@ def test_optuna_sweep_of_two_trials(tmp_path):
         "model.lr",
     }
     assert len(_table_rows(result.stdout)) == 2
+
+
+def test_multirun_in_which_every_run_failed_exits_non_zero(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "lightning_quant.app",
+        "-m",
+        f"hydra.sweep.dir={tmp_path}",
+        "trainer.enable_progress_bar=false",
+        "quant.quant_start_epoch=8,9",  # not before max_epochs=8: each run fails in setup
+    ]
+    result = subprocess.run(
+        command, capture_output=True, text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
+    assert result.returncode != 0
+    assert "every run of the sweep failed (2)" in result.stderr
+    rows = _table_rows(result.stdout)
+    assert [r[2] for r in rows] == ["failed", "failed"]
