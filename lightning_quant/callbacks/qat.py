@@ -360,17 +360,26 @@ class QuantizationAwareTraining(QuantizationCallback):
                     "QAT-prepared: load float checkpoints into a float model (a new LightningModule)"
                 )
             return  # float weights into a float model (or a fit that starts QAT from float weights)
-        if not is_prepared(self.target(pl_module)):
+        saved = _saved_recipe(trainer)
+        ours = self._recipe()
+        # the module path is where it was found, which may differ in name only; the rest decides the model
+        differs = {k: v for k, v in (saved or {}).items() if k != "module" and ours.get(k) != v}
+        if not is_prepared(self.target(pl_module)) and not differs:
             self._prepare(trainer, pl_module, stage)
         expected = set(self.target(pl_module).state_dict())
-        if incoming != expected:
-            saved = _saved_recipe(trainer)
+        if differs or incoming != expected:
             trained = f"trained with {saved}" if saved else "made with other quantization settings"
             raise ValueError(
                 f"the checkpoint holds a QAT model of {self._target_path!r} {trained}, but this "
-                f"QuantizationAwareTraining is {self._recipe()}; create the callback with the checkpoint's "
-                f"settings to load it (missing e.g. {sorted(expected - incoming)[:3]}, "
-                f"unexpected e.g. {sorted(incoming - expected)[:3]})"
+                f"QuantizationAwareTraining is {ours}; create the callback with the checkpoint's settings to "
+                "load it ("
+                + (
+                    f"these differ: {sorted(differs)}"
+                    if differs
+                    else f"missing e.g. {sorted(expected - incoming)[:3]}, "
+                    f"unexpected e.g. {sorted(incoming - expected)[:3]}"
+                )
+                + ")"
             )
 
     def _explain_non_finite(self, pl_module: pl.LightningModule, exception: BaseException) -> None:

@@ -623,3 +623,20 @@ def test_qat_refuses_a_dict_batch_with_keys_the_forward_does_not_take():
     quiet_trainer(callbacks=[qat], limit_train_batches=2, limit_val_batches=0).fit(DictBatchClassifier())
     # as training_step calls it: x by position, extra by keyword
     assert len(qat.example_inputs.args) == 1 and sorted(qat.example_inputs.kwargs) == ["extra"]
+
+
+def test_qat_checkpoint_with_another_backend_is_refused_even_when_its_keys_fit(tmp_path):
+    seed_everything(0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(
+        callbacks=[QuantizationAwareTraining(export=None, backend="qnnpack"), checkpoint],
+        enable_checkpointing=True,
+        limit_train_batches=2,
+    ).fit(BoringClassifier())
+    # x86 and qnnpack prepare the same modules (same keys) but learn ranges for other activation ranges
+    with pytest.raises(
+        ValueError, match=r"trained with \{'backend': 'qnnpack'.*these differ: \['backend', 'per_channel'\]"
+    ):
+        quiet_trainer(callbacks=[QuantizationAwareTraining(export=None)]).validate(
+            BoringClassifier(), ckpt_path=str(tmp_path / "last.ckpt"), verbose=False
+        )

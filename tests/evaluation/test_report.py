@@ -96,3 +96,36 @@ def test_report_warns_and_names_the_broken_layer():
     assert report["warnings"][0].startswith("int8 loses") and "worst layers: fc2" in report["warnings"][0]
     assert report["next_steps"] == ["per_channel=True"]
     assert "**Warning:**" in report_markdown(report) and "1. per_channel=True" in report_markdown(report)
+
+
+def test_full_disk_while_writing_the_report_leaves_the_previous_report_whole(tmp_path, monkeypatch):
+    import errno
+
+    from lightning_quant.evaluation.report import build_report, write_report
+    from lightning_quant.utils import files
+
+    model, prepared, int8, x, y = _mlp_setup(break_fc2=False)
+    report = build_report(
+        fp32_model=model,
+        reference=prepared,
+        int8_model=int8,
+        batches=[(x, y)],
+        example=ExampleInputs((x,)),
+        engine="x86",
+        prepared=prepared,
+        targets=y,
+        repeats=2,
+    )
+    first = write_report(report, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["ranges.png", "report.json", "report.md", "sqnr.png"]
+    assert all(len(data) > 100 for data in before.values())
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "_write", full)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_report({**report, "output_sqnr_db": -1.0}, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no 0-byte sqnr.png, no temporaries
+    assert set(first) == {"json", "md", "sqnr_png", "ranges_png"}
