@@ -133,6 +133,13 @@ class QuantizationCallback(Callback):
                 f"{type(self).__name__} supports single-device and DDP strategies, got "
                 f'{type(trainer.strategy).__name__}: use strategy="ddp" (or "auto" on one device)'
             )
+        start_method = getattr(trainer.strategy, "_start_method", "popen")
+        if isinstance(trainer.strategy, DDPStrategy) and start_method != "popen":
+            raise ValueError(
+                f"{type(self).__name__} does not support DDP with start_method={start_method!r} (ddp_spawn, "
+                "ddp_fork, ddp_notebook): fit runs in child processes there, so the quantized model and the "
+                'prepared weights would not come back to this process; use strategy="ddp"'
+            )
 
     def _take_example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> ExampleInputs:
         """Model inputs from ``example_input_array``, else from the first batch of the stage's data.
@@ -255,6 +262,10 @@ class QuantizationCallback(Callback):
                 int8_for, config.export, self.export_dir(trainer), self.example_inputs, config.backend
             )
             self.export_paths = self._log_exports(trainer)
+        if config.export:
+            # every rank knows where the files are, and finds them there when fit returns
+            self.export_paths = trainer.strategy.broadcast(self.export_paths, src=0)
+            trainer.strategy.barrier("lightning_quant.export")
         self._notify(trainer, pl_module, "quantized")
 
     def _log_exports(self, trainer: pl.Trainer) -> dict[str, str]:

@@ -14,9 +14,10 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_quant.callbacks._trainer import stage_dataloader
+from lightning_quant.callbacks._trainer import first_of, stage_dataloader
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.quantization.config import QuantizationConfig
+from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, quantize_dynamic_copy
 from lightning_quant.quantization.inputs import ExampleInputs, batch_targets, describe_inputs, input_kinds
 from lightning_quant.quantization.ptq import (
@@ -193,18 +194,21 @@ class PostTrainingQuantization(QuantizationCallback):
     # ------------------------------------------------------------------ helpers: what
     def _search_float_islands(self, trainer: pl.Trainer, target: nn.Module) -> QuantizationConfig:
         """Run the skip search on validation batches; returns the config with the layers kept in float."""
-        loader = stage_dataloader(trainer, "validate") or self._calibration_source(trainer)
+        loader = first_of(trainer.val_dataloaders) or stage_dataloader(trainer, "validate")
+        loader = loader or self._calibration_source(trainer)
         batches = list(itertools.islice(iter(loader), self.eval_batches))
         assert self.max_metric_drop is not None  # the search runs only with a budget
+        reducer = self._reducer(trainer)
         build = builder(
             target,
             self.config,
             self.mode,
-            self._calibration_batches_source(trainer),
+            self._calibration_source(trainer) if self.mode is Mode.STATIC else None,
             self.calibration_batches,
             self.batch_to_input,
             self.dtype,
             self.module_types,
+            reducer=reducer,
         )
         types = self.module_types if self.mode is Mode.DYNAMIC else STATIC_LAYER_TYPES
         layers = [n for n in quantizable_layers(target, types)]
@@ -217,6 +221,7 @@ class PostTrainingQuantization(QuantizationCallback):
             self.max_metric_drop,
             batch_targets(batches),
             self.batch_to_input,
+            reducer=reducer,
         )
         search = self.skip_search
         verdict = "met" if search.met else "MISSED even with every candidate layer in float"
@@ -243,8 +248,18 @@ class PostTrainingQuantization(QuantizationCallback):
     def calibration_batches_used(self) -> int | None:
         return self.calibration_batches if self.mode is Mode.STATIC else None
 
+    @staticmethod
+    def _reducer(trainer: pl.Trainer) -> RankReducer | None:
+        """How the ranks of a DDP run merge what they measured (``None`` in one process)."""
+        return RankReducer.current(trainer.strategy.root_device)
+
     def _calibration_source(self, trainer: pl.Trainer) -> Iterable[Any]:
-        """The calibration batches (setup has checked that the source exists)."""
+        """The calibration batches: the loader the run read (under DDP, this rank's shard of it),
+        else the stage's dataloader (setup has checked that one exists)."""
+        if self.calibration_data == "train" and trainer.train_dataloader is not None:
+            return first_of(trainer.train_dataloader)
+        if self.calibration_data == "val" and first_of(trainer.val_dataloaders) is not None:
+            return first_of(trainer.val_dataloaders)
         source = self._calibration_batches_source(trainer)
         if source is None:
             raise ValueError(f"calibration_data={self.calibration_data!r}: the Trainer has no such dataloader")
@@ -274,6 +289,7 @@ class PostTrainingQuantization(QuantizationCallback):
                 self.batch_to_input,
                 self.example_inputs,
                 progress=self.progress and trainer.is_global_zero,
+                reducer=self._reducer(trainer),
             )
             self.calibrated_model = calibrated
 

@@ -23,6 +23,7 @@ from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.quantization.calibrate import first_non_finite_layer
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy, unobserved
+from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import (
     ExampleInputs,
@@ -475,9 +476,10 @@ class QuantizationAwareTraining(QuantizationCallback):
             return
         outputs = collect_outputs(self.convert(pl_module), batches, self.config.engine, self.batch_to_input)
         metric = module_metric(pl_module)
-        name, value = task_metric(outputs, targets, metric)
+        # over every rank's validation batches: the value of the whole validation set, on every rank
+        name, value = task_metric(outputs, targets, metric, RankReducer.current(trainer.strategy.root_device))
         key = metric_name(pl_module, metric) if metric is not None else name
-        pl_module.log(f"val/{key}_int8", value, on_epoch=True, sync_dist=True)
+        pl_module.log(f"val/{key}_int8", value, on_epoch=True)
 
     def _convert_and_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._publish(

@@ -14,10 +14,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_quant.callbacks._trainer import module_metric, stage_dataloader, trainer_callbacks
+from lightning_quant.callbacks._trainer import first_of, module_metric, stage_dataloader, trainer_callbacks
 from lightning_quant.callbacks.base import QuantizationCallback, QuantizationListener
 from lightning_quant.evaluation.analysis import next_steps
 from lightning_quant.evaluation.report import build_report, write_report
+from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.inputs import batch_targets
 from lightning_quant.quantization.target import resolve_target
 from lightning_quant.utils.checks import check_non_negative, check_positive_int
@@ -92,16 +93,16 @@ class QuantizationReport(QuantizationListener, Callback):
 
     @override
     def on_quantized(self, trainer: pl.Trainer, pl_module: pl.LightningModule, callback: QuantizationCallback) -> None:
-        if trainer.is_global_zero:
-            self._report(trainer, pl_module, callback)
+        self._report(trainer, pl_module, callback)  # every rank: under DDP the metric covers all ranks' data
 
     # ------------------------------------------------------------------ helpers: what
     def _batches(self, trainer: pl.Trainer) -> list[Any]:
-        source = (
-            self.data
-            if not isinstance(self.data, str)
-            else stage_dataloader(trainer, "validate" if self.data == "val" else "test")
-        )
+        if not isinstance(self.data, str):
+            source = self.data
+        elif self.data == "val" and first_of(trainer.val_dataloaders) is not None:
+            source = first_of(trainer.val_dataloaders)  # what validation read (this rank's shard under DDP)
+        else:
+            source = stage_dataloader(trainer, "validate" if self.data == "val" else "test")
         if source is None:
             raise ValueError(
                 f"QuantizationReport(data={self.data!r}) found no such dataloader on the Trainer: "
@@ -143,10 +144,13 @@ class QuantizationReport(QuantizationListener, Callback):
             threshold=self.threshold,
             next_steps=steps,
             batch_to_input=callback.batch_to_input,
+            reducer=RankReducer.current(trainer.strategy.root_device),
         )
-        directory = Path(self.report_dir) if self.report_dir is not None else callback.export_dir(trainer)
-        self.paths = write_report(self.report, directory)
-        self._log(trainer, self.report)
+        if trainer.is_global_zero:
+            directory = Path(self.report_dir) if self.report_dir is not None else callback.export_dir(trainer)
+            self.paths = write_report(self.report, directory)
+            self._log(trainer, self.report)
+        trainer.strategy.barrier("lightning_quant.report")
 
     def _log(self, trainer: pl.Trainer, report: dict[str, Any]) -> None:
         headline = {"report/output_sqnr_db": report["output_sqnr_db"], "report/size_ratio": report["sizes"]["ratio"]}

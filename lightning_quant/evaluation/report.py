@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from lightning_quant.evaluation.analysis import observer_ranges, per_layer_sqnr
 from lightning_quant.evaluation.metrics import latency_ms, state_dict_bytes
+from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.outputs import collect_outputs, higher_is_better, sqnr_db, task_metric
 from lightning_quant.utils.files import atomic_write_files
@@ -41,6 +42,7 @@ def build_report(
     next_steps: Sequence[str] = (),
     batch_to_input: Callable[[Any], Any] | None = None,
     repeats: int = 30,
+    reducer: RankReducer | None = None,
 ) -> dict[str, Any]:
     """Everything the report says, as plain data (see :func:`write_report`).
 
@@ -59,6 +61,8 @@ def build_report(
         metric: a torchmetrics ``Metric`` to use instead of accuracy/MSE.
         threshold: largest acceptable metric loss (default 0.01 = 1 point of accuracy).
         next_steps: remedies to name when the threshold is missed.
+        reducer: under DDP, the task metric is over every rank's batches (the same on every rank);
+            the SQNR figures, sizes and latencies are this rank's.
     """
     float_out = collect_outputs(reference, batches, batch_to_input=batch_to_input)
     int8_out = collect_outputs(int8_model, batches, engine, batch_to_input)
@@ -88,8 +92,8 @@ def build_report(
         f"{n} (adds {v['loss_db']:.1f} dB of error, output {v['sqnr_db']:.1f} dB)" for n, v in worst[:3]
     )
     if targets is not None:
-        name, float_value = task_metric(float_out, targets, metric)
-        _, int8_value = task_metric(int8_out, targets, metric)
+        name, float_value = task_metric(float_out, targets, metric, reducer)
+        _, int8_value = task_metric(int8_out, targets, metric, reducer)
         loss = (float_value - int8_value) if higher_is_better(name) else (int8_value - float_value)
         report["metric"] = {"name": name, "float": float_value, "int8": int8_value, "loss": loss}
         if loss > threshold:

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from lightning_quant.quantization.convert import quantized_engine
+from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.inputs import batch_inputs
 
 
@@ -66,19 +67,30 @@ def collect_outputs(
     return torch.cat(outputs)
 
 
-def task_metric(outputs: torch.Tensor, targets: torch.Tensor, metric: Any = None) -> tuple[str, float]:
-    """``(name, value)`` of the task metric: the given torchmetrics ``Metric`` (cloned), else accuracy
-    for integer targets (top-1, torchmetrics) or mean squared error otherwise."""
-    import torchmetrics
+def task_metric(
+    outputs: torch.Tensor, targets: torch.Tensor, metric: Any = None, reducer: RankReducer | None = None
+) -> tuple[str, float]:
+    """``(name, value)`` of the task metric: the given torchmetrics ``Metric`` (cloned), else top-1
+    accuracy for integer targets or mean squared error otherwise.
 
+    With a ``reducer`` (several processes, each holding a shard of the data), the value is the
+    one of the union of every rank's outputs, the same on every rank.
+    """
     if metric is not None:
-        fresh = metric.clone().cpu()
+        device = reducer.device if reducer is not None else torch.device("cpu")
+        fresh = metric.clone().to(device)
         fresh.reset()
-        return type(metric).__name__, float(fresh(outputs, targets))
+        fresh.sync_on_compute = reducer is not None
+        fresh.update(outputs.to(device), targets.to(device))
+        return type(metric).__name__, float(fresh.compute())
     if not targets.is_floating_point() and outputs.dim() >= 2:
-        accuracy = torchmetrics.classification.MulticlassAccuracy(outputs.shape[-1], average="micro")
-        return "accuracy", float(accuracy(outputs, targets))
-    return "mse", float(torchmetrics.functional.mean_squared_error(outputs.float(), targets.float()))
+        name, total = "accuracy", (outputs.argmax(dim=-1) == targets).sum()
+    else:
+        name, total = "mse", (outputs.float() - targets.float()).pow(2).sum()
+    stats = torch.stack([total.double(), torch.tensor(float(targets.numel()), dtype=torch.float64)])
+    if reducer is not None:
+        stats = reducer.sum(stats)
+    return name, float(stats[0] / stats[1])
 
 
 def higher_is_better(metric_name: str) -> bool:
@@ -95,8 +107,13 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
 
 
-def mean_cosine(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """Mean cosine similarity of matching rows (the last dimension is the vector)."""
+def mean_cosine(reference: torch.Tensor, test: torch.Tensor, reducer: RankReducer | None = None) -> float:
+    """Mean cosine similarity of matching rows (the last dimension is the vector); over every rank's
+    rows with a ``reducer``."""
     ref = reference.detach().float().flatten(0, -2) if reference.dim() > 1 else reference.detach().float()[None]
     out = test.detach().float().flatten(0, -2) if test.dim() > 1 else test.detach().float()[None]
-    return float(torch.nn.functional.cosine_similarity(ref, out, dim=-1).mean())
+    cosine = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
+    stats = torch.stack([cosine.sum().double(), torch.tensor(float(cosine.numel()), dtype=torch.float64)])
+    if reducer is not None:
+        stats = reducer.sum(stats)
+    return float(stats[0] / stats[1])

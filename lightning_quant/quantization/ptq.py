@@ -16,6 +16,7 @@ import torch.nn as nn
 from lightning_quant.quantization.calibrate import calibrate
 from lightning_quant.quantization.config import QuantizationConfig, config_from
 from lightning_quant.quantization.convert import convert_copy
+from lightning_quant.quantization.distributed import RankReducer, reduce_observers
 from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, check_dynamic_options, quantize_dynamic_copy
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, batch_targets
@@ -53,11 +54,14 @@ def prepare_and_calibrate(
     batch_to_input: Callable[[Any], Any] | None = None,
     example: ExampleInputs | None = None,
     progress: bool = True,
+    reducer: RankReducer | None = None,
 ) -> nn.Module:
     """A prepared copy of ``model`` whose observers have seen ``calibration_batches`` batches.
 
     Convert it with :func:`~lightning_quant.quantization.convert.convert_copy` for each engine
-    needed; ``model`` itself is not modified.
+    needed; ``model`` itself is not modified. With a ``reducer`` (several processes, each
+    calibrating on its shard: ``calibration_batches`` is per rank), the observers end with the
+    statistics of every rank's batches together, the same on every rank.
 
     Raises:
         ValueError: no calibration batch.
@@ -76,7 +80,8 @@ def prepare_and_calibrate(
     float_copy = copy.deepcopy(model).cpu().eval()
     prepared = get_flow(config.flow).prepare(float_copy, config, example, qat=False)
     used = calibrate(prepared, batches, calibration_batches, batch_to_input, progress)
-    log.info("calibrated on %d batch(es)", used)
+    merged = reduce_observers(prepared, reducer)
+    log.info("calibrated on %d batch(es)%s", used, f"; merged {merged} observers over the ranks" if reducer else "")
     return prepared
 
 
@@ -146,6 +151,7 @@ def builder(
     dtype: str,
     module_types: Sequence[str | type],
     progress: bool = False,
+    reducer: RankReducer | None = None,
 ) -> Callable[[list[str]], nn.Module]:
     """A function from an extra skip list to the int8 model (static mode recalibrates each time)."""
     types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else ()
@@ -157,7 +163,7 @@ def builder(
         if calibration_data is None:
             raise ValueError('mode="static" needs calibration_data: an iterable of representative batches')
         prepared = prepare_and_calibrate(
-            model, calibration_data, skipped, calibration_batches, batch_to_input, progress=progress
+            model, calibration_data, skipped, calibration_batches, batch_to_input, progress=progress, reducer=reducer
         )
         return convert_calibrated(prepared, skipped)
 

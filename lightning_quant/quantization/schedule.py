@@ -25,7 +25,8 @@ from torch.ao.quantization.observer import ObserverBase
 
 from lightning_quant.utils.checks import check_epoch
 
-_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: every BatchNorm layer, SyncBatchNorm (what Trainer(sync_batchnorm=True) swaps in) included
+_BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
 def fake_quantizers(module: nn.Module) -> list[FakeQuantizeBase]:

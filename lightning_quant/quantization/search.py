@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.outputs import collect_outputs, mean_cosine, task_metric
 
 #: module types a layer-level analysis looks at (what static and dynamic modes quantize)
@@ -89,6 +90,7 @@ def skip_search(
     targets: torch.Tensor | None = None,
     batch_to_input: Callable[[Any], Any] | None = None,
     max_skipped: int | None = None,
+    reducer: RankReducer | None = None,
 ) -> tuple[SkipSearch, dict[str, float]]:
     """Find the float islands that bring an int8 model within ``max_drop`` of the float model.
 
@@ -96,6 +98,9 @@ def skip_search(
     reference), else the mean cosine similarity of int8 to float outputs (reference 1.0).
     Quantizing everything is tried first; only if that misses is each layer scored alone
     (:func:`layer_sensitivity`) and the most sensitive kept in float one by one.
+
+    With a ``reducer`` (several processes), scores are over every rank's batches, so each rank
+    keeps the same layers in float.
 
     Returns:
         the search (which layers stayed float, the score after each step, whether the budget
@@ -105,9 +110,11 @@ def skip_search(
 
     def score(int8: nn.Module) -> float:
         out = collect_outputs(int8, batches, engine, batch_to_input)
-        return task_metric(out, targets)[1] if targets is not None else mean_cosine(float_out, out)
+        if targets is not None:
+            return task_metric(out, targets, reducer=reducer)[1]
+        return mean_cosine(float_out, out, reducer)
 
-    reference = task_metric(float_out, targets)[1] if targets is not None else 1.0
+    reference = task_metric(float_out, targets, reducer=reducer)[1] if targets is not None else 1.0
     target = reference - max_drop
     full = score(build([]))
     if full >= target:

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_qat.py"
@@ -24,3 +25,15 @@ def test_qat_ddp_two_cpu_processes_end_with_identical_quantization_state(tmp_pat
     # only global rank 0 writes the export
     assert (tmp_path / "rank0_files.txt").read_text() == "model_int8.pt"
     assert (tmp_path / "rank1_files.txt").read_text() == ""
+    # int8 validation and the report measure every rank's validation shard together, the same on both ranks
+    m0, m1 = torch.load(tmp_path / "rank0_metrics.pt"), torch.load(tmp_path / "rank1_metrics.pt")
+    union = (m0["correct"] + m1["correct"]) / (m0["total"] + m1["total"])
+    assert (m0["total"], m1["total"]) == (24, 32)
+    assert m0["val_int8"] == m1["val_int8"] == pytest.approx(union)
+    assert m0["report_int8"] == m1["report_int8"] == pytest.approx(union)
+    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+        "ranges.png",
+        "report.json",
+        "report.md",
+        "sqnr.png",
+    ]

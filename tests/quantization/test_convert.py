@@ -41,3 +41,31 @@ def test_quantized_engine_restores_engine_and_determinism():
     with pytest.raises(RuntimeError, match=r"this torch build has no 'npu' quantized engine"):
         with quantized_engine("npu"):
             pass
+
+
+def test_qat_fusion_survives_lightnings_sync_batchnorm_conversion_and_converts():
+    """Trainer(sync_batchnorm=True) swaps SyncBatchNorm in after QAT prepared the model (torch runs
+    SyncBatchNorm training on GPUs only, so this checks the structure, the freeze and the conversion)."""
+    from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
+    from torch.ao.nn.intrinsic.qat import ConvBnReLU2d
+
+    from lightning_quant.quantization.schedule import fake_quantizers, set_bn_frozen
+    from tests.helpers import TinyNet
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 6, 6)
+    prepared = get_flow("fx").prepare(TinyNet().train(), QuantizationConfig(), ExampleInputs((x,)), qat=True)
+    prepared(x)
+    before = len(fake_quantizers(prepared))
+    synced = TorchSyncBatchNorm().apply(prepared)  # what Lightning does in DDPStrategy.setup
+    fused = [m for m in synced.modules() if isinstance(m, ConvBnReLU2d)]
+    assert len(fused) == 1 and type(fused[0].bn) is torch.nn.SyncBatchNorm
+    assert len(fake_quantizers(synced)) == before
+    set_bn_frozen(synced, True)
+    assert fused[0].freeze_bn and not fused[0].bn.training
+    synced(x)  # training step with frozen statistics: no synchronisation needed
+    with torch.no_grad():
+        fake = synced.eval()(x)
+        with quantized_engine("x86"):
+            int8 = convert_copy(synced, "fx", "x86")(x)
+    assert (int8 - fake).abs().max() < 0.1 * fake.abs().max()

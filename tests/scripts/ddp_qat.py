@@ -11,7 +11,7 @@ from lightning.pytorch import seed_everything
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_quant import QuantizationAwareTraining  # noqa: E402
+from lightning_quant import QuantizationAwareTraining, QuantizationReport  # noqa: E402
 from tests.helpers import BoringClassifier, quant_state, quiet_trainer  # noqa: E402
 
 
@@ -25,15 +25,38 @@ class RankShiftedClassifier(BoringClassifier):
 
         return DataLoader(random_images(64, seed=10 + self.global_rank), batch_size=16)
 
+    def val_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        from tests.helpers import random_images
+
+        return DataLoader(random_images(24 + 8 * self.global_rank, seed=20 + self.global_rank), batch_size=8)
+
 
 def main(out_dir: Path) -> None:
     seed_everything(0)
     model = RankShiftedClassifier()
-    callback = QuantizationAwareTraining(quant_start_epoch=0, freeze_observers_epoch=2, export_dir=out_dir / "export")
+    callback = QuantizationAwareTraining(
+        quant_start_epoch=0, freeze_observers_epoch=2, export_dir=out_dir / "export", validate_int8=True
+    )
+    report = QuantizationReport(report_dir=out_dir / "report")
     trainer = quiet_trainer(
-        strategy="ddp", devices=2, max_epochs=3, callbacks=[callback], use_distributed_sampler=False
+        strategy="ddp", devices=2, max_epochs=3, callbacks=[callback, report], use_distributed_sampler=False
     )
     trainer.fit(model)
+    # this rank's own count of correct int8 predictions on its validation shard
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in model.val_dataloader():
+            correct += int((callback.quantized_model(x).argmax(-1) == y).sum())
+            total += len(y)
+    metrics = {
+        "val_int8": float(trainer.callback_metrics["val/accuracy_int8"]),
+        "report_int8": report.report["metric"]["int8"],
+        "correct": correct,
+        "total": total,
+    }
+    torch.save(metrics, out_dir / f"rank{trainer.global_rank}_metrics.pt")
     state = {k: v for k, v in quant_state(model.net).items()}
     torch.save(state, out_dir / f"rank{trainer.global_rank}.pt")
     written = sorted(p.name for p in (out_dir / "export").glob("*")) if trainer.is_global_zero else []
