@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ from lightning_quant.quantization.ptq import (
     Mode,
     builder,
     check_calibration_data,
+    check_layers,
     check_mode_options,
     convert_calibrated,
     prepare_and_calibrate,
@@ -60,7 +61,7 @@ class PostTrainingQuantization(QuantizationCallback):
         calibration_batches: batches used for calibration (default 32).
         dtype: dynamic mode: ``"qint8"`` (default) or ``"float16"``.
         module_types: dynamic mode: module types to quantize (default Linear, LSTM, GRU).
-        backend, flow, module, observer, per_channel, skip, qconfig_mapping, export,
+        backend, flow, module, observer, per_channel, skip, layers, qconfig_mapping, export,
         export_dir, batch_to_input: as for ``QuantizationAwareTraining``; ``observer``
             defaults to ``"histogram"``, the best choice for a few calibration batches.
         progress: show a progress bar while calibrating (rank zero only).
@@ -94,6 +95,7 @@ class PostTrainingQuantization(QuantizationCallback):
         observer: str = "histogram",
         per_channel: bool | None = None,
         skip: Sequence[str | type] = (),
+        layers: Mapping[Any, Any] | None = None,
         qconfig_mapping: QConfigMapping | None = None,
         modules_to_fuse: Sequence[Sequence[str]] | None = None,
         calibration_data: str | Iterable[Any] = "train",
@@ -146,7 +148,8 @@ class PostTrainingQuantization(QuantizationCallback):
         if stage not in ("fit", "validate"):
             return
         self._check_strategy(trainer)
-        self._target_path, _ = resolve_target(pl_module, self.config.module)
+        self._target_path, target = resolve_target(pl_module, self.config.module)
+        check_layers(target, self.config, self.mode, self.module_types, self.dtype)
         self.example_inputs = self._take_example_inputs(trainer, pl_module, stage)
         self._check_export_dir(trainer)
         if self.mode is Mode.STATIC:

@@ -7,7 +7,7 @@ import copy
 import itertools
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,6 +80,10 @@ class QuantizationAwareTraining(QuantizationCallback):
         observer: ``"moving_average"`` (default), ``"minmax"`` or ``"histogram"`` (activations).
         per_channel: per-channel weights; ``None`` = on for x86/fbgemm, off for qnnpack.
         skip: module names or types kept in float.
+        layers: per-layer settings, e.g. ``{"head": {"observer": "minmax"}, "features.0": "float"}``:
+            a module name (and what is inside it), an import path or a type, to a precision
+            (``"int8"``, ``"float"``) or a mapping of ``precision``, ``observer``, ``per_channel``,
+            ``dtype``. A name beats a type beats the global options; see ``QuantizationConfig``.
         qconfig_mapping: a torch ``QConfigMapping`` used as is.
         modules_to_fuse: eager flow: explicit fusion groups, e.g. ``[["conv", "bn", "relu"]]``.
         quant_start_epoch: first epoch with fake quantization (default 0).
@@ -120,6 +124,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         observer: str = "moving_average",
         per_channel: bool | None = None,
         skip: Sequence[str | type] = (),
+        layers: Mapping[Any, Any] | None = None,
         qconfig_mapping: QConfigMapping | None = None,
         modules_to_fuse: Sequence[Sequence[str]] | None = None,
         quant_start_epoch: int = 0,

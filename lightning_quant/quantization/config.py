@@ -55,6 +55,81 @@ class ExportTarget(str, Enum):
     ONNX = "onnx"
 
 
+class Precision(str, Enum):
+    """What a layer computes in: int8 (the default), float (kept as trained), fp16 (dynamic mode:
+    half-precision weights), int4 (torchao weight schemes)."""
+
+    INT8 = "int8"
+    FP16 = "fp16"
+    INT4 = "int4"
+    FLOAT = "float"
+
+
+#: the options a layer may set for itself (the rest are the callback's)
+LAYER_OPTIONS = ("precision", "observer", "per_channel", "dtype")
+
+
+@dataclass(frozen=True)
+class LayerSetting:
+    """How one layer (or every layer of a type, or under a name) is quantized; ``None`` = the global value.
+
+    ``dtype`` names the activation dtype of static int8 layers (only ``"quint8"`` runs on
+    fbgemm/x86/qnnpack) or the weight dtype of dynamic layers (``"qint8"``, ``"float16"``);
+    a dtype no kernel runs is refused when the flow reads the settings.
+    """
+
+    precision: Precision = Precision.INT8
+    observer: Observer | None = None
+    per_channel: bool | None = None
+    dtype: str | None = None
+
+
+def _normalise_setting(key: Any, value: Any) -> LayerSetting:
+    if isinstance(value, (str, Precision)):
+        return LayerSetting(precision=parse_enum(Precision, value, f"layers[{key!r}]"))
+    if not isinstance(value, Mapping):
+        raise TypeError(
+            f"layers[{key!r}] must be a precision {tuple(p.value for p in Precision)} or a mapping of "
+            f"{LAYER_OPTIONS}, got {value!r}"
+        )
+    unknown = [k for k in value if k not in LAYER_OPTIONS]
+    if unknown:
+        raise ValueError(f"layers[{key!r}] has options {unknown}; a layer may set {LAYER_OPTIONS}")
+    per_channel = value.get("per_channel")
+    if per_channel is not None and not isinstance(per_channel, bool):
+        raise TypeError(f"layers[{key!r}].per_channel must be True, False or None, got {per_channel!r}")
+    dtype = value.get("dtype")
+    if dtype is not None and not isinstance(dtype, str):
+        raise TypeError(f"layers[{key!r}].dtype must be a dtype name such as 'quint8', got {dtype!r}")
+    return LayerSetting(
+        precision=parse_enum(Precision, value.get("precision", "int8"), f"layers[{key!r}].precision"),
+        observer=parse_enum(Observer, value["observer"], f"layers[{key!r}].observer")
+        if value.get("observer")
+        else None,
+        per_channel=per_channel,
+        dtype=dtype,
+    )
+
+
+def _normalise_layers(layers: Any) -> tuple[tuple[str | type, LayerSetting], ...]:
+    if layers is None:
+        return ()
+    if isinstance(layers, tuple) and all(isinstance(item, tuple) and len(item) == 2 for item in layers):
+        layers = dict(layers)  # already normalised (dataclasses.replace passes the tuple back in)
+    if not isinstance(layers, Mapping):
+        raise TypeError(
+            "layers must be a mapping from a module name, an import path or an nn.Module type to a precision "
+            f"or a mapping of options, e.g. {{'classifier': 'float', 'torch.nn.Linear': {{'observer': 'minmax'}}}}, "
+            f"got {layers!r}"
+        )
+    rules = []
+    for key, value in layers.items():
+        if not (isinstance(key, str) and key) and not (isinstance(key, type) and issubclass(key, nn.Module)):
+            raise TypeError(f"layers keys must be module names, import paths or nn.Module types, got {key!r}")
+        rules.append((key, value if isinstance(value, LayerSetting) else _normalise_setting(key, value)))
+    return tuple(rules)
+
+
 BACKENDS = tuple(b.value for b in Backend)
 FLOWS = tuple(f.value for f in Flow)
 OBSERVERS = tuple(o.value for o in Observer)
@@ -125,6 +200,11 @@ class QuantizationConfig:
         per_channel: per-channel weight scales; ``None`` means on for x86/fbgemm, off for qnnpack.
         skip: module names (``"classifier"``) or ``nn.Module`` types kept in float. A string that
             is not a submodule name but an import path (``"torch.nn.LSTM"``) is taken as a type.
+        layers: per-layer settings: a mapping from a module name (that module and everything
+            inside it), an import path or an ``nn.Module`` type to a precision (``"int8"``,
+            ``"float"``, ``"fp16"``, ``"int4"``) or a mapping of ``precision``, ``observer``,
+            ``per_channel``, ``dtype``. A name beats a type, which beats the global options.
+            ``skip`` is shorthand for ``"float"``.
         qconfig_mapping: a ``torch.ao.quantization.QConfigMapping`` used as is (overrides
             ``observer``, ``per_channel`` and ``skip``).
         modules_to_fuse: eager flow only: explicit groups of module names to fuse.
@@ -151,6 +231,7 @@ class QuantizationConfig:
     observer: Observer = Observer.MOVING_AVERAGE
     per_channel: bool | None = None
     skip: tuple[str | type, ...] = ()
+    layers: tuple[tuple[str | type, LayerSetting], ...] = ()
     qconfig_mapping: QConfigMapping | None = None
     modules_to_fuse: tuple[tuple[str, ...], ...] | None = None
     export: tuple[ExportTarget, ...] = (ExportTarget.TORCHSCRIPT,)
@@ -167,6 +248,12 @@ class QuantizationConfig:
         elif not isinstance(self.per_channel, bool):
             raise TypeError(f"per_channel must be True, False or None (backend default), got {self.per_channel!r}")
         self.skip = _normalise_skip(self.skip)
+        self.layers = _normalise_layers(self.layers)
+        both = {key for key, _ in self.layers} & set(self.skip)
+        if both:
+            raise ValueError(f"{sorted(map(str, both))} are in both skip and layers: say it once (skip means 'float')")
+        if self.layers and self.qconfig_mapping is not None:
+            raise ValueError("layers and qconfig_mapping both say how layers are quantized: pass one of them")
         if self.qconfig_mapping is not None:
             from torch.ao.quantization import QConfigMapping
 

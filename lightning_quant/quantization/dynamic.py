@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -27,11 +28,11 @@ from torch.ao.quantization import (
     quantize_dynamic,
 )
 
-from lightning_quant.quantization.config import QuantizationConfig
+from lightning_quant.quantization.config import LayerSetting, Precision, QuantizationConfig
 from lightning_quant.quantization.convert import for_inference, quantized_engine
-from lightning_quant.quantization.qconfig import resolve_skip
+from lightning_quant.quantization.qconfig import resolve_layers
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
-from lightning_quant.utils.modules import locate_module_type, within
+from lightning_quant.utils.modules import locate_module_type
 
 DEFAULT_DYNAMIC_TYPES: tuple[type, ...] = (nn.Linear, nn.LSTM, nn.GRU)
 DYNAMIC_DTYPES = ("qint8", "float16")
@@ -71,6 +72,66 @@ def _qconfig_for(module_type: type, dtype: str, per_channel: bool):
     return default_dynamic_qconfig
 
 
+#: what dynamic mode can run per layer, and the weight dtypes of its kernels
+DYNAMIC_PRECISIONS = (Precision.INT8, Precision.FP16, Precision.FLOAT)
+_DTYPE_PRECISION = {"qint8": Precision.INT8, "float16": Precision.FP16}
+
+
+def _dynamic_precision(key: str, setting: LayerSetting, module_type: type) -> Precision:
+    """The precision a per-layer setting asks dynamic mode for, or a ValueError naming what runs."""
+    if setting.observer is not None:
+        raise ValueError(
+            f"layers[{key!r}] sets an observer, but dynamic mode quantizes activations at run time and has none; "
+            f"a dynamic layer may set {['precision', 'per_channel', 'dtype']}"
+        )
+    precision = setting.precision
+    if setting.dtype is not None:
+        if setting.dtype not in _DTYPE_PRECISION:
+            raise ValueError(
+                f"layers[{key!r}] asks for {setting.dtype!r} weights; dynamic mode's kernels take "
+                f"{list(_DTYPE_PRECISION)}"
+            )
+        precision = _DTYPE_PRECISION[setting.dtype]
+    if precision not in DYNAMIC_PRECISIONS:
+        raise ValueError(
+            f"layers[{key!r}] asks for {precision.value!r}, which dynamic mode cannot run (int4 needs torchao's "
+            f"weight schemes); its precisions are {[p.value for p in DYNAMIC_PRECISIONS]}"
+        )
+    if precision is Precision.FP16 and issubclass(module_type, (nn.Embedding, nn.EmbeddingBag)):
+        raise ValueError(f"layers[{key!r}]: embeddings quantize to int8 rows or stay float, not fp16")
+    return precision
+
+
+def dynamic_spec(
+    model: nn.Module, config: QuantizationConfig, module_types: tuple[type, ...], dtype: str
+) -> dict[str, Any]:
+    """Each candidate layer's dynamic qconfig by module name (``None``: kept float), from the global
+    ``dtype``/``per_channel`` and ``config.layers`` (a name beats a type beats the global options).
+
+    Raises:
+        ValueError: a per-layer setting dynamic mode cannot run, or a layers/skip key the model lacks.
+    """
+    rules = resolve_layers(model, config)
+    spec: dict[str, Any] = {}
+    for name, module in model.named_modules():
+        # the exact type, as torch matches it: subclasses such as attention's out_proj
+        # (NonDynamicallyQuantizableLinear) are not candidates
+        if not name or type(module) not in module_types:
+            continue
+        setting = rules.setting_of(name, module)
+        if setting is None:
+            spec[name] = _qconfig_for(type(module), dtype, bool(config.per_channel))
+            continue
+        precision = _dynamic_precision(name, setting, type(module))
+        per_channel = bool(config.per_channel if setting.per_channel is None else setting.per_channel)
+        spec[name] = (
+            None
+            if precision is Precision.FLOAT
+            else _qconfig_for(type(module), "float16" if precision is Precision.FP16 else "qint8", per_channel)
+        )
+    return spec
+
+
 def disable_transformer_fast_path(model: nn.Module) -> int:
     """Switch off the fused fast path of every ``nn.TransformerEncoderLayer``; returns how many."""
     layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)]
@@ -91,13 +152,8 @@ def quantize_dynamic_copy(
     Raises:
         ValueError: ``model`` has no module of ``module_types`` outside ``skip``.
     """
-    names, skip_types = resolve_skip(model, config.skip)
-    kept_float = {n for n, _ in model.named_modules() if within(n, names)}  # skipped names and all inside them
-    quantizable = [
-        n
-        for n, m in model.named_modules()
-        if isinstance(m, module_types) and not isinstance(m, skip_types) and n not in kept_float
-    ]
+    spec = dynamic_spec(model, config, module_types, dtype)
+    quantizable = [name for name, qconfig in spec.items() if qconfig is not None]
     if not quantizable:
         found = sorted({type(m).__name__ for m in model.modules()})
         raise ValueError(
@@ -105,12 +161,6 @@ def quantize_dynamic_copy(
             f'{[t.__name__ for t in module_types]} outside skip (its module types: {found}); use mode="static" '
             "for convolutional models"
         )
-    spec: dict = {t: _qconfig_for(t, dtype, bool(config.per_channel)) for t in module_types if t not in skip_types}
-    # a name maps to None for itself and every module inside it: torch looks types up before
-    # inheriting from the parent, so a skipped container's Linear layers would be quantized otherwise
-    spec.update({n: None for n in kept_float})
-    for module_type in skip_types:
-        spec[module_type] = None
     float_model = copy.deepcopy(model).cpu().eval()
     with quantized_engine(engine or config.engine), known_torch_warnings_silenced():
         int8 = quantize_dynamic(

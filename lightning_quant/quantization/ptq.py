@@ -7,7 +7,7 @@ import dataclasses
 import inspect
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from enum import Enum
 from typing import Any
 
@@ -17,9 +17,15 @@ from lightning_quant.quantization.calibrate import calibrate
 from lightning_quant.quantization.config import QuantizationConfig, config_from
 from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.distributed import RankReducer, reduce_observers
-from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, check_dynamic_options, quantize_dynamic_copy
+from lightning_quant.quantization.dynamic import (
+    DEFAULT_DYNAMIC_TYPES,
+    check_dynamic_options,
+    dynamic_spec,
+    quantize_dynamic_copy,
+)
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, batch_targets
+from lightning_quant.quantization.qconfig import check_static_setting, resolve_layers
 from lightning_quant.quantization.search import SkipSearch, quantizable_layers, skip_search
 from lightning_quant.utils.checks import check_callable, check_non_negative, check_positive_int, parse_enum
 
@@ -126,6 +132,22 @@ def check_mode_options(mode: Mode, dtype: str, module_types: Sequence[str | type
     return types
 
 
+def check_layers(
+    model: nn.Module, config: QuantizationConfig, mode: Mode, module_types: tuple[type, ...], dtype: str
+) -> None:
+    """Check ``config.layers`` (and ``skip``) against ``model`` and what ``mode`` can run, before any work.
+
+    Raises:
+        ValueError: a key the model lacks, or a precision/dtype/option the mode or flow cannot run.
+    """
+    if mode is Mode.DYNAMIC:
+        dynamic_spec(model, config, module_types, dtype)
+        return
+    rules = resolve_layers(model, config)
+    for key, setting in [*rules.names.items(), *((t.__name__, s) for t, s in rules.types)]:
+        check_static_setting(key, setting, config.flow.value)
+
+
 def check_calibration_data(data: Any, name: str = "calibration_data") -> None:
     """Refuse, before any training, calibration data that would yield no batch when its time comes.
 
@@ -184,6 +206,7 @@ def quantize(
     observer: str = "histogram",
     per_channel: bool | None = None,
     skip: Sequence[str | type] = (),
+    layers: Mapping[Any, Any] | None = None,
     qconfig_mapping: Any = None,
     calibration_batches: int = 32,
     batch_to_input: Callable[[Any], Any] | None = None,
@@ -204,7 +227,7 @@ def quantize(
             batch as Lightning users expect (tensor, first item of a tuple, mapping as keyword
             arguments) or by ``batch_to_input``.
         mode: ``"static"`` (default: calibrated int8 activations) or ``"dynamic"``.
-        backend, flow, observer, per_channel, skip, qconfig_mapping: as for
+        backend, flow, observer, per_channel, skip, layers, qconfig_mapping: as for
             :class:`~lightning_quant.QuantizationAwareTraining`. ``observer`` defaults to
             ``"histogram"`` here: with a few calibration batches it clips outliers best.
         calibration_batches: batches used for calibration (default 32).

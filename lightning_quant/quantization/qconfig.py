@@ -16,6 +16,8 @@ the same thing everywhere:
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,9 +36,10 @@ from torch.ao.quantization import (
     get_default_qconfig_mapping,
 )
 
-from lightning_quant.quantization.config import Backend, Observer, QuantizationConfig
+from lightning_quant.quantization.config import Backend, LayerSetting, Observer, Precision, QuantizationConfig
+from lightning_quant.quantization.fusion import fusable_groups
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
-from lightning_quant.utils.modules import locate_module_type
+from lightning_quant.utils.modules import locate_module_type, within
 
 _ACTIVATION_OBSERVERS: dict[Observer, Any] = {
     Observer.MOVING_AVERAGE: MovingAverageMinMaxObserver,
@@ -73,7 +76,86 @@ def build_qconfig(config: QuantizationConfig, qat: bool) -> QConfig:
     )
 
 
-def resolve_skip(model: nn.Module, skip: tuple[str | type, ...]) -> tuple[tuple[str, ...], tuple[type, ...]]:
+@dataclass(frozen=True)
+class LayerRules:
+    """``config.layers`` and ``config.skip`` checked against a model: settings by module name and by type."""
+
+    names: dict[str, LayerSetting]
+    types: list[tuple[type, LayerSetting]]
+
+    def setting_of(self, name: str, module: nn.Module) -> LayerSetting | None:
+        """The setting of one module: the nearest enclosing name, else its type, else ``None`` (global)."""
+        enclosing = within(name, sorted(self.names, key=lambda n: -n.count(".")))
+        if enclosing is not None:
+            return self.names[enclosing]
+        return next((setting for cls, setting in self.types if isinstance(module, cls)), None)
+
+
+def resolve_layers(model: nn.Module, config: QuantizationConfig) -> LayerRules:
+    """``config.layers`` (with ``skip`` as ``"float"``) resolved against ``model``.
+
+    Raises:
+        ValueError: a key that is neither a submodule name of ``model`` nor an importable module type.
+    """
+    float_setting = LayerSetting(precision=Precision.FLOAT)
+    entries = [(key, setting) for key, setting in config.layers] + [(entry, float_setting) for entry in config.skip]
+    names, types = resolve_skip(model, tuple(key for key, _ in entries), what="layers/skip entry")
+    by_key = dict(entries)
+    resolved_types = [t for t in types]
+    type_keys = [key for key, _ in entries if key not in names]
+    return LayerRules(
+        names={name: by_key[name] for name in names},
+        types=list(zip(resolved_types, (by_key[key] for key in type_keys))),
+    )
+
+
+#: what the static flows (fx, eager) can run per layer, and the activation dtypes their kernels take
+STATIC_PRECISIONS = (Precision.INT8, Precision.FLOAT)
+STATIC_ACTIVATION_DTYPES = ("quint8",)
+
+
+def check_static_setting(key: str, setting: LayerSetting, flow: str) -> None:
+    """Refuse, before any training, a per-layer setting the static flows cannot run.
+
+    Raises:
+        ValueError: a precision other than int8/float, or an activation dtype the int8 kernels do not take.
+    """
+    if setting.precision not in STATIC_PRECISIONS:
+        hint = {
+            Precision.FP16: 'fp16 is a dynamic-mode precision (mode="dynamic": half-precision weights)',
+            Precision.INT4: "int4 needs torchao's weight schemes, which this flow does not run",
+        }[setting.precision]
+        raise ValueError(
+            f"layers[{key!r}] asks for {setting.precision.value!r}, which flow={flow!r} cannot run ({hint}); "
+            f"its precisions are {[p.value for p in STATIC_PRECISIONS]}"
+        )
+    if setting.dtype is not None and setting.dtype not in STATIC_ACTIVATION_DTYPES:
+        raise ValueError(
+            f"layers[{key!r}] asks for {setting.dtype!r} activations, which neither fbgemm/x86 nor qnnpack "
+            f"executes; the activation dtypes that run are {list(STATIC_ACTIVATION_DTYPES)}"
+        )
+
+
+def qconfig_for(config: QuantizationConfig, setting: LayerSetting | None, qat: bool) -> QConfig | None:
+    """The ``QConfig`` of a layer with ``setting`` (``None``: the global one; float: ``None``)."""
+    if setting is None:
+        return build_qconfig(config, qat)
+    if setting.precision is Precision.FLOAT:
+        return None
+    own = dataclasses.replace(
+        config,
+        observer=setting.observer or config.observer,
+        per_channel=config.per_channel if setting.per_channel is None else setting.per_channel,
+        skip=(),
+        layers=(),
+        export=(),
+    )
+    return build_qconfig(own, qat)
+
+
+def resolve_skip(
+    model: nn.Module, skip: tuple[str | type, ...], what: str = "skip entry"
+) -> tuple[tuple[str, ...], tuple[type, ...]]:
     """Split ``skip`` into submodule names and module types, checking each against ``model``.
 
     Raises:
@@ -91,7 +173,7 @@ def resolve_skip(model: nn.Module, skip: tuple[str | type, ...]) -> tuple[tuple[
             if located is None:
                 candidates = [name for name in submodules if name][:20]
                 raise ValueError(
-                    f"skip entry {entry!r} is neither a submodule of {type(model).__name__} "
+                    f"{what} {entry!r} is neither a submodule of {type(model).__name__} "
                     f"(submodules include {candidates}) nor an importable nn.Module type such as 'torch.nn.LSTM'"
                 )
             types.append(located)
@@ -106,9 +188,31 @@ def build_qconfig_mapping(config: QuantizationConfig, model: nn.Module, qat: boo
         default = get_default_qat_qconfig_mapping if qat else get_default_qconfig_mapping
         mapping = default(config.engine)
         mapping.set_global(build_qconfig(config, qat))
-    names, types = resolve_skip(model, config.skip)
-    for name in names:
+    skip_names, skip_types = resolve_skip(model, config.skip)
+    for name in skip_names:  # skipped layers are also left untraced by FX, so never fused
         mapping.set_module_name(name, None)
-    for module_type in types:
+    for module_type in skip_types:
         mapping.set_object_type(module_type, None)
+    rules = resolve_layers(model, dataclasses.replace(config, skip=()))
+    for key, setting in [*rules.names.items(), *((t.__name__, s) for t, s in rules.types)]:
+        check_static_setting(key, setting, config.flow.value)
+    if not (rules.names or rules.types):
+        return mapping
+    # Every module gets its own setting by name (nearest name, else type, else global), so that
+    # torch's order (name before type) cannot differ from ours; layers fused together
+    # (Conv/BN/ReLU, Linear/ReLU) take the setting of the first, as torch needs one per group.
+    modules = {
+        name: module
+        for name, module in model.named_modules()
+        if name and not within(name, skip_names) and not isinstance(module, skip_types)
+    }
+    own = {name: rules.setting_of(name, module) for name, module in modules.items()}
+    effective = dict(own)
+    for group in fusable_groups(model):
+        if all(name in modules for name in group):
+            for name in group[1:]:
+                effective[name] = own[group[0]]
+    for name, setting in effective.items():
+        if setting is not None or own[name] is not None:
+            mapping.set_module_name(name, qconfig_for(config, setting, qat))
     return mapping

@@ -20,26 +20,16 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.ao.nn.intrinsic import _FusedModule
 from torch.ao.quantization import DeQuantStub, QConfigMapping, QuantStub, convert, prepare, prepare_qat
 from torch.ao.quantization.fuse_modules import fuse_modules, fuse_modules_qat
 
-from lightning_quant.quantization.config import QuantizationConfig
+from lightning_quant.quantization.config import Precision, QuantizationConfig
+from lightning_quant.quantization.fusion import fusable_groups as find_fusable_groups
 from lightning_quant.quantization.inputs import ExampleInputs
-from lightning_quant.quantization.qconfig import build_qconfig_mapping, resolve_skip
+from lightning_quant.quantization.qconfig import build_qconfig_mapping, resolve_layers
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.modules import within
-
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-#: Fusable runs, longest first, as type tuples; torch's eager fuser supports each.
-_FUSION_PATTERNS: tuple[tuple[tuple[type, ...], ...], ...] = (
-    (_CONV, _BN, (nn.ReLU,)),
-    (_CONV, _BN),
-    (_CONV, (nn.ReLU,)),
-    ((nn.BatchNorm2d, nn.BatchNorm3d), (nn.ReLU,)),
-    ((nn.Linear,), (nn.BatchNorm1d,)),
-    ((nn.Linear,), (nn.ReLU,)),
-)
 
 
 def _is_float_tensor(value: Any) -> bool:
@@ -102,26 +92,6 @@ class FloatIsland(nn.Module):
         return _map_outputs(self.module(*args, **kwargs), self.quant)
 
 
-def find_fusable_groups(model: nn.Module) -> list[list[str]]:
-    """Names of adjacent fusable modules inside every ``nn.Sequential`` of ``model``."""
-    groups: list[list[str]] = []
-    for prefix, container in model.named_modules():
-        if not isinstance(container, nn.Sequential):
-            continue
-        children = list(container.named_children())
-        i = 0
-        while i < len(children):
-            for pattern in _FUSION_PATTERNS:
-                run = children[i : i + len(pattern)]
-                if len(run) == len(pattern) and all(isinstance(m, t) for (_, m), t in zip(run, pattern)):
-                    groups.append([f"{prefix}.{name}" if prefix else name for name, _ in run])
-                    i += len(pattern)
-                    break
-            else:
-                i += 1
-    return groups
-
-
 def check_fusion_groups(model: nn.Module, groups: list[list[str]]) -> None:
     """Raise before fusing when a group names a module ``model`` does not have.
 
@@ -138,14 +108,25 @@ def check_fusion_groups(model: nn.Module, groups: list[list[str]]) -> None:
             )
 
 
+def _rule_type(module: nn.Module) -> type:
+    """The type a per-type setting matches: a fused module (``LinearReLU``...) counts as its first layer."""
+    return type(module[0]) if isinstance(module, _FusedModule) else type(module)
+
+
 def _assign_qconfigs(model: nn.Module, mapping: QConfigMapping) -> None:
-    """Write a ``QConfigMapping`` as eager-mode ``qconfig`` attributes (name beats type beats global)."""
+    """Write a ``QConfigMapping`` as eager-mode ``qconfig`` attributes: a name (for that module and
+    everything inside it, the nearest name winning) beats a type, which beats the global qconfig."""
     model.qconfig = mapping.global_qconfig  # type: ignore[assignment]
+    names = sorted(mapping.module_name_qconfigs, key=lambda n: -n.count("."))
+    fused = [name for name, module in model.named_modules() if isinstance(module, _FusedModule)]
     for name, module in model.named_modules():
-        if name in mapping.module_name_qconfigs:
-            module.qconfig = mapping.module_name_qconfigs[name]
-        elif type(module) in mapping.object_type_qconfigs:
-            module.qconfig = mapping.object_type_qconfigs[type(module)]
+        if within(name, fused, strictly=True):
+            continue  # the layers inside a fused module are quantized as part of it
+        enclosing = within(name, names) if name else None
+        if enclosing is not None:
+            module.qconfig = mapping.module_name_qconfigs[enclosing]
+        elif _rule_type(module) in mapping.object_type_qconfigs:
+            module.qconfig = mapping.object_type_qconfigs[_rule_type(module)]
 
 
 def _swap_in_islands(model: nn.Module, names: tuple[str, ...], types: tuple[type, ...]) -> None:
@@ -166,7 +147,9 @@ class EagerFlow:
 
     def prepare(self, model: nn.Module, config: QuantizationConfig, example: ExampleInputs, qat: bool) -> nn.Module:
         mapping = build_qconfig_mapping(config, model, qat)
-        names, types = resolve_skip(model, config.skip)
+        rules = resolve_layers(model, config)  # layers kept float (skip included) become float islands
+        names = tuple(n for n, s in rules.names.items() if s.precision is Precision.FLOAT)
+        types = tuple(t for t, s in rules.types if s.precision is Precision.FLOAT)
         model.train(qat)
         groups = [list(g) for g in config.modules_to_fuse] if config.modules_to_fuse else find_fusable_groups(model)
         check_fusion_groups(model, groups)
