@@ -34,6 +34,7 @@ from omegaconf import MISSING, DictConfig, ListConfig
 from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining, quantization_disabled
 from lightning_quant.evaluation.metrics import compare, comparison_table
 from lightning_quant.utils.files import atomic_write
+from lightning_quant.utils.tables import format_table
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +316,40 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     metrics = measure(cfg, quant, model, float_net, datamodule) if quant else measure_float(cfg, model, datamodule)
     metrics["global_step"] = trainer.global_step
     print(results_table(metrics, list(cfg.benchmark.batch_sizes)))
+    search = getattr(quant, "skip_search", None)
+    if search is not None:
+        metrics.update(search_metrics(search))
+        print(search_table(search, metrics))
     return metrics
+
+
+def search_metrics(search: Any) -> dict[str, Any]:
+    """What the sensitivity search chose and measured, for metrics.json."""
+    record = {
+        "search_met": search.met,
+        "search_layers": dict(search.layers),
+        "search_reference": search.reference,
+        "search_full_int8": search.full_int8,
+        "search_final": search.final,
+    }
+    if hasattr(search, "final_bytes"):
+        record.update(search_full_int8_bytes=search.full_int8_bytes, search_final_bytes=search.final_bytes)
+    return record
+
+
+def search_table(search: Any, metrics: dict[str, Any]) -> str:
+    """The search's score (on the validation batches it used) and size: all float, all int8, chosen;
+    then the chosen ``layers`` as YAML, to paste as ``quant.layers``."""
+    rows = [("all float", f"{search.reference:.4f}", metrics["fp32_bytes"])]
+    rows.append(("all int8", f"{search.full_int8:.4f}", getattr(search, "full_int8_bytes", "-")))
+    rows.append(("chosen", f"{search.final:.4f}", metrics["int8_bytes"]))
+    mapping = "\n".join(f"  {name}: {precision}" for name, precision in search.layers.items()) or "  {}"
+    verdict = "budget met" if search.met else "budget MISSED"
+    return (
+        f"\nsensitivity search ({verdict}; score on the validation batches it used):\n"
+        f"{format_table(('model', 'score', 'weights (bytes)'), rows)}\n"
+        f"layers (paste as quant.layers):\n{mapping}"
+    )
 
 
 def describe_error(err: BaseException) -> str:

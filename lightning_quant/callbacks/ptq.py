@@ -16,12 +16,11 @@ from typing_extensions import override
 
 from lightning_quant.callbacks._trainer import first_of, stage_dataloader
 from lightning_quant.callbacks.base import QuantizationCallback
-from lightning_quant.quantization.config import QuantizationConfig
+from lightning_quant.quantization.config import LayerSetting, Precision, QuantizationConfig
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, quantize_dynamic_copy
 from lightning_quant.quantization.inputs import ExampleInputs, batch_targets, describe_inputs, input_kinds
 from lightning_quant.quantization.ptq import (
-    STATIC_LAYER_TYPES,
     Mode,
     builder,
     check_calibration_data,
@@ -29,8 +28,10 @@ from lightning_quant.quantization.ptq import (
     check_mode_options,
     convert_calibrated,
     prepare_and_calibrate,
+    search_candidates,
+    search_precisions_of,
 )
-from lightning_quant.quantization.search import SkipSearch, quantizable_layers, skip_search
+from lightning_quant.quantization.search import PrecisionSearch, SkipSearch, budget_search, check_precision_ladder
 from lightning_quant.quantization.target import resolve_target
 from lightning_quant.utils.checks import check_bool, check_non_negative, check_positive_int, parse_enum
 
@@ -68,9 +69,14 @@ class PostTrainingQuantization(QuantizationCallback):
         max_metric_drop: keep the most sensitive layers in float, greedily, until int8 is within
             this much of float on ``eval_batches`` validation batches (top-1 accuracy, or mean
             cosine of outputs when batches have no targets). ``None`` (default): quantize every
-            layer. The outcome is in ``skip_search`` (which layers stayed float, the score after
-            each step, whether the budget was met) and ``sensitivity`` (each layer's score when
-            quantized alone).
+            layer. The outcome is in ``skip_search`` (which layers stayed float, or with
+            ``search_precisions`` the precision of each layer as a pasteable ``layers`` mapping;
+            the score after each step; whether the budget was met) and ``sensitivity`` (each
+            layer's score when quantized alone).
+        search_precisions: what the search may give a layer, cheapest first: ``("int8", "float")``
+            (default), or in dynamic mode ``("int8", "fp16", "float")``.
+        max_size_bytes: a size budget for the search: layers start at the most exact precision
+            and the least sensitive step down until the int8 model fits.
         config: a :class:`~lightning_quant.QuantizationConfig` holding ``backend`` ... ``export_dir``
             instead of those keyword arguments (which must then keep their defaults).
 
@@ -109,6 +115,8 @@ class PostTrainingQuantization(QuantizationCallback):
         max_metric_drop: float | None = None,
         eval_batches: int = 16,
         config: QuantizationConfig | None = None,
+        search_precisions: Sequence[str] = ("int8", "float"),
+        max_size_bytes: int | None = None,
     ) -> None:
         super().__init__(self._config_from(config, locals()), batch_to_input)
         self.mode = parse_enum(Mode, mode, "mode")
@@ -131,7 +139,9 @@ class PostTrainingQuantization(QuantizationCallback):
         self.progress = check_bool(progress, "progress")
         self.max_metric_drop = check_non_negative(max_metric_drop, "max_metric_drop", allow_none=True)
         self.eval_batches = check_positive_int(eval_batches, "eval_batches")
-        self.skip_search: SkipSearch | None = None
+        self.search_precisions = check_precision_ladder(search_precisions, search_precisions_of(self.mode))
+        self.max_size_bytes = check_positive_int(max_size_bytes, "max_size_bytes", allow_none=True)
+        self.skip_search: SkipSearch | PrecisionSearch | None = None
         self.sensitivity: dict[str, float] = {}
         self.calibrated_model: nn.Module | None = None
 
@@ -200,7 +210,6 @@ class PostTrainingQuantization(QuantizationCallback):
         loader = first_of(trainer.val_dataloaders) or stage_dataloader(trainer, "validate")
         loader = loader or self._calibration_source(trainer)
         batches = list(itertools.islice(iter(loader), self.eval_batches))
-        assert self.max_metric_drop is not None  # the search runs only with a budget
         reducer = self._reducer(trainer)
         build = builder(
             target,
@@ -213,9 +222,8 @@ class PostTrainingQuantization(QuantizationCallback):
             self.module_types,
             reducer=reducer,
         )
-        types = self.module_types if self.mode is Mode.DYNAMIC else STATIC_LAYER_TYPES
-        layers = [n for n in quantizable_layers(target, types)]
-        self.skip_search, self.sensitivity = skip_search(
+        layers = search_candidates(target, self.config, self.mode, self.module_types, self.dtype)
+        self.skip_search, self.sensitivity = budget_search(
             target,
             build,
             layers,
@@ -225,13 +233,25 @@ class PostTrainingQuantization(QuantizationCallback):
             batch_targets(batches),
             self.batch_to_input,
             reducer=reducer,
+            ladder=self.search_precisions,
+            max_size_bytes=self.max_size_bytes,
         )
         search = self.skip_search
-        verdict = "met" if search.met else "MISSED even with every candidate layer in float"
-        rank_zero_info(
-            f"[PTQ] budget {self.max_metric_drop} below float {search.reference:.4f}: {verdict}; "
-            f"full int8 {search.full_int8:.4f}, final {search.final:.4f}; kept in float: {search.skipped}"
+        budget = (
+            f"metric within {self.max_metric_drop} of float {search.reference:.4f}"
+            if self.max_metric_drop is not None
+            else ""
         )
+        if self.max_size_bytes is not None:
+            budget += f"{' and ' if budget else ''}at most {self.max_size_bytes} bytes"
+        verdict = "met" if search.met else "MISSED with every candidate layer as exact as it can be"
+        rank_zero_info(
+            f"[PTQ] budget {budget}: {verdict}; all-int8 {search.full_int8:.4f}, final {search.final:.4f}; "
+            f"layers: {search.layers}"
+        )
+        if isinstance(search, PrecisionSearch):
+            rules = tuple(self.config.layers) + tuple((n, LayerSetting(Precision(p))) for n, p in search.layers.items())
+            return dataclasses.replace(self.config, layers=rules)
         return dataclasses.replace(self.config, skip=tuple(self.config.skip) + tuple(search.skipped))
 
     @override
@@ -276,7 +296,7 @@ class PostTrainingQuantization(QuantizationCallback):
     def _quantize_and_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         target = self.target(pl_module)
         config = self.config
-        if self.max_metric_drop is not None:
+        if self.max_metric_drop is not None or self.max_size_bytes is not None:
             config = self._search_float_islands(trainer, target)
         self.calibrated_model = None
         if self.mode is Mode.DYNAMIC:

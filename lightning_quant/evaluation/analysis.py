@@ -54,6 +54,17 @@ def _compared_layers(model: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
+def layer_precision(module: nn.Module) -> str:
+    """What a layer of a converted model computes in: ``"int8"``, ``"fp16"`` (dynamic half-precision
+    weights) or ``"float"``."""
+    kind = type(module).__module__
+    if not (kind.startswith("torch.ao.nn.") and ".quantized" in kind):
+        return "float"
+    packed = getattr(module, "_packed_params", None)
+    dtype = getattr(packed, "dtype", None) or getattr(module, "dtype", None)
+    return "fp16" if dtype == torch.float16 else "int8"
+
+
 @torch.inference_mode()
 def per_layer_sqnr(
     reference: nn.Module,
@@ -61,11 +72,12 @@ def per_layer_sqnr(
     batches: Iterable[Any],
     engine: str,
     batch_to_input: Callable[[Any], Any] | None = None,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Any]]:
     """For each int8 layer, against the same-named layer of ``reference`` (in forward order):
 
     - ``sqnr_db``: SQNR of the layer's output (error accumulated from every layer before it);
     - ``input_sqnr_db``: SQNR of the layer's input;
+    - ``precision``: ``"int8"``, ``"fp16"`` or ``"float"`` (:func:`layer_precision`);
     - ``loss_db``: ``input_sqnr_db - sqnr_db`` (each capped at ``SQNR_CEILING_DB``), the error
       this layer itself adds. A broken layer stands out here even though every layer after it
       inherits its low output SQNR.
@@ -120,6 +132,7 @@ def per_layer_sqnr(
         ceiling = lambda v: SQNR_CEILING_DB if v is None or math.isnan(v) else min(v, SQNR_CEILING_DB)  # noqa: E731
         loss = ceiling(inp) - ceiling(out)
         result[name.removeprefix(prefix)] = {
+            "precision": layer_precision(int8_layers[name]),
             "sqnr_db": out,
             "input_sqnr_db": inp if inp is not None else float("nan"),
             "loss_db": loss,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -15,14 +14,8 @@ from lightning_quant.quantization import inputs
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.outputs import collect_outputs
+from lightning_quant.utils.modules import state_dict_bytes
 from lightning_quant.utils.tables import format_table
-
-
-def state_dict_bytes(module: nn.Module) -> int:
-    """Bytes of ``torch.save(module.state_dict())``: what the weights cost on disk."""
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    return buffer.getbuffer().nbytes
 
 
 def latency_ms(

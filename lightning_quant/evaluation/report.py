@@ -134,9 +134,15 @@ def report_markdown(report: dict[str, Any]) -> str:
         "(input SQNR - output SQNR).",
         "",
         format_table(
-            ("layer", "input SQNR (dB)", "output SQNR (dB)", "lost (dB)"),
+            ("layer", "precision", "input SQNR (dB)", "output SQNR (dB)", "lost (dB)"),
             [
-                (l["name"], f"{l['input_sqnr_db']:.1f}", f"{l['sqnr_db']:.1f}", f"{l['loss_db']:.1f}")
+                (
+                    l["name"],
+                    l.get("precision", "-"),
+                    f"{l['input_sqnr_db']:.1f}",
+                    f"{l['sqnr_db']:.1f}",
+                    f"{l['loss_db']:.1f}",
+                )
                 for l in report["layers"]
             ],
         ),

@@ -14,7 +14,7 @@ from typing import Any
 import torch.nn as nn
 
 from lightning_quant.quantization.calibrate import calibrate
-from lightning_quant.quantization.config import QuantizationConfig, config_from
+from lightning_quant.quantization.config import LayerSetting, Precision, QuantizationConfig, config_from
 from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.distributed import RankReducer, reduce_observers
 from lightning_quant.quantization.dynamic import (
@@ -26,8 +26,15 @@ from lightning_quant.quantization.dynamic import (
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, batch_targets
 from lightning_quant.quantization.qconfig import check_static_setting, resolve_layers
-from lightning_quant.quantization.search import SkipSearch, quantizable_layers, skip_search
+from lightning_quant.quantization.search import (
+    PrecisionSearch,
+    SkipSearch,
+    budget_search,
+    check_precision_ladder,
+    quantizable_layers,
+)
 from lightning_quant.utils.checks import check_callable, check_non_negative, check_positive_int, parse_enum
+from lightning_quant.utils.modules import within
 
 log = logging.getLogger(__name__)
 
@@ -174,12 +181,17 @@ def builder(
     module_types: Sequence[str | type],
     progress: bool = False,
     reducer: RankReducer | None = None,
-) -> Callable[[list[str]], nn.Module]:
-    """A function from an extra skip list to the int8 model (static mode recalibrates each time)."""
+) -> Callable[[Any], nn.Module]:
+    """A function to the int8 model from layers to keep in float (a list, added to ``skip``) or
+    from ``{layer: precision}`` (added to ``layers``); static mode recalibrates each time."""
     types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else ()
 
-    def build(extra_skip: list[str]) -> nn.Module:
-        skipped = dataclasses.replace(config, skip=tuple(config.skip) + tuple(extra_skip), export=())
+    def build(extra: Sequence[str] | Mapping[str, str]) -> nn.Module:
+        if isinstance(extra, Mapping):
+            rules = tuple(config.layers) + tuple((name, LayerSetting(Precision(p))) for name, p in extra.items())
+            skipped = dataclasses.replace(config, layers=rules, export=())
+        else:
+            skipped = dataclasses.replace(config, skip=tuple(config.skip) + tuple(extra), export=())
         if mode is Mode.DYNAMIC:
             return quantize_dynamic_copy(model, skipped, types, dtype)
         if calibration_data is None:
@@ -217,6 +229,8 @@ def quantize(
     eval_data: Iterable[Any] | None = None,
     eval_batches: int = 16,
     config: QuantizationConfig | None = None,
+    search_precisions: Sequence[str] = ("int8", "float"),
+    max_size_bytes: int | None = None,
 ) -> nn.Module:
     """Return an int8 copy of ``model``, quantized after training; ``model`` is not modified.
 
@@ -241,6 +255,12 @@ def quantize(
             ``None`` (default) quantizes every layer. :func:`quantize_within_budget` does the
             same and also returns the search.
         eval_data: batches for that score (default: the calibration data); ``eval_batches`` of them.
+        search_precisions: what the search may give a layer, cheapest first: ``("int8", "float")``
+            (default: float islands), or ``("int8", "fp16", "float")`` in dynamic mode, where
+            sensitive layers step up to fp16 before float. The chosen ``layers`` mapping is in
+            the search (:func:`quantize_within_budget`).
+        max_size_bytes: a size budget for the search, the other way round: layers start at the
+            most exact precision and the least sensitive step down until the model fits.
         config: a :class:`~lightning_quant.QuantizationConfig` instead of ``backend``, ``flow``,
             ``observer``, ``per_channel``, ``skip`` and ``qconfig_mapping`` (which must then keep
             their defaults).
@@ -262,8 +282,13 @@ def quantize(
 
 
 def quantize_within_budget(
-    model: nn.Module, calibration_data: Iterable[Any] | None = None, *, max_metric_drop: float, **options: Any
-) -> tuple[nn.Module, SkipSearch]:
+    model: nn.Module,
+    calibration_data: Iterable[Any] | None = None,
+    *,
+    max_metric_drop: float | None = None,
+    max_size_bytes: int | None = None,
+    **options: Any,
+) -> tuple[nn.Module, SkipSearch | PrecisionSearch]:
     """:func:`quantize` with the sensitivity search, returning the int8 model and the search.
 
     Everything is quantized first; if that misses ``max_metric_drop``, each candidate layer is
@@ -288,16 +313,18 @@ def quantize_within_budget(
         >>> search.met
         True
     """
-    if max_metric_drop is None:
-        raise ValueError("quantize_within_budget needs max_metric_drop (a non-negative number)")
-    arguments = inspect.signature(quantize).bind(model, calibration_data, max_metric_drop=max_metric_drop, **options)
+    if max_metric_drop is None and max_size_bytes is None:
+        raise ValueError("quantize_within_budget needs max_metric_drop or max_size_bytes (or both)")
+    arguments = inspect.signature(quantize).bind(
+        model, calibration_data, max_metric_drop=max_metric_drop, max_size_bytes=max_size_bytes, **options
+    )
     arguments.apply_defaults()
     int8, search = _quantize(arguments.arguments)
-    assert search is not None  # max_metric_drop is set, so the search ran
+    assert search is not None  # a budget is set, so the search ran
     return int8, search
 
 
-def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | None]:
+def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | PrecisionSearch | None]:
     """The body of :func:`quantize`: ``args`` are its arguments by name."""
     mode = parse_enum(Mode, args["mode"], "mode")
     config = config_from(args["config"], args, inspect.signature(quantize).parameters, "quantize")
@@ -311,6 +338,9 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | None]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_mode_options(mode, dtype, module_types)
+    ladder = check_precision_ladder(args["search_precisions"], search_precisions_of(mode))
+    max_size_bytes = check_positive_int(args["max_size_bytes"], "max_size_bytes", allow_none=True)
+    searching = max_metric_drop is not None or max_size_bytes is not None
     build = builder(
         model,
         config,
@@ -320,18 +350,41 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | None]:
         batch_to_input,
         dtype,
         module_types,
-        progress=args["progress"] and max_metric_drop is None,  # no bar for each of the search's builds
+        progress=args["progress"] and not searching,  # no bar for each of the search's builds
     )
-    if max_metric_drop is None:
+    if not searching:
         return build([]), None
     data = args["eval_data"] if args["eval_data"] is not None else calibration_data
     if data is None:
-        raise ValueError("max_metric_drop needs eval_data (or calibration_data) to measure the drop on")
+        budget = "max_metric_drop" if max_metric_drop is not None else "max_size_bytes"
+        raise ValueError(f"{budget} needs eval_data (or calibration_data) to measure the drop on")
     batches = list(itertools.islice(iter(data), eval_batches))
-    types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else STATIC_LAYER_TYPES
-    layers = quantizable_layers(model, types)
-    search, _ = skip_search(
-        model, build, layers, batches, config.engine, max_metric_drop, batch_targets(batches), batch_to_input
+    layers = search_candidates(model, config, mode, module_types, dtype)
+    search, _ = budget_search(
+        model,
+        build,
+        layers,
+        batches,
+        config.engine,
+        max_metric_drop,
+        batch_targets(batches),
+        batch_to_input,
+        ladder=ladder,
+        max_size_bytes=max_size_bytes,
     )
-    log.info("int8 within budget: %s; layers kept in float: %s", search.met, search.skipped)
-    return build(list(search.skipped)), search
+    log.info("int8 within budget: %s; layers: %s", search.met, search.layers)
+    return build(search.layers if isinstance(search, PrecisionSearch) else list(search.skipped)), search
+
+
+def search_precisions_of(mode: Mode) -> tuple[str, ...]:
+    """What a search may give a layer in ``mode``."""
+    return ("int8", "fp16", "float") if mode is Mode.DYNAMIC else ("int8", "float")
+
+
+def search_candidates(
+    model: nn.Module, config: QuantizationConfig, mode: Mode, module_types: Sequence[str | type], dtype: str
+) -> list[str]:
+    """The layers a search may change: what the mode quantizes, less those ``skip`` or ``layers`` name."""
+    types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else STATIC_LAYER_TYPES
+    fixed = [key for key, _ in config.layers if isinstance(key, str)] + [k for k in config.skip if isinstance(k, str)]
+    return [name for name in quantizable_layers(model, types) if within(name, fixed) is None]

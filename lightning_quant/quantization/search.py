@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.outputs import collect_outputs, mean_cosine, task_metric
+from lightning_quant.utils.modules import state_dict_bytes
 
 #: module types a layer-level analysis looks at (what static and dynamic modes quantize)
 LAYER_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.LSTM, nn.GRU)
@@ -42,6 +43,137 @@ class SkipSearch:
     @property
     def final(self) -> float:
         return self.history[-1][1] if self.history else self.full_int8
+
+    @property
+    def layers(self) -> dict[str, str]:
+        """The layers kept in float, as a ``layers`` mapping."""
+        return {name: "float" for name in self.skipped}
+
+
+#: precisions from cheapest to most exact
+PRECISION_ORDER = ("int4", "int8", "fp16", "float")
+
+
+@dataclass
+class PrecisionSearch:
+    """The outcome of :func:`precision_search`: a precision for each layer, within a budget.
+
+    ``layers`` holds the layers raised above the cheapest precision, as a ``layers`` mapping
+    that reproduces the model (paste it into YAML as ``quant.layers``).
+    """
+
+    reference: float
+    target: float | None
+    max_size_bytes: int | None
+    full_int8: float
+    full_int8_bytes: int
+    layers: dict[str, str] = field(default_factory=dict)
+    history: list[tuple[dict[str, str], float, int]] = field(default_factory=list)
+    met: bool = False
+
+    @property
+    def final(self) -> float:
+        return self.history[-1][1] if self.history else self.full_int8
+
+    @property
+    def final_bytes(self) -> int:
+        return self.history[-1][2] if self.history else self.full_int8_bytes
+
+    @property
+    def skipped(self) -> list[str]:
+        """The layers kept in float."""
+        return [name for name, precision in self.layers.items() if precision == "float"]
+
+    def _fits(self, value: float, size: int) -> bool:
+        return (self.target is None or value >= self.target) and (
+            self.max_size_bytes is None or size <= self.max_size_bytes
+        )
+
+
+def precision_search(
+    layers: Sequence[str],
+    ladder: Sequence[str],
+    build: Callable[[dict[str, str]], nn.Module],
+    score: Callable[[nn.Module], float],
+    size_of: Callable[[nn.Module], int],
+    reference: float,
+    target: float | None,
+    max_size_bytes: int | None = None,
+) -> tuple[PrecisionSearch, dict[str, float]]:
+    """Choose a precision per layer from ``ladder`` (cheapest first) within the budgets.
+
+    Each layer is scored at the cheapest precision alone (every other layer at the most exact)
+    to rank how sensitive it is. With a score ``target`` only: everything starts at the
+    cheapest, and the most sensitive layers step up one precision at a time (first every layer
+    to the second precision, most sensitive first, then to the third...) until the score holds.
+    With ``max_size_bytes``: everything starts at the most exact, and the least sensitive layers
+    step down, one precision at a time, until the model fits (with a target too, it is met only
+    if the score holds as well).
+
+    Returns:
+        the search and each layer's sensitivity score.
+    """
+    cheapest, *steps = ladder
+    full_model = build({})
+    full, full_bytes = score(full_model), size_of(full_model)
+    search = PrecisionSearch(reference, target, max_size_bytes, full, full_bytes)
+    if max_size_bytes is None and search._fits(full, full_bytes):
+        search.met = True
+        return search, {}
+    top = ladder[-1]
+    sensitivity = {name: score(build({other: top for other in layers if other != name})) for name in layers}
+    ranked = sorted(layers, key=lambda n: sensitivity[n])  # most sensitive first
+
+    def step(chosen: dict[str, str]) -> bool:
+        model = build(chosen)
+        value, size = score(model), size_of(model)
+        search.history.append((dict(chosen), value, size))
+        search.layers = dict(chosen)
+        search.met = search._fits(value, size)
+        return search.met
+
+    if max_size_bytes is None:
+        chosen: dict[str, str] = {}
+        for level in steps:
+            for name in ranked:
+                chosen[name] = level
+                if step(chosen):
+                    return search, sensitivity
+        return search, sensitivity
+    # from everything at the most exact precision (not built: with float at the top that is the
+    # float model, bigger than any budget worth a search), the least sensitive layers step down
+    chosen = {name: top for name in layers}
+    for level in reversed([cheapest, *steps[:-1]]):
+        for name in reversed(ranked):  # least sensitive first
+            if level == cheapest:
+                chosen.pop(name)
+            else:
+                chosen[name] = level
+            if step(chosen):
+                return search, sensitivity
+    return search, sensitivity
+
+
+def check_precision_ladder(precisions: Sequence[str], available: Sequence[str]) -> tuple[str, ...]:
+    """Validate a search ladder: precisions the mode runs, cheapest first, starting at int8.
+
+    Raises:
+        ValueError: naming what the mode runs.
+    """
+    ladder = tuple(str(p) for p in precisions)
+    order = [p for p in PRECISION_ORDER if p in available]
+    if (
+        len(ladder) < 2
+        or ladder[0] != "int8"
+        or any(p not in available for p in ladder)
+        or list(ladder) != sorted(ladder, key=PRECISION_ORDER.index)
+        or len(set(ladder)) != len(ladder)
+    ):
+        raise ValueError(
+            f"search_precisions must list precisions this mode runs, from int8 up, cheapest first: any run of "
+            f"{order} starting at 'int8', got {list(ladder)}"
+        )
+    return ladder
 
 
 def layer_sensitivity(
@@ -80,6 +212,27 @@ def greedy_skip(
     return search
 
 
+def _scorer(
+    float_model: nn.Module,
+    batches: Sequence[Any],
+    engine: str,
+    targets: torch.Tensor | None,
+    batch_to_input: Callable[[Any], Any] | None,
+    reducer: RankReducer | None,
+) -> tuple[Callable[[nn.Module], float], float]:
+    """The score of an int8 model (top-1 accuracy with targets, else cosine to float) and the float model's."""
+    float_out = collect_outputs(float_model, batches, batch_to_input=batch_to_input)
+
+    def score(int8: nn.Module) -> float:
+        out = collect_outputs(int8, batches, engine, batch_to_input)
+        if targets is not None:
+            return task_metric(out, targets, reducer=reducer)[1]
+        return mean_cosine(float_out, out, reducer)
+
+    reference = task_metric(float_out, targets, reducer=reducer)[1] if targets is not None else 1.0
+    return score, reference
+
+
 def skip_search(
     float_model: nn.Module,
     build: Callable[[list[str]], nn.Module],
@@ -106,18 +259,37 @@ def skip_search(
         the search (which layers stayed float, the score after each step, whether the budget
         was met) and the per-layer scores (empty when no layer had to stay float).
     """
-    float_out = collect_outputs(float_model, batches, batch_to_input=batch_to_input)
-
-    def score(int8: nn.Module) -> float:
-        out = collect_outputs(int8, batches, engine, batch_to_input)
-        if targets is not None:
-            return task_metric(out, targets, reducer=reducer)[1]
-        return mean_cosine(float_out, out, reducer)
-
-    reference = task_metric(float_out, targets, reducer=reducer)[1] if targets is not None else 1.0
+    score, reference = _scorer(float_model, batches, engine, targets, batch_to_input, reducer)
     target = reference - max_drop
     full = score(build([]))
     if full >= target:
         return SkipSearch(target=target, reference=reference, full_int8=full, met=True), {}
     sensitivity = layer_sensitivity(layers, build, score)
     return greedy_skip(layers, sensitivity, build, score, reference, target, full, max_skipped), sensitivity
+
+
+def budget_search(
+    float_model: nn.Module,
+    build: Callable[[Any], nn.Module],
+    layers: Sequence[str],
+    batches: Sequence[Any],
+    engine: str,
+    max_drop: float | None,
+    targets: torch.Tensor | None = None,
+    batch_to_input: Callable[[Any], Any] | None = None,
+    reducer: RankReducer | None = None,
+    ladder: Sequence[str] = ("int8", "float"),
+    max_size_bytes: int | None = None,
+) -> tuple[SkipSearch | PrecisionSearch, dict[str, float]]:
+    """The search a budget asks for: float islands (:func:`skip_search`) for a metric budget over
+    ``("int8", "float")``, else a precision per layer (:func:`precision_search`).
+
+    ``build`` takes a list of layers to keep in float, or a ``{layer: precision}`` mapping.
+    """
+    if tuple(ladder) == ("int8", "float") and max_size_bytes is None and max_drop is not None:
+        return skip_search(
+            float_model, build, layers, batches, engine, max_drop, targets, batch_to_input, reducer=reducer
+        )
+    score, reference = _scorer(float_model, batches, engine, targets, batch_to_input, reducer)
+    target = None if max_drop is None else reference - max_drop
+    return precision_search(layers, ladder, build, score, state_dict_bytes, reference, target, max_size_bytes)

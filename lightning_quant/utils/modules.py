@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import io
 from collections.abc import Iterable
 
+import torch
 import torch.nn as nn
 
 
@@ -24,3 +26,10 @@ def locate_module_type(path: str) -> type | None:
     except ImportError:
         return None
     return located if isinstance(located, type) and issubclass(located, nn.Module) else None
+
+
+def state_dict_bytes(module: nn.Module) -> int:
+    """Bytes of ``torch.save(module.state_dict())``: what the weights cost on disk."""
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getbuffer().nbytes

@@ -247,3 +247,49 @@ def test_ptq_refuses_at_the_first_call_when_calibration_would_feed_other_inputs(
     ):
         trainer.fit(KeywordClassifier())
     assert trainer.global_step == 0
+
+
+def test_ptq_dynamic_search_chooses_per_layer_precision_within_a_size_budget():
+    from lightning_quant.evaluation import state_dict_bytes
+    from lightning_quant.quantization.search import PrecisionSearch
+
+    class WideNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = nn.Sequential(nn.Flatten(), nn.Linear(36, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU())
+            self.head = nn.Linear(256, 4)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    seed_everything(0)
+    model = BoringClassifier(net=WideNet())
+    float_bytes = state_dict_bytes(WideNet())
+    callback = PostTrainingQuantization(
+        mode="dynamic",
+        max_size_bytes=float_bytes // 2,
+        search_precisions=["int8", "fp16", "float"],
+        export=None,
+        eval_batches=2,
+    )
+    quiet_trainer(callbacks=[callback], limit_train_batches=2).fit(model)
+    search = callback.skip_search
+    assert isinstance(search, PrecisionSearch) and search.met
+    assert state_dict_bytes(callback.quantized_model) == search.final_bytes <= float_bytes // 2
+    precisions = {
+        n: m._packed_params.dtype
+        for n, m in callback.quantized_model.named_modules()
+        if isinstance(m, torch.ao.nn.quantized.dynamic.Linear)
+    }
+    for name, precision in search.layers.items():  # every layer the search raised is what it says
+        if precision == "fp16":
+            assert precisions[name] == torch.float16
+        else:
+            assert type(callback.quantized_model.get_submodule(name)) is nn.Linear
+
+
+def test_ptq_search_ladder_is_checked_at_construction():
+    with pytest.raises(ValueError, match=r"search_precisions must list precisions this mode runs.*\['int8', 'float'\]"):
+        PostTrainingQuantization(search_precisions=["int8", "fp16", "float"])  # static mode has no fp16
+    with pytest.raises(ValueError, match=r"max_size_bytes must be a positive int or None, got 0"):
+        PostTrainingQuantization(max_size_bytes=0)

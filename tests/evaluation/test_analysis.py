@@ -86,3 +86,15 @@ def test_quantizable_layers_and_next_steps():
     assert next_steps(True, "histogram", None, qat=True) == [
         "keep the most sensitive layers in float (max_metric_drop / skip)"
     ]
+
+
+def test_per_layer_rows_say_each_layers_precision():
+    from lightning_quant import quantize
+
+    torch.manual_seed(0)
+    model = MLP().eval()
+    int8 = quantize(model, mode="dynamic", layers={"fc1": "fp16", "fc3": "float"})
+    x = torch.randn(16, 1, 6, 6)
+    rows = per_layer_sqnr(model, int8, [x], "x86")
+    assert {name: row["precision"] for name, row in rows.items()} == {"fc1": "fp16", "fc2": "int8", "fc3": "float"}
+    assert rows["fc3"]["loss_db"] < 0.5 < rows["fc2"]["loss_db"]  # a float layer adds no error of its own

@@ -145,3 +145,44 @@ def test_impossible_precision_is_refused_before_training():
         with pytest.raises(ValueError, match=r"layers\['(head|features.0)'\] asks for"):
             trainer.fit(BoringClassifier(net=TinyNet()))
         assert trainer.global_step == 0
+
+
+def _with_a_broken_layer() -> nn.Module:
+    torch.manual_seed(0)
+    model = Blocks().eval()
+    with torch.no_grad():
+        model.decoder[0].weight[0, 0] = 200.0  # one huge weight: per-tensor int8 rounds the rest of that layer away
+    return model
+
+
+def test_dynamic_search_raises_a_sensitive_layer_to_fp16_and_its_mapping_reproduces_the_model():
+    from lightning_quant import quantize_within_budget
+
+    model, batches = _with_a_broken_layer(), _batches(2)
+    options = dict(mode="dynamic", per_channel=False, eval_data=batches)
+    int8, search = quantize_within_budget(
+        model, max_metric_drop=0.002, search_precisions=["int8", "fp16", "float"], **options
+    )
+    assert search.met and search.full_int8 < 0.998 <= search.final
+    assert search.history[0][0] == {"decoder.0": "fp16"}  # the broken layer is the most sensitive: first up
+    assert set(search.layers.values()) == {"fp16"} and search.skipped == []  # fp16 sufficed: nothing went float
+    again = quantize(model, layers=search.layers, **options)  # the mapping, pasted back, is the same model
+    x = batches[0]
+    with torch.no_grad(), quantized_engine("x86"):
+        assert torch.equal(again(x), int8(x))
+
+
+def test_dynamic_search_under_a_size_budget_fits_it():
+    from lightning_quant import quantize_within_budget
+    from lightning_quant.evaluation import state_dict_bytes
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 4)).eval()
+    batches = _batches(2)
+    all_int8 = state_dict_bytes(quantize(model, mode="dynamic"))
+    budget = (all_int8 + state_dict_bytes(model)) // 2
+    int8, search = quantize_within_budget(
+        model, mode="dynamic", max_size_bytes=budget, search_precisions=["int8", "fp16", "float"], eval_data=batches
+    )
+    assert search.met and state_dict_bytes(int8) == search.final_bytes <= budget < state_dict_bytes(model)
+    assert set(search.layers.values()) <= {"fp16", "float"} and search.layers
