@@ -16,11 +16,13 @@ from typing_extensions import override
 
 from lightning_quant.callbacks._trainer import first_of, stage_dataloader
 from lightning_quant.callbacks.base import QuantizationCallback
+from lightning_quant.export import engine_for
 from lightning_quant.quantization.config import LayerSetting, Precision, QuantizationConfig
 from lightning_quant.quantization.distributed import RankReducer
-from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, quantize_dynamic_copy
-from lightning_quant.quantization.inputs import ExampleInputs, batch_targets, describe_inputs, input_kinds
+from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, FP16_ENGINES, quantize_dynamic_copy
+from lightning_quant.quantization.inputs import ExampleInputs, describe_inputs, input_kinds
 from lightning_quant.quantization.ptq import (
+    SEARCH_SCORES,
     Mode,
     builder,
     check_calibration_data,
@@ -30,6 +32,7 @@ from lightning_quant.quantization.ptq import (
     prepare_and_calibrate,
     search_candidates,
     search_precisions_of,
+    search_targets,
 )
 from lightning_quant.quantization.search import PrecisionSearch, SkipSearch, budget_search, check_precision_ladder
 from lightning_quant.quantization.target import resolve_target
@@ -77,6 +80,8 @@ class PostTrainingQuantization(QuantizationCallback):
             (default), or in dynamic mode ``("int8", "fp16", "float")``.
         max_size_bytes: a size budget for the search: layers start at the most exact precision
             and the least sensitive step down until the int8 model fits.
+        search_score: ``"auto"`` (accuracy with targets, else cosine), ``"accuracy"`` or
+            ``"cosine"`` (of int8 to float outputs).
         config: a :class:`~lightning_quant.QuantizationConfig` holding ``backend`` ... ``export_dir``
             instead of those keyword arguments (which must then keep their defaults).
 
@@ -117,6 +122,7 @@ class PostTrainingQuantization(QuantizationCallback):
         config: QuantizationConfig | None = None,
         search_precisions: Sequence[str] = ("int8", "float"),
         max_size_bytes: int | None = None,
+        search_score: str = "auto",
     ) -> None:
         super().__init__(self._config_from(config, locals()), batch_to_input)
         self.mode = parse_enum(Mode, mode, "mode")
@@ -141,6 +147,9 @@ class PostTrainingQuantization(QuantizationCallback):
         self.eval_batches = check_positive_int(eval_batches, "eval_batches")
         self.search_precisions = check_precision_ladder(search_precisions, search_precisions_of(self.mode))
         self.max_size_bytes = check_positive_int(max_size_bytes, "max_size_bytes", allow_none=True)
+        if search_score not in SEARCH_SCORES:
+            raise ValueError(f"search_score must be one of {SEARCH_SCORES}, got {search_score!r}")
+        self.search_score = search_score
         self.skip_search: SkipSearch | PrecisionSearch | None = None
         self.sensitivity: dict[str, float] = {}
         self.calibrated_model: nn.Module | None = None
@@ -160,6 +169,7 @@ class PostTrainingQuantization(QuantizationCallback):
         self._check_strategy(trainer)
         self._target_path, target = resolve_target(pl_module, self.config.module)
         check_layers(target, self.config, self.mode, self.module_types, self.dtype)
+        self._check_fp16_engines()
         self.example_inputs = self._take_example_inputs(trainer, pl_module, stage)
         self._check_export_dir(trainer)
         if self.mode is Mode.STATIC:
@@ -230,7 +240,7 @@ class PostTrainingQuantization(QuantizationCallback):
             batches,
             self.config.engine,
             self.max_metric_drop,
-            batch_targets(batches),
+            search_targets(batches, self.search_score),
             self.batch_to_input,
             reducer=reducer,
             ladder=self.search_precisions,
@@ -270,6 +280,24 @@ class PostTrainingQuantization(QuantizationCallback):
     @override
     def calibration_batches_used(self) -> int | None:
         return self.calibration_batches if self.mode is Mode.STATIC else None
+
+    def _check_fp16_engines(self) -> None:
+        """fp16 (the dtype, a layer setting, a step of the search) needs x86/fbgemm for every engine converted for."""
+        if self.mode is not Mode.DYNAMIC:
+            return
+        wants_fp16 = (
+            self.dtype == "float16"
+            or "fp16" in self.search_precisions
+            or any(s.precision is Precision.FP16 or s.dtype == "float16" for _, s in self.config.layers)
+        )
+        engines = {engine_for(target, self.config.backend) for target in self.config.export} | {self.config.engine}
+        blocked = sorted(engines - set(FP16_ENGINES))
+        if wants_fp16 and blocked:
+            raise ValueError(
+                f"fp16 weights (dtype, layers or search_precisions) cannot run on the {blocked} engine "
+                f"(backend={self.config.backend.value!r}, export={[t.value for t in self.config.export]}): "
+                f"qnnpack has no half-precision kernels; drop 'mobile' from export, or keep to int8 and float"
+            )
 
     @staticmethod
     def _reducer(trainer: pl.Trainer) -> RankReducer | None:

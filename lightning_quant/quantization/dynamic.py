@@ -132,6 +132,25 @@ def dynamic_spec(
     return spec
 
 
+#: engines with half-precision dynamic Linear kernels (qnnpack has none)
+FP16_ENGINES = ("x86", "fbgemm")
+
+
+def check_fp16_engine(spec: dict[str, Any], engine: str) -> None:
+    """Refuse fp16 layers for an engine without fp16 kernels.
+
+    Raises:
+        ValueError: naming the layers and the engines that run them.
+    """
+    fp16 = [name for name, qconfig in spec.items() if qconfig is float16_dynamic_qconfig]
+    if fp16 and engine not in FP16_ENGINES:
+        raise ValueError(
+            f"fp16 layers {fp16[:5]} cannot run on the {engine!r} engine, which has no half-precision kernels "
+            f"(they run on {list(FP16_ENGINES)}): use int8 or float for them, or drop the 'mobile' export "
+            "and backend='qnnpack'"
+        )
+
+
 def disable_transformer_fast_path(model: nn.Module) -> int:
     """Switch off the fused fast path of every ``nn.TransformerEncoderLayer``; returns how many."""
     layers = [m for m in model.modules() if isinstance(m, nn.TransformerEncoderLayer)]
@@ -153,6 +172,7 @@ def quantize_dynamic_copy(
         ValueError: ``model`` has no module of ``module_types`` outside ``skip``.
     """
     spec = dynamic_spec(model, config, module_types, dtype)
+    check_fp16_engine(spec, engine or config.engine)
     quantizable = [name for name, qconfig in spec.items() if qconfig is not None]
     if not quantizable:
         found = sorted({type(m).__name__ for m in model.modules()})

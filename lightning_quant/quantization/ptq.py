@@ -231,6 +231,7 @@ def quantize(
     config: QuantizationConfig | None = None,
     search_precisions: Sequence[str] = ("int8", "float"),
     max_size_bytes: int | None = None,
+    search_score: str = "auto",
 ) -> nn.Module:
     """Return an int8 copy of ``model``, quantized after training; ``model`` is not modified.
 
@@ -261,6 +262,9 @@ def quantize(
             the search (:func:`quantize_within_budget`).
         max_size_bytes: a size budget for the search, the other way round: layers start at the
             most exact precision and the least sensitive step down until the model fits.
+        search_score: what the search measures: ``"auto"`` (top-1 accuracy when batches carry
+            targets, else cosine), ``"accuracy"`` or ``"cosine"`` (mean cosine of int8 to float
+            outputs: a finer signal than accuracy on a few batches).
         config: a :class:`~lightning_quant.QuantizationConfig` instead of ``backend``, ``flow``,
             ``observer``, ``per_channel``, ``skip`` and ``qconfig_mapping`` (which must then keep
             their defaults).
@@ -367,13 +371,32 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | PrecisionSe
         batches,
         config.engine,
         max_metric_drop,
-        batch_targets(batches),
+        search_targets(batches, args["search_score"]),
         batch_to_input,
         ladder=ladder,
         max_size_bytes=max_size_bytes,
     )
     log.info("int8 within budget: %s; layers: %s", search.met, search.layers)
     return build(search.layers if isinstance(search, PrecisionSearch) else list(search.skipped)), search
+
+
+SEARCH_SCORES = ("auto", "accuracy", "cosine")
+
+
+def search_targets(batches: Sequence[Any], score: str) -> Any:
+    """The targets the search scores against: ``None`` means cosine to the float outputs.
+
+    Raises:
+        ValueError: an unknown score, or ``"accuracy"`` for batches without targets.
+    """
+    if score not in SEARCH_SCORES:
+        raise ValueError(f"search_score must be one of {SEARCH_SCORES}, got {score!r}")
+    if score == "cosine":
+        return None
+    targets = batch_targets(batches)
+    if score == "accuracy" and targets is None:
+        raise ValueError('search_score="accuracy" needs batches with targets; use "cosine" for these')
+    return targets
 
 
 def search_precisions_of(mode: Mode) -> tuple[str, ...]:

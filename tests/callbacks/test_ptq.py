@@ -293,3 +293,19 @@ def test_ptq_search_ladder_is_checked_at_construction():
         PostTrainingQuantization(search_precisions=["int8", "fp16", "float"])  # static mode has no fp16
     with pytest.raises(ValueError, match=r"max_size_bytes must be a positive int or None, got 0"):
         PostTrainingQuantization(max_size_bytes=0)
+
+
+def test_ptq_fp16_with_a_qnnpack_export_is_refused_before_training():
+    callback = PostTrainingQuantization(
+        mode="dynamic", layers={"head": "fp16"}, export=("torchscript", "mobile"), progress=False
+    )
+    trainer = quiet_trainer(callbacks=[callback])
+    with pytest.raises(
+        ValueError,
+        match=r"fp16 weights \(dtype, layers or search_precisions\) cannot run on the \['qnnpack'\] engine "
+        r"\(backend='x86', export=\['torchscript', 'mobile'\]\): qnnpack has no half-precision kernels",
+    ):
+        trainer.fit(BoringClassifier())
+    assert trainer.global_step == 0
+    with pytest.raises(ValueError, match=r"fp16 layers \['head'\] cannot run on the 'qnnpack' engine"):
+        quantize(BoringClassifier().net, mode="dynamic", backend="qnnpack", layers={"head": "fp16"})

@@ -186,3 +186,19 @@ def test_dynamic_search_under_a_size_budget_fits_it():
     )
     assert search.met and state_dict_bytes(int8) == search.final_bytes <= budget < state_dict_bytes(model)
     assert set(search.layers.values()) <= {"fp16", "float"} and search.layers
+
+
+def test_search_score_can_be_cosine_even_when_batches_carry_targets():
+    from lightning_quant import quantize_within_budget
+
+    model = _with_a_broken_layer()
+    batches = [(x, model(x).argmax(-1)) for x in _batches(2)]
+    _, by_cosine = quantize_within_budget(
+        model, mode="dynamic", max_metric_drop=0.002, eval_data=batches, search_score="cosine"
+    )
+    _, by_accuracy = quantize_within_budget(model, mode="dynamic", max_metric_drop=0.002, eval_data=batches)
+    assert by_cosine.reference == 1.0 and by_cosine.full_int8 < 0.998  # cosine of outputs
+    assert by_accuracy.reference == 1.0 and 0.5 < by_accuracy.full_int8 < 1.0  # top-1 against the targets
+    assert by_cosine.full_int8 != by_accuracy.full_int8
+    with pytest.raises(ValueError, match=r"search_score must be one of \('auto', 'accuracy', 'cosine'\), got 'mse'"):
+        quantize_within_budget(model, mode="dynamic", max_metric_drop=0.1, eval_data=batches, search_score="mse")
