@@ -59,6 +59,7 @@ def test_every_group_has_its_options():
         "digits_ptq",
         "digits_qat",
         "minilm_dynamic",
+        "minilm_mixed",
         "mnist5k_qat_kd",
         "reviews_lstm_dynamic",
     ]
