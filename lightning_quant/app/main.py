@@ -32,6 +32,7 @@ from hydra.utils import get_method, instantiate
 from omegaconf import MISSING, DictConfig, ListConfig
 
 from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining, quantization_disabled
+from lightning_quant.callbacks.qat import qat_recipe
 from lightning_quant.evaluation.metrics import compare, comparison_table
 from lightning_quant.utils.files import atomic_write
 from lightning_quant.utils.tables import format_table
@@ -120,14 +121,6 @@ def read_checkpoint(ckpt_path: str) -> tuple[Path, dict[str, Any]]:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"ckpt_path={ckpt_path!r} is not a Lightning checkpoint (it has no 'state_dict')")
     return path, checkpoint
-
-
-def qat_recipe(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """The quantization settings of a QAT checkpoint (its QuantizationAwareTraining state), else ``None``."""
-    for key, state in checkpoint.get("callbacks", {}).items():
-        if str(key).startswith(QuantizationAwareTraining.__name__) and isinstance(state, dict):
-            return {k: state[k] for k in ("backend", "flow", "module", "observer", "per_channel") if k in state}
-    return None
 
 
 def load_weights(model: pl.LightningModule, ckpt_path: str) -> None:

@@ -502,6 +502,12 @@ def _saved_recipe(trainer: pl.Trainer) -> dict[str, Any] | None:
     it; this is for an error message only and gives ``None`` when it cannot tell.
     """
     checkpoint = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None) or {}
+    return qat_recipe(checkpoint)
+
+
+def qat_recipe(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The quantization settings a Lightning checkpoint's QAT state records, or ``None`` for a checkpoint
+    not trained with :class:`QuantizationAwareTraining`."""
     for key, state in checkpoint.get("callbacks", {}).items():
         if str(key).startswith(QuantizationAwareTraining.__name__) and isinstance(state, dict):
             return {k: state[k] for k in ("backend", "flow", "module", "observer", "per_channel") if k in state}
