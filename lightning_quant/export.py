@@ -33,7 +33,7 @@ import torch.nn as nn
 
 from lightning_quant.quantization.config import Backend, ExportTarget
 from lightning_quant.quantization.convert import quantized_engine
-from lightning_quant.quantization.inputs import ExampleInputs, as_positional
+from lightning_quant.quantization.inputs import ExampleInputs, as_positional, forward_signature
 from lightning_quant.quantization.outputs import flat_tensors, max_abs_diff
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.checks import require_module
@@ -122,12 +122,7 @@ def _mobile_bytes(model: nn.Module, example: ExampleInputs) -> tuple[bytes, Call
 
 def _onnx_axes(model: nn.Module, example: ExampleInputs) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
     """Input and output names, and dynamic axes: batch everywhere, sequence on token inputs."""
-    signature = getattr(model, "input_signature", None)
-    parameters = list(signature.parameters) if signature is not None else []
-    if not parameters:
-        import inspect
-
-        parameters = list(inspect.signature(model.forward).parameters)
+    parameters = list(forward_signature(model).parameters)
     values = [*example.args, *example.kwargs.values()]
     names = [*parameters[: len(example.args)], *example.kwargs.keys()]
     names = [n if n not in ("args", "kwargs") else f"input_{i}" for i, n in enumerate(names)]

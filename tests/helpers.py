@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -159,3 +160,13 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 def fake_quant_flags(module: nn.Module) -> set[tuple[bool, bool]]:
     """The set of (fake quant on, observer on) pairs over all fake-quantize modules."""
     return {(bool(fq.fake_quant_enabled[0]), bool(fq.observer_enabled[0])) for fq in fake_quantizers(module)}
+
+
+def refused_before_training(
+    model: pl.LightningModule, error: type[Exception], match: str, **trainer_kwargs: Any
+) -> None:
+    """Fit ``model`` with a quiet Trainer and check it fails with ``error`` (message ``match``) before any step."""
+    trainer = quiet_trainer(**trainer_kwargs)
+    with pytest.raises(error, match=match):
+        trainer.fit(model)
+    assert trainer.global_step == 0

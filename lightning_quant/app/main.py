@@ -123,14 +123,12 @@ def read_checkpoint(ckpt_path: str) -> tuple[Path, dict[str, Any]]:
     return path, checkpoint
 
 
-def load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
-    """Load a float checkpoint's ``state_dict`` into ``model`` without unpickling arbitrary objects.
+def load_weights(model: pl.LightningModule, ckpt_path: str, checkpoint: dict[str, Any]) -> None:
+    """Load a float checkpoint's ``state_dict`` (read by :func:`read_checkpoint`) into ``model``.
 
     Raises:
-        FileNotFoundError: no file at ``ckpt_path``.
-        ValueError: the file is not a Lightning checkpoint, or holds a QAT model.
+        ValueError: the checkpoint holds a QAT model.
     """
-    path, checkpoint = read_checkpoint(ckpt_path)
     recipe = qat_recipe(checkpoint)
     if recipe is not None:
         raise ValueError(
@@ -139,7 +137,7 @@ def load_weights(model: pl.LightningModule, ckpt_path: str) -> None:
             "Lightning's own ckpt_path"
         )
     model.load_state_dict(checkpoint["state_dict"])
-    log.info("loaded weights from %s", path)
+    log.info("loaded weights from %s", ckpt_path)
 
 
 def qat_callback_for(recipe: dict[str, Any], quant: Any) -> QuantizationAwareTraining:
@@ -284,23 +282,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
     quant, callbacks = build_callbacks(cfg)
-    recipe = qat_recipe(read_checkpoint(cfg.ckpt_path)[1]) if cfg.ckpt_path else None
-    if recipe is not None and isinstance(quant, PostTrainingQuantization):
+    ckpt_file, checkpoint = read_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else (None, {})
+    recipe = qat_recipe(checkpoint)
+    converting_qat = recipe is not None and isinstance(quant, PostTrainingQuantization)
+    if converting_qat:
         # a QAT checkpoint has learnt its ranges: convert it with them instead of calibrating
         log.info("ckpt_path holds a QAT model (trained with %s): converting it with its learnt ranges", recipe)
         callbacks = [c for c in callbacks if c is not quant]
-        quant = qat_callback_for(recipe, quant)
+        quant = qat_callback_for(recipe or {}, quant)
         callbacks.append(quant)
     elif cfg.ckpt_path:
-        load_weights(model, cfg.ckpt_path)
+        load_weights(model, cfg.ckpt_path, checkpoint)
     if cfg.float_epochs > 0:  # float pre-training, then quantization from those weights
         instantiate(
             cfg.trainer, max_epochs=cfg.float_epochs, logger=False, enable_checkpointing=False, callbacks=[]
         ).fit(model, datamodule=datamodule)
     float_net = copy.deepcopy(model.net).eval()
     trainer = instantiate(cfg.trainer, callbacks=callbacks)
-    if recipe is not None and isinstance(quant, QuantizationAwareTraining):
-        trainer.validate(model, datamodule=datamodule, ckpt_path=str(read_checkpoint(cfg.ckpt_path)[0]))
+    if converting_qat:
+        trainer.validate(model, datamodule=datamodule, ckpt_path=str(ckpt_file))
         quant.convert_and_export(trainer, model)  # the QAT model as trained, to int8: no training
     elif cfg.ckpt_path and isinstance(quant, PostTrainingQuantization):
         trainer.validate(model, datamodule=datamodule)  # float metrics, then calibrate + convert: no training

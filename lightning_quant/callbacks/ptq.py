@@ -22,12 +22,12 @@ from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, FP16_ENGINES, quantize_dynamic_copy
 from lightning_quant.quantization.inputs import ExampleInputs, describe_inputs, input_kinds
 from lightning_quant.quantization.ptq import (
-    SEARCH_SCORES,
     Mode,
     builder,
     check_calibration_data,
     check_layers,
     check_mode_options,
+    check_search_score,
     convert_calibrated,
     prepare_and_calibrate,
     search_candidates,
@@ -147,9 +147,7 @@ class PostTrainingQuantization(QuantizationCallback):
         self.eval_batches = check_positive_int(eval_batches, "eval_batches")
         self.search_precisions = check_precision_ladder(search_precisions, search_precisions_of(self.mode))
         self.max_size_bytes = check_positive_int(max_size_bytes, "max_size_bytes", allow_none=True)
-        if search_score not in SEARCH_SCORES:
-            raise ValueError(f"search_score must be one of {SEARCH_SCORES}, got {search_score!r}")
-        self.search_score = search_score
+        self.search_score = check_search_score(search_score)
         self.skip_search: SkipSearch | PrecisionSearch | None = None
         self.sensitivity: dict[str, float] = {}
         self.calibrated_model: nn.Module | None = None

@@ -99,16 +99,25 @@ def as_positional(module: torch.nn.Module, example: ExampleInputs) -> ExampleInp
     TorchScript tracing and ONNX export take positional inputs; a module may expose the
     signature it forwards to as ``input_signature`` (the eager flow's boundary does).
     """
-    signature = getattr(module, "input_signature", None) or inspect.signature(module.forward)
     try:
-        bound = signature.bind(*example.args, **example.kwargs)
+        bound = forward_signature(module).bind(*example.args, **example.kwargs)
     except TypeError:
         return example
     return ExampleInputs(tuple(bound.args), dict(bound.kwargs))
 
 
-def _signature(module: torch.nn.Module) -> inspect.Signature:
+def forward_signature(module: torch.nn.Module) -> inspect.Signature:
+    """The signature ``module`` is called with: its ``input_signature`` when it forwards to another
+    module (the eager flow's boundary), else its ``forward``'s."""
     return getattr(module, "input_signature", None) or inspect.signature(module.forward)
+
+
+def _bound_arguments(module: torch.nn.Module, example: ExampleInputs) -> dict[str, Any]:
+    """``example``'s inputs by parameter name (``arg0``... where they do not fit the signature)."""
+    try:
+        return dict(forward_signature(module).bind_partial(*example.args, **example.kwargs).arguments)
+    except TypeError:
+        return {f"arg{i}": v for i, v in enumerate(example.args)} | dict(example.kwargs)
 
 
 def describe_inputs(module: torch.nn.Module, example: ExampleInputs) -> str:
@@ -123,23 +132,16 @@ def describe_inputs(module: torch.nn.Module, example: ExampleInputs) -> str:
             return f"{list(value.shape)} {str(value.dtype).removeprefix('torch.')}"
         return type(value).__name__
 
-    try:
-        arguments = _signature(module).bind_partial(*example.args, **example.kwargs).arguments
-    except TypeError:
-        arguments = {f"arg{i}": v for i, v in enumerate(example.args)} | dict(example.kwargs)
+    arguments = _bound_arguments(module, example)
     return "(" + ", ".join(f"{name}: {what(value)}" for name, value in arguments.items()) + ")"
 
 
 def input_kinds(module: torch.nn.Module, example: ExampleInputs) -> dict[str, str]:
     """Each input by parameter name and its kind (``"float32"``, ``"int64"``, ``"NoneType"``...): what
     must agree between the inputs a model was prepared with and the ones it is called with."""
-    try:
-        arguments = _signature(module).bind_partial(*example.args, **example.kwargs).arguments
-    except TypeError:
-        arguments = {f"arg{i}": v for i, v in enumerate(example.args)} | dict(example.kwargs)
     return {
         name: str(value.dtype).removeprefix("torch.") if isinstance(value, torch.Tensor) else type(value).__name__
-        for name, value in arguments.items()
+        for name, value in _bound_arguments(module, example).items()
     }
 
 
@@ -161,7 +163,7 @@ def check_example_inputs(module: torch.nn.Module, example: ExampleInputs, source
                 "observes float32 activations; convert the data to float32 (tensor.float()), or use a precision "
                 'plugin (Trainer(precision="16-mixed")) rather than half-precision inputs'
             )
-    signature = _signature(module)
+    signature = forward_signature(module)
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values())
     if keyed_batch and example.kwargs and not takes_any:
         unknown = [key for key in example.kwargs if key not in signature.parameters]

@@ -19,13 +19,14 @@ from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.distributed import RankReducer, reduce_observers
 from lightning_quant.quantization.dynamic import (
     DEFAULT_DYNAMIC_TYPES,
+    DYNAMIC_PRECISIONS,
     check_dynamic_options,
     dynamic_spec,
     quantize_dynamic_copy,
 )
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, batch_targets
-from lightning_quant.quantization.qconfig import check_static_setting, resolve_layers
+from lightning_quant.quantization.qconfig import STATIC_PRECISIONS, check_static_setting, resolve_layers
 from lightning_quant.quantization.search import (
     PrecisionSearch,
     SkipSearch,
@@ -150,8 +151,7 @@ def check_layers(
     if mode is Mode.DYNAMIC:
         dynamic_spec(model, config, module_types, dtype)
         return
-    rules = resolve_layers(model, config)
-    for key, setting in [*rules.names.items(), *((t.__name__, s) for t, s in rules.types)]:
+    for key, setting in resolve_layers(model, config).items():
         check_static_setting(key, setting, config.flow.value)
 
 
@@ -383,15 +383,24 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | PrecisionSe
 SEARCH_SCORES = ("auto", "accuracy", "cosine")
 
 
+def check_search_score(score: Any) -> str:
+    """Validate what a search measures.
+
+    Raises:
+        ValueError: naming the scores there are.
+    """
+    if score not in SEARCH_SCORES:
+        raise ValueError(f"search_score must be one of {SEARCH_SCORES}, got {score!r}")
+    return str(score)
+
+
 def search_targets(batches: Sequence[Any], score: str) -> Any:
     """The targets the search scores against: ``None`` means cosine to the float outputs.
 
     Raises:
         ValueError: an unknown score, or ``"accuracy"`` for batches without targets.
     """
-    if score not in SEARCH_SCORES:
-        raise ValueError(f"search_score must be one of {SEARCH_SCORES}, got {score!r}")
-    if score == "cosine":
+    if check_search_score(score) == "cosine":
         return None
     targets = batch_targets(batches)
     if score == "accuracy" and targets is None:
@@ -401,7 +410,7 @@ def search_targets(batches: Sequence[Any], score: str) -> Any:
 
 def search_precisions_of(mode: Mode) -> tuple[str, ...]:
     """What a search may give a layer in ``mode``."""
-    return ("int8", "fp16", "float") if mode is Mode.DYNAMIC else ("int8", "float")
+    return tuple(p.value for p in (DYNAMIC_PRECISIONS if mode is Mode.DYNAMIC else STATIC_PRECISIONS))
 
 
 def search_candidates(

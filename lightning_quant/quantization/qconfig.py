@@ -90,6 +90,10 @@ class LayerRules:
             return self.names[enclosing]
         return next((setting for cls, setting in self.types if isinstance(module, cls)), None)
 
+    def items(self) -> list[tuple[str, LayerSetting]]:
+        """Every rule as ``(name or type name, setting)``, for messages."""
+        return [*self.names.items(), *((cls.__name__, setting) for cls, setting in self.types)]
+
 
 def resolve_layers(model: nn.Module, config: QuantizationConfig) -> LayerRules:
     """``config.layers`` (with ``skip`` as ``"float"``) resolved against ``model``.
@@ -194,7 +198,7 @@ def build_qconfig_mapping(config: QuantizationConfig, model: nn.Module, qat: boo
     for module_type in skip_types:
         mapping.set_object_type(module_type, None)
     rules = resolve_layers(model, dataclasses.replace(config, skip=()))
-    for key, setting in [*rules.names.items(), *((t.__name__, s) for t, s in rules.types)]:
+    for key, setting in rules.items():
         check_static_setting(key, setting, config.flow.value)
     if not (rules.names or rules.types):
         return mapping

@@ -13,7 +13,7 @@ from lightning_quant import PostTrainingQuantization, quantize
 from lightning_quant.demos import Classifier, DigitsCNN, DigitsDataModule
 from lightning_quant.evaluation.metrics import classification_accuracy
 from lightning_quant.quantization.convert import quantized_engine
-from tests.helpers import BoringClassifier, TinyNet, quiet_trainer, random_images
+from tests.helpers import BoringClassifier, TinyNet, quiet_trainer, random_images, refused_before_training
 
 
 @pytest.mark.parametrize(
@@ -129,12 +129,12 @@ class _NoTrainBatches(BoringClassifier):
 def test_ptq_refuses_an_empty_train_dataloader_in_setup():
     model = _NoTrainBatches()
     model.example_input_array = torch.randn(2, 1, 6, 6)
-    trainer = quiet_trainer(callbacks=[PostTrainingQuantization(export=None, progress=False)])
-    with pytest.raises(
-        ValueError, match=r"calibration_data='train' is empty \(DataLoader of length 0\): give it representative"
-    ):
-        trainer.fit(model)
-    assert trainer.global_step == 0
+    refused_before_training(
+        model,
+        ValueError,
+        match=r"calibration_data='train' is empty \(DataLoader of length 0\): give it representative",
+        callbacks=[PostTrainingQuantization(export=None, progress=False)],
+    )
 
 
 @pytest.mark.parametrize("options", [{"dtype": "float16"}, {"module_types": ["torch.nn.LSTM"]}])
@@ -149,10 +149,12 @@ def test_static_mode_refuses_dynamic_options_in_the_callback_and_in_quantize(opt
 def test_ptq_refuses_an_export_dir_that_is_a_file_before_training(tmp_path):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("x")
-    trainer = quiet_trainer(callbacks=[PostTrainingQuantization(export_dir=blocker, progress=False)])
-    with pytest.raises(ValueError, match=r"export_dir='.*not_a_folder' is a file, not a folder"):
-        trainer.fit(BoringClassifier())
-    assert trainer.global_step == 0
+    refused_before_training(
+        BoringClassifier(),
+        ValueError,
+        match=r"export_dir='.*not_a_folder' is a file, not a folder",
+        callbacks=[PostTrainingQuantization(export_dir=blocker, progress=False)],
+    )
 
 
 class _LSTMClassifier(BoringClassifier):
@@ -239,14 +241,13 @@ def test_ptq_max_metric_drop_argument_checks():
 def test_ptq_refuses_at_the_first_call_when_calibration_would_feed_other_inputs():
     from tests.callbacks.test_qat import KeywordClassifier
 
-    trainer = quiet_trainer(callbacks=[PostTrainingQuantization(export=None, progress=False)])
-    with pytest.raises(
+    refused_before_training(
+        KeywordClassifier(),
         ValueError,
         match=r"calibration reads the model input from each batch as \(img: \[16, 1, 6, 6\] float32\), but the model "
         r"calls 'net' with \(img: \[16, 1, 6, 6\] float32, extra: \[16, 3\] float32\): pass batch_to_input=",
-    ):
-        trainer.fit(KeywordClassifier())
-    assert trainer.global_step == 0
+        callbacks=[PostTrainingQuantization(export=None, progress=False)],
+    )
 
 
 def test_ptq_dynamic_search_chooses_per_layer_precision_within_a_size_budget():
@@ -299,13 +300,12 @@ def test_ptq_fp16_with_a_qnnpack_export_is_refused_before_training():
     callback = PostTrainingQuantization(
         mode="dynamic", layers={"head": "fp16"}, export=("torchscript", "mobile"), progress=False
     )
-    trainer = quiet_trainer(callbacks=[callback])
-    with pytest.raises(
+    refused_before_training(
+        BoringClassifier(),
         ValueError,
         match=r"fp16 weights \(dtype, layers or search_precisions\) cannot run on the \['qnnpack'\] engine "
         r"\(backend='x86', export=\['torchscript', 'mobile'\]\): qnnpack has no half-precision kernels",
-    ):
-        trainer.fit(BoringClassifier())
-    assert trainer.global_step == 0
+        callbacks=[callback],
+    )
     with pytest.raises(ValueError, match=r"fp16 layers \['head'\] cannot run on the 'qnnpack' engine"):
         quantize(BoringClassifier().net, mode="dynamic", backend="qnnpack", layers={"head": "fp16"})

@@ -24,6 +24,7 @@ from tests.helpers import (
     quant_state,
     quiet_trainer,
     random_images,
+    refused_before_training,
 )
 
 
@@ -62,14 +63,15 @@ def test_qat_raises_on_invalid_arguments(kwargs, error, match):
 
 def test_qat_raises_when_max_steps_ends_before_quantization_starts():
     # 64 samples in batches of 16: 4 optimizer steps per epoch; epoch 1 starts at step 4
-    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(quant_start_epoch=1)], max_epochs=5, max_steps=4)
-    with pytest.raises(
+    refused_before_training(
+        BoringClassifier(),
         ValueError,
         match=r"max_steps=4 ends the fit in epoch 0 \(4 optimizer steps per epoch\), before quant_start_epoch=1: the "
         r"model would never be quantized; raise max_steps above 4 or lower quant_start_epoch",
-    ):
-        trainer.fit(BoringClassifier())
-    assert trainer.global_step == 0
+        callbacks=[QuantizationAwareTraining(quant_start_epoch=1)],
+        max_epochs=5,
+        max_steps=4,
+    )
     quiet_trainer(
         callbacks=[QuantizationAwareTraining(quant_start_epoch=1, export=None)], max_epochs=5, max_steps=5
     ).fit(BoringClassifier())
@@ -78,33 +80,34 @@ def test_qat_raises_when_max_steps_ends_before_quantization_starts():
 def test_qat_raises_on_an_export_dir_that_is_a_file_before_training(tmp_path):
     blocker = tmp_path / "quantized"
     blocker.write_text("x")
-    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(export_dir=blocker)])
-    with pytest.raises(ValueError, match=r"export_dir='.*quantized' is a file, not a folder: choose a folder"):
-        trainer.fit(BoringClassifier())
-    assert trainer.global_step == 0
+    refused_before_training(
+        BoringClassifier(),
+        ValueError,
+        match=r"export_dir='.*quantized' is a file, not a folder: choose a folder",
+        callbacks=[QuantizationAwareTraining(export_dir=blocker)],
+    )
 
 
 def test_qat_eager_fusion_group_naming_a_missing_module_raises_before_training():
     qat = QuantizationAwareTraining(flow="eager", modules_to_fuse=[["features.0", "features.9"]])
-    trainer = quiet_trainer(callbacks=[qat])
-    with pytest.raises(
+    refused_before_training(
+        BoringClassifier(),
         ValueError,
         match=r"modules_to_fuse group \['features.0', 'features.9'\] names \['features.9'\], which TinyNet does "
         r"not have; its modules include \['features', 'features.0'",
-    ):
-        trainer.fit(BoringClassifier())
-    assert trainer.global_step == 0
+        callbacks=[qat],
+    )
 
 
 def test_qat_raises_when_quantization_would_never_start():
-    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(quant_start_epoch=2)], max_epochs=2)
-    with pytest.raises(
+    refused_before_training(
+        BoringClassifier(),
         ValueError,
         match=r"quant_start_epoch=2 is not before max_epochs=2: the model would never be "
         r"quantized; lower quant_start_epoch or raise max_epochs",
-    ):
-        trainer.fit(BoringClassifier())
-    assert trainer.global_step == 0
+        callbacks=[QuantizationAwareTraining(quant_start_epoch=2)],
+        max_epochs=2,
+    )
 
 
 def test_qat_raises_when_module_is_ambiguous():
@@ -561,14 +564,13 @@ def test_qat_uses_the_real_call_for_exports_when_the_batch_shows_less(tmp_path):
 
 def test_qat_eager_refuses_a_real_call_it_was_not_prepared_for_before_any_step():
     model = KeywordClassifier()
-    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(export=None, flow="eager")])
-    with pytest.raises(
+    refused_before_training(
+        model,
         ValueError,
         match=r"QuantizationAwareTraining prepared 'net' \(eager flow\) to quantize the float inputs \['img'\] read "
         r"from the data .*, but training calls it with \(img: .*, extra: .*\): set example_input_array",
-    ):
-        trainer.fit(model)
-    assert trainer.global_step == 0
+        callbacks=[QuantizationAwareTraining(export=None, flow="eager")],
+    )
 
 
 class DoubleClassifier(BoringClassifier):
@@ -578,12 +580,12 @@ class DoubleClassifier(BoringClassifier):
 
 
 def test_qat_refuses_float64_inputs_at_setup():
-    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(export=None)])
-    with pytest.raises(
-        ValueError, match=r"the first fit batch gives input 0 as float64: int8 quantization observes float32"
-    ):
-        trainer.fit(DoubleClassifier())
-    assert trainer.global_step == 0
+    refused_before_training(
+        DoubleClassifier(),
+        ValueError,
+        match=r"the first fit batch gives input 0 as float64: int8 quantization observes float32",
+        callbacks=[QuantizationAwareTraining(export=None)],
+    )
 
 
 def test_qat_reused_on_a_second_model_takes_that_models_inputs():
