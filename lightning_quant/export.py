@@ -15,7 +15,14 @@ Targets and engines:
   line when it does not (the CPU wheels of torch 2.13 do not);
 - ``onnx``: legacy TorchScript-based ONNX export with QuantizeLinear/DequantizeLinear pairs, a
   dynamic batch axis on every input and output and a dynamic sequence axis on token inputs
-  (needs ``pip install onnx``; checked with onnxruntime when that is installed).
+  (needs ``pip install onnx``; checked with onnxruntime when that is installed);
+- ``pt2`` (pt2e flow): the converted program saved with ``torch.export.save``, dynamic batch
+  (and sequence) axes; the reload check runs an x86 one compiled (``torch.compile`` with freezing,
+  how it is served: Inductor turns its quantize/dequantize pairs into int8 kernels) and an
+  xnnpack one as saved (Inductor's int8 lowering takes uint8 activations only);
+- ``executorch`` (pt2e flow, xnnpack backend): an ExecuTorch program (``.pte``) with every
+  quantized op delegated to XNNPACK, taking batches of 1 to ``EXECUTORCH_MAX_BATCH`` (its memory is
+  planned ahead for that bound); the reload check runs it in ExecuTorch's runtime.
 """
 
 from __future__ import annotations
@@ -31,9 +38,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_quant.quantization.config import Backend, ExportTarget
-from lightning_quant.quantization.convert import quantized_engine
-from lightning_quant.quantization.inputs import ExampleInputs, as_positional, forward_signature
+from lightning_quant.quantization import flows
+from lightning_quant.quantization.config import Backend, ExportTarget, pt2e_engine
+from lightning_quant.quantization.convert import compiled_runner, quantized_engine
+from lightning_quant.quantization.inputs import ExampleInputs, as_positional, dynamic_shapes, forward_signature
 from lightning_quant.quantization.outputs import flat_tensors, max_abs_diff
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.checks import require_module
@@ -41,14 +49,32 @@ from lightning_quant.utils.files import atomic_write_files, check_writable_folde
 
 log = logging.getLogger(__name__)
 
-SUFFIXES = {ExportTarget.TORCHSCRIPT: ".pt", ExportTarget.MOBILE: ".ptl", ExportTarget.ONNX: ".onnx"}
+SUFFIXES = {
+    ExportTarget.TORCHSCRIPT: ".pt",
+    ExportTarget.MOBILE: ".ptl",
+    ExportTarget.ONNX: ".onnx",
+    ExportTarget.PT2: ".pt2",
+    ExportTarget.EXECUTORCH: ".pte",
+}
+
+#: the largest batch (and token sequence) an ExecuTorch file takes: its runtime plans memory for it
+EXECUTORCH_MAX_BATCH = 64
+EXECUTORCH_MAX_SEQUENCE = 512
 
 #: how far a reloaded file may differ from the in-process model, in quantization steps (the
 #: largest output scale of the model's int8 layers). TorchScript runs the same kernels (identical
 #: in practice); the lite interpreter and ONNX runtimes may round a requantization the other way,
 #: and an error can carry through a layer or two. A file that computes something else (a layer
 #: frozen in training mode, a batch size baked in) is off by far more.
-RELOAD_STEPS = {ExportTarget.TORCHSCRIPT: 2.0, ExportTarget.MOBILE: 2.0, ExportTarget.ONNX: 4.0}
+#: Compiled pt2 programs fuse and reorder float arithmetic around the int8 ops, ExecuTorch's
+#: XNNPACK kernels requantize in their own order: both get the ONNX allowance.
+RELOAD_STEPS = {
+    ExportTarget.TORCHSCRIPT: 2.0,
+    ExportTarget.MOBILE: 2.0,
+    ExportTarget.ONNX: 4.0,
+    ExportTarget.PT2: 4.0,
+    ExportTarget.EXECUTORCH: 4.0,
+}
 
 
 class ExportCheckError(RuntimeError):
@@ -66,7 +92,9 @@ class ExportRecord:
 
 
 def engine_for(target: ExportTarget, backend: Backend) -> str:
-    """The quantized engine a target's file is converted for."""
+    """The quantized engine a target's file is converted for (pt2e files use none of torch's)."""
+    if target in (ExportTarget.PT2, ExportTarget.EXECUTORCH):
+        return pt2e_engine()
     return Backend.QNNPACK.value if target is ExportTarget.MOBILE else backend.value
 
 
@@ -85,7 +113,9 @@ def to_torchscript(model: nn.Module, example: ExampleInputs) -> torch.jit.Script
 Loaded = Callable[[ExampleInputs], Any]
 
 
-def _torchscript_bytes(model: nn.Module, example: ExampleInputs) -> tuple[bytes, Callable[[bytes], Loaded]]:
+def _torchscript_bytes(
+    model: nn.Module, example: ExampleInputs, backend: Backend
+) -> tuple[bytes, Callable[[bytes], Loaded]]:
     scripted = to_torchscript(model, example)
     buffer = io.BytesIO()
     with known_torch_warnings_silenced():
@@ -99,7 +129,9 @@ def _torchscript_bytes(model: nn.Module, example: ExampleInputs) -> tuple[bytes,
     return buffer.getvalue(), load
 
 
-def _mobile_bytes(model: nn.Module, example: ExampleInputs) -> tuple[bytes, Callable[[bytes], Loaded]]:
+def _mobile_bytes(
+    model: nn.Module, example: ExampleInputs, backend: Backend
+) -> tuple[bytes, Callable[[bytes], Loaded]]:
     from torch.jit.mobile import _load_for_lite_interpreter
 
     scripted = to_torchscript(model, example)
@@ -141,7 +173,9 @@ def _onnx_axes(model: nn.Module, example: ExampleInputs) -> tuple[list[str], lis
     return names, output_names, axes
 
 
-def _onnx_bytes(model: nn.Module, example: ExampleInputs) -> tuple[bytes, Callable[[bytes], Loaded] | None]:
+def _onnx_bytes(
+    model: nn.Module, example: ExampleInputs, backend: Backend
+) -> tuple[bytes, Callable[[bytes], Loaded] | None]:
     require_module("onnx", "onnx", 'export="onnx"')
     import onnx
 
@@ -180,10 +214,75 @@ def _onnx_bytes(model: nn.Module, example: ExampleInputs) -> tuple[bytes, Callab
     return data, load
 
 
+def export_program(
+    model: nn.Module, example: ExampleInputs, max_batch: int | None = None, max_sequence: int | None = None
+) -> torch.export.ExportedProgram:
+    """``torch.export`` an int8 (pt2e) model with dynamic batch and sequence axes."""
+    if (example.batch_size or 0) < 2:  # a batch of one would make export specialize the batch axis
+        example = example.with_batch_size(2)
+    with known_torch_warnings_silenced():
+        return torch.export.export(
+            model,
+            example.args,
+            example.kwargs or None,
+            dynamic_shapes=dynamic_shapes(model, example, max_batch, max_sequence),
+        )
+
+
+def _pt2_bytes(model: nn.Module, example: ExampleInputs, backend: Backend) -> tuple[bytes, Callable[[bytes], Loaded]]:
+    """Inductor's int8 lowering takes x86-quantized programs (uint8 activations); an xnnpack one
+    (int8 activations) is checked as saved, uncompiled."""
+    program = export_program(model, example)
+    buffer = io.BytesIO()
+    with known_torch_warnings_silenced():
+        torch.export.save(program, buffer)
+
+    def load(data: bytes) -> Loaded:
+        with known_torch_warnings_silenced():
+            loaded = torch.export.load(io.BytesIO(data)).module()
+        if backend is Backend.X86:
+            return compiled_runner(loaded)
+        return lambda inputs: inputs(loaded)
+
+    return buffer.getvalue(), load
+
+
+def _executorch_bytes(
+    model: nn.Module, example: ExampleInputs, backend: Backend
+) -> tuple[bytes, Callable[[bytes], Loaded]]:
+    require_module("executorch", "'lightning-quant[executorch]'", 'export="executorch"')
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    if (example.batch_size or 0) > EXECUTORCH_MAX_BATCH:
+        example = example.with_batch_size(EXECUTORCH_MAX_BATCH)
+    program = export_program(model, example, EXECUTORCH_MAX_BATCH, EXECUTORCH_MAX_SEQUENCE)
+    with known_torch_warnings_silenced():
+        lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
+    in_spec = program.call_spec.in_spec
+
+    def load(data: bytes) -> Loaded:
+        from executorch.runtime import Runtime
+
+        method = Runtime.get().load_program(data).load_method("forward")
+
+        def run(inputs: ExampleInputs) -> Any:
+            import torch.fx._pytree as fx_pytree
+
+            flat = fx_pytree.tree_flatten_spec((inputs.args, inputs.kwargs), in_spec) if in_spec else inputs.args
+            return list(method.execute(list(flat)))
+
+        return run
+
+    return bytes(lowered.buffer), load
+
+
 _SERIALIZERS = {
     ExportTarget.TORCHSCRIPT: _torchscript_bytes,
     ExportTarget.MOBILE: _mobile_bytes,
     ExportTarget.ONNX: _onnx_bytes,
+    ExportTarget.PT2: _pt2_bytes,
+    ExportTarget.EXECUTORCH: _executorch_bytes,
 }
 
 
@@ -196,13 +295,7 @@ def other_batch_size(example: ExampleInputs) -> int:
 def quantization_step(model: nn.Module, output: Any) -> float:
     """The coarsest output step of the model's int8 layers (their ``scale``); for a model without
     any (weight-only/dynamic), a millionth of the largest output."""
-    scales = []
-    for m in model.modules():
-        scale = getattr(m, "scale", None)
-        if type(m).__module__.startswith("torch.ao.nn.") and (
-            isinstance(scale, float) or (isinstance(scale, torch.Tensor) and scale.numel() == 1)
-        ):
-            scales.append(float(scale))
+    scales = flows.output_steps(model)
     largest = max((float(t.float().abs().max()) for t in flat_tensors(output) if t.numel()), default=0.0)
     return max([*scales, 1e-6 * largest, 1e-8])
 
@@ -283,7 +376,7 @@ def export_int8(
         model = int8_for_engine(engine)
         inputs = as_positional(model, example)
         with quantized_engine(engine):
-            data, load = _SERIALIZERS[target](model, inputs)
+            data, load = _SERIALIZERS[target](model, inputs, backend)
         diff = reload_difference(target, model, load(data), inputs, engine) if load is not None else float("nan")
         log.info("exported %s (%s engine) for %s; reloaded output max |diff| = %.3g", target.value, engine, path, diff)
         staged[path] = data

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any
 
@@ -160,6 +161,23 @@ def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 def fake_quant_flags(module: nn.Module) -> set[tuple[bool, bool]]:
     """The set of (fake quant on, observer on) pairs over all fake-quantize modules."""
     return {(bool(fq.fake_quant_enabled[0]), bool(fq.observer_enabled[0])) for fq in fake_quantizers(module)}
+
+
+def bn_frozen_flags(module: nn.Module) -> set[bool]:
+    """Whether BatchNorm statistics are frozen, per fused QAT module (fx, eager) or per graph (pt2e)."""
+    flags = {bool(m.freeze_bn) for m in module.modules() if isinstance(getattr(m, "freeze_bn", None), bool)}
+    return flags | {bool(m.bn_frozen) for m in module.modules() if isinstance(getattr(m, "bn_frozen", None), bool)}
+
+
+#: tests of the pt2e flow need its optional package
+requires_torchao = pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None,
+    reason="the pt2e flow needs torchao: pip install 'lightning-quant[pt2e]'",
+)
+
+
+#: the graph flows every shared behaviour test runs over (pt2e when torchao is installed)
+FLOWS = ["fx", pytest.param("pt2e", marks=requires_torchao)]
 
 
 def refused_before_training(

@@ -12,10 +12,11 @@ import torch
 
 from lightning_quant import QuantizationAwareTraining
 from lightning_quant.export import engine_for
+from lightning_quant.quantization import flows
 from lightning_quant.quantization.config import Backend, ExportTarget
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.outputs import max_abs_diff
-from tests.helpers import BoringClassifier, quiet_trainer
+from tests.helpers import BoringClassifier, quiet_trainer, requires_torchao
 
 RELOAD = textwrap.dedent(
     """
@@ -26,6 +27,12 @@ RELOAD = textwrap.dedent(
     if path.endswith(".ptl"):
         from torch.jit.mobile import _load_for_lite_interpreter
         y = _load_for_lite_interpreter(path)(x)
+    elif path.endswith(".pt2"):
+        from lightning_quant import load_pt2
+        y = load_pt2(path).eval()(x)
+    elif path.endswith(".pte"):
+        from executorch.runtime import Runtime
+        y = Runtime.get().load_program(path).load_method("forward").execute([x])[0]
     elif path.endswith(".onnx"):
         import onnxruntime
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -77,6 +84,40 @@ def test_export_reloads_in_fresh_process_and_agrees(exported, target, batch, tmp
     tolerance = {"torchscript": 0.0, "mobile": 2.0, "onnx": 2.0}[target] * float(callback.quantized_model.head.scale)
     assert max_abs_diff(expected, reloaded) <= tolerance
     assert record.max_abs_diff <= tolerance
+
+
+@pytest.fixture(scope="module")
+def exported_pt2e(tmp_path_factory):
+    """pt2e QAT for both backends: x86 writes the .pt2 program, xnnpack the .pt2 and the .pte."""
+    pytest.importorskip("executorch")
+    runs = {}
+    for backend in ("x86", "xnnpack"):
+        directory = tmp_path_factory.mktemp(f"export_{backend}")
+        callback = QuantizationAwareTraining(flow="pt2e", backend=backend, export="default", export_dir=directory)
+        model = BoringClassifier()
+        quiet_trainer(callbacks=[callback], max_epochs=2).fit(model)
+        runs[backend] = (callback, model)
+    return runs
+
+
+@requires_torchao
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize(("backend", "target"), [("x86", "pt2"), ("xnnpack", "pt2"), ("xnnpack", "executorch")])
+def test_pt2e_exports_reload_in_fresh_process_and_agree(exported_pt2e, backend, target, batch, tmp_path):
+    callback, model = exported_pt2e[backend]
+    assert sorted(callback.export_paths) == (["pt2"] if backend == "x86" else ["executorch", "pt2"])
+    record = callback.export_records[target]
+    assert record.path.suffix == {"pt2": ".pt2", "executorch": ".pte"}[target] and record.path.is_file()
+    x = torch.cat([b[0] for b in model.val_dataloader()])[:batch]
+    with torch.inference_mode():
+        expected = callback.quantized_model(x)
+    reloaded = _reload_in_fresh_process(record.path, x, "x86", tmp_path)
+    # the saved program runs the same decomposed ops; XNNPACK's kernels may round a requantization
+    # the other way: a step or two of the output
+    step = max(flows.output_steps(callback.quantized_model))
+    tolerance = {"pt2": 1e-5, "executorch": 2 * step}[target]
+    assert max_abs_diff(expected, reloaded) <= tolerance
+    assert record.max_abs_diff <= 4 * step  # the export's own check (x86 pt2: compiled)
 
 
 def test_export_mobile_uses_qnnpack_engine(exported):

@@ -30,6 +30,7 @@ from lightning_quant.callbacks._trainer import stage_dataloader, trainer_callbac
 from lightning_quant.export import ExportRecord, export_int8
 from lightning_quant.quantization.config import QuantizationConfig, config_from
 from lightning_quant.quantization.convert import allow_int8_kernels_under_determinism
+from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import (
     ExampleInputs,
     batch_inputs,
@@ -77,6 +78,7 @@ class QuantizationCallback(Callback):
     label: ClassVar[str] = "quant"
 
     def __init__(self, config: QuantizationConfig, batch_to_input: Callable[[Any], Any] | None = None) -> None:
+        get_flow(config.flow).check(config)
         self.config = config
         self.batch_to_input = check_callable(batch_to_input, "batch_to_input")
         self.example_inputs: ExampleInputs | None = None

@@ -7,7 +7,7 @@ import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import torch.nn as nn
@@ -37,9 +37,6 @@ from lightning_quant.quantization.ptq import (
 from lightning_quant.quantization.search import PrecisionSearch, SkipSearch, budget_search, check_precision_ladder
 from lightning_quant.quantization.target import resolve_target
 from lightning_quant.utils.checks import check_bool, check_non_negative, check_positive_int, parse_enum
-
-if TYPE_CHECKING:
-    from torch.ao.quantization import QConfigMapping
 
 CALIBRATION_SOURCES = ("train", "val")
 
@@ -107,13 +104,13 @@ class PostTrainingQuantization(QuantizationCallback):
         per_channel: bool | None = None,
         skip: Sequence[str | type] = (),
         layers: Mapping[Any, Any] | None = None,
-        qconfig_mapping: QConfigMapping | None = None,
+        qconfig_mapping: Any = None,
         modules_to_fuse: Sequence[Sequence[str]] | None = None,
         calibration_data: str | Iterable[Any] = "train",
         calibration_batches: int = 32,
         dtype: str = "qint8",
         module_types: Sequence[str | type] = DEFAULT_DYNAMIC_TYPES,
-        export: str | Sequence[str] | None = ("torchscript",),
+        export: str | Sequence[str] | None = "default",
         export_dir: str | Path | None = None,
         batch_to_input: Callable[[Any], Any] | None = None,
         progress: bool = True,
@@ -141,7 +138,7 @@ class PostTrainingQuantization(QuantizationCallback):
         self.calibration_data = calibration_data
         self.calibration_batches = check_positive_int(calibration_batches, "calibration_batches")
         self.dtype = dtype
-        self.module_types = check_mode_options(self.mode, dtype, module_types)
+        self.module_types = check_mode_options(self.mode, dtype, module_types, self.config.flow)
         self.progress = check_bool(progress, "progress")
         self.max_metric_drop = check_non_negative(max_metric_drop, "max_metric_drop", allow_none=True)
         self.eval_batches = check_positive_int(eval_batches, "eval_batches")

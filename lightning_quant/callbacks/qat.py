@@ -10,7 +10,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -45,9 +45,6 @@ from lightning_quant.quantization.schedule import (
 )
 from lightning_quant.quantization.target import replace_target, resolve_target
 from lightning_quant.utils.checks import check_bool
-
-if TYPE_CHECKING:
-    from torch.ao.quantization import QConfigMapping
 
 log = logging.getLogger(__name__)
 
@@ -125,13 +122,13 @@ class QuantizationAwareTraining(QuantizationCallback):
         per_channel: bool | None = None,
         skip: Sequence[str | type] = (),
         layers: Mapping[Any, Any] | None = None,
-        qconfig_mapping: QConfigMapping | None = None,
+        qconfig_mapping: Any = None,
         modules_to_fuse: Sequence[Sequence[str]] | None = None,
         quant_start_epoch: int = 0,
         freeze_observers_epoch: int | None = None,
         freeze_bn_epoch: int | None = None,
         convert_on_fit_end: bool = True,
-        export: str | Sequence[str] | None = ("torchscript",),
+        export: str | Sequence[str] | None = "default",
         export_dir: str | Path | None = None,
         batch_to_input: Callable[[Any], Any] | None = None,
         validate_int8: bool = False,

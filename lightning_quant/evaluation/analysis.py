@@ -17,9 +17,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.ao.quantization import FakeQuantizeBase
-from torch.ao.quantization.observer import ObserverBase
 
+from lightning_quant.quantization import flows
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.inputs import batch_inputs
 from lightning_quant.quantization.outputs import flat_tensors, sqnr_db
@@ -37,34 +36,6 @@ def _dequantized(value: Any) -> torch.Tensor | None:
     return tensor.dequantize() if tensor.is_quantized else tensor
 
 
-def _compared_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Quantized compute modules, and leaf modules with their own weights (float islands)."""
-    layers = {}
-    for name, module in model.named_modules():
-        if not name or isinstance(module, (ObserverBase, FakeQuantizeBase)):
-            continue
-        kind = type(module).__module__
-        if kind.startswith("torch.ao.nn.") and ".quantized" in kind:  # quantized, intrinsic.quantized, dynamic
-            if type(module).__name__ not in ("Quantize", "DeQuantize", "FloatFunctional", "QFunctional"):
-                layers[name] = module
-        elif not any(not isinstance(c, (ObserverBase, FakeQuantizeBase)) for c in module.children()) and any(
-            True for _ in module.parameters(recurse=False)
-        ):
-            layers[name] = module
-    return layers
-
-
-def layer_precision(module: nn.Module) -> str:
-    """What a layer of a converted model computes in: ``"int8"``, ``"fp16"`` (dynamic half-precision
-    weights) or ``"float"``."""
-    kind = type(module).__module__
-    if not (kind.startswith("torch.ao.nn.") and ".quantized" in kind):
-        return "float"
-    packed = getattr(module, "_packed_params", None)
-    dtype = getattr(packed, "dtype", None) or getattr(module, "dtype", None)
-    return "fp16" if dtype == torch.float16 else "int8"
-
-
 @torch.inference_mode()
 def per_layer_sqnr(
     reference: nn.Module,
@@ -73,48 +44,36 @@ def per_layer_sqnr(
     engine: str,
     batch_to_input: Callable[[Any], Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """For each int8 layer, against the same-named layer of ``reference`` (in forward order):
+    """For each compute layer of ``int8``, against the same-named layer of ``reference`` (in forward order):
 
     - ``sqnr_db``: SQNR of the layer's output (error accumulated from every layer before it);
     - ``input_sqnr_db``: SQNR of the layer's input;
-    - ``precision``: ``"int8"``, ``"fp16"`` or ``"float"`` (:func:`layer_precision`);
+    - ``precision``: ``"int8"``, ``"fp16"`` or ``"float"`` (as the flow that made ``int8`` says);
     - ``loss_db``: ``input_sqnr_db - sqnr_db`` (each capped at ``SQNR_CEILING_DB``), the error
       this layer itself adds. A broken layer stands out here even though every layer after it
       inherits its low output SQNR.
 
-    Layers are matched by module name; batches are concatenated per layer before the ratio.
-    ``reference`` is run on a copy, so its observers (if any) keep their ranges.
+    Layers are matched by name and captured by the flow that made each model (module hooks;
+    graph nodes for pt2e); batches are concatenated per layer before the ratio. ``reference``
+    is run on a copy, so its observers (if any) keep their ranges.
     """
     reference = copy.deepcopy(reference).cpu()
-    int8_layers = _compared_layers(int8)
-    ref_modules = dict(reference.named_modules())
-    names = [n for n in int8_layers if n in ref_modules]
+    precisions = flows.int8_layers(int8)
+    names = list(precisions)
     captured: dict[tuple[str, str, str], list[torch.Tensor]] = {}
     order: list[str] = []
-    handles = []
-    for side, model in (("ref", reference), ("int8", int8)):
-        modules = dict(model.named_modules())
-        for name in names:
-
-            def hook(mod, inputs, output, side=side, name=name):
-                for kind, value in (("in", inputs), ("out", output)):
-                    tensor = _dequantized(value)
-                    if tensor is not None:
-                        captured.setdefault((side, kind, name), []).append(tensor.float().cpu().flatten())
-                if side == "int8" and name not in order:
-                    order.append(name)
-
-            handles.append(modules[name].register_forward_hook(hook))
-    try:
-        reference.eval(), int8.eval()
-        with quantized_engine(engine):
-            for batch in batches:
-                inputs = batch_inputs(batch, batch_to_input).to("cpu")
-                inputs(reference)
-                inputs(int8)
-    finally:
-        for handle in handles:
-            handle.remove()
+    reference.eval(), int8.eval()
+    with quantized_engine(engine):
+        for batch in batches:
+            inputs = batch_inputs(batch, batch_to_input).to("cpu")
+            for side, model in (("ref", reference), ("int8", int8)):
+                for name, (layer_in, layer_out) in flows.layer_outputs(model, inputs, names).items():
+                    for kind, value in (("in", layer_in), ("out", layer_out)):
+                        tensor = _dequantized(value)
+                        if tensor is not None:
+                            captured.setdefault((side, kind, name), []).append(tensor.float().cpu().flatten())
+                    if side == "int8" and name not in order:
+                        order.append(name)
 
     def ratio(kind: str, name: str) -> float | None:
         ref, out = captured.get(("ref", kind, name), []), captured.get(("int8", kind, name), [])
@@ -132,7 +91,7 @@ def per_layer_sqnr(
         ceiling = lambda v: SQNR_CEILING_DB if v is None or math.isnan(v) else min(v, SQNR_CEILING_DB)  # noqa: E731
         loss = ceiling(inp) - ceiling(out)
         result[name.removeprefix(prefix)] = {
-            "precision": layer_precision(int8_layers[name]),
+            "precision": precisions[name],
             "sqnr_db": out,
             "input_sqnr_db": inp if inp is not None else float("nan"),
             "loss_db": loss,
@@ -141,7 +100,7 @@ def per_layer_sqnr(
 
 
 def _observed_values(prepared: nn.Module) -> dict[str, str]:
-    """For an FX model: observer name -> what it observes ("input x", "output of features.0")."""
+    """For a graph model (fx, pt2e): observer name -> what it observes ("input x", "output of features.0")."""
     labels: dict[str, str] = {}
     graph = getattr(prepared, "graph", None)
     for node in graph.nodes if graph is not None else ():
@@ -150,6 +109,8 @@ def _observed_values(prepared: nn.Module) -> dict[str, str]:
             labels[str(node.target)] = (
                 f"input {source.name}"
                 if source.op == "placeholder"
+                else f"weight {source.target}"
+                if source.op == "get_attr"
                 else f"output of {source.target}"
                 if source.op == "call_module"
                 else f"output of {source.name}"
@@ -157,22 +118,21 @@ def _observed_values(prepared: nn.Module) -> dict[str, str]:
     return labels
 
 
+def _module_order(model: nn.Module) -> dict[str, int]:
+    return {name: i for i, (name, _) in enumerate(model.named_modules())}
+
+
 def observer_ranges(prepared: nn.Module) -> dict[str, dict[str, Any]]:
     """For each observer (or fake-quantize module): what it observes, the observed min/max, and
     the scale/zero point it gives (averaged over channels for per-channel weights)."""
     ranges: dict[str, dict[str, Any]] = {}
     labels = _observed_values(prepared)
-    owners: list[str] = []
-    for name, module in prepared.named_modules():
-        if within(name, owners, strictly=True):
-            continue
-        if isinstance(module, FakeQuantizeBase):
-            owners.append(name)
-            observer = getattr(module, "activation_post_process", None)
-        elif isinstance(module, ObserverBase):
-            observer = module
-        else:
-            continue
+    fake_quantizers = flows.fake_quantizers(prepared)
+    owners = [name for name, _ in fake_quantizers]
+    candidates = [(name, getattr(m, "activation_post_process", None)) for name, m in fake_quantizers]
+    candidates += [(name, m) for name, m in flows.observers(prepared) if not within(name, owners, strictly=True)]
+    order = _module_order(prepared)
+    for name, observer in sorted(candidates, key=lambda item: order.get(item[0], 0)):
         min_val = getattr(observer, "min_val", None)
         if (
             observer is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -10,8 +11,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_quant.quantization import inputs
-from lightning_quant.quantization.convert import quantized_engine
+from lightning_quant.quantization import flows, inputs
+from lightning_quant.quantization.convert import compiled_runner, quantized_engine
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.outputs import collect_outputs
 from lightning_quant.utils.modules import state_dict_bytes
@@ -29,15 +30,32 @@ def latency_ms(
     """Median wall time in milliseconds of one forward pass at ``batch_size``, after ``warmup`` passes."""
     inputs = example.to("cpu").with_batch_size(batch_size)
     module = module.eval()
-    times = []
     with quantized_engine(engine or torch.backends.quantized.engine), torch.inference_mode():
-        for _ in range(warmup):
-            inputs(module)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            inputs(module)
-            times.append(time.perf_counter() - start)
+        return _median_ms(lambda: inputs(module), repeats, warmup)
+
+
+def _median_ms(run: Callable[[], Any], repeats: int, warmup: int) -> float:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def compiled_latency_ms(
+    module: nn.Module, example: ExampleInputs, batch_size: int, repeats: int = 50, warmup: int = 10
+) -> tuple[float, float]:
+    """``(median ms, compile seconds)`` of ``module`` compiled as it is served (``torch.compile`` with
+    freezing) at ``batch_size``: the first call, which compiles, is timed on its own."""
+    inputs = example.to("cpu").with_batch_size(batch_size)
+    run = compiled_runner(copy.deepcopy(module).eval())
+    start = time.perf_counter()
+    run(inputs)
+    compile_s = time.perf_counter() - start
+    return _median_ms(lambda: run(inputs), repeats, warmup), compile_s
 
 
 def classification_accuracy(
@@ -76,6 +94,10 @@ def compare(
         test_batches: ``(input, target)`` batches for accuracy.
         example: inputs for timing (tiled or cut to each batch size).
         engine: quantized engine the int8 model was converted for.
+
+    An int8 model whose kernels come from ``torch.compile`` (pt2e on x86) is timed compiled
+    (``int8_ms_b<bs>``, its compile time as ``int8_compile_s_b<bs>``) beside fp32 eager and fp32
+    compiled (``fp32_compiled_ms_b<bs>``): uncompiled it would run its quantize/dequantize pairs in float.
         float_eval_model: the model whose accuracy counts as "float" when it is not
             ``float_model`` (a QAT model with quantization switched off, say).
     """
@@ -85,12 +107,20 @@ def compare(
         ),
         "fp32_bytes": state_dict_bytes(float_model),
     }
+    compiled = int8_model is not None and flows.runs_compiled(int8_model)
     if int8_model is not None:
         metrics["int8_acc"] = classification_accuracy(int8_model, test_batches, engine, batch_to_input)
         metrics["int8_bytes"] = state_dict_bytes(int8_model)
     for bs in batch_sizes:
         metrics[f"fp32_ms_b{bs}"] = latency_ms(float_model, example, bs, repeats, warmup)
-        if int8_model is not None:
+        if int8_model is None:
+            continue
+        if compiled:  # int8 kernels come from torch.compile: compare with fp32 compiled too
+            metrics[f"fp32_compiled_ms_b{bs}"], _ = compiled_latency_ms(float_model, example, bs, repeats, warmup)
+            metrics[f"int8_ms_b{bs}"], metrics[f"int8_compile_s_b{bs}"] = compiled_latency_ms(
+                int8_model, example, bs, repeats, warmup
+            )
+        else:
             metrics[f"int8_ms_b{bs}"] = latency_ms(int8_model, example, bs, repeats, warmup, engine)
     return metrics
 
@@ -113,5 +143,20 @@ def comparison_table(metrics: dict[str, Any], batch_sizes: Sequence[int] = (1, 3
     ]
     for bs in batch_sizes:
         fp32, int8 = metrics[f"fp32_ms_b{bs}"], metrics[f"int8_ms_b{bs}"]
-        rows.append((f"latency batch {bs} (ms)", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster"))
+        compiled = metrics.get(f"fp32_compiled_ms_b{bs}")
+        if compiled is None:
+            rows.append((f"latency batch {bs} (ms)", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster"))
+            continue
+        rows.append(
+            (f"latency batch {bs} (ms), float eager", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster")
+        )
+        rows.append(
+            (
+                f"latency batch {bs} (ms), both compiled",
+                f"{compiled:.3f}",
+                f"{int8:.3f}",
+                f"{compiled / int8:.2f}x faster",
+            )
+        )
+        rows.append((f"compile time batch {bs} (s)", "", f"{metrics[f'int8_compile_s_b{bs}']:.1f}", ""))
     return format_table(("", "float", "int8", "change"), rows)

@@ -5,6 +5,7 @@ from lightning_quant.quantization.config import Backend, ExportTarget, Flow, Obs
 from lightning_quant.quantization.convert import convert_copy, quantized_engine
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.flows.fx import FxTracingError
+from lightning_quant.quantization.flows.pt2e import Pt2eExportError, load_pt2
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.ptq import Mode, quantize, quantize_within_budget
 from lightning_quant.quantization.schedule import QATSchedule, quantization_disabled
@@ -19,11 +20,13 @@ __all__ = [
     "Mode",
     "NonFiniteError",
     "Observer",
+    "Pt2eExportError",
     "QATSchedule",
     "QuantizationConfig",
     "SkipSearch",
     "convert_copy",
     "get_flow",
+    "load_pt2",
     "quantization_disabled",
     "quantized_engine",
     "quantize",

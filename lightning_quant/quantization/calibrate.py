@@ -15,10 +15,8 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.ao.nn.intrinsic import _FusedModule
-from torch.ao.quantization import FakeQuantizeBase
-from torch.ao.quantization.observer import ObserverBase
 
+from lightning_quant.quantization import flows
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
 from lightning_quant.quantization.schedule import set_fake_quant, set_observers
 from lightning_quant.utils.modules import within
@@ -26,10 +24,6 @@ from lightning_quant.utils.modules import within
 
 class NonFiniteError(ValueError):
     """NaN or Inf values reached the observers; the message names where they first appeared."""
-
-
-def _is_observer(module: nn.Module) -> bool:
-    return isinstance(module, (ObserverBase, FakeQuantizeBase))
 
 
 def _non_finite(value: Any) -> bool:
@@ -43,10 +37,11 @@ def _non_finite(value: Any) -> bool:
 def _layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Leaf modules (observers excluded) with the name users know them by: a leaf inside a
     fused module (ConvReLU2d...) is reported under the fused module's name."""
-    fused = [name for name, m in model.named_modules() if isinstance(m, _FusedModule)]
+    fused = flows.fused_layers(model)
+    quantizers = flows.quantizer_modules(model)
     layers = []
     for name, module in model.named_modules():
-        if not name or _is_observer(module) or any(not _is_observer(c) for c in module.children()):
+        if not name or id(module) in quantizers or any(id(c) not in quantizers for c in module.children()):
             continue
         owner = within(name, fused) or name
         layers.append((owner, module))

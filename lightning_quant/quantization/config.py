@@ -14,29 +14,30 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.nn as nn
-
-if TYPE_CHECKING:
-    from torch.ao.quantization import QConfigMapping
 
 from lightning_quant.utils.checks import parse_enum, require_module
 
 
 class Backend(str, Enum):
-    """The int8 engine the model is quantized for: ``x86``/``fbgemm`` for servers, ``qnnpack`` for ARM."""
+    """What the int8 model runs on: ``x86``/``fbgemm`` for servers, ``qnnpack`` (torch.ao flows) or
+    ``xnnpack`` (pt2e flow, ExecuTorch) for ARM phones."""
 
     X86 = "x86"
     FBGEMM = "fbgemm"
     QNNPACK = "qnnpack"
+    XNNPACK = "xnnpack"
 
 
 class Flow(str, Enum):
-    """How the model is rewritten: FX graph tracing (automatic) or eager module swapping."""
+    """How the model is rewritten: FX graph tracing (automatic), eager module swapping (both on the
+    deprecated ``torch.ao.quantization``), or ``torch.export`` with torchao's pt2e quantizers."""
 
     FX = "fx"
     EAGER = "eager"
+    PT2E = "pt2e"
 
 
 class Observer(str, Enum):
@@ -48,11 +49,15 @@ class Observer(str, Enum):
 
 
 class ExportTarget(str, Enum):
-    """Where an int8 model is written for: TorchScript for servers, lite interpreter for phones, ONNX."""
+    """Where an int8 model is written for. torch.ao flows: TorchScript for servers, lite interpreter
+    for phones, ONNX. pt2e flow: a ``torch.export`` program (``.pt2``) and an ExecuTorch program
+    (``.pte``, XNNPACK-delegated)."""
 
     TORCHSCRIPT = "torchscript"
     MOBILE = "mobile"
     ONNX = "onnx"
+    PT2 = "pt2"
+    EXECUTORCH = "executorch"
 
 
 class Precision(str, Enum):
@@ -137,22 +142,94 @@ EXPORT_TARGETS = tuple(e.value for e in ExportTarget)
 
 #: Backends whose int8 kernels take per-channel weight scales by default. qnnpack can run
 #: per-channel weights too, but torch's own qnnpack recipe is per-tensor, so that is the default.
-PER_CHANNEL_BY_DEFAULT = (Backend.X86, Backend.FBGEMM)
+PER_CHANNEL_BY_DEFAULT = (Backend.X86, Backend.FBGEMM, Backend.XNNPACK)
+
+#: the backends each flow quantizes for (its first is the default)
+FLOW_BACKENDS: dict[Flow, tuple[Backend, ...]] = {
+    Flow.FX: (Backend.X86, Backend.FBGEMM, Backend.QNNPACK),
+    Flow.EAGER: (Backend.X86, Backend.FBGEMM, Backend.QNNPACK),
+    Flow.PT2E: (Backend.X86, Backend.XNNPACK),
+}
+
+#: the export targets each flow writes (its first is the default)
+FLOW_EXPORTS: dict[Flow, tuple[ExportTarget, ...]] = {
+    Flow.FX: (ExportTarget.TORCHSCRIPT, ExportTarget.MOBILE, ExportTarget.ONNX),
+    Flow.EAGER: (ExportTarget.TORCHSCRIPT, ExportTarget.MOBILE, ExportTarget.ONNX),
+    Flow.PT2E: (ExportTarget.PT2, ExportTarget.EXECUTORCH),
+}
+
+#: export targets that need one backend
+TARGET_BACKENDS: dict[ExportTarget, Backend] = {ExportTarget.EXECUTORCH: Backend.XNNPACK}
+
+#: the optional packages a flow or target needs: (import name, pip install line)
+NEEDS: dict[str, tuple[str, str]] = {
+    Flow.PT2E: ("torchao", "lightning-quant[pt2e]"),
+    Backend.XNNPACK: ("executorch", "lightning-quant[executorch]"),
+    ExportTarget.EXECUTORCH: ("executorch", "lightning-quant[executorch]"),
+}
+
+#: the export default: the flow's first target
+DEFAULT_EXPORT = "default"
 
 
-def _normalise_exports(export: Any) -> tuple[ExportTarget, ...]:
+def _normalise_exports(export: Any) -> tuple[ExportTarget, ...] | str:
     if export is None:
         return ()
+    if export == DEFAULT_EXPORT:
+        return DEFAULT_EXPORT
     if isinstance(export, (str, ExportTarget)):
         export = (export,)
     if not isinstance(export, Sequence):
-        raise TypeError(f"export must be a string or a sequence of {EXPORT_TARGETS}, got {export!r}")
+        raise TypeError(
+            f"export must be {DEFAULT_EXPORT!r}, a target or a sequence of {EXPORT_TARGETS}, got {export!r}"
+        )
     targets = tuple(parse_enum(ExportTarget, item, "each export target") for item in export)
     if len(set(targets)) != len(targets):
         raise ValueError(f"export lists a target twice: {[t.value for t in targets]}")
-    if ExportTarget.ONNX in targets:
-        require_module("onnx", "onnx", 'export="onnx"')
     return targets
+
+
+def default_exports(flow: Flow, backend: Backend) -> tuple[ExportTarget, ...]:
+    """What ``export="default"`` writes: the flow's server file, and its phone file when the backend
+    is a phone backend (torchscript [+ mobile for qnnpack]; pt2 [+ executorch for xnnpack])."""
+    server, phone = FLOW_EXPORTS[flow][0], FLOW_EXPORTS[flow][1]
+    return (server, phone) if backend in (Backend.QNNPACK, Backend.XNNPACK) else (server,)
+
+
+def check_flow_pairs(flow: Flow, backend: Backend, export: tuple[ExportTarget, ...]) -> None:
+    """Raise on a backend or export target the flow does not have, listing the pairs that exist.
+
+    Raises:
+        ValueError: naming what was asked and what each flow offers.
+    """
+    if backend not in FLOW_BACKENDS[flow]:
+        pairs = "; ".join(f"{f.value}: {', '.join(b.value for b in bs)}" for f, bs in FLOW_BACKENDS.items())
+        raise ValueError(f"flow={flow.value!r} has no backend {backend.value!r}; the backends of each flow are {pairs}")
+    for target in export:
+        if target not in FLOW_EXPORTS[flow]:
+            pairs = "; ".join(f"{f.value}: {', '.join(t.value for t in ts)}" for f, ts in FLOW_EXPORTS.items())
+            raise ValueError(
+                f"flow={flow.value!r} cannot export {target.value!r}; the export targets of each flow are {pairs}"
+            )
+        needed = TARGET_BACKENDS.get(target)
+        if needed is not None and backend is not needed:
+            raise ValueError(
+                f"export {target.value!r} needs backend={needed.value!r} (its runtime's kernels), got {backend.value!r}"
+            )
+
+
+def require_packages(flow: Flow, backend: Backend, export: tuple[ExportTarget, ...]) -> None:
+    """Raise ``ModuleNotFoundError`` with the install line when what the config asks for is not installed."""
+    for key, purpose in [
+        (flow, f"flow={flow.value!r}"),
+        (backend, f"backend={backend.value!r}"),
+        *((t, f"export={t.value!r}") for t in export),
+    ]:
+        if key in NEEDS:
+            module, install = NEEDS[key]
+            require_module(module, f"'{install}'", purpose)
+    if ExportTarget.ONNX in export:
+        require_module("onnx", "onnx", 'export="onnx"')
 
 
 def _normalise_skip(skip: Any) -> tuple[str | type, ...]:
@@ -205,10 +282,12 @@ class QuantizationConfig:
             ``"float"``, ``"fp16"``, ``"int4"``) or a mapping of ``precision``, ``observer``,
             ``per_channel``, ``dtype``. A name beats a type, which beats the global options.
             ``skip`` is shorthand for ``"float"``.
-        qconfig_mapping: a ``torch.ao.quantization.QConfigMapping`` used as is (overrides
-            ``observer``, ``per_channel`` and ``skip``).
+        qconfig_mapping: fx and eager flows: a ``torch.ao.quantization.QConfigMapping`` used as is
+            (overrides ``observer``, ``per_channel`` and ``skip``); the flow checks its type.
         modules_to_fuse: eager flow only: explicit groups of module names to fuse.
-        export: any of ``"torchscript"``, ``"mobile"``, ``"onnx"``.
+        export: ``"default"`` (the flow's server file, and its phone file for qnnpack/xnnpack:
+            :func:`default_exports`), ``None``, or any of the flow's targets: ``"torchscript"``,
+            ``"mobile"``, ``"onnx"`` (fx, eager); ``"pt2"``, ``"executorch"`` (pt2e).
         export_dir: folder for exported files; ``None`` means ``<trainer.log_dir>/quantized``.
 
     Strings are accepted wherever an enum is expected (``backend="qnnpack"``, as YAML gives them)
@@ -217,7 +296,8 @@ class QuantizationConfig:
     Raises:
         ValueError: an option outside its allowed values.
         TypeError: an option of the wrong type.
-        ModuleNotFoundError: ``export`` names ONNX and the ``onnx`` package is missing.
+        ModuleNotFoundError: the flow, backend or an export target needs a package that is
+            missing (``onnx``; torchao for pt2e; executorch for xnnpack); the message has the install line.
 
     Example::
 
@@ -232,9 +312,9 @@ class QuantizationConfig:
     per_channel: bool | None = None
     skip: tuple[str | type, ...] = ()
     layers: tuple[tuple[str | type, LayerSetting], ...] = ()
-    qconfig_mapping: QConfigMapping | None = None
+    qconfig_mapping: Any = None
     modules_to_fuse: tuple[tuple[str, ...], ...] | None = None
-    export: tuple[ExportTarget, ...] = (ExportTarget.TORCHSCRIPT,)
+    export: tuple[ExportTarget, ...] = DEFAULT_EXPORT  # type: ignore[assignment]  # resolved in __post_init__
     export_dir: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
@@ -254,28 +334,37 @@ class QuantizationConfig:
             raise ValueError(f"{sorted(map(str, both))} are in both skip and layers: say it once (skip means 'float')")
         if self.layers and self.qconfig_mapping is not None:
             raise ValueError("layers and qconfig_mapping both say how layers are quantized: pass one of them")
-        if self.qconfig_mapping is not None:
-            from torch.ao.quantization import QConfigMapping
-
-            if not isinstance(self.qconfig_mapping, QConfigMapping):
-                raise TypeError(
-                    "qconfig_mapping must be a torch.ao.quantization.QConfigMapping or None, "
-                    f"got {type(self.qconfig_mapping).__name__}"
-                )
+        if self.qconfig_mapping is not None and self.flow is Flow.PT2E:
+            raise ValueError(
+                'qconfig_mapping is a torch.ao setting of flow="fx"/"eager"; with flow="pt2e" say per-layer '
+                "settings with layers= (or skip=)"
+            )
         self.modules_to_fuse = _normalise_fuse(self.modules_to_fuse)
         if self.modules_to_fuse is not None and self.flow is not Flow.EAGER:
             raise ValueError(
                 'modules_to_fuse is for flow="eager" only (flow="fx" fuses automatically), '
                 f"got flow={self.flow.value!r}"
             )
-        self.export = _normalise_exports(self.export)
+        export = _normalise_exports(self.export)
+        self.export = default_exports(self.flow, self.backend) if export == DEFAULT_EXPORT else export  # type: ignore[assignment]
+        check_flow_pairs(self.flow, self.backend, self.export)
+        require_packages(self.flow, self.backend, self.export)
         if self.export_dir is not None and not isinstance(self.export_dir, (str, os.PathLike)):
             raise TypeError(f"export_dir must be a path or None, got {self.export_dir!r}")
 
     @property
     def engine(self) -> str:
-        """The ``torch.backends.quantized.engine`` the int8 model runs on."""
-        return self.backend.value
+        """The ``torch.backends.quantized.engine`` the int8 model runs on. pt2e models do not use
+        torch's quantized engines (their int8 kernels come from Inductor or ExecuTorch): the
+        process's current engine, so selecting it changes nothing."""
+        return pt2e_engine() if self.flow is Flow.PT2E else self.backend.value
+
+
+def pt2e_engine() -> str:
+    """The quantized engine named for pt2e models, which use none: the current one."""
+    import torch
+
+    return str(torch.backends.quantized.engine)
 
 
 def _same(value: Any, default: Any) -> bool:

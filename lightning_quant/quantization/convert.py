@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
-from torch.ao.quantization.observer import ObserverBase
 
+from lightning_quant.quantization import flows
 from lightning_quant.quantization.config import Flow
 from lightning_quant.quantization.flows import get_flow
+from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 
 
 @contextlib.contextmanager
@@ -39,6 +42,25 @@ def quantized_engine(engine: str) -> Iterator[None]:
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
+def compiled_runner(module: nn.Module) -> Callable[[ExampleInputs], Any]:
+    """Run ``module`` the way a pt2e model is served: ``torch.compile`` with freezing (weights
+    folded and int8 kernels chosen by Inductor), without gradients. Compiles at the first call."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(module, dynamic=False)
+
+    def run(inputs: ExampleInputs) -> Any:
+        with (
+            inductor_config.patch(freezing=True),
+            torch.inference_mode(False),
+            torch.no_grad(),
+            known_torch_warnings_silenced(),
+        ):
+            return inputs(compiled)  # type: ignore[arg-type]  # a compiled module is called like the module
+
+    return run
+
+
 def for_inference(model: nn.Module) -> nn.Module:
     """An int8 model is an inference artifact: eval mode and no parameter that asks for gradients
     (layers kept in float included)."""
@@ -62,9 +84,9 @@ def allow_int8_kernels_under_determinism() -> bool:
 def unobserved(prepared: nn.Module) -> list[str]:
     """Names of observers in ``prepared`` that have never seen data (their range is still empty)."""
     names = []
-    for name, module in prepared.named_modules():
+    for name, module in flows.observers(prepared):
         min_val = getattr(module, "min_val", None)
-        if isinstance(module, ObserverBase) and isinstance(min_val, torch.Tensor):
+        if isinstance(min_val, torch.Tensor):
             if min_val.numel() == 0 or bool(torch.isinf(min_val).any()):
                 names.append(name)
     return names

@@ -16,11 +16,13 @@ process group's backend needs); in a single process there is none and nothing ch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.ao.quantization.observer import HistogramObserver, ObserverBase
+
+from lightning_quant.quantization import flows
 
 
 @dataclass(frozen=True)
@@ -59,8 +61,8 @@ class RankReducer:
         return self._reduce(tensor, dist.ReduceOp.MAX)
 
 
-def _observers(model: nn.Module) -> list[tuple[str, ObserverBase]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, ObserverBase)]
+def _observers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return flows.observers(model)
 
 
 def reduce_observers(model: nn.Module, reducer: RankReducer | None) -> int:
@@ -79,7 +81,7 @@ def reduce_observers(model: nn.Module, reducer: RankReducer | None) -> int:
         if min_val.numel() == 0:  # a per-channel observer that saw nothing: the same on every rank
             continue
         new_min, new_max = reducer.min(min_val), reducer.max(max_val)
-        if isinstance(observer, HistogramObserver):
+        if flows.is_histogram(observer):
             _merge_histogram(observer, new_min, new_max, reducer)
         min_val.copy_(new_min)
         max_val.copy_(new_max)
@@ -87,9 +89,7 @@ def reduce_observers(model: nn.Module, reducer: RankReducer | None) -> int:
     return merged
 
 
-def _merge_histogram(
-    observer: HistogramObserver, new_min: torch.Tensor, new_max: torch.Tensor, reducer: RankReducer
-) -> None:
+def _merge_histogram(observer: Any, new_min: torch.Tensor, new_max: torch.Tensor, reducer: RankReducer) -> None:
     """Re-bin this rank's histogram into ``[new_min, new_max]`` as the observer does when its range
     grows (``_combine_histograms``), then sum the histograms of every rank."""
     histogram = observer.histogram

@@ -112,6 +112,38 @@ def forward_signature(module: torch.nn.Module) -> inspect.Signature:
     return getattr(module, "input_signature", None) or inspect.signature(module.forward)
 
 
+def dynamic_shapes(
+    module: torch.nn.Module, example: ExampleInputs, max_batch: int | None = None, max_sequence: int | None = None
+) -> dict[str, Any] | tuple[Any, ...]:
+    """``torch.export`` dynamic shapes for ``example``: the batch axis of every tensor input, and the
+    sequence axis of integer inputs (token ids). Unbounded ones are left to export (``Dim.AUTO``);
+    a runtime that plans its memory ahead (ExecuTorch) needs ``max_batch`` and ``max_sequence``."""
+    from torch.export import Dim
+
+    batch = Dim("batch", min=1, max=max_batch) if max_batch else Dim.AUTO
+    sequence = Dim("sequence", min=1, max=max_sequence) if max_sequence else Dim.AUTO
+
+    def spec(value: Any) -> Any:
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            return None
+        axes = {0: batch}
+        if not value.is_floating_point() and value.dim() >= 2:
+            axes[1] = sequence
+        return axes
+
+    signature = forward_signature(module)
+    kinds = {name: p.kind for name, p in signature.parameters.items()}
+    if inspect.Parameter.VAR_POSITIONAL in kinds.values():
+        return tuple(spec(v) for v in example.args)
+    shapes: dict[str, Any] = {}
+    for name, value in signature.bind_partial(*example.args, **example.kwargs).arguments.items():
+        if kinds[name] is inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {key: spec(v) for key, v in value.items()}
+        else:
+            shapes[name] = spec(value)
+    return shapes
+
+
 def _bound_arguments(module: torch.nn.Module, example: ExampleInputs) -> dict[str, Any]:
     """``example``'s inputs by parameter name (``arg0``... where they do not fit the signature)."""
     try:

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch.nn as nn
 
+from lightning_quant.quantization import flows
 from lightning_quant.quantization.calibrate import calibrate
-from lightning_quant.quantization.config import LayerSetting, Precision, QuantizationConfig, config_from
+from lightning_quant.quantization.config import Flow, LayerSetting, Precision, QuantizationConfig, config_from
 from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.distributed import RankReducer, reduce_observers
 from lightning_quant.quantization.dynamic import (
@@ -26,7 +27,7 @@ from lightning_quant.quantization.dynamic import (
 )
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, batch_targets
-from lightning_quant.quantization.qconfig import STATIC_PRECISIONS, check_static_setting, resolve_layers
+from lightning_quant.quantization.layers import STATIC_PRECISIONS, check_static_setting, resolve_layers
 from lightning_quant.quantization.search import (
     PrecisionSearch,
     SkipSearch,
@@ -48,16 +49,6 @@ class Mode(str, Enum):
 
 
 MODES = tuple(m.value for m in Mode)
-
-
-def _has_quantized_modules(model: nn.Module) -> bool:
-    """Whether some layer computes in int8: quantized modules, fused ones (``ConvReLU2d``...) included."""
-    return any(
-        type(m).__module__.startswith("torch.ao.nn.")
-        and ".quantized" in type(m).__module__
-        and not type(m).__name__.startswith(("Quantize", "DeQuantize"))
-        for m in model.modules()
-    )
 
 
 def prepare_and_calibrate(
@@ -106,7 +97,7 @@ def convert_calibrated(prepared: nn.Module, config: QuantizationConfig, engine: 
         ValueError: no layer was converted to int8.
     """
     int8 = convert_copy(prepared, config.flow, engine or config.engine)
-    if not _has_quantized_modules(int8):
+    if not flows.has_int8_layers(int8):
         raise ValueError(
             "nothing to quantize statically: no layer was converted to int8 (static mode quantizes Conv, "
             'Linear and their fusions); check skip, or use mode="dynamic" for LSTM/GRU models'
@@ -117,15 +108,23 @@ def convert_calibrated(prepared: nn.Module, config: QuantizationConfig, engine: 
 STATIC_LAYER_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def check_mode_options(mode: Mode, dtype: str, module_types: Sequence[str | type]) -> tuple[type, ...]:
+def check_mode_options(
+    mode: Mode, dtype: str, module_types: Sequence[str | type], flow: Flow = Flow.FX
+) -> tuple[type, ...]:
     """Validate the options that belong to one mode; returns the dynamic mode's module types.
 
     ``dtype`` and ``module_types`` say what dynamic mode quantizes; static mode quantizes
     Conv/Linear (and their fusions) with calibrated activations and takes neither.
 
     Raises:
-        ValueError: an invalid value, or a dynamic-mode option set for ``mode="static"``.
+        ValueError: an invalid value, a dynamic-mode option set for ``mode="static"``, or
+            ``mode="dynamic"`` with ``flow="pt2e"``.
     """
+    if mode is Mode.DYNAMIC and flow is Flow.PT2E:
+        raise ValueError(
+            "mode='dynamic' swaps in torch.ao's dynamic int8 modules, which flow='pt2e' and its pt2/executorch "
+            "files do not hold; use flow='fx' (the default) for dynamic mode, or mode='static' with flow='pt2e'"
+        )
     types = check_dynamic_options(dtype, module_types)
     if mode is Mode.STATIC and (dtype != "qint8" or types != DEFAULT_DYNAMIC_TYPES):
         given = [
@@ -332,6 +331,7 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | PrecisionSe
     """The body of :func:`quantize`: ``args`` are its arguments by name."""
     mode = parse_enum(Mode, args["mode"], "mode")
     config = config_from(args["config"], args, inspect.signature(quantize).parameters, "quantize")
+    get_flow(config.flow).check(config)
     config = dataclasses.replace(config, export=())
     calibration_batches = check_positive_int(args["calibration_batches"], "calibration_batches")
     max_metric_drop = check_non_negative(args["max_metric_drop"], "max_metric_drop", allow_none=True)
@@ -341,7 +341,7 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | PrecisionSe
     dtype, module_types = args["dtype"], args["module_types"]
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    check_mode_options(mode, dtype, module_types)
+    check_mode_options(mode, dtype, module_types, config.flow)
     ladder = check_precision_ladder(args["search_precisions"], search_precisions_of(mode))
     max_size_bytes = check_positive_int(args["max_size_bytes"], "max_size_bytes", allow_none=True)
     searching = max_metric_drop is not None or max_size_bytes is not None

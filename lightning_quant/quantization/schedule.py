@@ -18,28 +18,26 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn as nn
-from torch.ao.quantization import FakeQuantizeBase
-from torch.ao.quantization.observer import ObserverBase
 
+from lightning_quant.quantization import flows
 from lightning_quant.utils.checks import check_epoch
 
-#: every BatchNorm layer, SyncBatchNorm (what Trainer(sync_batchnorm=True) swaps in) included
-_BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
+
+def fake_quantizers(module: nn.Module) -> list[Any]:
+    """The fake-quantize modules of a prepared model, whichever flow prepared it."""
+    return [m for _, m in flows.fake_quantizers(module)]
 
 
-def fake_quantizers(module: nn.Module) -> list[FakeQuantizeBase]:
-    return [m for m in module.modules() if isinstance(m, FakeQuantizeBase)]
-
-
-def observers(module: nn.Module) -> list[ObserverBase]:
-    return [m for m in module.modules() if isinstance(m, ObserverBase)]
+def observers(module: nn.Module) -> list[Any]:
+    return [m for _, m in flows.observers(module)]
 
 
 def is_prepared(module: nn.Module) -> bool:
     """Whether ``module`` already carries observers or fake quantization (prepared by a flow)."""
-    return any(isinstance(m, (FakeQuantizeBase, ObserverBase)) for m in module.modules())
+    return flows.is_prepared(module)
 
 
 def set_fake_quant(module: nn.Module, enabled: bool) -> None:
@@ -54,26 +52,21 @@ def set_observers(module: nn.Module, enabled: bool) -> None:
 
 def observer_states(module: nn.Module) -> dict[str, bool]:
     """Which fake-quantize modules currently observe, by name."""
-    return {name: bool(m.observer_enabled[0]) for name, m in module.named_modules() if isinstance(m, FakeQuantizeBase)}
+    return {name: bool(m.observer_enabled[0]) for name, m in flows.fake_quantizers(module)}
 
 
 def restore_observer_states(module: nn.Module, states: dict[str, bool]) -> None:
-    for name, m in module.named_modules():
-        if isinstance(m, FakeQuantizeBase) and name in states:
+    for name, m in flows.fake_quantizers(module):
+        if name in states:
             m.enable_observer(states[name])
 
 
 def set_bn_frozen(module: nn.Module, frozen: bool) -> None:
-    """Freeze (or unfreeze) BatchNorm statistics: fused QAT Conv/Linear-BN modules and plain BN layers.
-
-    Fused QAT modules keep a ``freeze_bn`` flag. Plain BN layers are put in eval mode, which
-    Lightning undoes when it switches the model back to training, so call this again then.
-    """
-    for m in module.modules():
-        if hasattr(m, "freeze_bn_stats") and hasattr(m, "freeze_bn"):
-            getattr(m, "freeze_bn_stats" if frozen else "update_bn_stats")()
-        elif isinstance(m, _BATCHNORMS) and frozen:
-            m.eval()
+    """Freeze (or unfreeze) the BatchNorm statistics of a prepared model, as its flow does it
+    (fused QAT modules' flag and plain BN layers in eval mode for torch.ao, which Lightning undoes
+    when it switches the model back to training, so call this again then; the graph's batch-norm
+    nodes for pt2e)."""
+    flows.set_bn_frozen(module, frozen)
 
 
 @contextlib.contextmanager
@@ -90,20 +83,16 @@ def observers_paused(module: nn.Module) -> Iterator[None]:
 @contextlib.contextmanager
 def quantization_disabled(module: nn.Module) -> Iterator[None]:
     """Run a prepared model in plain float for the block (fake quantization and observers off)."""
-    states = {
-        name: (bool(m.fake_quant_enabled[0]), bool(m.observer_enabled[0]))
-        for name, m in module.named_modules()
-        if isinstance(m, FakeQuantizeBase)
-    }
+    quantizers = flows.fake_quantizers(module)
+    states = [(m, bool(m.fake_quant_enabled[0]), bool(m.observer_enabled[0])) for _, m in quantizers]
     set_fake_quant(module, False)
     set_observers(module, False)
     try:
         yield
     finally:
-        for name, m in module.named_modules():
-            if name in states:
-                m.enable_fake_quant(states[name][0])
-                m.enable_observer(states[name][1])
+        for m, fake_quant, observing in states:
+            m.enable_fake_quant(fake_quant)
+            m.enable_observer(observing)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_quant import load_pt2
 from lightning_quant.quantization.convert import quantized_engine
+from tests.helpers import requires_torchao
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,22 +34,42 @@ def run_app(tmp_path: Path, *overrides: str) -> tuple[str, dict]:
     return result.stdout, json.loads((tmp_path / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("flow", ["fx", "eager"])
-def test_app_qat_on_digits_int8_within_one_point_of_float(flow, tmp_path):
-    stdout, metrics = run_app(tmp_path, f"quant.flow={flow}")
+@pytest.mark.parametrize(
+    ("flow", "backend"),
+    [
+        ("fx", "x86"),
+        ("eager", "x86"),
+        pytest.param("pt2e", "x86", marks=requires_torchao),
+        pytest.param("pt2e", "xnnpack", marks=requires_torchao),
+    ],
+)
+def test_app_qat_on_digits_int8_within_one_point_of_float(flow, backend, tmp_path):
+    stdout, metrics = run_app(tmp_path, f"quant.flow={flow}", f"backend={backend}")
     assert metrics["float_acc"] >= 0.95
     assert metrics["int8_acc"] >= metrics["float_acc"] - 0.01
     assert 3.0 < metrics["fp32_bytes"] / metrics["int8_bytes"] < 4.2
     assert f"quant.flow={flow}" in metrics["overrides"]
-    for line in ("| accuracy (test)", "| weights (bytes)", "| latency batch 1 (ms)", "| latency batch 32 (ms)"):
+    compiled = flow == "pt2e" and backend == "x86"  # its int8 kernels come from torch.compile
+    latency = (
+        ["| latency batch 1 (ms), both compiled", "| compile time batch 1 (s)"] if compiled else ["| latency batch 1"]
+    )
+    for line in ("| accuracy (test)", "| weights (bytes)", *latency):
         assert line in stdout
     paths = metrics["export_paths"]
-    assert sorted(paths) == ["mobile", "torchscript"]
-    scripted = torch.jit.load(paths["torchscript"])
-    with torch.no_grad(), quantized_engine("x86"):
-        out = scripted(torch.rand(2, 1, 8, 8) * 16)  # digits pixels are 0..16
+    digits = torch.rand(2, 1, 8, 8) * 16  # digits pixels are 0..16
+    if flow != "pt2e":
+        assert sorted(paths) == ["torchscript"]
+        with torch.no_grad(), quantized_engine("x86"):
+            out = torch.jit.load(paths["torchscript"])(digits)
+    else:
+        assert sorted(paths) == (["pt2"] if backend == "x86" else ["executorch", "pt2"])
+        out = load_pt2(paths["pt2"]).eval()(digits)
     assert out.shape == (2, 10) and bool(torch.isfinite(out).all())
-    assert Path(paths["mobile"]).stat().st_size > 10_000
+    if backend == "xnnpack":
+        from executorch.runtime import Runtime
+
+        method = Runtime.get().load_program(paths["executorch"]).load_method("forward")
+        torch.testing.assert_close(method.execute([digits])[0], out, rtol=0, atol=0.05 * float(out.abs().max()))
 
 
 def test_app_checkpoint_to_int8_without_training(tmp_path):
@@ -58,7 +80,7 @@ def test_app_checkpoint_to_int8_without_training(tmp_path):
     assert metrics["global_step"] == 0
     assert metrics["float_acc"] >= 0.9 and metrics["int8_acc"] >= metrics["float_acc"] - 0.01
     assert "| accuracy (test)" in stdout and "exports:" in stdout
-    assert sorted(metrics["export_paths"]) == ["mobile", "torchscript"]
+    assert sorted(metrics["export_paths"]) == ["torchscript"]  # export "default" on x86
     assert not list(second.glob("**/*.ckpt"))  # nothing trained, nothing saved
 
 
@@ -96,7 +118,7 @@ def test_app_ptq_of_a_qat_checkpoint_converts_it_with_its_learnt_ranges(tmp_path
     stdout, metrics = run_app(second, "quant=ptq", f"ckpt_path='{checkpoint}'")
     assert metrics["global_step"] == 0  # no training step
     assert metrics["int8_acc"] == pytest.approx(trained["int8_acc"])  # the same int8 model as the QAT run's
-    assert sorted(metrics["export_paths"]) == ["mobile", "torchscript"]
+    assert sorted(metrics["export_paths"]) == ["torchscript"]  # export "default" on x86
 
 
 def test_app_float_load_of_a_qat_checkpoint_names_the_way_out(tmp_path):

@@ -52,7 +52,7 @@ def instantiate_all(cfg) -> dict:
 
 def test_every_group_has_its_options():
     assert options("quant") == ["dynamic", "none", "ptq", "qat", "qat_kd"]
-    assert options("backend") == ["fbgemm", "qnnpack", "x86"]
+    assert options("backend") == ["fbgemm", "qnnpack", "x86", "xnnpack"]
     assert options("observer") == ["histogram", "minmax", "moving_average"]
     assert options("logger") == ["csv", "none", "tensorboard"]
     assert options("experiment") == [
@@ -85,9 +85,21 @@ def test_quant_configs(option, tmp_path):
 @pytest.mark.parametrize("quant", ["qat", "ptq"])
 @pytest.mark.parametrize("backend", options("backend"))
 def test_backend_configs(backend, quant, tmp_path):
-    callback = instantiate_all(composed(f"quant={quant}", f"backend={backend}", tmp_path=tmp_path))["quant"]
+    flow = "pt2e" if backend == "xnnpack" else "fx"  # xnnpack is a backend of the pt2e flow only
+    if flow == "pt2e":
+        pytest.importorskip("executorch")
+    overrides = (f"quant={quant}", f"backend={backend}", f"quant.flow={flow}")
+    callback = instantiate_all(composed(*overrides, tmp_path=tmp_path))["quant"]
     assert callback.config.backend.value == backend
     assert callback.config.per_channel is (backend != "qnnpack")
+    phone = {"qnnpack": "mobile", "xnnpack": "executorch"}
+    server = "pt2" if flow == "pt2e" else "torchscript"
+    assert [t.value for t in callback.config.export] == [server, *([phone[backend]] if backend in phone else [])]
+
+
+def test_xnnpack_with_the_fx_flow_names_the_pairs_that_exist(tmp_path):
+    with pytest.raises(Exception, match=r"flow='fx' has no backend 'xnnpack'; the backends of each flow are"):
+        instantiate_all(composed("backend=xnnpack", tmp_path=tmp_path))
 
 
 @pytest.mark.parametrize("observer", options("observer"))

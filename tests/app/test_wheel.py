@@ -71,7 +71,7 @@ def test_wheel_installed_in_a_fresh_virtualenv_runs_the_default_experiment(tmp_p
     metrics = json.loads(metrics_file.read_text())
     assert metrics["status"] == "ok" and metrics["float_acc"] >= 0.9
     assert metrics["int8_acc"] >= metrics["float_acc"] - 0.02
-    assert sorted(metrics["export_paths"]) == ["mobile", "torchscript"]
+    assert sorted(metrics["export_paths"]) == ["torchscript"]  # export "default" on x86
     assert all(
         Path(p).is_relative_to(empty) and Path(p).stat().st_size > 10_000 for p in metrics["export_paths"].values()
     )

@@ -13,13 +13,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_quant import FxTracingError, QuantizationAwareTraining
+from lightning_quant.quantization.flows import int8_layers
 from lightning_quant.quantization.schedule import fake_quantizers, is_prepared
 from tests.helpers import (
+    FLOWS,
     BoringClassifier,
     TinyNet,
     TwoInputClassifier,
     TwoInputNet,
     assert_same_state,
+    bn_frozen_flags,
     fake_quant_flags,
     quant_state,
     quiet_trainer,
@@ -32,8 +35,12 @@ from tests.helpers import (
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"backend": "arm"}, ValueError, r"backend must be one of \('x86', 'fbgemm', 'qnnpack'\), got 'arm'"),
-        ({"flow": "graph"}, ValueError, r"flow must be one of \('fx', 'eager'\), got 'graph'"),
+        (
+            {"backend": "arm"},
+            ValueError,
+            r"backend must be one of \('x86', 'fbgemm', 'qnnpack', 'xnnpack'\), got 'arm'",
+        ),
+        ({"flow": "graph"}, ValueError, r"flow must be one of \('fx', 'eager', 'pt2e'\), got 'graph'"),
         (
             {"observer": "ema"},
             ValueError,
@@ -52,7 +59,7 @@ from tests.helpers import (
         (
             {"export": "tflite"},
             ValueError,
-            r"each export target must be one of \('torchscript', 'mobile', 'onnx'\), got 'tflite'",
+            r"each export target must be one of \('torchscript', 'mobile', 'onnx', 'pt2', 'executorch'\), got 'tflite'",
         ),
     ],
 )
@@ -256,7 +263,7 @@ class _ScheduleSpy(Callback):
         epoch = trainer.current_epoch
         self.start[epoch] = quant_state(pl_module.net)
         self.flags[epoch] = fake_quant_flags(pl_module.net)
-        self.freeze_bn[epoch] = {m.freeze_bn for m in pl_module.net.modules() if hasattr(m, "freeze_bn")}
+        self.freeze_bn[epoch] = bn_frozen_flags(pl_module.net)
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.end[trainer.current_epoch] = quant_state(pl_module.net)
@@ -266,9 +273,12 @@ def _changed(a, b, suffix):
     return any(not torch.equal(a[k], b[k]) for k in a if k.endswith(suffix))
 
 
-def test_qat_schedule_points_hold():
+@pytest.mark.parametrize("flow", FLOWS)
+def test_qat_schedule_points_hold(flow):
     spy = _ScheduleSpy()
-    callback = QuantizationAwareTraining(quant_start_epoch=1, freeze_bn_epoch=2, freeze_observers_epoch=3, export=None)
+    callback = QuantizationAwareTraining(
+        flow=flow, quant_start_epoch=1, freeze_bn_epoch=2, freeze_observers_epoch=3, export=None
+    )
     quiet_trainer(callbacks=[callback, spy], max_epochs=4).fit(BoringClassifier())
 
     assert spy.flags == {0: {(False, False)}, 1: {(True, True)}, 2: {(True, True)}, 3: {(True, False)}}
@@ -312,7 +322,8 @@ def test_qat_plain_batchnorm_stays_frozen_after_validation():
 
 
 # ---------------------------------------------------------------- evaluation never observes
-def test_qat_validate_test_predict_and_sanity_check_do_not_move_ranges():
+@pytest.mark.parametrize("flow", FLOWS)
+def test_qat_validate_test_predict_and_sanity_check_do_not_move_ranges(flow):
     class SanitySpy(Callback):
         def on_train_start(self, trainer, pl_module):
             self.min_vals = [
@@ -322,7 +333,7 @@ def test_qat_validate_test_predict_and_sanity_check_do_not_move_ranges():
             ]
 
     sanity = SanitySpy()
-    callback = QuantizationAwareTraining(export=None)
+    callback = QuantizationAwareTraining(flow=flow, export=None)
     model = BoringClassifier()
     trainer = quiet_trainer(callbacks=[callback, sanity], num_sanity_val_steps=2, max_epochs=1)
     trainer.fit(model)
@@ -338,8 +349,9 @@ def test_qat_validate_test_predict_and_sanity_check_do_not_move_ranges():
 
 
 # ---------------------------------------------------------------- convert keeps the QAT model
-def test_qat_convert_leaves_qat_model_trainable_and_fit_can_run_again(tmp_path):
-    callback = QuantizationAwareTraining(export=None)
+@pytest.mark.parametrize("flow", FLOWS)
+def test_qat_convert_leaves_qat_model_trainable_and_fit_can_run_again(flow, tmp_path):
+    callback = QuantizationAwareTraining(flow=flow, export=None)
     model = BoringClassifier()
     quiet_trainer(callbacks=[callback], max_epochs=1).fit(model)
     qat_net = model.net
@@ -355,15 +367,18 @@ def test_qat_convert_leaves_qat_model_trainable_and_fit_can_run_again(tmp_path):
     assert callback.quantized_model is not first_int8
 
 
-def test_qat_test_from_checkpoint_of_fresh_model(tmp_path):
+@pytest.mark.parametrize("flow", FLOWS)
+def test_qat_test_from_checkpoint_of_fresh_model(flow, tmp_path):
     seed_everything(0)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     model = BoringClassifier()
     quiet_trainer(
-        callbacks=[QuantizationAwareTraining(export=None), checkpoint], enable_checkpointing=True, max_epochs=2
+        callbacks=[QuantizationAwareTraining(flow=flow, export=None), checkpoint],
+        enable_checkpointing=True,
+        max_epochs=2,
     ).fit(model)
     fresh = BoringClassifier()
-    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(export=None)])
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(flow=flow, export=None)])
     trainer.test(fresh, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
     assert_same_state(quant_state(model.net), quant_state(fresh.net))
     for key, value in model.net.state_dict().items():
@@ -385,30 +400,33 @@ class _PhaseSpy(Callback):
         self.first = getattr(self, "first", None) or (
             trainer.current_epoch,
             fake_quant_flags(pl_module.net),
-            {m.freeze_bn for m in pl_module.net.modules() if hasattr(m, "freeze_bn")},
+            bn_frozen_flags(pl_module.net),
         )
 
 
-def _schedule_callback():
-    return QuantizationAwareTraining(quant_start_epoch=1, freeze_bn_epoch=2, freeze_observers_epoch=3, export=None)
+def _schedule_callback(flow="fx"):
+    return QuantizationAwareTraining(
+        flow=flow, quant_start_epoch=1, freeze_bn_epoch=2, freeze_observers_epoch=3, export=None
+    )
 
 
-def test_qat_crash_then_resume_matches_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("flow", FLOWS)
+def test_qat_crash_then_resume_matches_uninterrupted_run(flow, tmp_path):
     seed_everything(0)
     reference = BoringClassifier()
-    quiet_trainer(callbacks=[_schedule_callback()], max_epochs=4).fit(reference)
+    quiet_trainer(callbacks=[_schedule_callback(flow)], max_epochs=4).fit(reference)
 
     seed_everything(0)
     crashed = BoringClassifier()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
     with pytest.raises(RuntimeError, match="simulated crash"):
         quiet_trainer(
-            callbacks=[_schedule_callback(), checkpoint, _CrashAt(3)], enable_checkpointing=True, max_epochs=4
+            callbacks=[_schedule_callback(flow), checkpoint, _CrashAt(3)], enable_checkpointing=True, max_epochs=4
         ).fit(crashed)
 
     resumed = BoringClassifier()
     spy = _PhaseSpy()
-    callback = _schedule_callback()
+    callback = _schedule_callback(flow)
     quiet_trainer(callbacks=[callback, spy], max_epochs=4).fit(resumed, ckpt_path=str(tmp_path / "last.ckpt"))
     # it resumed in epoch 3 with the schedule of epoch 3: observers frozen, BN frozen
     assert spy.first == (3, {(True, False)}, {True})
@@ -417,7 +435,7 @@ def test_qat_crash_then_resume_matches_uninterrupted_run(tmp_path):
 
 
 # ---------------------------------------------------------------- several inputs, keywords, both flows
-@pytest.mark.parametrize("flow", ["fx", "eager"])
+@pytest.mark.parametrize("flow", ["eager", *FLOWS])
 def test_qat_keyword_and_multi_input_model(flow, tmp_path):
     callback = QuantizationAwareTraining(
         flow=flow, export_dir=tmp_path, batch_to_input=lambda batch: {"x": batch[0][0], "extra": batch[0][1]}
@@ -436,7 +454,8 @@ def test_qat_keyword_and_multi_input_model(flow, tmp_path):
         int8_out = callback.quantized_model(x, extra=extra)
     assert int8_out.shape == (8, 4)
     assert (int8_out - float_out).abs().max() < 0.25 * float_out.abs().max()
-    assert callback.export_records["torchscript"].max_abs_diff == 0.0
+    (record,) = callback.export_records.values()  # the flow's server file: torchscript or pt2
+    assert record.path.exists() and record.max_abs_diff < 0.02 * float_out.abs().max()
 
 
 # ---------------------------------------------------------------- outside fit, checkpoints, failures
@@ -466,21 +485,24 @@ def test_qat_outside_fit_leaves_a_float_model_float(stage):
     )
 
 
-def test_qat_checkpoint_validates_as_the_trained_qat_model(tmp_path):
+@pytest.mark.parametrize("flow", FLOWS)
+def test_qat_checkpoint_validates_as_the_trained_qat_model(flow, tmp_path):
     seed_everything(0)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     model = BoringClassifier()
     trainer = quiet_trainer(
-        callbacks=[QuantizationAwareTraining(export=None), checkpoint], enable_checkpointing=True, max_epochs=2
+        callbacks=[QuantizationAwareTraining(flow=flow, export=None), checkpoint],
+        enable_checkpointing=True,
+        max_epochs=2,
     )
     trainer.fit(model)
     trained = trainer.validate(model, verbose=False)[0]["val_loss"]
     fresh = BoringClassifier()
-    qat = QuantizationAwareTraining(export=None)
+    qat = QuantizationAwareTraining(flow=flow, export=None)
     again = quiet_trainer(callbacks=[qat]).validate(fresh, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
     assert is_prepared(fresh.net) and again[0]["val_loss"] == pytest.approx(trained)
     qat.convert_and_export(quiet_trainer(), fresh)  # the QAT checkpoint to int8 without training
-    assert "quantized" in type(qat.quantized_model.head).__module__
+    assert int8_layers(qat.quantized_model)["head"] == "int8"
 
 
 def test_qat_checkpoint_with_other_settings_names_them(tmp_path):

@@ -8,13 +8,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import requires_torchao
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_qat.py"
 
 
-def test_qat_ddp_two_cpu_processes_end_with_identical_quantization_state(tmp_path):
+@pytest.mark.parametrize(
+    ("flow", "file"), [("fx", "model_int8.pt"), pytest.param("pt2e", "model_int8.pt2", marks=requires_torchao)]
+)
+def test_qat_ddp_two_cpu_processes_end_with_identical_quantization_state(flow, file, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, str(SCRIPT), str(tmp_path), flow], capture_output=True, text=True, env=env, timeout=300
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -23,7 +28,7 @@ def test_qat_ddp_two_cpu_processes_end_with_identical_quantization_state(tmp_pat
         assert torch.equal(rank0[key], rank1[key]), key
     assert any(not torch.equal(v, torch.ones_like(v)) for k, v in rank0.items() if k.endswith(".scale"))
     # only global rank 0 writes the export
-    assert (tmp_path / "rank0_files.txt").read_text() == "model_int8.pt"
+    assert (tmp_path / "rank0_files.txt").read_text() == file
     assert (tmp_path / "rank1_files.txt").read_text() == ""
     # int8 validation and the report measure every rank's validation shard together, the same on both ranks
     m0, m1 = torch.load(tmp_path / "rank0_metrics.pt"), torch.load(tmp_path / "rank1_metrics.pt")

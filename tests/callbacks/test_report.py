@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining, QuantizationReport
 from lightning_quant.demos import Classifier, DigitsCNN, DigitsDataModule
 from lightning_quant.quantization.convert import quantized_engine
-from tests.helpers import BoringClassifier, quiet_trainer
+from tests.helpers import FLOWS, BoringClassifier, quiet_trainer
 
 
 @pytest.mark.parametrize(
@@ -41,14 +41,15 @@ def test_report_raises_on_wrong_types(kwargs, match):
         QuantizationReport(**kwargs)
 
 
+@pytest.mark.parametrize("flow", FLOWS)
 @pytest.mark.parametrize("report_first", [True, False])
 @pytest.mark.parametrize("quant", ["qat", "ptq"])
-def test_report_after_quantization_in_either_order(quant, report_first, tmp_path):
+def test_report_after_quantization_in_either_order(quant, report_first, flow, tmp_path):
     seed_everything(0)
     callback = (
-        QuantizationAwareTraining(export_dir=tmp_path)
+        QuantizationAwareTraining(flow=flow, export_dir=tmp_path)
         if quant == "qat"
-        else PostTrainingQuantization(export_dir=tmp_path, progress=False)
+        else PostTrainingQuantization(flow=flow, export_dir=tmp_path, progress=False)
     )
     report = QuantizationReport(max_batches=2)
     logger = CSVLogger(tmp_path, name="logs")
@@ -57,7 +58,8 @@ def test_report_after_quantization_in_either_order(quant, report_first, tmp_path
     ).fit(BoringClassifier())
     assert sorted(p.name for p in tmp_path.glob("report*")) == ["report.json", "report.md"]
     saved = json.loads((tmp_path / "report.json").read_text())
-    assert saved["metric"]["name"] == "accuracy" and saved["sizes"]["files"]["torchscript"] > 0
+    server_file = "pt2" if flow == "pt2e" else "torchscript"
+    assert saved["metric"]["name"] == "accuracy" and saved["sizes"]["files"][server_file] > 0
     assert set(saved["latency_ms"]["fp32"]) == {"1", "16"}  # 1 and the training batch size
     assert [l["name"] for l in saved["layers"]] == ["features.0", "head"]
     if quant == "qat":  # the fp32 reference is the float architecture kept before preparation
@@ -67,7 +69,8 @@ def test_report_after_quantization_in_either_order(quant, report_first, tmp_path
     assert "report/output_sqnr_db" in metrics and "report/int8_metric" in metrics
 
 
-def test_qat_validate_int8_logs_the_int8_metric_of_the_modules_own_metric():
+@pytest.mark.parametrize("flow", FLOWS)
+def test_qat_validate_int8_logs_the_int8_metric_of_the_modules_own_metric(flow):
     seed_everything(0)
 
     class Spy(Callback):
@@ -78,7 +81,7 @@ def test_qat_validate_int8_logs_the_int8_metric_of_the_modules_own_metric():
 
     dm = DigitsDataModule(batch_size=64, limit=600)
     model = Classifier(DigitsCNN(width=8))
-    qat = QuantizationAwareTraining(quant_start_epoch=1, validate_int8=True, export=None)
+    qat = QuantizationAwareTraining(flow=flow, quant_start_epoch=1, validate_int8=True, export=None)
     spy = Spy()
     quiet_trainer(callbacks=[qat, spy], max_epochs=2).fit(model, datamodule=dm)
     assert "val/acc_int8" not in spy.values[0]  # epoch 0: quantization had not started

@@ -12,6 +12,7 @@ from lightning_quant.evaluation.analysis import next_steps, observer_ranges, per
 from lightning_quant.quantization import ExampleInputs, QuantizationConfig, convert_copy, get_flow
 from lightning_quant.quantization.outputs import sqnr_db
 from lightning_quant.quantization.search import quantizable_layers
+from tests.helpers import FLOWS
 
 
 class MLP(nn.Module):
@@ -33,7 +34,7 @@ def _prepared_and_int8(model, x, flow="fx", **options):
     return prepared, convert_copy(prepared, flow, "x86")
 
 
-@pytest.mark.parametrize("flow", ["fx", "eager"])
+@pytest.mark.parametrize("flow", ["eager", *FLOWS])
 def test_broken_layer_is_named_worst(flow):
     torch.manual_seed(0)
     model = MLP().eval()

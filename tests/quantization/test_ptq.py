@@ -4,7 +4,7 @@ import torch.nn as nn
 
 from lightning_quant import QuantizationConfig, quantize, quantize_within_budget
 from lightning_quant.quantization.convert import quantized_engine
-from tests.helpers import TinyNet, TwoInputNet
+from tests.helpers import FLOWS, TinyNet, TwoInputNet
 
 
 def _calibration(n=8, seed=0):
@@ -12,7 +12,7 @@ def _calibration(n=8, seed=0):
     return [(torch.randn(16, 1, 6, 6, generator=g), torch.zeros(16)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("flow", ["fx", "eager"])
+@pytest.mark.parametrize("flow", ["eager", *FLOWS])
 @pytest.mark.parametrize("observer", ["minmax", "histogram", "moving_average"])
 def test_quantize_static_is_close_to_float_and_leaves_model_alone(flow, observer):
     torch.manual_seed(0)

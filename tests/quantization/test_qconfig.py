@@ -4,7 +4,8 @@ import torch.nn as nn
 from torch.ao.quantization import FusedMovingAvgObsFakeQuantize, HistogramObserver, MinMaxObserver
 
 from lightning_quant.quantization.config import QuantizationConfig
-from lightning_quant.quantization.qconfig import build_qconfig, build_qconfig_mapping, resolve_skip
+from lightning_quant.quantization.flows.qconfig import build_qconfig, build_qconfig_mapping
+from lightning_quant.quantization.layers import resolve_skip
 from tests.helpers import TinyNet
 
 

@@ -1,6 +1,6 @@
 """QAT under strategy="ddp" on 2 CPU processes; each rank saves its quantization state.
 
-Run as ``python tests/scripts/ddp_qat.py OUT_DIR``; Lightning relaunches this script for rank 1.
+Run as ``python tests/scripts/ddp_qat.py OUT_DIR [FLOW]``; Lightning relaunches this script for rank 1.
 """
 
 import sys
@@ -33,11 +33,11 @@ class RankShiftedClassifier(BoringClassifier):
         return DataLoader(random_images(24 + 8 * self.global_rank, seed=20 + self.global_rank), batch_size=8)
 
 
-def main(out_dir: Path) -> None:
+def main(out_dir: Path, flow: str) -> None:
     seed_everything(0)
     model = RankShiftedClassifier()
     callback = QuantizationAwareTraining(
-        quant_start_epoch=0, freeze_observers_epoch=2, export_dir=out_dir / "export", validate_int8=True
+        flow=flow, quant_start_epoch=0, freeze_observers_epoch=2, export_dir=out_dir / "export", validate_int8=True
     )
     report = QuantizationReport(report_dir=out_dir / "report")
     trainer = quiet_trainer(
@@ -64,4 +64,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "fx")

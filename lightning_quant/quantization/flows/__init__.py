@@ -1,13 +1,20 @@
 """The quantization flows: each rewrites a float model into a quantizable one and converts it to int8.
 
-A flow is the seam between the callbacks and torch's quantization APIs: callbacks call
-:func:`get_flow` and use only ``prepare`` and ``convert``, so a new flow (torchao's pt2e) is
-one new module registered here and no callback changes.
+A flow is the seam between the rest of the package and a quantization stack: nothing outside
+``flows/`` imports ``torch.ao`` or torchao's pt2e. Everything the callbacks, the schedule,
+calibration, conversion, analysis and export need to know about a prepared or converted model
+is a question a flow answers (:class:`QuantizationFlow`). Flows are registered in :data:`FLOWS`
+only; a new stack is one module there.
+
+Helpers that get a model without its flow (:func:`fake_quantizers`, :func:`observers`,
+:func:`int8_layers`...) ask every flow whose stack is already imported: a model cannot hold
+modules of a package that was never imported, so asking costs no import.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import sys
+from typing import Any, Protocol
 
 import torch.nn as nn
 
@@ -17,22 +24,181 @@ from lightning_quant.utils.checks import parse_enum
 
 
 class QuantizationFlow(Protocol):
-    """What every flow offers."""
+    """What every flow answers.
+
+    Fake-quantize modules answer ``enable_fake_quant(bool)``, ``enable_observer(bool)`` and carry
+    ``fake_quant_enabled``/``observer_enabled`` buffers; observers carry ``min_val``/``max_val``.
+    torch.ao's and torchao's classes both do.
+    """
+
+    #: the module whose import means models of this flow may exist
+    stack: str
+
+    def check(self, config: QuantizationConfig) -> None:
+        """Raise before any training on settings this flow cannot honour."""
+
+    def owns(self, model: nn.Module) -> bool:
+        """Whether this flow prepared or converted ``model``."""
 
     def prepare(self, model: nn.Module, config: QuantizationConfig, example: ExampleInputs, qat: bool) -> nn.Module:
         """Fuse, insert observers (PTQ) or fake quantization (QAT) and return the prepared model.
 
         The flow may reuse and change ``model``'s submodules: pass a copy to keep the float model.
+        The prepared model switches with ``train()``/``eval()`` like any module.
         """
 
     def convert(self, prepared: nn.Module) -> nn.Module:
         """Turn a prepared model (in eval mode, on CPU) into its int8 version, in place."""
 
+    def fake_quantizers(self, model: nn.Module) -> list[tuple[str, Any]]:
+        """The fake-quantize modules of a prepared model, by name, in module order."""
 
-def get_flow(flow: Flow | str) -> QuantizationFlow:
-    """The flow object for ``flow`` (``"fx"`` or ``"eager"``)."""
+    def observers(self, model: nn.Module) -> list[tuple[str, Any]]:
+        """The observers (inside fake-quantize modules too), by name, in module order."""
+
+    def is_histogram(self, observer: nn.Module) -> bool:
+        """Whether an observer keeps a histogram (merged over ranks bin by bin)."""
+
+    def set_bn_frozen(self, model: nn.Module, frozen: bool) -> None:
+        """Freeze (or unfreeze) BatchNorm running statistics of a prepared model."""
+
+    def fused_layers(self, model: nn.Module) -> list[str]:
+        """Names of modules that hold several layers fused into one (reported under their name)."""
+
+    def int8_layers(self, model: nn.Module) -> dict[str, str]:
+        """The compute layers of a converted model and what each computes in (``"int8"``, ``"fp16"``
+        or ``"float"``), by the name of the layer in the float model."""
+
+    def output_steps(self, model: nn.Module) -> list[float]:
+        """The per-tensor output scales of a converted model's int8 layers."""
+
+    def runs_compiled(self, model: nn.Module) -> bool:
+        """Whether a converted model gets its int8 kernels from ``torch.compile`` (so is served, and
+        timed, compiled)."""
+
+    def layer_outputs(self, model: nn.Module, inputs: ExampleInputs, names: list[str]) -> dict[str, tuple[Any, Any]]:
+        """Run ``inputs`` through ``model`` and return the ``(inputs, output)`` of each named layer (the
+        names of :meth:`int8_layers`)."""
+
+
+def _registry() -> dict[Flow, QuantizationFlow]:
     from lightning_quant.quantization.flows.eager import EagerFlow
     from lightning_quant.quantization.flows.fx import FxFlow
+    from lightning_quant.quantization.flows.pt2e import Pt2eFlow
 
-    registry: dict[Flow, QuantizationFlow] = {Flow.FX: FxFlow(), Flow.EAGER: EagerFlow()}
-    return registry[parse_enum(Flow, flow, "flow")]
+    return {Flow.FX: FxFlow(), Flow.EAGER: EagerFlow(), Flow.PT2E: Pt2eFlow()}
+
+
+FLOWS: dict[Flow, QuantizationFlow] = {}
+
+
+def get_flow(flow: Flow | str) -> QuantizationFlow:
+    """The flow object for ``flow`` (``"fx"``, ``"eager"`` or ``"pt2e"``)."""
+    if not FLOWS:
+        FLOWS.update(_registry())
+    return FLOWS[parse_enum(Flow, flow, "flow")]
+
+
+def _loaded_flows() -> list[QuantizationFlow]:
+    """One flow per imported stack (fx and eager share torch.ao's module classes)."""
+    get_flow(Flow.FX)
+    unique: dict[str, QuantizationFlow] = {}
+    for flow in FLOWS.values():
+        if flow.stack in sys.modules:
+            unique.setdefault(flow.stack, flow)
+    return list(unique.values())
+
+
+def flow_of(model: nn.Module) -> QuantizationFlow | None:
+    """The flow that prepared or converted ``model`` (``None`` for a float model)."""
+    for flow in _loaded_flows():
+        if flow.owns(model):
+            return flow
+    return None
+
+
+def fake_quantizers(model: nn.Module) -> list[tuple[str, Any]]:
+    """The fake-quantize modules of ``model``, whichever flow prepared it."""
+    return [item for flow in _loaded_flows() for item in flow.fake_quantizers(model)]
+
+
+def observers(model: nn.Module) -> list[tuple[str, Any]]:
+    """The observers of ``model`` (inside fake-quantize modules too), whichever flow prepared it."""
+    return [item for flow in _loaded_flows() for item in flow.observers(model)]
+
+
+def quantizer_modules(model: nn.Module) -> set[int]:
+    """``id()`` of every fake-quantize and observer module: what is not a layer of the model."""
+    return {id(m) for _, m in fake_quantizers(model)} | {id(m) for _, m in observers(model)}
+
+
+def is_prepared(model: nn.Module) -> bool:
+    """Whether ``model`` carries observers or fake quantization (prepared by a flow)."""
+    return bool(fake_quantizers(model) or observers(model))
+
+
+def is_histogram(observer: nn.Module) -> bool:
+    return any(flow.is_histogram(observer) for flow in _loaded_flows())
+
+
+def set_bn_frozen(model: nn.Module, frozen: bool) -> None:
+    """Freeze (or unfreeze) the BatchNorm statistics of a model: each flow freezes what it made
+    (and torch.ao's answer, plain BN layers in eval mode, covers a float model)."""
+    for flow in _loaded_flows():
+        flow.set_bn_frozen(model, frozen)
+
+
+def fused_layers(model: nn.Module) -> list[str]:
+    return [name for flow in _loaded_flows() for name in flow.fused_layers(model)]
+
+
+def int8_layers(model: nn.Module) -> dict[str, str]:
+    """The compute layers of a converted model and their precision (``int8``/``fp16``/``float``)."""
+    layers: dict[str, str] = {}
+    for flow in _loaded_flows():
+        layers.update(flow.int8_layers(model))
+    return layers
+
+
+def has_int8_layers(model: nn.Module) -> bool:
+    return any(precision == "int8" for precision in int8_layers(model).values())
+
+
+def runs_compiled(model: nn.Module) -> bool:
+    """Whether the int8 kernels of a converted model come from ``torch.compile`` (pt2e on x86)."""
+    flow = flow_of(model)
+    return flow is not None and flow.runs_compiled(model)
+
+
+def output_steps(model: nn.Module) -> list[float]:
+    return [step for flow in _loaded_flows() for step in flow.output_steps(model)]
+
+
+def layer_outputs(model: nn.Module, inputs: ExampleInputs, names: list[str]) -> dict[str, tuple[Any, Any]]:
+    """The ``(inputs, output)`` of each named layer of ``model`` on ``inputs``: asked of the flow that
+    made ``model``; forward hooks for a float model."""
+    flow = flow_of(model)
+    if flow is not None:
+        return flow.layer_outputs(model, inputs, names)
+    return module_layer_outputs(model, inputs, names)
+
+
+def module_layer_outputs(model: nn.Module, inputs: ExampleInputs, names: list[str]) -> dict[str, tuple[Any, Any]]:
+    """``(input, output)`` of the named submodules of ``model`` on ``inputs``, in call order."""
+    modules = dict(model.named_modules())
+    captured: dict[str, tuple[Any, Any]] = {}
+    handles = []
+    for name in names:
+        if name not in modules:
+            continue
+
+        def hook(mod: nn.Module, args: Any, output: Any, name: str = name) -> None:
+            captured.setdefault(name, (args, output))
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        inputs(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured

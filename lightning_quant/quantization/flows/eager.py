@@ -25,9 +25,11 @@ from torch.ao.quantization import DeQuantStub, QConfigMapping, QuantStub, conver
 from torch.ao.quantization.fuse_modules import fuse_modules, fuse_modules_qat
 
 from lightning_quant.quantization.config import Precision, QuantizationConfig
+from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
+from lightning_quant.quantization.flows.torch_ao import TorchAoModels
 from lightning_quant.quantization.fusion import fusable_groups as find_fusable_groups
 from lightning_quant.quantization.inputs import ExampleInputs
-from lightning_quant.quantization.qconfig import build_qconfig_mapping, resolve_layers
+from lightning_quant.quantization.layers import resolve_layers
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.modules import within
 
@@ -142,7 +144,7 @@ def _swap_in_islands(model: nn.Module, names: tuple[str, ...], types: tuple[type
         setattr(parent, attr, FloatIsland(getattr(parent, attr)))
 
 
-class EagerFlow:
+class EagerFlow(TorchAoModels):
     """Quantize through ``torch.ao.quantization`` eager mode (fuse, stubs, prepare, convert)."""
 
     def prepare(self, model: nn.Module, config: QuantizationConfig, example: ExampleInputs, qat: bool) -> nn.Module:

@@ -10,8 +10,10 @@ from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
 from lightning_quant.quantization.config import QuantizationConfig
+from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
+from lightning_quant.quantization.flows.torch_ao import TorchAoModels
 from lightning_quant.quantization.inputs import ExampleInputs
-from lightning_quant.quantization.qconfig import build_qconfig_mapping, resolve_skip
+from lightning_quant.quantization.layers import resolve_skip
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 
 
@@ -19,7 +21,7 @@ class FxTracingError(RuntimeError):
     """FX could not trace the model; the message names the submodule and the remedies."""
 
 
-class FxFlow:
+class FxFlow(TorchAoModels):
     """Quantize through ``torch.ao.quantization.quantize_fx``.
 
     Skipped modules are also made non-traceable, so ``skip`` is the way around a submodule

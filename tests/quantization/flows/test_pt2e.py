@@ -1,0 +1,188 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lightning_quant.quantization import flows
+from lightning_quant.quantization.config import QuantizationConfig
+from lightning_quant.quantization.convert import convert_copy
+from lightning_quant.quantization.flows import get_flow
+from lightning_quant.quantization.flows.pt2e import Pt2eExportError, Pt2eGraphModule
+from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.schedule import fake_quantizers, set_bn_frozen, set_observers
+from tests.helpers import TinyNet
+
+pytest.importorskip("torchao")
+
+
+class DropoutNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.relu(self.bn(self.conv(x))).flatten(1)))
+
+
+def _args(graph_module: torch.fx.GraphModule, name: str) -> list[tuple]:
+    return [tuple(n.args) for n in graph_module.graph.nodes if n.op == "call_function" and name in str(n.target)]
+
+
+def _prepared(model: nn.Module, qat: bool = True, **options) -> Pt2eGraphModule:
+    x = torch.randn(8, 1, 6, 6)
+    prepared = get_flow("pt2e").prepare(model, QuantizationConfig(flow="pt2e", **options), ExampleInputs((x,)), qat=qat)
+    assert isinstance(prepared, Pt2eGraphModule)
+    return prepared
+
+
+def test_train_and_eval_switch_dropout_and_batch_norm_nodes_and_keep_dropouts_probability():
+    torch.manual_seed(0)
+    prepared = _prepared(DropoutNet())
+    assert prepared.training
+    assert _args(prepared, "dropout") == [(_args(prepared, "dropout")[0][0], 0.2, True)]
+    assert [a[5] for a in _args(prepared, "batch_norm")] == [True]
+
+    prepared.eval()  # what Lightning calls before validation
+    assert [a[1:] for a in _args(prepared, "dropout")] == [(0.2, False)]
+    assert [a[5] for a in _args(prepared, "batch_norm")] == [False]
+    set_observers(prepared, False)
+    x = torch.randn(5, 1, 6, 6)
+    torch.testing.assert_close(prepared(x), prepared(x), rtol=0, atol=0)  # no dropout left in eval
+
+    prepared.train()
+    assert [a[1:] for a in _args(prepared, "dropout")] == [(0.2, True)]  # probability kept (not reset)
+    set_bn_frozen(prepared, True)  # BN frozen: training mode, but batch norm uses its running statistics
+    assert prepared.training and [a[5] for a in _args(prepared, "batch_norm")] == [False]
+    running_mean = prepared.get_buffer("bn.running_mean").clone()
+    prepared(torch.randn(8, 1, 6, 6) + 3)
+    torch.testing.assert_close(prepared.get_buffer("bn.running_mean"), running_mean, rtol=0, atol=0)
+    set_bn_frozen(prepared, False)
+    assert [a[5] for a in _args(prepared, "batch_norm")] == [True]
+
+
+def test_a_deep_copy_keeps_the_mode_and_the_batch_norm_freeze():
+    prepared = _prepared(DropoutNet())
+    set_bn_frozen(prepared, True)
+    prepared.eval()
+    copied = copy.deepcopy(prepared)
+    assert isinstance(copied, Pt2eGraphModule) and not copied.training and copied.bn_frozen
+    copied.train()
+    assert [a[1:] for a in _args(copied, "dropout")] == [(0.2, True)]
+    assert [a[5] for a in _args(copied, "batch_norm")] == [False]  # still frozen
+    assert not prepared.training  # the original is untouched
+
+
+def test_prepared_model_takes_other_batch_sizes_and_converts_close_to_its_fake_quant_model():
+    torch.manual_seed(0)
+    prepared = _prepared(TinyNet(), qat=False)
+    assert not prepared.training
+    for batch in (1, 3, 16):
+        prepared(torch.randn(batch, 1, 6, 6))
+    int8 = convert_copy(prepared, "pt2e", "x86")
+    x = torch.randn(7, 1, 6, 6)
+    set_observers(prepared, False)
+    with torch.no_grad():
+        reference = prepared(x)
+        out = int8(x)
+    assert out.shape == (7, 4)
+    assert (out - reference).abs().max() < 0.05 * reference.abs().max() + 1e-3
+    assert flows.int8_layers(int8) == {"features.0": "int8", "head": "int8"}
+    # the float weights conversion replaced are gone: only int8 constants and float biases remain
+    weights = {k: v.dtype for k, v in int8.state_dict().items() if v.dim() >= 2}
+    assert weights and set(weights.values()) == {torch.int8}, weights
+
+
+def test_skip_and_per_layer_observers_reach_the_quantizer():
+    prepared = _prepared(TinyNet(), qat=False, skip=["head"], layers={"features.0": {"observer": "minmax"}})
+    observers = {type(m).__name__ for m in fake_quantizers(prepared)} | {
+        type(m).__name__ for _, m in flows.observers(prepared)
+    }
+    assert "MinMaxObserver" in observers
+    prepared(torch.randn(8, 1, 6, 6))
+    int8 = convert_copy(prepared, "pt2e", "x86")
+    assert flows.int8_layers(int8) == {"features.0": "int8", "head": "float"}
+
+
+def test_per_tensor_weights_on_x86():
+    prepared = _prepared(TinyNet(), qat=False, per_channel=False)
+    prepared(torch.randn(8, 1, 6, 6))
+    int8 = convert_copy(prepared, "pt2e", "x86")
+    targets = {str(n.target) for n in int8.graph.nodes if n.op == "call_function"}
+    assert not any("dequantize_per_channel" in t for t in targets)
+    assert any("dequantize_per_tensor" in t for t in targets)
+
+
+def test_a_quantizer_that_annotates_nothing_is_refused_at_prepare(monkeypatch):
+    """Seen with torch 2.11 and torchao 0.18: prepare inserted no observer, and the "int8" model was float."""
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+
+    import lightning_quant.quantization.flows.pt2e as pt2e
+
+    monkeypatch.setattr(pt2e, "_quantizer", lambda *args: X86InductorQuantizer())  # no global config: annotates nothing
+    with pytest.raises(Pt2eExportError, match=r"the X86InductorQuantizer annotated no layer of TinyNet: nothing would"):
+        _prepared(TinyNet())
+
+
+def test_a_model_whose_code_fixes_the_batch_size_is_refused_at_prepare():
+    class FixedBatch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(36, 4)
+
+        def forward(self, x):
+            return self.fc(x.reshape(8, 36))
+
+    with pytest.raises(Pt2eExportError, match=r"torch.export fixed the batch size of input 'x' to 8: the code of the"):
+        _prepared(FixedBatch())
+
+
+def test_a_model_torch_export_cannot_capture_names_the_remedies():
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(36, 4)
+
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on a value
+                return self.fc(x.flatten(1))
+            return -self.fc(x.flatten(1))
+
+    with pytest.raises(
+        Pt2eExportError,
+        match=r"torch.export could not capture DataDependent for flow='pt2e': .*quantize a submodule that is "
+        r"\(module=<submodule>\), or use flow='fx' or flow='eager'",
+    ):
+        _prepared(DataDependent())
+
+
+@pytest.mark.parametrize(
+    ("layers", "match"),
+    [
+        ({"head": "fp16"}, r"layers\['head'\] asks for 'fp16', which flow='pt2e' cannot run; its precisions are"),
+        ({"head": {"dtype": "quint8"}}, r"layers\['head'\] sets dtype='quint8': with flow='pt2e' the backend"),
+    ],
+)
+def test_per_layer_settings_pt2e_cannot_run_are_refused(layers, match):
+    from lightning_quant import QuantizationAwareTraining, quantize
+
+    with pytest.raises(ValueError, match=match):
+        QuantizationAwareTraining(flow="pt2e", layers=layers)
+    with pytest.raises(ValueError, match=match):
+        quantize(TinyNet(), [torch.randn(4, 1, 6, 6)] * 2, flow="pt2e", layers=layers)
+
+
+def test_xnnpack_backend_converts_with_int8_activations():
+    pytest.importorskip("executorch")
+    torch.manual_seed(0)
+    prepared = _prepared(TinyNet(), qat=False, backend="xnnpack")
+    prepared(torch.randn(8, 1, 6, 6))
+    int8 = convert_copy(prepared, "pt2e", "x86")
+    dtypes = {n.args[-1] for n in int8.graph.nodes if "quantize_per_tensor" in str(n.target)}
+    assert dtypes == {torch.int8}
+    assert flows.int8_layers(int8) == {"features.0": "int8", "head": "int8"}
