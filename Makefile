@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint test-gpu test-compat bench examples clean
+.PHONY: run test lint test-gpu test-compat bench bench-pt2e examples clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ lint: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python benchmarks/latency.py
+
+# `make bench-pt2e`: one digits QAT run per flow/backend (fx/x86, pt2e/x86 compiled, pt2e/xnnpack in
+# ExecuTorch): accuracy, file size, latency. A few minutes on 2 cores; outside CI.
+bench-pt2e: $(INSTALLED)
+	$(BIN)/python benchmarks/pt2e.py
 
 examples: $(INSTALLED)
 	for example in ptq_digits ptq_mnist5k dynamic_lstm_reviews dynamic_minilm; do \
