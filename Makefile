@@ -43,7 +43,7 @@ bench-pt2e: $(INSTALLED)
 	$(BIN)/python benchmarks/pt2e.py
 
 examples: $(INSTALLED)
-	for example in ptq_digits ptq_mnist5k dynamic_lstm_reviews dynamic_minilm; do \
+	for example in ptq_digits ptq_mnist5k qat_digits_pt2e dynamic_lstm_reviews dynamic_minilm; do \
 		$(BIN)/python examples/$$example.py || exit 1; done
 
 clean:

@@ -277,6 +277,13 @@ def _executorch_bytes(
     return bytes(lowered.buffer), load
 
 
+def executorch_runner(model: nn.Module, example: ExampleInputs) -> Callable[[ExampleInputs], Any]:
+    """``model`` (pt2e, xnnpack) lowered to an ExecuTorch program in memory and run in its runtime,
+    as a phone runs the ``.pte`` file; batches of 1 to ``EXECUTORCH_MAX_BATCH``."""
+    data, load = _executorch_bytes(model, example, Backend.XNNPACK)
+    return load(data)
+
+
 _SERIALIZERS = {
     ExportTarget.TORCHSCRIPT: _torchscript_bytes,
     ExportTarget.MOBILE: _mobile_bytes,

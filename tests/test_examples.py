@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from tests.helpers import requires_torchao
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -20,6 +22,17 @@ def test_ptq_digits_example(tmp_path):
     assert metrics["float_acc"] >= 0.9
     assert metrics["int8_acc"] >= metrics["float_acc"] - 0.01
     assert (tmp_path / "model_int8.pt").is_file()
+
+
+@requires_torchao
+def test_qat_digits_pt2e_example_runs_its_pte_in_executorch(tmp_path):
+    metrics = load("qat_digits_pt2e").main(["--epochs", "4", "--limit", "800", "--export-dir", str(tmp_path)])
+    assert metrics["float_acc"] >= 0.85
+    assert metrics["int8_acc"] >= metrics["float_acc"] - 0.03
+    # the files agree with the in-process int8 model
+    assert abs(metrics["pt2_acc"] - metrics["int8_acc"]) <= 0.01
+    assert abs(metrics["executorch_acc"] - metrics["int8_acc"]) <= 0.01
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_int8.pt2", "model_int8.pte"]
 
 
 def test_ptq_mnist5k_example(tmp_path):

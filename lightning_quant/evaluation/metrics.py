@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -43,6 +44,40 @@ def _median_ms(run: Callable[[], Any], repeats: int, warmup: int) -> float:
         run()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def executorch_latency_ms(
+    module: nn.Module, example: ExampleInputs, batch_size: int, repeats: int = 50, warmup: int = 10
+) -> float:
+    """Median ms of ``module`` (pt2e, xnnpack) lowered to ExecuTorch and run in its runtime, as served
+    (lowered once per model)."""
+    from lightning_quant.export import executorch_runner
+
+    inputs = example.to("cpu").with_batch_size(batch_size)
+    if module not in _EXECUTORCH_RUNNERS:
+        _EXECUTORCH_RUNNERS[module] = executorch_runner(module, example.to("cpu"))
+    run = _EXECUTORCH_RUNNERS[module]
+    return _median_ms(lambda: run(inputs), repeats, warmup)
+
+
+#: ExecuTorch programs lowered for timing, by model (dropped with the model)
+_EXECUTORCH_RUNNERS: weakref.WeakKeyDictionary[nn.Module, Callable[[ExampleInputs], Any]] = weakref.WeakKeyDictionary()
+
+
+def int8_latency(
+    module: nn.Module, example: ExampleInputs, batch_size: int, repeats: int, warmup: int, engine: str | None
+) -> tuple[float, float | None]:
+    """``(median ms, compile seconds or None)`` of an int8 model the way it is served
+    (:func:`lightning_quant.quantization.flows.served_by`): eagerly, compiled, or in ExecuTorch
+    (batches up to ``EXECUTORCH_MAX_BATCH``, which its files take; larger ones run the graph eagerly)."""
+    from lightning_quant.export import EXECUTORCH_MAX_BATCH
+
+    served = flows.served_by(module)
+    if served == "compiled":
+        return compiled_latency_ms(module, example, batch_size, repeats, warmup)
+    if served == "executorch" and batch_size <= EXECUTORCH_MAX_BATCH:
+        return executorch_latency_ms(module, example, batch_size, repeats, warmup), None
+    return latency_ms(module, example, batch_size, repeats, warmup, engine), None
 
 
 def compiled_latency_ms(
@@ -95,9 +130,10 @@ def compare(
         example: inputs for timing (tiled or cut to each batch size).
         engine: quantized engine the int8 model was converted for.
 
-    An int8 model whose kernels come from ``torch.compile`` (pt2e on x86) is timed compiled
-    (``int8_ms_b<bs>``, its compile time as ``int8_compile_s_b<bs>``) beside fp32 eager and fp32
-    compiled (``fp32_compiled_ms_b<bs>``): uncompiled it would run its quantize/dequantize pairs in float.
+    The int8 model is timed where its int8 kernels run (``int8_served_by``): eagerly (torch.ao
+    modules), compiled (pt2e on x86: ``int8_compile_s_b<bs>`` is the compile time, and fp32 is
+    also timed compiled as ``fp32_compiled_ms_b<bs>``) or in ExecuTorch's runtime (pt2e on
+    xnnpack). Uncompiled, a pt2e model would run its quantize/dequantize pairs in float.
         float_eval_model: the model whose accuracy counts as "float" when it is not
             ``float_model`` (a QAT model with quantization switched off, say).
     """
@@ -107,21 +143,19 @@ def compare(
         ),
         "fp32_bytes": state_dict_bytes(float_model),
     }
-    compiled = int8_model is not None and flows.runs_compiled(int8_model)
     if int8_model is not None:
         metrics["int8_acc"] = classification_accuracy(int8_model, test_batches, engine, batch_to_input)
         metrics["int8_bytes"] = state_dict_bytes(int8_model)
+        metrics["int8_served_by"] = flows.served_by(int8_model)
     for bs in batch_sizes:
         metrics[f"fp32_ms_b{bs}"] = latency_ms(float_model, example, bs, repeats, warmup)
         if int8_model is None:
             continue
-        if compiled:  # int8 kernels come from torch.compile: compare with fp32 compiled too
+        if metrics["int8_served_by"] == "compiled":  # compare with fp32 compiled too
             metrics[f"fp32_compiled_ms_b{bs}"], _ = compiled_latency_ms(float_model, example, bs, repeats, warmup)
-            metrics[f"int8_ms_b{bs}"], metrics[f"int8_compile_s_b{bs}"] = compiled_latency_ms(
-                int8_model, example, bs, repeats, warmup
-            )
-        else:
-            metrics[f"int8_ms_b{bs}"] = latency_ms(int8_model, example, bs, repeats, warmup, engine)
+        metrics[f"int8_ms_b{bs}"], compile_s = int8_latency(int8_model, example, bs, repeats, warmup, engine)
+        if compile_s is not None:
+            metrics[f"int8_compile_s_b{bs}"] = compile_s
     return metrics
 
 
@@ -145,7 +179,8 @@ def comparison_table(metrics: dict[str, Any], batch_sizes: Sequence[int] = (1, 3
         fp32, int8 = metrics[f"fp32_ms_b{bs}"], metrics[f"int8_ms_b{bs}"]
         compiled = metrics.get(f"fp32_compiled_ms_b{bs}")
         if compiled is None:
-            rows.append((f"latency batch {bs} (ms)", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster"))
+            where = ", int8 in ExecuTorch" if metrics.get("int8_served_by") == "executorch" else ""
+            rows.append((f"latency batch {bs} (ms){where}", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster"))
             continue
         rows.append(
             (f"latency batch {bs} (ms), float eager", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster")

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from lightning_quant.evaluation.analysis import observer_ranges, per_layer_sqnr
-from lightning_quant.evaluation.metrics import compiled_latency_ms, latency_ms, state_dict_bytes
+from lightning_quant.evaluation.metrics import compiled_latency_ms, int8_latency, latency_ms, state_dict_bytes
 from lightning_quant.quantization import flows
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.inputs import ExampleInputs
@@ -88,16 +88,18 @@ def build_report(
     report["sizes"]["ratio"] = report["sizes"]["fp32_state_dict"] / report["sizes"]["int8_state_dict"]
     # an int8 model whose kernels come from torch.compile (pt2e on x86) is timed compiled, and so is
     # its fp32 reference; the compile time is reported on its own
-    compiled = flows.runs_compiled(int8_model)
-    report["latency_ms"]["compiled"] = compiled
+    served = flows.served_by(int8_model)
+    report["latency_ms"]["int8_served_by"] = served
+    report["latency_ms"]["compiled"] = served == "compiled"
     for bs in batch_sizes:
-        if compiled:
+        if served == "compiled":
             report["latency_ms"]["fp32"][str(bs)], _ = compiled_latency_ms(fp32_model, example, bs, repeats, 5)
-            report["latency_ms"]["int8"][str(bs)], compile_s = compiled_latency_ms(int8_model, example, bs, repeats, 5)
-            report["latency_ms"].setdefault("compile_s", {})[str(bs)] = compile_s
         else:
             report["latency_ms"]["fp32"][str(bs)] = latency_ms(fp32_model, example, bs, repeats, 5)
-            report["latency_ms"]["int8"][str(bs)] = latency_ms(int8_model, example, bs, repeats, 5, engine)
+        ms, compile_s = int8_latency(int8_model, example, bs, repeats, 5, engine)
+        report["latency_ms"]["int8"][str(bs)] = ms
+        if compile_s is not None:
+            report["latency_ms"].setdefault("compile_s", {})[str(bs)] = compile_s
     worst_names = ", ".join(
         f"{n} (adds {v['loss_db']:.1f} dB of error, output {v['sqnr_db']:.1f} dB)" for n, v in worst[:3]
     )
@@ -128,7 +130,9 @@ def report_markdown(report: dict[str, Any]) -> str:
     rows.append(
         ("weights (bytes)", sizes["fp32_state_dict"], sizes["int8_state_dict"], f"{sizes['ratio']:.2f}x smaller")
     )
-    how = ", both compiled" if report["latency_ms"].get("compiled") else ""
+    how = {"compiled": ", both compiled", "executorch": ", int8 in ExecuTorch"}.get(
+        report["latency_ms"].get("int8_served_by", "eager"), ""
+    )
     for bs, fp32 in report["latency_ms"]["fp32"].items():
         int8 = report["latency_ms"]["int8"][bs]
         rows.append((f"latency batch {bs} (ms{how})", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster"))

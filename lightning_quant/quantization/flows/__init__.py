@@ -72,9 +72,10 @@ class QuantizationFlow(Protocol):
     def output_steps(self, model: nn.Module) -> list[float]:
         """The per-tensor output scales of a converted model's int8 layers."""
 
-    def runs_compiled(self, model: nn.Module) -> bool:
-        """Whether a converted model gets its int8 kernels from ``torch.compile`` (so is served, and
-        timed, compiled)."""
+    def served_by(self, model: nn.Module) -> str:
+        """Where a converted model's int8 kernels run, so where it is served and timed: ``"eager"``
+        (its modules call them), ``"compiled"`` (``torch.compile`` lowers it) or ``"executorch"``
+        (an ExecuTorch program delegates it)."""
 
     def layer_outputs(self, model: nn.Module, inputs: ExampleInputs, names: list[str]) -> dict[str, tuple[Any, Any]]:
         """Run ``inputs`` through ``model`` and return the ``(inputs, output)`` of each named layer (the
@@ -164,10 +165,11 @@ def has_int8_layers(model: nn.Module) -> bool:
     return any(precision == "int8" for precision in int8_layers(model).values())
 
 
-def runs_compiled(model: nn.Module) -> bool:
-    """Whether the int8 kernels of a converted model come from ``torch.compile`` (pt2e on x86)."""
+def served_by(model: nn.Module) -> str:
+    """Where the int8 kernels of a converted model run: ``"eager"``, ``"compiled"`` (pt2e on x86) or
+    ``"executorch"`` (pt2e on xnnpack)."""
     flow = flow_of(model)
-    return flow is not None and flow.runs_compiled(model)
+    return flow.served_by(model) if flow is not None else "eager"
 
 
 def output_steps(model: nn.Module) -> list[float]:

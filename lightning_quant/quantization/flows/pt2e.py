@@ -514,11 +514,14 @@ class Pt2eFlow:
     def owns(self, model: nn.Module) -> bool:
         return any(True for _ in _pt2e_modules(model))
 
-    def runs_compiled(self, model: nn.Module) -> bool:
+    def served_by(self, model: nn.Module) -> str:
         """x86 programs: Inductor lowers their quantize/dequantize pairs to int8 kernels. xnnpack ones
-        (int8 activations) run in ExecuTorch; Inductor's int8 lowering takes uint8 activations only."""
+        (int8 activations) run in ExecuTorch; Inductor's int8 lowering takes uint8 activations only.
+        Uncompiled, either runs its quantize/dequantize pairs in float, slower than fp32."""
         state = model.meta.get(Pt2eGraphModule.META, {}) if isinstance(model, Pt2eGraphModule) else {}
-        return bool(state.get("converted")) and state.get("backend") == Backend.X86.value
+        if not state.get("converted"):
+            return "eager"
+        return "compiled" if state.get("backend", Backend.X86.value) == Backend.X86.value else "executorch"
 
     def _quantizer_classes(self) -> tuple[type, type]:
         from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase

@@ -100,8 +100,8 @@ class TorchAoModels:
                 steps.append(float(scale))
         return steps
 
-    def runs_compiled(self, model: nn.Module) -> bool:
-        return False  # torch.ao's quantized modules call their int8 kernels directly
+    def served_by(self, model: nn.Module) -> str:
+        return "eager"  # torch.ao's quantized modules call their int8 kernels directly
 
     def layer_outputs(self, model: nn.Module, inputs: ExampleInputs, names: list[str]) -> dict[str, tuple[Any, Any]]:
         from lightning_quant.quantization.flows import module_layer_outputs
