@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from tests.helpers import requires_torchao
+from tests.helpers import requires_executorch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -24,7 +24,7 @@ def test_ptq_digits_example(tmp_path):
     assert (tmp_path / "model_int8.pt").is_file()
 
 
-@requires_torchao
+@requires_executorch
 def test_qat_digits_pt2e_example_runs_its_pte_in_executorch(tmp_path):
     metrics = load("qat_digits_pt2e").main(["--epochs", "4", "--limit", "800", "--export-dir", str(tmp_path)])
     assert metrics["float_acc"] >= 0.85

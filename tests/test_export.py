@@ -16,7 +16,7 @@ from lightning_quant.quantization import flows
 from lightning_quant.quantization.config import Backend, ExportTarget
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.outputs import max_abs_diff
-from tests.helpers import BoringClassifier, quiet_trainer, requires_torchao
+from tests.helpers import BoringClassifier, quiet_trainer, requires_executorch
 
 RELOAD = textwrap.dedent(
     """
@@ -89,7 +89,6 @@ def test_export_reloads_in_fresh_process_and_agrees(exported, target, batch, tmp
 @pytest.fixture(scope="module")
 def exported_pt2e(tmp_path_factory):
     """pt2e QAT for both backends: x86 writes the .pt2 program, xnnpack the .pt2 and the .pte."""
-    pytest.importorskip("executorch")
     runs = {}
     for backend in ("x86", "xnnpack"):
         directory = tmp_path_factory.mktemp(f"export_{backend}")
@@ -100,7 +99,7 @@ def exported_pt2e(tmp_path_factory):
     return runs
 
 
-@requires_torchao
+@requires_executorch
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize(("backend", "target"), [("x86", "pt2"), ("xnnpack", "pt2"), ("xnnpack", "executorch")])
 def test_pt2e_exports_reload_in_fresh_process_and_agree(exported_pt2e, backend, target, batch, tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from lightning_quant import load_pt2
 from lightning_quant.quantization.convert import quantized_engine
-from tests.helpers import requires_torchao
+from tests.helpers import requires_executorch, requires_torchao
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,7 @@ def run_app(tmp_path: Path, *overrides: str) -> tuple[str, dict]:
         ("fx", "x86"),
         ("eager", "x86"),
         pytest.param("pt2e", "x86", marks=requires_torchao),
-        pytest.param("pt2e", "xnnpack", marks=requires_torchao),
+        pytest.param("pt2e", "xnnpack", marks=requires_executorch),
     ],
 )
 def test_app_qat_on_digits_int8_within_one_point_of_float(flow, backend, tmp_path):

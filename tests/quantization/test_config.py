@@ -147,3 +147,15 @@ def test_a_missing_optional_package_is_named_with_its_install_line(kwargs, packa
     message = f"needs the optional package '{package}': run `pip install {install}`"
     with pytest.raises(ModuleNotFoundError, match=re.escape(message)):
         QuantizationConfig(**kwargs)
+
+
+def test_xnnpack_and_executorch_are_refused_on_a_torch_executorchs_runtime_crashes_with(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch, "__version__", "2.15.0+cu132")
+    for kwargs in ({"flow": "pt2e", "backend": "xnnpack"}, {"flow": "pt2e", "backend": "xnnpack", "export": "pt2"}):
+        with pytest.raises(
+            RuntimeError, match=r"need ExecuTorch 1.5, whose runtime crashes the process with torch 2.15"
+        ):
+            QuantizationConfig(**kwargs)
+    assert QuantizationConfig(flow="pt2e", backend="x86").export == (ExportTarget.PT2,)

@@ -13,7 +13,7 @@ from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.flows.pt2e import Pt2eExportError, Pt2eGraphModule
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.schedule import fake_quantizers, set_bn_frozen, set_observers
-from tests.helpers import TinyNet
+from tests.helpers import TinyNet, requires_executorch
 
 pytest.importorskip("torchao")
 
@@ -177,8 +177,8 @@ def test_per_layer_settings_pt2e_cannot_run_are_refused(layers, match):
         quantize(TinyNet(), [torch.randn(4, 1, 6, 6)] * 2, flow="pt2e", layers=layers)
 
 
+@requires_executorch
 def test_xnnpack_backend_converts_with_int8_activations():
-    pytest.importorskip("executorch")
     torch.manual_seed(0)
     prepared = _prepared(TinyNet(), qat=False, backend="xnnpack")
     prepared(torch.randn(8, 1, 6, 6))
