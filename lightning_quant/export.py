@@ -264,11 +264,16 @@ def _executorch_bytes(
     def load(data: bytes) -> Loaded:
         from executorch.runtime import Runtime
 
-        method = Runtime.get().load_program(data).load_method("forward")
+        # the method runs on memory its program (and the program's bytes) own: keep both alive with
+        # it, or the runtime reads freed memory once they are collected (a crash, not an error)
+        program = Runtime.get().load_program(data)
+        method = program.load_method("forward")
+        keep = (data, program)
 
         def run(inputs: ExampleInputs) -> Any:
             import torch.fx._pytree as fx_pytree
 
+            assert keep
             flat = fx_pytree.tree_flatten_spec((inputs.args, inputs.kwargs), in_spec) if in_spec else inputs.args
             return list(method.execute(list(flat)))
 

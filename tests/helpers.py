@@ -177,15 +177,12 @@ requires_torchao = pytest.mark.skipif(
 
 
 def executorch_usable() -> bool:
-    from lightning_quant.quantization.config import EXECUTORCH_TORCH_BELOW
-
-    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    return importlib.util.find_spec("executorch") is not None and version < EXECUTORCH_TORCH_BELOW
+    return importlib.util.find_spec("executorch") is not None
 
 
-#: tests of backend="xnnpack" and .pte files need ExecuTorch, and a torch its runtime works with
+#: tests of backend="xnnpack" and .pte files need ExecuTorch
 requires_executorch = pytest.mark.skipif(
-    not executorch_usable(), reason="needs executorch and torch < 2.15: pip install 'lightning-quant[executorch]'"
+    not executorch_usable(), reason="needs executorch: pip install 'lightning-quant[executorch]'"
 )
 
 #: the graph flows every shared behaviour test runs over (pt2e when torchao is installed)

@@ -230,31 +230,6 @@ def require_packages(flow: Flow, backend: Backend, export: tuple[ExportTarget, .
             require_module(module, f"'{install}'", purpose)
     if ExportTarget.ONNX in export:
         require_module("onnx", "onnx", 'export="onnx"')
-    if backend is Backend.XNNPACK or ExportTarget.EXECUTORCH in export:
-        check_executorch_torch()
-
-
-#: torch releases ExecuTorch 1.5's runtime runs with: with torch 2.15.0 it crashed (SIGSEGV) after a
-#: few runs of a lowered program in the same process, where 2.13.0 and 2.14.1 pass every test
-EXECUTORCH_TORCH_BELOW = (2, 15)
-
-
-def check_executorch_torch() -> None:
-    """Raise, rather than crash later, when this torch is one ExecuTorch 1.5's runtime fails with.
-
-    Raises:
-        RuntimeError: naming this torch and the releases that work.
-    """
-    import torch
-
-    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-    if version >= EXECUTORCH_TORCH_BELOW:
-        below = ".".join(map(str, EXECUTORCH_TORCH_BELOW))
-        raise RuntimeError(
-            f"backend='xnnpack' and export='executorch' need ExecuTorch 1.5, whose runtime crashes the process "
-            f"with torch {torch.__version__}; use torch below {below} (2.13 or 2.14) for them, or backend='x86' "
-            "with export='pt2' on this torch"
-        )
 
 
 def _normalise_skip(skip: Any) -> tuple[str | type, ...]:

@@ -89,7 +89,7 @@ def test_backend_configs(backend, quant, tmp_path):
     flow = "pt2e" if backend == "xnnpack" else "fx"  # xnnpack is a backend of the pt2e flow only
     if flow == "pt2e":
         if not executorch_usable():
-            pytest.skip("needs executorch and a torch its runtime works with")
+            pytest.skip("needs executorch: pip install 'lightning-quant[executorch]'")
     overrides = (f"quant={quant}", f"backend={backend}", f"quant.flow={flow}")
     callback = instantiate_all(composed(*overrides, tmp_path=tmp_path))["quant"]
     assert callback.config.backend.value == backend

@@ -11,6 +11,7 @@ from lightning_quant.quantization.config import (
     Observer,
     QuantizationConfig,
 )
+from tests.helpers import requires_executorch
 
 
 def test_defaults_and_per_channel_by_backend():
@@ -123,7 +124,7 @@ def test_a_qconfig_mapping_of_another_type_is_refused_by_the_torch_ao_flows():
         ("fx", "x86", ("torchscript",)),
         ("eager", "qnnpack", ("torchscript", "mobile")),
         ("pt2e", "x86", ("pt2",)),
-        ("pt2e", "xnnpack", ("pt2", "executorch")),
+        pytest.param("pt2e", "xnnpack", ("pt2", "executorch"), marks=requires_executorch),
     ],
 )
 def test_default_exports_are_the_flows_server_file_and_the_phone_file_for_phone_backends(flow, backend, expected):
@@ -147,15 +148,3 @@ def test_a_missing_optional_package_is_named_with_its_install_line(kwargs, packa
     message = f"needs the optional package '{package}': run `pip install {install}`"
     with pytest.raises(ModuleNotFoundError, match=re.escape(message)):
         QuantizationConfig(**kwargs)
-
-
-def test_xnnpack_and_executorch_are_refused_on_a_torch_executorchs_runtime_crashes_with(monkeypatch):
-    import torch
-
-    monkeypatch.setattr(torch, "__version__", "2.15.0+cu132")
-    for kwargs in ({"flow": "pt2e", "backend": "xnnpack"}, {"flow": "pt2e", "backend": "xnnpack", "export": "pt2"}):
-        with pytest.raises(
-            RuntimeError, match=r"need ExecuTorch 1.5, whose runtime crashes the process with torch 2.15"
-        ):
-            QuantizationConfig(**kwargs)
-    assert QuantizationConfig(flow="pt2e", backend="x86").export == (ExportTarget.PT2,)
