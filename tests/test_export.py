@@ -119,6 +119,25 @@ def test_pt2e_exports_reload_in_fresh_process_and_agree(exported_pt2e, backend, 
     assert record.max_abs_diff <= 4 * step  # the export's own check (x86 pt2: compiled)
 
 
+@requires_executorch
+def test_an_executorch_runner_outlives_collection_of_what_it_was_loaded_from(exported_pt2e):
+    """Its method runs on memory the program and its bytes own; once those were collected, the next
+    run read freed memory and crashed the process."""
+    import gc
+
+    from lightning_quant.export import executorch_runner
+    from lightning_quant.quantization import ExampleInputs
+
+    callback, model = exported_pt2e["xnnpack"]
+    x = torch.cat([b[0] for b in model.val_dataloader()])[:4]
+    run = executorch_runner(callback.quantized_model, ExampleInputs((x,)))
+    gc.collect()
+    with torch.inference_mode():
+        expected = callback.quantized_model(x)
+    for _ in range(20):
+        assert max_abs_diff(expected, run(ExampleInputs((x,)))) <= 2 * max(flows.output_steps(callback.quantized_model))
+
+
 def test_export_mobile_uses_qnnpack_engine(exported):
     callback, _ = exported
     assert callback.export_records["mobile"].engine == "qnnpack"
