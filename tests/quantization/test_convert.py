@@ -69,3 +69,20 @@ def test_qat_fusion_survives_lightnings_sync_batchnorm_conversion_and_converts()
         with quantized_engine("x86"):
             int8 = convert_copy(synced, "fx", "x86")(x)
     assert (int8 - fake).abs().max() < 0.1 * fake.abs().max()
+
+
+def test_compiled_runner_lifts_deterministic_mode_inside_each_call_and_restores_it():
+    """Under deterministic mode Inductor's code ran 200x slower here; serving is timed without it."""
+    from lightning_quant.quantization.convert import compiled_runner
+    from lightning_quant.quantization.inputs import ExampleInputs
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(torch.are_deterministic_algorithms_enabled()))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    x = torch.randn(2, 4)
+    run = compiled_runner(model)
+    out = run(ExampleInputs((x,)))
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.testing.assert_close(out, model(x))
+    assert seen and not any(seen[:1])  # the compiled call ran (and was traced) with the mode lifted
