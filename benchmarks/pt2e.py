@@ -29,7 +29,7 @@ from lightning.pytorch import Trainer, seed_everything
 from lightning_quant import QuantizationAwareTraining
 from lightning_quant.demos import Classifier, DigitsCNN, DigitsDataModule
 from lightning_quant.evaluation import latency_ms
-from lightning_quant.evaluation.metrics import classification_accuracy, compiled_latency_ms
+from lightning_quant.evaluation.metrics import classification_accuracy, compiled_latency_ms, median_ms
 from lightning_quant.quantization import ExampleInputs
 from lightning_quant.utils import format_table
 
@@ -52,22 +52,10 @@ def trainer(epochs: int, callbacks: list[Any]) -> Trainer:
 def executorch_runner(path: Path) -> Any:
     from executorch.runtime import Runtime
 
-    method = Runtime.get().load_program(path.read_bytes()).load_method("forward")
-    return lambda x: method.execute([x])[0]
-
-
-def median_ms(run: Any, x: torch.Tensor, repeats: int, warmup: int = 10) -> float:
-    import statistics
-    import time
-
-    for _ in range(warmup):
-        run(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    data = path.read_bytes()
+    program = Runtime.get().load_program(data)
+    method = program.load_method("forward")  # it runs on memory the program and its bytes own: keep them
+    return lambda x, keep=(data, program): method.execute([x])[0]
 
 
 def main() -> None:
@@ -133,7 +121,10 @@ def main() -> None:
             run = executorch_runner(shipped)
             predictions = torch.cat([run(x).argmax(-1) for x, _ in test])
             accuracy = float((predictions == torch.cat([y for _, y in test])).float().mean())
-            latency = {bs: median_ms(run, example.with_batch_size(bs).args[0], args.repeats) for bs in batches}
+            latency = {}
+            for bs in batches:
+                x = example.with_batch_size(bs).args[0]
+                latency[bs] = median_ms(lambda x=x, run=run: run(x), args.repeats, 10)
         rows.append(
             [
                 f"{flow}/{backend}",

@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.backend == "xnnpack":
         from executorch.runtime import Runtime
 
-        method = Runtime.get().load_program(qat.export_paths["executorch"]).load_method("forward")
+        program = Runtime.get().load_program(qat.export_paths["executorch"])  # keep it: the method runs on its memory
+        method = program.load_method("forward")
         predictions = torch.cat([method.execute([x])[0].argmax(-1) for x, _ in test])
         metrics["executorch_acc"] = float((predictions == labels).float().mean())
     print({k: round(v, 4) for k, v in metrics.items() if k.endswith("_acc")})

@@ -32,7 +32,8 @@ RELOAD = textwrap.dedent(
         y = load_pt2(path).eval()(x)
     elif path.endswith(".pte"):
         from executorch.runtime import Runtime
-        y = Runtime.get().load_program(path).load_method("forward").execute([x])[0]
+        program = Runtime.get().load_program(path)
+        y = program.load_method("forward").execute([x])[0]
     elif path.endswith(".onnx"):
         import onnxruntime
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])

@@ -32,10 +32,11 @@ def latency_ms(
     inputs = example.to("cpu").with_batch_size(batch_size)
     module = module.eval()
     with quantized_engine(engine or torch.backends.quantized.engine), torch.inference_mode():
-        return _median_ms(lambda: inputs(module), repeats, warmup)
+        return median_ms(lambda: inputs(module), repeats, warmup)
 
 
-def _median_ms(run: Callable[[], Any], repeats: int, warmup: int) -> float:
+def median_ms(run: Callable[[], Any], repeats: int, warmup: int) -> float:
+    """Median wall time in milliseconds of ``run()`` over ``repeats`` calls, after ``warmup`` untimed ones."""
     for _ in range(warmup):
         run()
     times = []
@@ -57,7 +58,7 @@ def executorch_latency_ms(
     if module not in _EXECUTORCH_RUNNERS:
         _EXECUTORCH_RUNNERS[module] = executorch_runner(module, example.to("cpu"))
     run = _EXECUTORCH_RUNNERS[module]
-    return _median_ms(lambda: run(inputs), repeats, warmup)
+    return median_ms(lambda: run(inputs), repeats, warmup)
 
 
 #: ExecuTorch programs lowered for timing, by model (dropped with the model)
@@ -90,7 +91,7 @@ def compiled_latency_ms(
     start = time.perf_counter()
     run(inputs)
     compile_s = time.perf_counter() - start
-    return _median_ms(lambda: run(inputs), repeats, warmup), compile_s
+    return median_ms(lambda: run(inputs), repeats, warmup), compile_s
 
 
 def classification_accuracy(

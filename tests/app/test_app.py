@@ -68,7 +68,8 @@ def test_app_qat_on_digits_int8_within_one_point_of_float(flow, backend, tmp_pat
     if backend == "xnnpack":
         from executorch.runtime import Runtime
 
-        method = Runtime.get().load_program(paths["executorch"]).load_method("forward")
+        program = Runtime.get().load_program(paths["executorch"])  # held while its method runs
+        method = program.load_method("forward")
         torch.testing.assert_close(method.execute([digits])[0], out, rtol=0, atol=0.05 * float(out.abs().max()))
 
 

@@ -377,24 +377,23 @@ def _quantizer(model: nn.Module, config: QuantizationConfig, rules: LayerRules, 
         per_channel = bool(config.per_channel if setting.per_channel is None else setting.per_channel)
         return _quantization_config(config.backend, setting.observer or config.observer, per_channel, qat)
 
-    global_config = _quantization_config(config.backend, config.observer, config.per_channel, qat)
+    quantizer: Any
     if config.backend is Backend.X86:
         from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
-        x86 = X86InductorQuantizer().set_global(global_config)
-        for name, setting in rules.names.items():
-            x86.set_module_name_qconfig(name, setting_config(setting))
-        for cls, setting in rules.types:
-            x86.set_module_type_qconfig(cls, setting_config(setting))
-        return x86
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
+        quantizer = X86InductorQuantizer()
+        by_name, by_type = quantizer.set_module_name_qconfig, quantizer.set_module_type_qconfig
+    else:
+        from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
 
-    xnnpack = XNNPACKQuantizer().set_global(global_config)
+        quantizer = XNNPACKQuantizer()
+        by_name, by_type = quantizer.set_module_name, quantizer.set_module_type
+    quantizer.set_global(_quantization_config(config.backend, config.observer, config.per_channel, qat))
     for name, setting in rules.names.items():
-        xnnpack.set_module_name(name, setting_config(setting))
+        by_name(name, setting_config(setting))
     for cls, setting in rules.types:
-        xnnpack.set_module_type(cls, setting_config(setting))
-    return xnnpack
+        by_type(cls, setting_config(setting))
+    return quantizer
 
 
 def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
