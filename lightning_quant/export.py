@@ -41,7 +41,7 @@ import torch.nn as nn
 from lightning_quant.quantization import flows
 from lightning_quant.quantization.config import Backend, ExportTarget, pt2e_engine
 from lightning_quant.quantization.convert import compiled_runner, quantized_engine
-from lightning_quant.quantization.inputs import ExampleInputs, as_positional, dynamic_shapes, forward_signature
+from lightning_quant.quantization.inputs import ExampleInputs, as_positional, export_program, forward_signature
 from lightning_quant.quantization.outputs import flat_tensors, max_abs_diff
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.checks import require_module
@@ -212,21 +212,6 @@ def _onnx_bytes(
         return run
 
     return data, load
-
-
-def export_program(
-    model: nn.Module, example: ExampleInputs, max_batch: int | None = None, max_sequence: int | None = None
-) -> torch.export.ExportedProgram:
-    """``torch.export`` an int8 (pt2e) model with dynamic batch and sequence axes."""
-    if (example.batch_size or 0) < 2:  # a batch of one would make export specialize the batch axis
-        example = example.with_batch_size(2)
-    with known_torch_warnings_silenced():
-        return torch.export.export(
-            model,
-            example.args,
-            example.kwargs or None,
-            dynamic_shapes=dynamic_shapes(model, example, max_batch, max_sequence),
-        )
 
 
 def _pt2_bytes(model: nn.Module, example: ExampleInputs, backend: Backend) -> tuple[bytes, Callable[[bytes], Loaded]]:

@@ -144,6 +144,24 @@ def dynamic_shapes(
     return shapes
 
 
+def export_program(
+    model: torch.nn.Module, example: ExampleInputs, max_batch: int | None = None, max_sequence: int | None = None
+) -> torch.export.ExportedProgram:
+    """``torch.export`` ``module`` (in its current mode) with dynamic batch and sequence axes
+    (:func:`dynamic_shapes`), from a batch of at least two so the batch axis is not fixed to 1."""
+    if (example.batch_size or 0) < 2:  # a batch of one would make export specialize the batch axis
+        example = example.with_batch_size(2)
+    from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+
+    with known_torch_warnings_silenced():
+        return torch.export.export(
+            model,
+            example.args,
+            example.kwargs or None,
+            dynamic_shapes=dynamic_shapes(model, example, max_batch, max_sequence),
+        )
+
+
 def _bound_arguments(module: torch.nn.Module, example: ExampleInputs) -> dict[str, Any]:
     """``example``'s inputs by parameter name (``arg0``... where they do not fit the signature)."""
     try:

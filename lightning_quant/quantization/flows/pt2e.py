@@ -33,7 +33,7 @@ import torch.fx
 import torch.nn as nn
 
 from lightning_quant.quantization.config import Backend, Observer, Precision, QuantizationConfig
-from lightning_quant.quantization.inputs import ExampleInputs, dynamic_shapes
+from lightning_quant.quantization.inputs import ExampleInputs, export_program
 from lightning_quant.quantization.layers import LayerRules, resolve_layers
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 
@@ -234,13 +234,8 @@ def capture(module: nn.Module, example: ExampleInputs) -> torch.fx.GraphModule:
     Raises:
         Pt2eExportError: export failed, or the model's code fixes the batch size.
     """
-    if (example.batch_size or 0) < 2:  # a batch of one would make export specialize the batch axis to 1
-        example = example.with_batch_size(2)
     try:
-        with known_torch_warnings_silenced():
-            exported = torch.export.export(
-                module, example.args, example.kwargs or None, dynamic_shapes=dynamic_shapes(module, example)
-            )
+        exported = export_program(module, example)
     except Exception as err:
         first = " ".join(str(err).split())[:600]
         raise Pt2eExportError(
