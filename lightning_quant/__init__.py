@@ -32,11 +32,14 @@ from lightning_quant.quantization import (
     Pt2eExportError,
     QATSchedule,
     QuantizationConfig,
+    Scheme,
     SkipSearch,
+    load_int8,
     load_pt2,
     quantization_disabled,
     quantize,
     quantize_within_budget,
+    save_int8,
 )
 
 __version__ = "0.2.0"
@@ -59,9 +62,12 @@ __all__ = [
     "QuantizationConfig",
     "QuantizationListener",
     "QuantizationReport",
+    "Scheme",
     "SkipSearch",
+    "load_int8",
     "load_pt2",
     "quantization_disabled",
     "quantize",
     "quantize_within_budget",
+    "save_int8",
 ]

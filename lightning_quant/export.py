@@ -22,7 +22,11 @@ Targets and engines:
   xnnpack one as saved (Inductor's int8 lowering takes uint8 activations only);
 - ``executorch`` (pt2e flow, xnnpack backend): an ExecuTorch program (``.pte``) with every
   quantized op delegated to XNNPACK, taking batches of 1 to ``EXECUTORCH_MAX_BATCH`` (its memory is
-  planned ahead for that bound); the reload check runs it in ExecuTorch's runtime.
+  planned ahead for that bound); the reload check runs it in ExecuTorch's runtime. A torchao model
+  (dynamic schemes, xnnpack backend) lowers the same way;
+- ``state_dict`` and ``safetensors`` (torchao flow): the int8 model's state dict with torchao's
+  tensor subclasses, written by ``torch.save`` (loaded with ``weights_only=True``) or as safetensors
+  with torchao's metadata; the check loads it into the float structure and must match bit for bit.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 import torch.nn as nn
 
 from lightning_quant.quantization import flows
-from lightning_quant.quantization.config import Backend, ExportTarget, pt2e_engine
+from lightning_quant.quantization.config import Backend, ExportTarget, Flow, pt2e_engine
 from lightning_quant.quantization.convert import compiled_runner, quantized_engine
 from lightning_quant.quantization.inputs import ExampleInputs, as_positional, export_program, forward_signature
 from lightning_quant.quantization.outputs import flat_tensors, max_abs_diff
@@ -55,6 +59,8 @@ SUFFIXES = {
     ExportTarget.ONNX: ".onnx",
     ExportTarget.PT2: ".pt2",
     ExportTarget.EXECUTORCH: ".pte",
+    ExportTarget.STATE_DICT: "_state_dict.pt",
+    ExportTarget.SAFETENSORS: ".safetensors",
 }
 
 #: the largest batch (and token sequence) an ExecuTorch file takes: its runtime plans memory for it
@@ -68,12 +74,15 @@ EXECUTORCH_MAX_SEQUENCE = 512
 #: frozen in training mode, a batch size baked in) is off by far more.
 #: Compiled pt2 programs fuse and reorder float arithmetic around the int8 ops, ExecuTorch's
 #: XNNPACK kernels requantize in their own order: both get the ONNX allowance.
+#: torchao's weights files load into the same modules and kernels: bit-identical or refused.
 RELOAD_STEPS = {
     ExportTarget.TORCHSCRIPT: 2.0,
     ExportTarget.MOBILE: 2.0,
     ExportTarget.ONNX: 4.0,
     ExportTarget.PT2: 4.0,
     ExportTarget.EXECUTORCH: 4.0,
+    ExportTarget.STATE_DICT: 0.0,
+    ExportTarget.SAFETENSORS: 0.0,
 }
 
 
@@ -93,7 +102,7 @@ class ExportRecord:
 
 def engine_for(target: ExportTarget, backend: Backend) -> str:
     """The quantized engine a target's file is converted for (pt2e files use none of torch's)."""
-    if target in (ExportTarget.PT2, ExportTarget.EXECUTORCH):
+    if target in (ExportTarget.PT2, ExportTarget.EXECUTORCH, ExportTarget.STATE_DICT, ExportTarget.SAFETENSORS):
         return pt2e_engine()
     return Backend.QNNPACK.value if target is ExportTarget.MOBILE else backend.value
 
@@ -215,8 +224,10 @@ def _onnx_bytes(
 
 
 def _pt2_bytes(model: nn.Module, example: ExampleInputs, backend: Backend) -> tuple[bytes, Callable[[bytes], Loaded]]:
-    """Inductor's int8 lowering takes x86-quantized programs (uint8 activations); an xnnpack one
-    (int8 activations) is checked as saved, uncompiled."""
+    """Inductor's int8 lowering takes x86-quantized pt2e programs (uint8 activations); an xnnpack one
+    (int8 activations) is checked as saved, uncompiled, and so is a torchao one, whose int8 kernels
+    run uncompiled too."""
+    compile_check = backend is Backend.X86 and flows.flow_of(model) is flows.get_flow(Flow.PT2E)
     program = export_program(model, example)
     buffer = io.BytesIO()
     with known_torch_warnings_silenced():
@@ -225,11 +236,34 @@ def _pt2_bytes(model: nn.Module, example: ExampleInputs, backend: Backend) -> tu
     def load(data: bytes) -> Loaded:
         with known_torch_warnings_silenced():
             loaded = torch.export.load(io.BytesIO(data)).module()
-        if backend is Backend.X86:
+        if compile_check:
             return compiled_runner(loaded)
         return lambda inputs: inputs(loaded)
 
     return buffer.getvalue(), load
+
+
+def _weights_bytes(
+    target: ExportTarget,
+) -> Callable[[nn.Module, ExampleInputs, Backend], tuple[bytes, Callable[[bytes], Loaded]]]:
+    """torchao's weights (``state_dict``, ``safetensors``): checked by loading them into the float model's
+    structure (a copy with plain zero weights), as a user loads them."""
+
+    def serialize(
+        model: nn.Module, example: ExampleInputs, backend: Backend
+    ) -> tuple[bytes, Callable[[bytes], Loaded]]:
+        torchao = flows.get_flow(Flow.TORCHAO)
+        if flows.flow_of(model) is not torchao:
+            raise ValueError(f"export {target.value!r} writes torchao models (flow='torchao')")
+        data = torchao.weights_bytes(model, target)  # type: ignore[attr-defined]
+
+        def load(data: bytes) -> Loaded:
+            loaded = torchao.load_weights(torchao.float_skeleton(model), data, target)  # type: ignore[attr-defined]
+            return lambda inputs: inputs(loaded)
+
+        return data, load
+
+    return serialize
 
 
 def _executorch_bytes(
@@ -280,6 +314,8 @@ _SERIALIZERS = {
     ExportTarget.ONNX: _onnx_bytes,
     ExportTarget.PT2: _pt2_bytes,
     ExportTarget.EXECUTORCH: _executorch_bytes,
+    ExportTarget.STATE_DICT: _weights_bytes(ExportTarget.STATE_DICT),
+    ExportTarget.SAFETENSORS: _weights_bytes(ExportTarget.SAFETENSORS),
 }
 
 
@@ -292,7 +328,7 @@ def other_batch_size(example: ExampleInputs) -> int:
 def quantization_step(model: nn.Module, output: Any) -> float:
     """The coarsest output step of the model's int8 layers (their ``scale``); for a model without
     any (weight-only/dynamic), a millionth of the largest output."""
-    scales = flows.output_steps(model)
+    scales = flows.output_steps(model, output)
     largest = max((float(t.float().abs().max()) for t in flat_tensors(output) if t.numel()), default=0.0)
     return max([*scales, 1e-6 * largest, 1e-8])
 

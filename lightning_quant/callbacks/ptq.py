@@ -17,7 +17,7 @@ from typing_extensions import override
 from lightning_quant.callbacks._trainer import first_of, stage_dataloader
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.export import engine_for
-from lightning_quant.quantization.config import LayerSetting, Precision, QuantizationConfig
+from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, Flow, LayerSetting, Precision, QuantizationConfig
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, FP16_ENGINES, quantize_dynamic_copy
 from lightning_quant.quantization.inputs import ExampleInputs, describe_inputs, input_kinds
@@ -29,10 +29,12 @@ from lightning_quant.quantization.ptq import (
     check_mode_options,
     check_search_score,
     convert_calibrated,
+    mode_config,
     prepare_and_calibrate,
     search_candidates,
     search_precisions_of,
     search_targets,
+    torchao_copy,
 )
 from lightning_quant.quantization.search import PrecisionSearch, SkipSearch, budget_search, check_precision_ladder
 from lightning_quant.quantization.target import resolve_target
@@ -56,15 +58,18 @@ class PostTrainingQuantization(QuantizationCallback):
     ``export_paths``) as :class:`~lightning_quant.QuantizationAwareTraining`.
 
     Args:
-        mode: ``"static"`` (default) or ``"dynamic"``.
+        mode: ``"static"`` (default), ``"dynamic"``, or ``"weight_only"`` (``flow="torchao"``).
         calibration_data: ``"train"`` (default: the train dataloader), ``"val"``, or any
             iterable of batches (a DataLoader, a list).
         calibration_batches: batches used for calibration (default 32).
         dtype: dynamic mode: ``"qint8"`` (default) or ``"float16"``.
         module_types: dynamic mode: module types to quantize (default Linear, LSTM, GRU).
         backend, flow, module, observer, per_channel, skip, layers, qconfig_mapping, export,
-        export_dir, batch_to_input: as for ``QuantizationAwareTraining``; ``observer``
+        export_dir, batch_to_input, group_size: as for ``QuantizationAwareTraining``; ``observer``
             defaults to ``"histogram"``, the best choice for a few calibration batches.
+        scheme: ``flow="torchao"``: default by mode (``weight_only``: ``"int8_weight_only"``;
+            ``dynamic``: ``"int8_dyn_int8_weight"``); int4 weights with ``"int4_weight_only"`` or
+            ``"int8_dyn_int4_weight"``. No calibration is needed.
         progress: show a progress bar while calibrating (rank zero only).
         max_metric_drop: keep the most sensitive layers in float, greedily, until int8 is within
             this much of float on ``eval_batches`` validation batches (top-1 accuracy, or mean
@@ -120,9 +125,12 @@ class PostTrainingQuantization(QuantizationCallback):
         search_precisions: Sequence[str] = ("int8", "float"),
         max_size_bytes: int | None = None,
         search_score: str = "auto",
+        scheme: str | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
     ) -> None:
         super().__init__(self._config_from(config, locals()), batch_to_input)
         self.mode = parse_enum(Mode, mode, "mode")
+        self.config = mode_config(self.config, self.mode)
         if isinstance(calibration_data, str) and calibration_data not in CALIBRATION_SOURCES:
             raise ValueError(
                 f"calibration_data must be one of {CALIBRATION_SOURCES} or an iterable of batches, "
@@ -142,7 +150,9 @@ class PostTrainingQuantization(QuantizationCallback):
         self.progress = check_bool(progress, "progress")
         self.max_metric_drop = check_non_negative(max_metric_drop, "max_metric_drop", allow_none=True)
         self.eval_batches = check_positive_int(eval_batches, "eval_batches")
-        self.search_precisions = check_precision_ladder(search_precisions, search_precisions_of(self.mode))
+        self.search_precisions = check_precision_ladder(
+            search_precisions, search_precisions_of(self.mode, self.config.flow)
+        )
         self.max_size_bytes = check_positive_int(max_size_bytes, "max_size_bytes", allow_none=True)
         self.search_score = check_search_score(search_score)
         self.skip_search: SkipSearch | PrecisionSearch | None = None
@@ -322,7 +332,11 @@ class PostTrainingQuantization(QuantizationCallback):
         if self.max_metric_drop is not None or self.max_size_bytes is not None:
             config = self._search_float_islands(trainer, target)
         self.calibrated_model = None
-        if self.mode is Mode.DYNAMIC:
+        if config.flow is Flow.TORCHAO:
+
+            def convert(engine: str) -> nn.Module:
+                return torchao_copy(target, config)
+        elif self.mode is Mode.DYNAMIC:
 
             def convert(engine: str) -> nn.Module:
                 return quantize_dynamic_copy(target, config, self.module_types, self.dtype, engine)

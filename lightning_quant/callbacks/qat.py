@@ -21,7 +21,7 @@ from typing_extensions import override
 from lightning_quant.callbacks._trainer import first_of, metric_name, module_metric, stage_dataloader
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.quantization.calibrate import first_non_finite_layer
-from lightning_quant.quantization.config import QuantizationConfig
+from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, Flow, QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy, unobserved
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.flows import get_flow
@@ -70,8 +70,9 @@ class QuantizationAwareTraining(QuantizationCallback):
     - ``freeze_bn_epoch``: BatchNorm running statistics stop updating from it on.
 
     Args:
-        backend: ``"x86"`` (default), ``"fbgemm"`` or ``"qnnpack"``.
-        flow: ``"fx"`` (default) or ``"eager"``.
+        backend: ``"x86"`` (default), ``"fbgemm"``, ``"qnnpack"`` (fx, eager) or ``"xnnpack"`` (pt2e, torchao).
+        flow: ``"fx"`` (default), ``"eager"``, ``"pt2e"`` or ``"torchao"`` (torchao's ``QATConfig`` on the
+            model's Linear layers, for transformers: see ``scheme``).
         module: dotted path of the submodule of the LightningModule to quantize; ``None`` picks
             its only child with parameters.
         observer: ``"moving_average"`` (default), ``"minmax"`` or ``"histogram"`` (activations).
@@ -87,7 +88,9 @@ class QuantizationAwareTraining(QuantizationCallback):
         freeze_observers_epoch: first epoch with frozen observers (default ``None``: never).
         freeze_bn_epoch: first epoch with frozen BatchNorm statistics (default ``None``: never).
         convert_on_fit_end: convert a copy to int8 and export at the end of fit (default True).
-        export: any of ``"torchscript"``, ``"mobile"``, ``"onnx"`` (default ``("torchscript",)``).
+        export: ``"default"`` (the flow's own files), ``None``, or targets of the flow: ``"torchscript"``,
+            ``"mobile"``, ``"onnx"`` (fx, eager); ``"pt2"``, ``"executorch"`` (pt2e, torchao);
+            ``"state_dict"``, ``"safetensors"`` (torchao's weights).
         export_dir: folder for exported files (default ``<trainer.log_dir>/quantized``).
         batch_to_input: callable turning a batch into the model's input, for batches whose
             input is not a tensor, the first item of a tuple, or a mapping of keyword arguments.
@@ -98,6 +101,10 @@ class QuantizationAwareTraining(QuantizationCallback):
             Skipped (with a log line) while quantization has not started.
         config: a :class:`~lightning_quant.QuantizationConfig` holding ``backend`` ... ``export_dir``
             instead of those keyword arguments (which must then keep their defaults).
+        scheme: torchao flow: ``"int8_dyn_int4_weight"`` (default), ``"int8_dyn_int8_weight"``,
+            ``"int8_weight_only"`` or ``"int4_weight_only"``; per-layer ``"int8"``/``"int4"``/``"float"``
+            with ``layers=`` (embeddings are quantized only when named there).
+        group_size: torchao flow: input features per int4 weight scale (default 32).
 
     Raises:
         ValueError: an argument outside its allowed values (the message lists them).
@@ -110,7 +117,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         >>> trainer = Trainer(callbacks=[QuantizationAwareTraining(freeze_observers_epoch=3)], logger=False)
     """
 
-    STATE_VERSION = 2  # 2: also observer and per_channel
+    STATE_VERSION = 3  # 2: also observer and per_channel; 3: also scheme and group_size
     label = "QAT"
 
     def __init__(
@@ -133,9 +140,17 @@ class QuantizationAwareTraining(QuantizationCallback):
         batch_to_input: Callable[[Any], Any] | None = None,
         validate_int8: bool = False,
         config: QuantizationConfig | None = None,
+        scheme: str | None = None,
+        group_size: int = DEFAULT_GROUP_SIZE,
     ) -> None:
         super().__init__(self._config_from(config, locals()), batch_to_input)
         self.schedule = QATSchedule(quant_start_epoch, freeze_observers_epoch, freeze_bn_epoch)
+        if self.config.flow is Flow.TORCHAO and freeze_observers_epoch is not None:
+            raise ValueError(
+                f"freeze_observers_epoch={freeze_observers_epoch}, but flow='torchao' has no observers to freeze: its "
+                "fake quantization computes every range from the tensor it quantizes, at every step; leave "
+                "freeze_observers_epoch out"
+            )
         self.convert_on_fit_end = check_bool(convert_on_fit_end, "convert_on_fit_end")
         self.validate_int8 = check_bool(validate_int8, "validate_int8")
         self._phase: Phase | None = None
@@ -325,6 +340,8 @@ class QuantizationAwareTraining(QuantizationCallback):
             "module": self._target_path,
             "observer": self.config.observer.value,
             "per_channel": self.config.per_channel,
+            "scheme": self.config.scheme.value if self.config.scheme is not None else None,
+            "group_size": self.config.group_size,
         }
 
     def _say_if_float(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -507,7 +524,8 @@ def qat_recipe(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     not trained with :class:`QuantizationAwareTraining`."""
     for key, state in checkpoint.get("callbacks", {}).items():
         if str(key).startswith(QuantizationAwareTraining.__name__) and isinstance(state, dict):
-            return {k: state[k] for k in ("backend", "flow", "module", "observer", "per_channel") if k in state}
+            keys = ("backend", "flow", "module", "observer", "per_channel", "scheme", "group_size")
+            return {k: state[k] for k in keys if k in state}
     return None
 
 

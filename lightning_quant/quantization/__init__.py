@@ -1,11 +1,12 @@
 """The quantization core the callbacks share: config -> qconfig -> flow prepare -> schedule -> convert."""
 
 from lightning_quant.quantization.calibrate import NonFiniteError
-from lightning_quant.quantization.config import Backend, ExportTarget, Flow, Observer, QuantizationConfig
+from lightning_quant.quantization.config import Backend, ExportTarget, Flow, Observer, QuantizationConfig, Scheme
 from lightning_quant.quantization.convert import convert_copy, quantized_engine
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.flows.fx import FxTracingError
 from lightning_quant.quantization.flows.pt2e import Pt2eExportError, load_pt2
+from lightning_quant.quantization.flows.torchao import load_int8, save_int8
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.ptq import Mode, quantize, quantize_within_budget
 from lightning_quant.quantization.schedule import QATSchedule, quantization_disabled
@@ -23,12 +24,15 @@ __all__ = [
     "Pt2eExportError",
     "QATSchedule",
     "QuantizationConfig",
+    "Scheme",
     "SkipSearch",
     "convert_copy",
     "get_flow",
+    "load_int8",
     "load_pt2",
     "quantization_disabled",
     "quantized_engine",
     "quantize",
     "quantize_within_budget",
+    "save_int8",
 ]

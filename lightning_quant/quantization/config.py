@@ -33,11 +33,34 @@ class Backend(str, Enum):
 
 class Flow(str, Enum):
     """How the model is rewritten: FX graph tracing (automatic), eager module swapping (both on the
-    deprecated ``torch.ao.quantization``), or ``torch.export`` with torchao's pt2e quantizers."""
+    deprecated ``torch.ao.quantization``), ``torch.export`` with torchao's pt2e quantizers, or
+    torchao's ``quantize_`` (tensor-subclass weights in the model's own Linear layers; QAT through
+    ``QATConfig``)."""
 
     FX = "fx"
     EAGER = "eager"
     PT2E = "pt2e"
+    TORCHAO = "torchao"
+
+
+class Scheme(str, Enum):
+    """What torchao's flow computes a Linear layer in: int8 weights only (activations stay float),
+    or int8 activations quantized per token at run time with int8 (per channel) or int4 (per
+    group of ``group_size`` input features) weights."""
+
+    INT8_WEIGHT_ONLY = "int8_weight_only"
+    INT4_WEIGHT_ONLY = "int4_weight_only"
+    INT8_DYN_INT8_WEIGHT = "int8_dyn_int8_weight"
+    INT8_DYN_INT4_WEIGHT = "int8_dyn_int4_weight"
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether activations are quantized (per token, at run time)."""
+        return self.value.startswith("int8_dyn")
+
+    @property
+    def weight_bits(self) -> int:
+        return 4 if self.value.endswith("int4_weight") or self.value.startswith("int4") else 8
 
 
 class Observer(str, Enum):
@@ -58,6 +81,8 @@ class ExportTarget(str, Enum):
     ONNX = "onnx"
     PT2 = "pt2"
     EXECUTORCH = "executorch"
+    STATE_DICT = "state_dict"
+    SAFETENSORS = "safetensors"
 
 
 class Precision(str, Enum):
@@ -149,6 +174,7 @@ FLOW_BACKENDS: dict[Flow, tuple[Backend, ...]] = {
     Flow.FX: (Backend.X86, Backend.FBGEMM, Backend.QNNPACK),
     Flow.EAGER: (Backend.X86, Backend.FBGEMM, Backend.QNNPACK),
     Flow.PT2E: (Backend.X86, Backend.XNNPACK),
+    Flow.TORCHAO: (Backend.X86, Backend.XNNPACK),
 }
 
 #: the export targets each flow writes (its first is the default)
@@ -156,6 +182,7 @@ FLOW_EXPORTS: dict[Flow, tuple[ExportTarget, ...]] = {
     Flow.FX: (ExportTarget.TORCHSCRIPT, ExportTarget.MOBILE, ExportTarget.ONNX),
     Flow.EAGER: (ExportTarget.TORCHSCRIPT, ExportTarget.MOBILE, ExportTarget.ONNX),
     Flow.PT2E: (ExportTarget.PT2, ExportTarget.EXECUTORCH),
+    Flow.TORCHAO: (ExportTarget.STATE_DICT, ExportTarget.EXECUTORCH, ExportTarget.PT2, ExportTarget.SAFETENSORS),
 }
 
 #: export targets that need one backend
@@ -164,12 +191,17 @@ TARGET_BACKENDS: dict[ExportTarget, Backend] = {ExportTarget.EXECUTORCH: Backend
 #: the optional packages a flow or target needs: (import name, pip install line)
 NEEDS: dict[str, tuple[str, str]] = {
     Flow.PT2E: ("torchao", "lightning-quant[pt2e]"),
+    Flow.TORCHAO: ("torchao", "lightning-quant[torchao]"),
+    ExportTarget.SAFETENSORS: ("safetensors", "safetensors"),
     Backend.XNNPACK: ("executorch", "lightning-quant[executorch]"),
     ExportTarget.EXECUTORCH: ("executorch", "lightning-quant[executorch]"),
 }
 
 #: the export default: the flow's first target
 DEFAULT_EXPORT = "default"
+
+#: input features sharing one scale in torchao's int4 weights
+DEFAULT_GROUP_SIZE = 32
 
 
 def _normalise_exports(export: Any) -> tuple[ExportTarget, ...] | str:
@@ -191,7 +223,8 @@ def _normalise_exports(export: Any) -> tuple[ExportTarget, ...] | str:
 
 def default_exports(flow: Flow, backend: Backend) -> tuple[ExportTarget, ...]:
     """What ``export="default"`` writes: the flow's server file, and its phone file when the backend
-    is a phone backend (torchscript [+ mobile for qnnpack]; pt2 [+ executorch for xnnpack])."""
+    is a phone backend (torchscript [+ mobile for qnnpack]; pt2 [+ executorch for xnnpack];
+    torchao: state_dict [+ executorch for xnnpack])."""
     server, phone = FLOW_EXPORTS[flow][0], FLOW_EXPORTS[flow][1]
     return (server, phone) if backend in (Backend.QNNPACK, Backend.XNNPACK) else (server,)
 
@@ -289,6 +322,13 @@ class QuantizationConfig:
             :func:`default_exports`), ``None``, or any of the flow's targets: ``"torchscript"``,
             ``"mobile"``, ``"onnx"`` (fx, eager); ``"pt2"``, ``"executorch"`` (pt2e).
         export_dir: folder for exported files; ``None`` means ``<trainer.log_dir>/quantized``.
+        scheme: torchao flow: what its Linear layers compute in (:class:`Scheme`):
+            ``"int8_weight_only"``, ``"int4_weight_only"``, ``"int8_dyn_int8_weight"``,
+            ``"int8_dyn_int4_weight"``; ``None`` means the use's default (QAT:
+            ``int8_dyn_int4_weight``; ``mode="weight_only"``: ``int8_weight_only``;
+            ``mode="dynamic"``: ``int8_dyn_int8_weight``).
+        group_size: torchao flow: input features sharing one scale in int4 weights (default 32);
+            it must divide the input size of every int4 layer.
 
     Strings are accepted wherever an enum is expected (``backend="qnnpack"``, as YAML gives them)
     and sequences wherever a tuple is; both are normalised at construction.
@@ -316,6 +356,8 @@ class QuantizationConfig:
     modules_to_fuse: tuple[tuple[str, ...], ...] | None = None
     export: tuple[ExportTarget, ...] = DEFAULT_EXPORT  # type: ignore[assignment]  # resolved in __post_init__
     export_dir: str | os.PathLike | None = None
+    scheme: Scheme | None = None
+    group_size: int = DEFAULT_GROUP_SIZE
 
     def __post_init__(self) -> None:
         self.backend = parse_enum(Backend, self.backend, "backend")
@@ -324,7 +366,7 @@ class QuantizationConfig:
         if self.module is not None and (not isinstance(self.module, str) or not self.module):
             raise ValueError(f"module must be a dotted attribute path such as 'net' or None, got {self.module!r}")
         if self.per_channel is None:
-            self.per_channel = self.backend in PER_CHANNEL_BY_DEFAULT
+            self.per_channel = self.backend in PER_CHANNEL_BY_DEFAULT or self.flow is Flow.TORCHAO
         elif not isinstance(self.per_channel, bool):
             raise TypeError(f"per_channel must be True, False or None (backend default), got {self.per_channel!r}")
         self.skip = _normalise_skip(self.skip)
@@ -334,11 +376,12 @@ class QuantizationConfig:
             raise ValueError(f"{sorted(map(str, both))} are in both skip and layers: say it once (skip means 'float')")
         if self.layers and self.qconfig_mapping is not None:
             raise ValueError("layers and qconfig_mapping both say how layers are quantized: pass one of them")
-        if self.qconfig_mapping is not None and self.flow is Flow.PT2E:
+        if self.qconfig_mapping is not None and self.flow in (Flow.PT2E, Flow.TORCHAO):
             raise ValueError(
-                'qconfig_mapping is a torch.ao setting of flow="fx"/"eager"; with flow="pt2e" say per-layer '
-                "settings with layers= (or skip=)"
+                f'qconfig_mapping is a torch.ao setting of flow="fx"/"eager"; with flow="{self.flow.value}" say '
+                "per-layer settings with layers= (or skip=)"
             )
+        self._check_torchao_options()
         self.modules_to_fuse = _normalise_fuse(self.modules_to_fuse)
         if self.modules_to_fuse is not None and self.flow is not Flow.EAGER:
             raise ValueError(
@@ -352,12 +395,39 @@ class QuantizationConfig:
         if self.export_dir is not None and not isinstance(self.export_dir, (str, os.PathLike)):
             raise TypeError(f"export_dir must be a path or None, got {self.export_dir!r}")
 
+    def _check_torchao_options(self) -> None:
+        if self.scheme is not None:
+            self.scheme = parse_enum(Scheme, self.scheme, "scheme")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(
+                f"group_size must be a positive int (input features per int4 scale), got {self.group_size!r}"
+            )
+        if self.flow is not Flow.TORCHAO:
+            given = [
+                name
+                for name, changed in (
+                    ("scheme", self.scheme is not None),
+                    ("group_size", self.group_size != DEFAULT_GROUP_SIZE),
+                )
+                if changed
+            ]
+            if given:
+                raise ValueError(
+                    f"{given} are options of torchao's weight schemes (flow='torchao'), but flow={self.flow.value!r}: "
+                    "set flow='torchao', or leave them out"
+                )
+        elif self.per_channel is False:
+            raise ValueError(
+                "flow='torchao' quantizes weights per channel (int8) or per group of group_size features (int4); "
+                "per_channel=False has no scheme there: leave per_channel out"
+            )
+
     @property
     def engine(self) -> str:
-        """The ``torch.backends.quantized.engine`` the int8 model runs on. pt2e models do not use
-        torch's quantized engines (their int8 kernels come from Inductor or ExecuTorch): the
-        process's current engine, so selecting it changes nothing."""
-        return pt2e_engine() if self.flow is Flow.PT2E else self.backend.value
+        """The ``torch.backends.quantized.engine`` the int8 model runs on. pt2e and torchao models do
+        not use torch's quantized engines (their int8 kernels come from Inductor, torchao's tensor
+        subclasses or ExecuTorch): the process's current engine, so selecting it changes nothing."""
+        return pt2e_engine() if self.flow in (Flow.PT2E, Flow.TORCHAO) else self.backend.value
 
 
 def pt2e_engine() -> str:

@@ -15,8 +15,16 @@ import torch.nn as nn
 
 from lightning_quant.quantization import flows
 from lightning_quant.quantization.calibrate import calibrate
-from lightning_quant.quantization.config import Flow, LayerSetting, Precision, QuantizationConfig, config_from
-from lightning_quant.quantization.convert import convert_copy
+from lightning_quant.quantization.config import (
+    DEFAULT_GROUP_SIZE,
+    Flow,
+    LayerSetting,
+    Precision,
+    QuantizationConfig,
+    Scheme,
+    config_from,
+)
+from lightning_quant.quantization.convert import convert_copy, for_inference
 from lightning_quant.quantization.distributed import RankReducer, reduce_observers
 from lightning_quant.quantization.dynamic import (
     DEFAULT_DYNAMIC_TYPES,
@@ -42,13 +50,63 @@ log = logging.getLogger(__name__)
 
 
 class Mode(str, Enum):
-    """Post-training modes: static (calibrated activations) or dynamic (activations quantized at run time)."""
+    """Post-training modes: static (calibrated activations), dynamic (activations quantized at run
+    time) or weight-only (int8/int4 weights, float activations: torchao's flow)."""
 
     STATIC = "static"
     DYNAMIC = "dynamic"
+    WEIGHT_ONLY = "weight_only"
 
 
 MODES = tuple(m.value for m in Mode)
+
+#: the torchao scheme each post-training mode takes when none is named
+MODE_SCHEMES = {Mode.WEIGHT_ONLY: Scheme.INT8_WEIGHT_ONLY, Mode.DYNAMIC: Scheme.INT8_DYN_INT8_WEIGHT}
+
+
+def mode_config(config: QuantizationConfig, mode: Mode) -> QuantizationConfig:
+    """``config`` with the torchao scheme ``mode`` implies, after checking that mode, flow and scheme agree.
+
+    Raises:
+        ValueError: ``mode="weight_only"`` off the torchao flow, ``mode="static"`` on it, or a scheme of
+            the other mode.
+    """
+    if config.flow is not Flow.TORCHAO:
+        if mode is Mode.WEIGHT_ONLY:
+            raise ValueError(
+                "mode='weight_only' (int8/int4 weights, float activations) runs on torchao's schemes: set "
+                "flow='torchao'"
+            )
+        return config
+    if mode is Mode.STATIC:
+        raise ValueError(
+            "flow='torchao' quantizes weights (mode='weight_only') or weights and per-token activations at run "
+            "time (mode='dynamic'); static int8 with calibrated activations is flow='fx' or 'pt2e'"
+        )
+    if config.scheme is None:
+        config = dataclasses.replace(config, scheme=MODE_SCHEMES[mode])
+    elif Scheme(config.scheme).dynamic != (mode is Mode.DYNAMIC):
+        allowed = [s.value for s in Scheme if s.dynamic == (mode is Mode.DYNAMIC)]
+        raise ValueError(
+            f"scheme={Scheme(config.scheme).value!r} is not a {mode.value} scheme; mode={mode.value!r} takes {allowed}"
+        )
+    get_flow(config.flow).check(config)
+    return config
+
+
+def torchao_copy(model: nn.Module, config: QuantizationConfig, allow_float: bool = False) -> nn.Module:
+    """A copy of ``model`` with torchao's int8/int4 weights in its Linear layers (weight-only and dynamic
+    schemes need no calibration); ``model`` itself is not modified. ``allow_float``: a config that keeps
+    every layer float (a search's last step) gives a float copy.
+
+    Raises:
+        ValueError: nothing to quantize, or an int4 layer ``group_size`` does not divide.
+    """
+    flow = get_flow(config.flow)
+    if allow_float and not flow.quantizes_any(model, config):  # type: ignore[attr-defined]
+        return for_inference(copy.deepcopy(model).cpu())
+    prepared = flow.prepare(copy.deepcopy(model).cpu().eval(), config, ExampleInputs(), qat=False)
+    return for_inference(flow.convert(prepared))
 
 
 def prepare_and_calibrate(
@@ -126,12 +184,18 @@ def check_mode_options(
             "files do not hold; use flow='fx' (the default) for dynamic mode, or mode='static' with flow='pt2e'"
         )
     types = check_dynamic_options(dtype, module_types)
-    if mode is Mode.STATIC and (dtype != "qint8" or types != DEFAULT_DYNAMIC_TYPES):
-        given = [
-            name
-            for name, changed in (("dtype", dtype != "qint8"), ("module_types", types != DEFAULT_DYNAMIC_TYPES))
-            if changed
-        ]
+    given = [
+        name
+        for name, changed in (("dtype", dtype != "qint8"), ("module_types", types != DEFAULT_DYNAMIC_TYPES))
+        if changed
+    ]
+    if given and flow is Flow.TORCHAO:
+        raise ValueError(
+            f"{given} are options of torch.ao's dynamic mode (flow='fx'); flow='torchao' quantizes Linear layers "
+            "(and embeddings named in layers=) in its scheme: say int4/int8/float per layer with layers=, or leave "
+            "them out"
+        )
+    if given and mode is Mode.STATIC:
         raise ValueError(
             f"{given} are options of mode='dynamic', but mode='static' (which quantizes Conv/Linear with "
             "calibrated activations): set mode='dynamic', or leave them out"
@@ -147,6 +211,9 @@ def check_layers(
     Raises:
         ValueError: a key the model lacks, or a precision/dtype/option the mode or flow cannot run.
     """
+    if config.flow is Flow.TORCHAO:
+        get_flow(config.flow).check_model(model, config)  # type: ignore[attr-defined]
+        return
     if mode is Mode.DYNAMIC:
         dynamic_spec(model, config, module_types, dtype)
         return
@@ -183,7 +250,9 @@ def builder(
 ) -> Callable[[Any], nn.Module]:
     """A function to the int8 model from layers to keep in float (a list, added to ``skip``) or
     from ``{layer: precision}`` (added to ``layers``); static mode recalibrates each time."""
-    types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else ()
+    types = (
+        check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC and config.flow is not Flow.TORCHAO else ()
+    )
 
     def build(extra: Sequence[str] | Mapping[str, str]) -> nn.Module:
         if isinstance(extra, Mapping):
@@ -191,6 +260,8 @@ def builder(
             skipped = dataclasses.replace(config, layers=rules, export=())
         else:
             skipped = dataclasses.replace(config, skip=tuple(config.skip) + tuple(extra), export=())
+        if skipped.flow is Flow.TORCHAO:
+            return torchao_copy(model, skipped, allow_float=bool(extra))
         if mode is Mode.DYNAMIC:
             return quantize_dynamic_copy(model, skipped, types, dtype)
         if calibration_data is None:
@@ -231,6 +302,8 @@ def quantize(
     search_precisions: Sequence[str] = ("int8", "float"),
     max_size_bytes: int | None = None,
     search_score: str = "auto",
+    scheme: str | None = None,
+    group_size: int = DEFAULT_GROUP_SIZE,
 ) -> nn.Module:
     """Return an int8 copy of ``model``, quantized after training; ``model`` is not modified.
 
@@ -240,7 +313,8 @@ def quantize(
             mode, ignored (may be ``None``) for dynamic mode. The model input is read from each
             batch as Lightning users expect (tensor, first item of a tuple, mapping as keyword
             arguments) or by ``batch_to_input``.
-        mode: ``"static"`` (default: calibrated int8 activations) or ``"dynamic"``.
+        mode: ``"static"`` (default: calibrated int8 activations), ``"dynamic"`` (activations quantized
+            at run time), or ``"weight_only"`` (``flow="torchao"``: int8/int4 weights, float activations).
         backend, flow, observer, per_channel, skip, layers, qconfig_mapping: as for
             :class:`~lightning_quant.QuantizationAwareTraining`. ``observer`` defaults to
             ``"histogram"`` here: with a few calibration batches it clips outliers best.
@@ -264,6 +338,9 @@ def quantize(
         search_score: what the search measures: ``"auto"`` (top-1 accuracy when batches carry
             targets, else cosine), ``"accuracy"`` or ``"cosine"`` (mean cosine of int8 to float
             outputs: a finer signal than accuracy on a few batches).
+        scheme, group_size: ``flow="torchao"``: the scheme (default by mode: ``weight_only`` ->
+            ``"int8_weight_only"``, ``dynamic`` -> ``"int8_dyn_int8_weight"``; int4 weights with
+            ``"int4_weight_only"``/``"int8_dyn_int4_weight"``) and the int4 group size (default 32).
         config: a :class:`~lightning_quant.QuantizationConfig` instead of ``backend``, ``flow``,
             ``observer``, ``per_channel``, ``skip`` and ``qconfig_mapping`` (which must then keep
             their defaults).
@@ -333,6 +410,7 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | PrecisionSe
     config = config_from(args["config"], args, inspect.signature(quantize).parameters, "quantize")
     get_flow(config.flow).check(config)
     config = dataclasses.replace(config, export=())
+    config = mode_config(config, mode)
     calibration_batches = check_positive_int(args["calibration_batches"], "calibration_batches")
     max_metric_drop = check_non_negative(args["max_metric_drop"], "max_metric_drop", allow_none=True)
     eval_batches = check_positive_int(args["eval_batches"], "eval_batches")
@@ -342,7 +420,7 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | PrecisionSe
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_mode_options(mode, dtype, module_types, config.flow)
-    ladder = check_precision_ladder(args["search_precisions"], search_precisions_of(mode))
+    ladder = check_precision_ladder(args["search_precisions"], search_precisions_of(mode, config.flow))
     max_size_bytes = check_positive_int(args["max_size_bytes"], "max_size_bytes", allow_none=True)
     searching = max_metric_drop is not None or max_size_bytes is not None
     build = builder(
@@ -408,8 +486,14 @@ def search_targets(batches: Sequence[Any], score: str) -> Any:
     return targets
 
 
-def search_precisions_of(mode: Mode) -> tuple[str, ...]:
-    """What a search may give a layer in ``mode``."""
+#: what a torchao search may give a layer, cheapest first
+TORCHAO_SEARCH_PRECISIONS = (Precision.INT4, Precision.INT8, Precision.FLOAT)
+
+
+def search_precisions_of(mode: Mode, flow: Flow = Flow.FX) -> tuple[str, ...]:
+    """What a search may give a layer in ``mode`` on ``flow``."""
+    if flow is Flow.TORCHAO:
+        return tuple(p.value for p in TORCHAO_SEARCH_PRECISIONS)
     return tuple(p.value for p in (DYNAMIC_PRECISIONS if mode is Mode.DYNAMIC else STATIC_PRECISIONS))
 
 
@@ -417,6 +501,9 @@ def search_candidates(
     model: nn.Module, config: QuantizationConfig, mode: Mode, module_types: Sequence[str | type], dtype: str
 ) -> list[str]:
     """The layers a search may change: what the mode quantizes, less those ``skip`` or ``layers`` name."""
-    types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else STATIC_LAYER_TYPES
+    if config.flow is Flow.TORCHAO:
+        types: tuple[type, ...] = (nn.Linear,)
+    else:
+        types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else STATIC_LAYER_TYPES
     fixed = [key for key, _ in config.layers if isinstance(key, str)] + [k for k in config.skip if isinstance(k, str)]
     return [name for name in quantizable_layers(model, types) if within(name, fixed) is None]

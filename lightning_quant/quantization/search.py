@@ -155,7 +155,8 @@ def precision_search(
 
 
 def check_precision_ladder(precisions: Sequence[str], available: Sequence[str]) -> tuple[str, ...]:
-    """Validate a search ladder: precisions the mode runs, cheapest first, starting at int8.
+    """Validate a search ladder: precisions the mode runs, cheapest first, starting at int8 (or int4,
+    where the mode runs it: torchao's schemes).
 
     Raises:
         ValueError: naming what the mode runs.
@@ -164,14 +165,14 @@ def check_precision_ladder(precisions: Sequence[str], available: Sequence[str]) 
     order = [p for p in PRECISION_ORDER if p in available]
     if (
         len(ladder) < 2
-        or ladder[0] != "int8"
+        or ladder[0] not in [p for p in ("int4", "int8") if p in available]
         or any(p not in available for p in ladder)
         or list(ladder) != sorted(ladder, key=PRECISION_ORDER.index)
         or len(set(ladder)) != len(ladder)
     ):
         raise ValueError(
-            f"search_precisions must list precisions this mode runs, from int8 up, cheapest first: any run of "
-            f"{order} starting at 'int8', got {list(ladder)}"
+            f"search_precisions must list precisions this mode runs, cheapest first: any run of {order} starting "
+            f"at {order[0]!r} or 'int8', got {list(ladder)}"
         )
     return ladder
 

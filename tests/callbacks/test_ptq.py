@@ -29,7 +29,7 @@ from tests.helpers import (
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
-        ({"mode": "weights"}, ValueError, r"mode must be one of \('static', 'dynamic'\), got 'weights'"),
+        ({"mode": "weights"}, ValueError, r"mode must be one of \('static', 'dynamic', 'weight_only'\), got 'weights'"),
         ({"calibration_batches": 0}, ValueError, r"calibration_batches must be a positive int, got 0"),
         ({"calibration_batches": -3}, ValueError, r"calibration_batches must be a positive int, got -3"),
         (

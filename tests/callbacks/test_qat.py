@@ -59,7 +59,7 @@ from tests.helpers import (
         (
             {"export": "tflite"},
             ValueError,
-            r"each export target must be one of \('torchscript', 'mobile', 'onnx', 'pt2', 'executorch'\), got 'tflite'",
+            r"each export target must be one of \('torchscript', 'mobile', 'onnx', 'pt2', 'executorch', 'state_dict', 'safetensors'\), got 'tflite'",
         ),
     ],
 )

@@ -49,7 +49,7 @@ def test_single_strings_become_tuples():
             ValueError,
             r"backend must be one of \('x86', 'fbgemm', 'qnnpack', 'xnnpack'\), got 'tpu'",
         ),
-        ({"flow": "pt2"}, ValueError, r"flow must be one of \('fx', 'eager', 'pt2e'\), got 'pt2'"),
+        ({"flow": "pt2"}, ValueError, r"flow must be one of \('fx', 'eager', 'pt2e', 'torchao'\), got 'pt2'"),
         (
             {"backend": "xnnpack"},
             ValueError,
@@ -89,7 +89,7 @@ def test_single_strings_become_tuples():
             {"export": 5},
             TypeError,
             r"export must be 'default', a target or a sequence of \('torchscript', 'mobile', 'onnx', 'pt2', "
-            r"'executorch'\), got 5",
+            r"'executorch', 'state_dict', 'safetensors'\), got 5",
         ),
         ({"export": ["mobile", "mobile"]}, ValueError, r"export lists a target twice: \['mobile', 'mobile'\]"),
         ({"export_dir": 5}, TypeError, r"export_dir must be a path or None, got 5"),

@@ -61,7 +61,7 @@ def test_quantize_qnnpack_backend_runs_on_qnnpack():
             ValueError,
             r"calibration_batches must be a positive int, got 0",
         ),
-        ({"mode": "int4"}, ValueError, r"mode must be one of \('static', 'dynamic'\), got 'int4'"),
+        ({"mode": "int4"}, ValueError, r"mode must be one of \('static', 'dynamic', 'weight_only'\), got 'int4'"),
         (
             {"calibration_data": _calibration(), "batch_to_input": "x"},
             TypeError,

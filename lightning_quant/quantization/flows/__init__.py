@@ -3,7 +3,8 @@
 A flow is the seam between the rest of the package and a quantization stack: nothing outside
 ``flows/`` imports ``torch.ao`` or torchao's pt2e. Everything the callbacks, the schedule,
 calibration, conversion, analysis and export need to know about a prepared or converted model
-is a question a flow answers (:class:`QuantizationFlow`). Flows are registered in :data:`FLOWS`
+is a question a flow answers (:class:`QuantizationFlow`); a flow that writes files of its own
+(torchao's weights) offers them as methods of its flow object. Flows are registered in :data:`FLOWS`
 only; a new stack is one module there.
 
 Helpers that get a model without its flow (:func:`fake_quantizers`, :func:`observers`,
@@ -66,11 +67,12 @@ class QuantizationFlow(Protocol):
         """Names of modules that hold several layers fused into one (reported under their name)."""
 
     def int8_layers(self, model: nn.Module) -> dict[str, str]:
-        """The compute layers of a converted model and what each computes in (``"int8"``, ``"fp16"``
-        or ``"float"``), by the name of the layer in the float model."""
+        """The compute layers of a converted model and what each computes in (``"int8"``, ``"int4"``,
+        ``"fp16"`` or ``"float"``), by the name of the layer in the float model."""
 
-    def output_steps(self, model: nn.Module) -> list[float]:
-        """The per-tensor output scales of a converted model's int8 layers."""
+    def output_steps(self, model: nn.Module, output: Any = None) -> list[float]:
+        """The per-tensor output scales of a converted model's int8 layers; a model that quantizes its
+        activations at run time (no fixed scale) answers from its ``output`` when given."""
 
     def served_by(self, model: nn.Module) -> str:
         """Where a converted model's int8 kernels run, so where it is served and timed: ``"eager"``
@@ -86,15 +88,16 @@ def _registry() -> dict[Flow, QuantizationFlow]:
     from lightning_quant.quantization.flows.eager import EagerFlow
     from lightning_quant.quantization.flows.fx import FxFlow
     from lightning_quant.quantization.flows.pt2e import Pt2eFlow
+    from lightning_quant.quantization.flows.torchao import TorchaoFlow
 
-    return {Flow.FX: FxFlow(), Flow.EAGER: EagerFlow(), Flow.PT2E: Pt2eFlow()}
+    return {Flow.FX: FxFlow(), Flow.EAGER: EagerFlow(), Flow.PT2E: Pt2eFlow(), Flow.TORCHAO: TorchaoFlow()}
 
 
 FLOWS: dict[Flow, QuantizationFlow] = {}
 
 
 def get_flow(flow: Flow | str) -> QuantizationFlow:
-    """The flow object for ``flow`` (``"fx"``, ``"eager"`` or ``"pt2e"``)."""
+    """The flow object for ``flow`` (``"fx"``, ``"eager"``, ``"pt2e"`` or ``"torchao"``)."""
     if not FLOWS:
         FLOWS.update(_registry())
     return FLOWS[parse_enum(Flow, flow, "flow")]
@@ -172,8 +175,8 @@ def served_by(model: nn.Module) -> str:
     return flow.served_by(model) if flow is not None else "eager"
 
 
-def output_steps(model: nn.Module) -> list[float]:
-    return [step for flow in _loaded_flows() for step in flow.output_steps(model)]
+def output_steps(model: nn.Module, output: Any = None) -> list[float]:
+    return [step for flow in _loaded_flows() for step in flow.output_steps(model, output)]
 
 
 def layer_outputs(model: nn.Module, inputs: ExampleInputs, names: list[str]) -> dict[str, tuple[Any, Any]]:

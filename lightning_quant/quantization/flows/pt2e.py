@@ -564,7 +564,7 @@ class Pt2eFlow:
                     layers[name] = "int8" if quantized else layers.get(name, "float")
         return layers
 
-    def output_steps(self, model: nn.Module) -> list[float]:
+    def output_steps(self, model: nn.Module, output: Any = None) -> list[float]:
         quantize, _ = _quant_ops()
         steps = []
         for module in _pt2e_modules(model):

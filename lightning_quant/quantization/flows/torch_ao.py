@@ -90,7 +90,7 @@ class TorchAoModels:
                 layers[name] = "float"
         return layers
 
-    def output_steps(self, model: nn.Module) -> list[float]:
+    def output_steps(self, model: nn.Module, output: Any = None) -> list[float]:
         steps = []
         for m in model.modules():
             scale = getattr(m, "scale", None)

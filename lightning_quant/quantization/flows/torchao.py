@@ -1,0 +1,496 @@
+"""The torchao flow: torchao's ``quantize_`` puts tensor-subclass weights into the model's own
+``nn.Linear`` (and, when asked, ``nn.Embedding``) layers; QAT trains through ``QATConfig``.
+
+Nothing is traced or captured: the model keeps its Python ``forward`` (Hugging Face models with
+``**kwargs`` included), its module names and its ``ModelOutput``. A layer computes in one of
+four schemes (:class:`~lightning_quant.quantization.config.Scheme`): int8 or int4 weights, with
+activations left float (weight-only) or quantized per token at run time (dynamic).
+
+- **QAT**: each layer becomes torchao's ``FakeQuantizedLinear``/``FakeQuantizedEmbedding`` with
+  the fake quantization of its scheme (torchao's intx configs: asymmetric per-token int8
+  activations, symmetric per-channel int8 or per-group int4 weights). Its fake quantizers are
+  :class:`SwitchableFakeQuantizer`: torch.ao's switches (``enable_fake_quant``) and flags, so the
+  QAT schedule, evaluation and checkpoints treat them like any other. There are no observers:
+  every range is computed from the tensor it quantizes, at every call.
+- **Convert** (QAT and post-training alike): ``backend="x86"`` swaps in the schemes that run int8
+  kernels on x86 (``Int8WeightOnlyConfig``; ``Int8DynamicActivationInt8WeightConfig`` with the
+  same asymmetric per-token activations the QAT model trained with); int4 schemes and
+  ``backend="xnnpack"`` keep torchao's intx tensors, which lower to XNNPACK in an ExecuTorch
+  program (dynamic schemes only: XNNPACK computes weight-only intx programs wrongly).
+
+The plan (which layer gets which scheme) is checked against the model before anything changes
+and kept on the model (:data:`PLAN_ATTRIBUTE`), so conversion needs nothing but the model.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from lightning_quant.quantization.config import Backend, ExportTarget, Precision, QuantizationConfig, Scheme
+from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.layers import resolve_layers
+from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+from lightning_quant.utils.checks import require_module
+from lightning_quant.utils.files import atomic_write
+
+#: what a layer may compute in under the torchao flow
+TORCHAO_PRECISIONS = (Precision.INT8, Precision.INT4, Precision.FLOAT)
+#: the scheme QAT trains for when none is named: the one whose accuracy QAT is there to recover
+DEFAULT_QAT_SCHEME = Scheme.INT8_DYN_INT4_WEIGHT
+#: torch's 4-bit integer dtype (missing from torch's type stubs)
+INT4: torch.dtype = getattr(torch, "int4")  # noqa: B009
+#: where a prepared or converted model keeps its plan
+PLAN_ATTRIBUTE = "_lightning_quant_torchao"
+
+
+@dataclass(frozen=True)
+class TorchaoPlan:
+    """Which layer computes in which scheme, for which backend; kept on the model."""
+
+    layers: dict[str, Scheme]
+    group_size: int
+    backend: Backend
+    qat: bool
+    converted: bool = False
+
+
+def scheme_of(config: QuantizationConfig) -> Scheme:
+    """The config's scheme, or QAT's default."""
+    return Scheme(config.scheme) if config.scheme is not None else DEFAULT_QAT_SCHEME
+
+
+def layer_scheme(scheme: Scheme, precision: Precision | None) -> Scheme | None:
+    """A layer's scheme: the global one, or the same activations with int8/int4 weights (``None``: float)."""
+    if precision is None:
+        return scheme
+    if precision is Precision.FLOAT:
+        return None
+    if precision is Precision.INT8:
+        return Scheme.INT8_DYN_INT8_WEIGHT if scheme.dynamic else Scheme.INT8_WEIGHT_ONLY
+    return Scheme.INT8_DYN_INT4_WEIGHT if scheme.dynamic else Scheme.INT4_WEIGHT_ONLY
+
+
+def _candidate(module: nn.Module) -> bool:
+    """Linear layers torchao can hold (attention's ``out_proj`` is read by ``multi_head_attention_forward``
+    as a plain tensor, so it stays float)."""
+    from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+    return isinstance(module, nn.Linear) and not isinstance(module, NonDynamicallyQuantizableLinear)
+
+
+def _embedding(module: nn.Module) -> bool:
+    return type(module) is nn.Embedding
+
+
+def plan_layers(model: nn.Module, config: QuantizationConfig, require: bool = True) -> dict[str, Scheme]:
+    """Each quantized layer's scheme by module name: every Linear outside ``skip``, and embeddings a
+    ``layers`` rule names with int8 or int4 (embeddings take weight-only schemes: a lookup has no
+    activation to quantize).
+
+    Raises:
+        ValueError: a layers/skip key the model lacks, a setting torchao cannot run, an int4 layer
+            whose input size ``group_size`` does not divide, or (``require``) no layer to quantize.
+    """
+    TorchaoFlow().check(config)
+    scheme = scheme_of(config)
+    rules = resolve_layers(model, config)
+    plan: dict[str, Scheme] = {}
+    misfits: list[str] = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        setting = rules.setting_of(name, module)
+        if _candidate(module):
+            chosen = layer_scheme(scheme, setting.precision if setting is not None else None)
+            features = module.in_features
+        elif _embedding(module) and setting is not None and setting.precision is not Precision.FLOAT:
+            chosen = layer_scheme(Scheme.INT8_WEIGHT_ONLY, setting.precision)
+            features = module.embedding_dim
+        else:
+            continue
+        if chosen is None:
+            continue
+        if chosen.weight_bits == 4 and features % config.group_size:
+            misfits.append(f"{name} ({features})")
+        plan[name] = chosen
+    if misfits:
+        raise ValueError(
+            f"group_size={config.group_size} does not divide the input size of the int4 layers {misfits[:5]}"
+            f"{' ...' if len(misfits) > 5 else ''}: pick a group_size that divides them, or give them "
+            f"layers={{name: 'int8'}} (or 'float')"
+        )
+    if not plan and require:
+        found = sorted({type(m).__name__ for m in model.modules()})
+        raise ValueError(
+            f"nothing to quantize with flow='torchao': {type(model).__name__} has no nn.Linear outside skip "
+            f"(its module types: {found}); torchao's schemes quantize Linear layers (and embeddings named in "
+            "layers=); use flow='fx' or 'pt2e' for convolutional models"
+        )
+    return plan
+
+
+def _granularity(scheme: Scheme, group_size: int) -> Any:
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    return PerGroup(group_size) if scheme.weight_bits == 4 else PerAxis(0)
+
+
+def fake_quant_config(scheme: Scheme, group_size: int) -> Any:
+    """torchao's intx config of a scheme: what QAT fake-quantizes with (and xnnpack converts to)."""
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
+
+    dtype = INT4 if scheme.weight_bits == 4 else torch.int8
+    if scheme.dynamic:
+        return Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=dtype, weight_granularity=_granularity(scheme, group_size)
+        )
+    return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=_granularity(scheme, group_size))
+
+
+def convert_config(scheme: Scheme, group_size: int, backend: Backend, embedding: bool) -> Any:
+    """The config a layer is converted with: x86 int8 schemes take the tensors with x86 int8 kernels,
+    with the activation quantization QAT trained with (asymmetric per token)."""
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, MappingType
+
+    if backend is Backend.X86 and not embedding and scheme.weight_bits == 8:
+        if scheme.dynamic:
+            return Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC)
+        return Int8WeightOnlyConfig()
+    return fake_quant_config(scheme, group_size)
+
+
+def _fake_quantizer_class() -> type:
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+    class SwitchableFakeQuantizer(IntxFakeQuantizer):
+        """torchao's fake quantizer with torch.ao's switches and flags, kept in the state dict.
+
+        ``observer_enabled`` is kept for the schedule's bookkeeping only: ranges are computed from
+        each tensor at each call, so there is nothing to observe or freeze.
+        """
+
+        def __init__(self, config: Any) -> None:
+            super().__init__(config)
+            self.register_buffer("fake_quant_enabled", torch.tensor([1], dtype=torch.uint8))
+            self.register_buffer("observer_enabled", torch.tensor([1], dtype=torch.uint8))
+
+        def enable_fake_quant(self, enabled: bool = True) -> SwitchableFakeQuantizer:
+            self.fake_quant_enabled[0] = 1 if enabled else 0
+            return self
+
+        def enable_observer(self, enabled: bool = True) -> SwitchableFakeQuantizer:
+            self.observer_enabled[0] = 1 if enabled else 0
+            return self
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if not self.fake_quant_enabled[0]:
+                return x
+            return super().forward(x)
+
+    return SwitchableFakeQuantizer
+
+
+_SWITCHABLE: list[type] = []
+
+
+def switchable_class() -> type:
+    """The :class:`SwitchableFakeQuantizer` class (built once torchao is imported)."""
+    if not _SWITCHABLE:
+        _SWITCHABLE.append(_fake_quantizer_class())
+    return _SWITCHABLE[0]
+
+
+def _fake_quantized_classes() -> tuple[type, ...]:
+    from torchao.quantization.qat.embedding import FakeQuantizedEmbedding
+    from torchao.quantization.qat.linear import FakeQuantizedLinear
+
+    return FakeQuantizedLinear, FakeQuantizedEmbedding
+
+
+def _subclass_weight(module: nn.Module) -> Any:
+    from torchao.utils import TorchAOBaseTensor
+
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, TorchAOBaseTensor) else None
+
+
+def weight_precision(weight: Any) -> str:
+    """``"int4"`` or ``"int8"`` for a torchao weight tensor."""
+    return "int4" if getattr(weight, "target_dtype", torch.int8) == INT4 else "int8"
+
+
+def _by_name(plan: dict[str, Scheme]) -> Callable[[nn.Module, str], bool]:
+    names = set(plan)
+    return lambda module, fqn: fqn in names
+
+
+def _groups(plan: TorchaoPlan, model: nn.Module) -> dict[tuple[Scheme, bool], dict[str, Scheme]]:
+    """Layers of one scheme and kind (embedding or not) together: one ``quantize_`` call each."""
+    modules = dict(model.named_modules())
+    groups: dict[tuple[Scheme, bool], dict[str, Scheme]] = {}
+    for name, scheme in plan.layers.items():
+        embedding = isinstance(modules[name], nn.Embedding)
+        groups.setdefault((scheme, embedding), {})[name] = scheme
+    return groups
+
+
+def plan_of(model: nn.Module) -> TorchaoPlan | None:
+    plan = getattr(model, PLAN_ATTRIBUTE, None)
+    return plan if isinstance(plan, TorchaoPlan) else None
+
+
+class TorchaoFlow:
+    """Quantize through torchao's ``quantize_`` and ``QATConfig`` (see the module docstring)."""
+
+    stack = "torchao.quantization"
+
+    def check(self, config: QuantizationConfig) -> None:
+        """Raises ``ValueError`` on settings the torchao flow cannot honour."""
+        for key, setting in config.layers:
+            if setting.precision not in TORCHAO_PRECISIONS:
+                raise ValueError(
+                    f"layers[{key!r}] asks for {setting.precision.value!r}, which flow='torchao' cannot run; "
+                    f"its precisions are {[p.value for p in TORCHAO_PRECISIONS]}"
+                )
+            given = [
+                option
+                for option, value in (
+                    ("observer", setting.observer),
+                    ("per_channel", setting.per_channel),
+                    ("dtype", setting.dtype),
+                )
+                if value is not None
+            ]
+            if given:
+                raise ValueError(
+                    f"layers[{key!r}] sets {given}: torchao's schemes fix them (ranges from each tensor at run time, "
+                    "per-channel int8 or per-group int4 weights); a torchao layer sets only its precision "
+                    f"{[p.value for p in TORCHAO_PRECISIONS]}"
+                )
+        scheme = scheme_of(config)
+        if ExportTarget.EXECUTORCH in config.export and not scheme.dynamic:
+            raise ValueError(
+                f"export 'executorch' needs a dynamic scheme ('int8_dyn_int8_weight' or 'int8_dyn_int4_weight'), got "
+                f"scheme={scheme.value!r}: XNNPACK computes weight-only programs wrongly (their reload check fails)"
+            )
+
+    def check_model(self, model: nn.Module, config: QuantizationConfig) -> None:
+        """Raise before any training on a model this config cannot quantize (see :func:`plan_layers`)."""
+        plan_layers(model, config)
+
+    def quantizes_any(self, model: nn.Module, config: QuantizationConfig) -> bool:
+        """Whether ``config`` leaves any layer of ``model`` to quantize (a search may keep all float)."""
+        return bool(plan_layers(model, config, require=False))
+
+    def prepare(self, model: nn.Module, config: QuantizationConfig, example: ExampleInputs, qat: bool) -> nn.Module:
+        """QAT: swap each planned layer for torchao's fake-quantized one; post-training: only record
+        the plan (weight-only and dynamic schemes need no calibration)."""
+        from torchao.quantization import quantize_
+        from torchao.quantization.qat import QATConfig
+
+        plan = TorchaoPlan(plan_layers(model, config), config.group_size, Backend(config.backend), qat)
+        if qat:
+            with known_torch_warnings_silenced():
+                for (scheme, _), layers in _groups(plan, model).items():
+                    quantize_(
+                        model, QATConfig(fake_quant_config(scheme, plan.group_size), step="prepare"), _by_name(layers)
+                    )
+            self._make_switchable(model)
+        setattr(model, PLAN_ATTRIBUTE, plan)
+        return model
+
+    @staticmethod
+    def _make_switchable(model: nn.Module) -> None:
+        from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+        switchable = switchable_class()
+        for module in list(model.modules()):
+            for attribute in ("activation_fake_quantizer", "weight_fake_quantizer"):
+                quantizer = getattr(module, attribute, None)
+                if isinstance(quantizer, IntxFakeQuantizer) and not isinstance(quantizer, switchable):
+                    setattr(module, attribute, switchable(quantizer.config))
+
+    def convert(self, prepared: nn.Module) -> nn.Module:
+        from torchao.quantization import quantize_
+        from torchao.quantization.qat import QATConfig
+
+        plan = plan_of(prepared)
+        assert plan is not None, "the torchao flow converts what it prepared"
+        with known_torch_warnings_silenced():
+            for (scheme, embedding), layers in _groups(plan, prepared).items():
+                config = convert_config(scheme, plan.group_size, plan.backend, embedding)
+                quantize_(prepared, QATConfig(config, step="convert") if plan.qat else config, _by_name(layers))
+        setattr(prepared, PLAN_ATTRIBUTE, TorchaoPlan(plan.layers, plan.group_size, plan.backend, plan.qat, True))
+        return prepared
+
+    def owns(self, model: nn.Module) -> bool:
+        return any(plan_of(m) is not None for m in model.modules()) or bool(self.int8_layers(model))
+
+    def served_by(self, model: nn.Module) -> str:
+        """x86: ``torch.compile`` fuses the run-time quantization of activations with the int8 kernels
+        (eager runs them op by op); xnnpack: the ExecuTorch program. A prepared model: eager."""
+        plans = [p for p in map(plan_of, model.modules()) if p is not None and p.converted]
+        if not plans:
+            return "eager"
+        return "executorch" if plans[0].backend is Backend.XNNPACK else "compiled"
+
+    def fake_quantizers(self, model: nn.Module) -> list[tuple[str, Any]]:
+        if not _SWITCHABLE:
+            return []
+        return [(name, m) for name, m in model.named_modules() if isinstance(m, _SWITCHABLE[0])]
+
+    def observers(self, model: nn.Module) -> list[tuple[str, Any]]:
+        return []  # every range is computed from the tensor being quantized
+
+    def is_histogram(self, observer: nn.Module) -> bool:
+        return False
+
+    def set_bn_frozen(self, model: nn.Module, frozen: bool) -> None:
+        return None  # BatchNorm layers stay plain modules: torch.ao's flows freeze those
+
+    def fused_layers(self, model: nn.Module) -> list[str]:
+        return []
+
+    def int8_layers(self, model: nn.Module) -> dict[str, str]:
+        """Layers holding torchao weights (``int8``/``int4``) and, beside them, the Linear layers kept float."""
+        quantized = {name: m for name, m in model.named_modules() if _subclass_weight(m) is not None}
+        if not quantized:
+            return {}
+        layers = {}
+        for name, module in model.named_modules():
+            if name in quantized:
+                layers[name] = weight_precision(_subclass_weight(module))
+            elif isinstance(module, nn.Linear):
+                layers[name] = "float"
+        return layers
+
+    def output_steps(self, model: nn.Module, output: Any = None) -> list[float]:
+        """Dynamic schemes quantize activations per token at run time, so no scale is fixed: one int8
+        step of the ``output``'s own range stands for it. Weight-only models: none (float activations)."""
+        plan = next((p for p in map(plan_of, model.modules()) if p is not None), None)
+        if output is None or plan is None or not any(s.dynamic for s in plan.layers.values()):
+            return []
+        from lightning_quant.quantization.outputs import flat_tensors
+
+        largest = max((float(t.float().abs().max()) for t in flat_tensors(output) if t.numel()), default=0.0)
+        return [largest / 127] if largest else []
+
+    def layer_outputs(self, model: nn.Module, inputs: ExampleInputs, names: list[str]) -> dict[str, tuple[Any, Any]]:
+        from lightning_quant.quantization.flows import module_layer_outputs
+
+        return module_layer_outputs(model, inputs, names)
+
+    # ------------------------------------------------------------------ weights files
+    def float_skeleton(self, model: nn.Module) -> nn.Module:
+        """A copy of a converted model with plain zero weights where torchao's were: the float model a
+        user rebuilds before loading the int8 weights."""
+        import copy
+
+        skeleton = copy.deepcopy(model)
+        for module in skeleton.modules():
+            weight = _subclass_weight(module)
+            if weight is not None:
+                module.weight = nn.Parameter(torch.zeros(weight.shape), requires_grad=False)
+            if plan_of(module) is not None:
+                delattr(module, PLAN_ATTRIBUTE)
+        return skeleton
+
+    def weights_bytes(self, model: nn.Module, target: ExportTarget) -> bytes:
+        """The model's state dict, torchao tensors included: ``torch.save`` (``state_dict``) or safetensors
+        with torchao's tensor metadata (``safetensors``)."""
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        if target is ExportTarget.SAFETENSORS:
+            from safetensors.torch import save
+            from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+            tensors, metadata = flatten_tensor_state_dict(state)
+            return bytes(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        return buffer.getvalue()
+
+    def load_weights(self, model: nn.Module, data: bytes, target: ExportTarget) -> nn.Module:
+        """Load weights written by :meth:`weights_bytes` into ``model`` (the float model, same structure):
+        its layers take the int8 tensors as they are (``assign``); returned in eval mode, without gradients.
+
+        Raises:
+            RuntimeError: the file's keys or shapes do not fit ``model``.
+        """
+        import torchao.quantization  # noqa: F401  # registers the tensor classes as safe to load
+
+        if target is ExportTarget.SAFETENSORS:
+            from safetensors.torch import load
+            from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+            state, leftover = unflatten_tensor_state_dict(load(data), _safetensors_metadata(data))
+            if leftover:
+                raise RuntimeError(f"the safetensors file holds tensors no layer takes: {sorted(leftover)[:5]}")
+        else:
+            state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+        model.eval().requires_grad_(False)
+        model.load_state_dict(state, assign=True)
+        return model
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file held in memory (its JSON header)."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    return dict(header.get("__metadata__", {}))
+
+
+def _weights_target(path: str | os.PathLike) -> ExportTarget:
+    return ExportTarget.SAFETENSORS if str(path).endswith(".safetensors") else ExportTarget.STATE_DICT
+
+
+def save_int8(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the weights of a torchao int8 model (``flow="torchao"``): safetensors with torchao's
+    tensor metadata when ``path`` ends in ``.safetensors``, else ``torch.save`` of its state dict.
+    Written under a temporary name and renamed: an existing file is replaced whole or not at all.
+
+    Load them with :func:`load_int8` into the float model (same class, same structure).
+
+    Raises:
+        ValueError: ``model`` holds no torchao weights (fx/eager models export TorchScript; pt2e ones
+            ``.pt2``, loaded with ``load_pt2``).
+
+    Example::
+
+        >>> import torch
+        >>> from lightning_quant import quantize
+        >>> int8 = quantize(torch.nn.Linear(64, 8), mode="weight_only", flow="torchao")
+        >>> save_int8(int8, tmp_path / "linear_int8.safetensors").name  # doctest: +SKIP
+        'linear_int8.safetensors'
+    """
+    flow = TorchaoFlow()
+    if not flow.int8_layers(model):
+        raise ValueError(
+            f"save_int8 writes models quantized with flow='torchao' (their weights are torchao tensors); "
+            f"{type(model).__name__} holds none: an fx/eager int8 model is exported with export='torchscript', a "
+            "pt2e one with export='pt2' (load_pt2)"
+        )
+    return atomic_write(path, flow.weights_bytes(model, _weights_target(path)))
+
+
+def load_int8(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load weights written by :func:`save_int8` (or the ``state_dict``/``safetensors`` exports) into
+    ``model``, the float model built as for training: its Linear and embedding layers take the int8
+    tensors as saved (``torch.load(weights_only=True)``: no code is unpickled). Returns ``model``,
+    in eval mode without gradients.
+
+    Raises:
+        ModuleNotFoundError: torchao is not installed (with the install line).
+        RuntimeError: the file's keys or shapes do not fit ``model``.
+    """
+    require_module("torchao", "'lightning-quant[torchao]'", "load_int8")
+    return TorchaoFlow().load_weights(model, Path(path).read_bytes(), _weights_target(path))
