@@ -45,6 +45,20 @@ class TwoInputNet(nn.Module):
         return self.head(torch.cat([torch.flatten(self.features(x), 1), self.side(extra)], dim=1))
 
 
+class TinyMLP(nn.Module):
+    """Flatten, Linear/BN/ReLU, Linear: input sizes 36 and 32, so group_size=4 divides both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.fc1 = nn.Linear(36, 32)
+        self.bn = nn.BatchNorm1d(32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.fc1(self.flat(x)))))
+
+
 def random_images(n: int = 64, seed: int = 0, classes: int = 4) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, classes, (n,), generator=g)

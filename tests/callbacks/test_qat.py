@@ -40,7 +40,7 @@ from tests.helpers import (
             ValueError,
             r"backend must be one of \('x86', 'fbgemm', 'qnnpack', 'xnnpack'\), got 'arm'",
         ),
-        ({"flow": "graph"}, ValueError, r"flow must be one of \('fx', 'eager', 'pt2e'\), got 'graph'"),
+        ({"flow": "graph"}, ValueError, r"flow must be one of \('fx', 'eager', 'pt2e', 'torchao'\), got 'graph'"),
         (
             {"observer": "ema"},
             ValueError,
@@ -59,7 +59,8 @@ from tests.helpers import (
         (
             {"export": "tflite"},
             ValueError,
-            r"each export target must be one of \('torchscript', 'mobile', 'onnx', 'pt2', 'executorch', 'state_dict', 'safetensors'\), got 'tflite'",
+            r"each export target must be one of \('torchscript', 'mobile', 'onnx', 'pt2', 'executorch', "
+            r"'state_dict', 'safetensors'\), got 'tflite'",
         ),
     ],
 )

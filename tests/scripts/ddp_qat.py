@@ -12,7 +12,7 @@ from lightning.pytorch import seed_everything
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lightning_quant import QuantizationAwareTraining, QuantizationReport  # noqa: E402
-from tests.helpers import BoringClassifier, quant_state, quiet_trainer  # noqa: E402
+from tests.helpers import BoringClassifier, TinyMLP, quant_state, quiet_trainer  # noqa: E402
 
 
 class RankShiftedClassifier(BoringClassifier):
@@ -35,9 +35,14 @@ class RankShiftedClassifier(BoringClassifier):
 
 def main(out_dir: Path, flow: str) -> None:
     seed_everything(0)
-    model = RankShiftedClassifier()
+    if flow == "torchao":  # Linear layers, int4 weights in groups of 4; no observers to freeze
+        model = RankShiftedClassifier(net=TinyMLP())
+        options = {"group_size": 4}
+    else:
+        model = RankShiftedClassifier()
+        options = {"freeze_observers_epoch": 2}
     callback = QuantizationAwareTraining(
-        flow=flow, quant_start_epoch=0, freeze_observers_epoch=2, export_dir=out_dir / "export", validate_int8=True
+        flow=flow, quant_start_epoch=0, export_dir=out_dir / "export", validate_int8=True, **options
     )
     report = QuantizationReport(report_dir=out_dir / "report")
     trainer = quiet_trainer(
@@ -57,7 +62,7 @@ def main(out_dir: Path, flow: str) -> None:
         "total": total,
     }
     torch.save(metrics, out_dir / f"rank{trainer.global_rank}_metrics.pt")
-    state = {k: v for k, v in quant_state(model.net).items()}
+    state = dict(quant_state(model.net)) if flow != "torchao" else dict(model.net.state_dict())
     torch.save(state, out_dir / f"rank{trainer.global_rank}.pt")
     written = sorted(p.name for p in (out_dir / "export").glob("*")) if trainer.is_global_zero else []
     (out_dir / f"rank{trainer.global_rank}_files.txt").write_text("\n".join(written))

@@ -1,0 +1,194 @@
+"""QuantizationAwareTraining(flow="torchao") in a real Trainer: the shared behaviours of every flow
+(schedule, evaluation, convert-and-fit-again, checkpoints, resume, distillation, the report, PTQ),
+on a Linear model torchao's schemes quantize."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_quant import (
+    KnowledgeDistillation,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    QuantizationReport,
+    load_int8,
+)
+from lightning_quant.quantization.flows import int8_layers
+from lightning_quant.quantization.schedule import is_prepared
+from tests.helpers import (
+    BoringClassifier,
+    TinyMLP,
+    assert_same_state,
+    fake_quant_flags,
+    quiet_trainer,
+    random_images,
+    requires_torchao,
+)
+
+pytestmark = requires_torchao
+
+
+def _model() -> BoringClassifier:
+    return BoringClassifier(net=TinyMLP(), lr=0.05)
+
+
+def _qat(**kwargs) -> QuantizationAwareTraining:
+    return QuantizationAwareTraining(**{"flow": "torchao", "group_size": 4, "export": None, **kwargs})
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(a, b, suffix):
+    return any(not torch.equal(a[k], b[k]) for k in a if k.endswith(suffix))
+
+
+class _Spy(Callback):
+    def __init__(self) -> None:
+        self.start, self.end, self.flags, self.float_match = {}, {}, {}, {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        epoch = trainer.current_epoch
+        self.start[epoch] = _state(pl_module.net)
+        self.flags[epoch] = fake_quant_flags(pl_module.net)
+        # whether the net computes what its float twin (same weights, no fake quantization) computes
+        float_twin = TinyMLP()
+        float_twin.load_state_dict({k: v for k, v in pl_module.net.state_dict().items() if "fake_quant" not in k})
+        x = random_images(8, seed=5).tensors[0]
+        with torch.no_grad():
+            pl_module.net.eval(), float_twin.eval()
+            self.float_match[epoch] = torch.equal(pl_module.net(x), float_twin(x))
+            pl_module.net.train()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.end[trainer.current_epoch] = _state(pl_module.net)
+
+
+def test_torchao_qat_schedule_points_hold():
+    spy = _Spy()
+    quiet_trainer(callbacks=[_qat(quant_start_epoch=1, freeze_bn_epoch=2), spy], max_epochs=3).fit(_model())
+    # warm-up in float, then fake quantization on (ranges come from each tensor: "observing" throughout)
+    assert spy.flags == {0: {(False, False)}, 1: {(True, True)}, 2: {(True, True)}}
+    assert spy.float_match == {0: True, 1: False, 2: False}
+    assert _changed(spy.start[1], spy.end[1], "running_mean")
+    assert not _changed(spy.start[2], spy.end[2], "running_mean")  # BN frozen from epoch 2
+    assert _changed(spy.start[2], spy.end[2], "fc1.weight")  # weights still train
+
+
+def test_torchao_qat_refuses_freeze_observers_epoch():
+    with pytest.raises(ValueError, match=r"freeze_observers_epoch=2, but flow='torchao' has no observers to freeze"):
+        _qat(freeze_observers_epoch=2)
+
+
+def test_torchao_qat_evaluation_changes_nothing_and_restores_the_switches():
+    callback = _qat()
+    model = _model()
+    trainer = quiet_trainer(callbacks=[callback], num_sanity_val_steps=2, max_epochs=1)
+    trainer.fit(model)
+    before, flags = _state(model.net), fake_quant_flags(model.net)
+    trainer.validate(model, verbose=False)
+    trainer.test(model, verbose=False)
+    trainer.predict(model)
+    assert_same_state(before, _state(model.net))
+    assert fake_quant_flags(model.net) == flags == {(True, True)}
+
+
+def test_torchao_qat_converts_a_copy_and_fit_can_run_again(tmp_path):
+    callback = _qat(export=("state_dict", "safetensors"), export_dir=tmp_path)
+    model = _model()
+    quiet_trainer(callbacks=[callback], max_epochs=2).fit(model)
+    qat_net = model.net
+    assert is_prepared(qat_net) and callback.quantized_model is not qat_net
+    assert int8_layers(callback.quantized_model) == {"fc1": "int4", "head": "int4"}
+    x = random_images(16, seed=7).tensors[0]
+    with torch.no_grad():
+        fake = qat_net.eval()(x)
+        int8 = callback.quantized_model(x)
+    torch.testing.assert_close(int8, fake, rtol=0, atol=2e-3 * float(fake.abs().max()))
+    # both files reload bit-identical into a fresh float net
+    for target in ("state_dict", "safetensors"):
+        assert callback.export_records[target].max_abs_diff == 0.0
+        loaded = load_int8(TinyMLP(), callback.export_paths[target])
+        assert torch.equal(loaded(x), int8)
+    first = callback.quantized_model
+    quiet_trainer(callbacks=[callback], max_epochs=1).fit(model)
+    assert model.net is qat_net and callback.quantized_model is not first
+
+
+def test_torchao_qat_test_from_checkpoint_of_a_fresh_model(tmp_path):
+    seed_everything(0)
+    model = _model()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(callbacks=[_qat(), checkpoint], enable_checkpointing=True, max_epochs=2).fit(model)
+    fresh = _model()
+    quiet_trainer(callbacks=[_qat()]).test(fresh, ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
+    assert_same_state(_state(model.net), _state(fresh.net))
+
+
+def test_torchao_qat_checkpoint_of_another_scheme_is_refused_naming_it(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    quiet_trainer(callbacks=[_qat(), checkpoint], enable_checkpointing=True).fit(_model())
+    trainer = quiet_trainer(callbacks=[_qat(scheme="int8_dyn_int8_weight")])
+    with pytest.raises(ValueError, match=r"trained with .*'scheme': None.*these differ: \['scheme'\]"):
+        trainer.test(_model(), ckpt_path=str(tmp_path / "last.ckpt"), verbose=False)
+
+
+class _CrashAt(Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 2:
+            raise RuntimeError("simulated crash")
+
+
+def test_torchao_qat_crash_then_resume_matches_an_uninterrupted_run(tmp_path):
+    def callback():
+        return _qat(quant_start_epoch=1, freeze_bn_epoch=2)
+
+    seed_everything(0)
+    reference = _model()
+    quiet_trainer(callbacks=[callback()], max_epochs=3).fit(reference)
+    seed_everything(0)
+    crashed = _model()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quiet_trainer(callbacks=[callback(), checkpoint, _CrashAt()], enable_checkpointing=True, max_epochs=3).fit(
+            crashed
+        )
+    resumed = _model()
+    quiet_trainer(callbacks=[callback()], max_epochs=3).fit(resumed, ckpt_path=str(tmp_path / "last.ckpt"))
+    for key, value in reference.net.state_dict().items():
+        torch.testing.assert_close(resumed.net.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_torchao_qat_with_distillation_and_the_report(tmp_path):
+    seed_everything(0)
+    report = QuantizationReport(report_dir=tmp_path / "report", batch_sizes=(1,))
+    callbacks = [_qat(), KnowledgeDistillation(alpha=0.5), report]
+    model = _model()
+    quiet_trainer(callbacks=callbacks, max_epochs=2).fit(model)
+    written = json.loads((tmp_path / "report" / "report.json").read_text())
+    layers = {row["name"]: row for row in written["layers"]}
+    assert set(layers) >= {"fc1", "head"}
+    assert all(10 < row["sqnr_db"] < 80 for row in layers.values() if row["name"] in ("fc1", "head"))
+    assert 0.0 <= written["metric"]["int8"] <= 1.0
+
+
+@pytest.mark.parametrize(("mode", "precision"), [("weight_only", "int8"), ("dynamic", "int8")])
+def test_torchao_ptq_callback_quantizes_after_validation(mode, precision, tmp_path):
+    seed_everything(0)
+    model = _model()
+    quiet_trainer(max_epochs=2).fit(model)
+    callback = PostTrainingQuantization(mode=mode, flow="torchao", export_dir=tmp_path)
+    quiet_trainer(callbacks=[callback]).validate(model, verbose=False)
+    assert int8_layers(callback.quantized_model) == {"fc1": precision, "head": precision}
+    assert callback.export_records["state_dict"].max_abs_diff == 0.0
+    x = random_images(16, seed=7).tensors[0]
+    model.net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(callback.quantized_model(x), model.net(x), rtol=0, atol=0.05)
