@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint test-gpu test-compat bench bench-pt2e examples clean
+.PHONY: run test lint test-gpu test-compat bench bench-pt2e bench-torchao examples clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ bench: $(INSTALLED)
 # ExecuTorch): accuracy, file size, latency. A few minutes on 2 cores; outside CI.
 bench-pt2e: $(INSTALLED)
 	$(BIN)/python benchmarks/pt2e.py
+
+# `make bench-torchao`: the pretrained MiniLM sentiment classifier fine-tuned, then quantized with
+# torchao's schemes (PTQ int8 weight-only, int8-dyn/int8, int8-dyn/int4; QAT int4; QAT int4 + KD) and
+# torch.ao's dynamic int8: accuracy, size, latency in one table. About 15 minutes on 2 cores; outside CI.
+bench-torchao: $(INSTALLED)
+	$(BIN)/python examples/minilm_torchao.py
 
 examples: $(INSTALLED)
 	for example in ptq_digits ptq_mnist5k qat_digits_pt2e dynamic_lstm_reviews dynamic_minilm; do \

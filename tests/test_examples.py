@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from tests.helpers import requires_executorch
+from tests.helpers import requires_executorch, requires_torchao
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -67,3 +67,15 @@ def test_dynamic_minilm_example():
     assert 0.85 < per_tensor < per_channel < ffn_float
     assert ffn_float > 0.975 and searched > per_channel and searched > 0.98
     assert results["per-tensor"]["size_ratio"] > 1.4
+
+
+@requires_torchao
+def test_minilm_torchao_example_quantizes_five_ways():
+    results = load("minilm_torchao").main(["--quick", "--snippets", "400", "--no-latency"])
+    assert len(results) == 7
+    float_bytes = results["float"]["bytes"]
+    # Linear layers and the word embeddings hold nearly all of MiniLM's bytes
+    assert float_bytes / results["PTQ int8 weight-only"]["bytes"] > 3.0
+    assert float_bytes / results["QAT int8-dyn/int4-weight + KD"]["bytes"] > 3.0
+    assert abs(results["PTQ int8 weight-only"]["accuracy"] - results["float"]["accuracy"]) <= 0.05
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in results.values())

@@ -19,7 +19,7 @@ from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.export import engine_for
 from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, Flow, LayerSetting, Precision, QuantizationConfig
 from lightning_quant.quantization.distributed import RankReducer
-from lightning_quant.quantization.dynamic import DEFAULT_DYNAMIC_TYPES, FP16_ENGINES, quantize_dynamic_copy
+from lightning_quant.quantization.flows.dynamic import DEFAULT_DYNAMIC_TYPES, FP16_ENGINES, quantize_dynamic_copy
 from lightning_quant.quantization.inputs import ExampleInputs, describe_inputs, input_kinds
 from lightning_quant.quantization.ptq import (
     Mode,

@@ -462,9 +462,13 @@ class QuantizationAwareTraining(QuantizationCallback):
     def _apply_schedule(self, pl_module: pl.LightningModule, epoch: int) -> None:
         phase = self.schedule.apply(self.target(pl_module), epoch)
         if phase != self._phase:
+            observers = (
+                "ranges from each tensor"  # torchao: no observers
+                if self.config.flow is Flow.TORCHAO
+                else f"observers {'on' if phase.observers else 'off'}"
+            )
             rank_zero_info(
-                f"[QAT] epoch {epoch}: fake quantization {'on' if phase.fake_quant else 'off'}, observers "
-                f"{'on' if phase.observers else 'off'}, "
+                f"[QAT] epoch {epoch}: fake quantization {'on' if phase.fake_quant else 'off'}, {observers}, "
                 f"BatchNorm statistics {'frozen' if phase.bn_frozen else 'updating'}"
             )
         self._phase = phase

@@ -26,14 +26,14 @@ from lightning_quant.quantization.config import (
 )
 from lightning_quant.quantization.convert import convert_copy, for_inference
 from lightning_quant.quantization.distributed import RankReducer, reduce_observers
-from lightning_quant.quantization.dynamic import (
+from lightning_quant.quantization.flows import get_flow
+from lightning_quant.quantization.flows.dynamic import (
     DEFAULT_DYNAMIC_TYPES,
     DYNAMIC_PRECISIONS,
     check_dynamic_options,
     dynamic_spec,
     quantize_dynamic_copy,
 )
-from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, batch_targets
 from lightning_quant.quantization.layers import STATIC_PRECISIONS, check_static_setting, resolve_layers
 from lightning_quant.quantization.search import (

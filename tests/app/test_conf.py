@@ -52,7 +52,7 @@ def instantiate_all(cfg) -> dict:
 
 
 def test_every_group_has_its_options():
-    assert options("quant") == ["dynamic", "none", "ptq", "qat", "qat_kd"]
+    assert options("quant") == ["dynamic", "none", "ptq", "qat", "qat_kd", "weight_only"]
     assert options("backend") == ["fbgemm", "qnnpack", "x86", "xnnpack"]
     assert options("observer") == ["histogram", "minmax", "moving_average"]
     assert options("logger") == ["csv", "none", "tensorboard"]
@@ -61,6 +61,7 @@ def test_every_group_has_its_options():
         "digits_qat",
         "minilm_dynamic",
         "minilm_mixed",
+        "minilm_torchao_qat",
         "mnist5k_qat_kd",
         "reviews_lstm_dynamic",
     ]
@@ -75,12 +76,19 @@ def test_quant_configs(option, tmp_path):
         "qat_kd": QuantizationAwareTraining,
         "ptq": PostTrainingQuantization,
         "dynamic": PostTrainingQuantization,
+        "weight_only": PostTrainingQuantization,
         "none": type(None),
     }[option]
     assert isinstance(objects["quant"], expected)
     assert any(isinstance(c, KnowledgeDistillation) for c in objects["callbacks"]) == (option == "qat_kd")
     if option == "dynamic":
         assert objects["quant"].mode.value == "dynamic"
+    if option == "weight_only":
+        assert (objects["quant"].mode.value, objects["quant"].config.scheme.value) == (
+            "weight_only",
+            "int8_weight_only",
+        )
+        assert [t.value for t in objects["quant"].config.export] == ["state_dict"]
 
 
 @pytest.mark.parametrize("quant", ["qat", "ptq"])

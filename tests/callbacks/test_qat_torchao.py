@@ -59,9 +59,10 @@ class _Spy(Callback):
         self.start[epoch] = _state(pl_module.net)
         self.flags[epoch] = fake_quant_flags(pl_module.net)
         # whether the net computes what its float twin (same weights, no fake quantization) computes
-        float_twin = TinyMLP()
+        device = next(pl_module.net.parameters()).device
+        float_twin = TinyMLP().to(device)
         float_twin.load_state_dict({k: v for k, v in pl_module.net.state_dict().items() if "fake_quant" not in k})
-        x = random_images(8, seed=5).tensors[0]
+        x = random_images(8, seed=5).tensors[0].to(device)
         with torch.no_grad():
             pl_module.net.eval(), float_twin.eval()
             self.float_match[epoch] = torch.equal(pl_module.net(x), float_twin(x))

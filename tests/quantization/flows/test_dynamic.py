@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from lightning_quant import quantize
-from lightning_quant.quantization.dynamic import disable_transformer_fast_path
+from lightning_quant.quantization.flows.dynamic import disable_transformer_fast_path
 
 
 class Tagger(nn.Module):
