@@ -340,3 +340,23 @@ def test_a_hugging_face_bert_trains_with_fake_quantization_and_keeps_its_model_o
             rtol=0,
             atol=1e-2,
         )
+
+
+def test_pt2_of_a_torchao_model_loads_in_a_fresh_process_with_load_pt2(tmp_path):
+    config = QuantizationConfig(flow="torchao", scheme="int8_dyn_int4_weight", export="pt2")
+    flow = get_flow("torchao")
+    int8 = flow.convert(flow.prepare(_model(), config, ExampleInputs(), qat=False))
+    records = export_int8(lambda engine: int8, config.export, tmp_path, ExampleInputs((_tokens(4),)), Backend.X86)
+    x = _tokens(3, seed=4)
+    torch.save({"x": x, "y": int8(x)}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from lightning_quant import load_pt2
+        module = load_pt2({str(records["pt2"].path)!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        assert torch.equal(module(expected["x"]), expected["y"]), "outputs differ"
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
