@@ -320,7 +320,7 @@ class QuantizationAwareTraining(QuantizationCallback):
     @override
     def _on_real_call(self, module: nn.Module, real: ExampleInputs) -> None:
         quantized_inputs = getattr(module, "quant", None)  # the eager boundary's stubs, one per float input
-        if quantized_inputs is not None:
+        if isinstance(quantized_inputs, nn.ModuleDict):  # (a model's own single QuantStub is used as written)
             floats = sorted(name for name, kind in input_kinds(module, real).items() if kind.startswith("float"))
             if floats != sorted(quantized_inputs):
                 guessed = describe_inputs(module, self.example_inputs) if self.example_inputs is not None else "-"

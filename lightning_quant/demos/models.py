@@ -93,7 +93,8 @@ class MiniLMClassifier(nn.Module):
         self.head = nn.Linear(self.encoder.config.hidden_size, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids, mask = x[:, 0], x[:, 1]
+        # contiguous: torch.ao's int8 embedding kernel refuses the strided slices of the stacked input
+        ids, mask = x[:, 0].contiguous(), x[:, 1].contiguous()
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return self.head((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,9 @@ from lightning_quant.quantization.config import Flow
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+from lightning_quant.utils.modules import within
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -106,12 +110,23 @@ def unobserved(prepared: nn.Module) -> list[str]:
 
 
 def check_observed(prepared: nn.Module) -> None:
-    """Raise before converting a model some of whose observers never saw data.
+    """Raise before converting a model some of whose observers never saw data. Observers of modules
+    a model may define without calling (``FloatFunctional`` adders of blocks without a residual) are
+    only logged: they keep placeholder ranges, harmless for a module that does not run.
 
     Raises:
         RuntimeError: naming up to five such observers and the likely causes.
     """
-    missing = unobserved(prepared)
+    optional = set(flows.optional_observers(prepared))
+    idle = [name for name in unobserved(prepared) if within(name, sorted(optional))]
+    missing = [name for name in unobserved(prepared) if name not in idle]
+    if idle and not missing:
+        log.warning(
+            "%d FloatFunctional observer(s) never saw data, e.g. %s: their modules did not run on the calibration or "
+            "training data and are converted with placeholder ranges; if forward can reach them, give data that does",
+            len(idle),
+            idle[:5],
+        )
     if missing:
         raise RuntimeError(
             f"cannot convert to int8: {len(missing)} observer(s) never saw data, e.g. {missing[:5]}. "

@@ -186,7 +186,8 @@ def test_qat_fx_tracing_error_names_the_module_and_remedies():
     with pytest.raises(
         FxTracingError,
         match=r"FX could not trace submodule 'gate' \(_Untraceable\): .*"
-        r"keep it in float with skip=\['gate'\], or use flow=\"eager\"",
+        r"use flow=\"pt2e\" \(torch.export captures what FX cannot\), keep it in float with skip=\['gate'\], or "
+        r"use flow=\"eager\"",
     ):
         trainer.fit(BoringClassifier(net=_GatedNet()))
 

@@ -57,6 +57,10 @@ class QuantizationFlow(Protocol):
     def observers(self, model: nn.Module) -> list[tuple[str, Any]]:
         """The observers (inside fake-quantize modules too), by name, in module order."""
 
+    def optional_observers(self, model: nn.Module) -> list[str]:
+        """Names of observers (as :meth:`observers` gives them, or their fake-quantize owners) a model may
+        define without running: their never seeing data does not block conversion."""
+
     def is_histogram(self, observer: nn.Module) -> bool:
         """Whether an observer keeps a histogram (merged over ranks bin by bin)."""
 
@@ -139,6 +143,11 @@ def quantizer_modules(model: nn.Module) -> set[int]:
 def is_prepared(model: nn.Module) -> bool:
     """Whether ``model`` carries observers or fake quantization (prepared by a flow)."""
     return bool(fake_quantizers(model) or observers(model))
+
+
+def optional_observers(model: nn.Module) -> list[str]:
+    """Observers ``model`` may hold without running them (see :meth:`QuantizationFlow.optional_observers`)."""
+    return [name for flow in _loaded_flows() for name in flow.optional_observers(model)]
 
 
 def is_histogram(observer: nn.Module) -> bool:

@@ -10,10 +10,17 @@
   way out. Both are module swaps: ``forward`` is never wrapped in a closure.
 - Functional ops the model calls on quantized tensors (``x + y``) need
   ``torch.ao.nn.quantized.FloatFunctional`` in the model, as torch's eager mode requires.
+- Eager-ready models (torchvision's quantizable ones) are used as written: modules that are
+  already fused (``ConvReLU2d``...) are left alone, and a model holding its own ``QuantStub`` and
+  ``DeQuantStub`` gets no second boundary. ``FloatFunctional`` adders a model defines but never
+  calls (torchvision's blocks without a residual) do not block conversion.
+- A model whose inputs are all integers (token ids) has no float input to quantize at the
+  boundary: it is refused before training, with the flows that do take it.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -39,14 +46,33 @@ def _is_float_tensor(value: Any) -> bool:
 
 
 def _map_outputs(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``fn`` on every tensor of a nested output, keeping each container's own type (a Hugging Face
+    ``ModelOutput``, a namedtuple)."""
     if isinstance(value, torch.Tensor):
         return fn(value)
     if isinstance(value, tuple):
-        return tuple(_map_outputs(v, fn) for v in value)
+        items = [_map_outputs(v, fn) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
     if isinstance(value, list):
         return [_map_outputs(v, fn) for v in value]
     if isinstance(value, dict):
-        return {k: _map_outputs(v, fn) for k, v in value.items()}
+        mapped = {k: _map_outputs(v, fn) for k, v in value.items()}
+        if type(value) is dict:
+            return mapped
+        try:
+            return type(value)(**mapped)  # ModelOutput and other dict subclasses built by keyword
+        except TypeError:
+            copied = copy.copy(value)
+            copied.update(mapped)
+            return copied
+    return value
+
+
+def _dequantized(value: Any, dequant: nn.Module) -> Any:
+    """Float island inputs: quantized (and float) tensors through ``dequant``; integer tensors such
+    as token ids as they are."""
+    if isinstance(value, torch.Tensor) and (value.is_quantized or value.is_floating_point()):
+        return dequant(value)
     return value
 
 
@@ -78,6 +104,10 @@ class QuantBoundary(nn.Module):
         return _map_outputs(self.module(*bound.args, **bound.kwargs), self.dequant)
 
 
+#: attributes torch's eager quantization reads off a module, which a float island answers for itself
+_OWN_ATTRIBUTES = frozenset({"qconfig", "activation_post_process", "weight_fake_quant", "training"})
+
+
 class FloatIsland(nn.Module):
     """Runs ``module`` in float inside a quantized model: dequantize in, quantize out."""
 
@@ -89,9 +119,19 @@ class FloatIsland(nn.Module):
         self.module.qconfig = None  # type: ignore[assignment]  # torch reads qconfig attributes
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        args = tuple(self.dequant(a) if isinstance(a, torch.Tensor) else a for a in args)
-        kwargs = {k: self.dequant(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-        return _map_outputs(self.module(*args, **kwargs), self.quant)
+        args = tuple(_dequantized(a, self.dequant) for a in args)
+        kwargs = {k: _dequantized(v, self.dequant) for k, v in kwargs.items()}
+        return _map_outputs(self.module(*args, **kwargs), lambda t: self.quant(t) if t.is_floating_point() else t)
+
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped module's attributes (``batch_first``, ``config``...) read through the island;
+        not what torch's quantization reads off modules (``qconfig``...: the island has its own)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module" or name.startswith("_") or name in _OWN_ATTRIBUTES:
+                raise
+            return getattr(self.module, name)
 
 
 def check_fusion_groups(model: nn.Module, groups: list[list[str]]) -> None:
@@ -131,6 +171,14 @@ def _assign_qconfigs(model: nn.Module, mapping: QConfigMapping) -> None:
             module.qconfig = mapping.object_type_qconfigs[_rule_type(module)]
 
 
+def _keep_embeddings_float(model: nn.Module) -> None:
+    """Embeddings stay float: torch's static eager mode has no int8 lookup with int8 activations (the
+    general qconfig makes ``convert`` raise); their output is quantized where the next stub says."""
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            module.qconfig = None  # type: ignore[assignment]
+
+
 def _swap_in_islands(model: nn.Module, names: tuple[str, ...], types: tuple[type, ...]) -> None:
     targets = [name for name, m in model.named_modules() if name and (name in names or isinstance(m, types))]
     # outermost first, and nothing inside an island already made
@@ -144,27 +192,68 @@ def _swap_in_islands(model: nn.Module, names: tuple[str, ...], types: tuple[type
         setattr(parent, attr, FloatIsland(getattr(parent, attr)))
 
 
+def _has_own_stubs(model: nn.Module) -> bool:
+    """Whether the model quantizes and dequantizes itself (torchvision's quantizable models do)."""
+    modules = list(model.modules())
+    return any(isinstance(m, QuantStub) for m in modules) and any(isinstance(m, DeQuantStub) for m in modules)
+
+
+def _auto_fusion_groups(model: nn.Module) -> list[list[str]]:
+    """Fusable runs outside modules that are fused already (a ``ConvReLU2d`` is an ``nn.Sequential``
+    too, and fusing inside it again breaks it)."""
+    fused = [name for name, module in model.named_modules() if isinstance(module, _FusedModule)]
+    return [group for group in find_fusable_groups(model) if not any(within(n, fused) for n in group)]
+
+
+def check_float_inputs(model: nn.Module, example: ExampleInputs) -> None:
+    """Refuse, before any training, a model whose inputs are all integers: eager mode quantizes at
+    the float inputs, and token ids have none.
+
+    Raises:
+        ValueError: naming the flows and options that quantize such a model.
+    """
+    values = [*example.args, *example.kwargs.values()]
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if tensors and not any(t.is_floating_point() for t in tensors):
+        raise ValueError(
+            f"flow='eager' quantizes a model at its float inputs, and {type(model).__name__} takes only integer "
+            "inputs (token ids?): nothing would be quantized. Use flow='pt2e' (static int8 through torch.export), "
+            "mode='dynamic' or flow='torchao' (weight schemes, for transformers), or module=<the submodule after "
+            "the embeddings>, whose input is float"
+        )
+
+
 class EagerFlow(TorchAoModels):
     """Quantize through ``torch.ao.quantization`` eager mode (fuse, stubs, prepare, convert)."""
 
     def prepare(self, model: nn.Module, config: QuantizationConfig, example: ExampleInputs, qat: bool) -> nn.Module:
+        own_stubs = _has_own_stubs(model)
+        if not own_stubs:
+            check_float_inputs(model, example)
         mapping = build_qconfig_mapping(config, model, qat)
         rules = resolve_layers(model, config)  # layers kept float (skip included) become float islands
         names = tuple(n for n, s in rules.names.items() if s.precision is Precision.FLOAT)
         types = tuple(t for t, s in rules.types if s.precision is Precision.FLOAT)
         model.train(qat)
-        groups = [list(g) for g in config.modules_to_fuse] if config.modules_to_fuse else find_fusable_groups(model)
+        if config.modules_to_fuse is not None:  # the user's groups; an empty list switches fusion off
+            groups = [list(g) for g in config.modules_to_fuse]
+        else:
+            groups = _auto_fusion_groups(model)
         check_fusion_groups(model, groups)
         with known_torch_warnings_silenced():
             if groups:
                 (fuse_modules_qat if qat else fuse_modules)(model, groups, inplace=True)
             _assign_qconfigs(model, mapping)
+            _keep_embeddings_float(model)
             _swap_in_islands(model, names, types)
-            boundary = QuantBoundary(model, example)
-            boundary.qconfig = mapping.global_qconfig  # type: ignore[assignment]
-            boundary.train(qat)
-            (prepare_qat if qat else prepare)(boundary, inplace=True)
-        return boundary
+            if own_stubs:  # used as written: its stubs are the boundary
+                prepared = model
+            else:
+                prepared = QuantBoundary(model, example)
+            prepared.qconfig = mapping.global_qconfig  # type: ignore[assignment]
+            prepared.train(qat)
+            (prepare_qat if qat else prepare)(prepared, inplace=True)
+        return prepared
 
     def convert(self, prepared: nn.Module) -> nn.Module:
         with known_torch_warnings_silenced():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch.fx
@@ -32,7 +33,7 @@ class FxFlow(TorchAoModels):
         mapping = build_qconfig_mapping(config, model, qat)
         names, types = resolve_skip(model, config.skip)
         custom = PrepareCustomConfig().set_non_traceable_module_names(list(names))
-        custom.set_non_traceable_module_classes(list(types))
+        custom.set_non_traceable_module_classes([*types, *mode_dependent_types(model)])
         model.train(qat)
         prepare = prepare_qat_fx if qat else prepare_fx
         try:
@@ -45,6 +46,25 @@ class FxFlow(TorchAoModels):
         with known_torch_warnings_silenced():
             assert isinstance(prepared, torch.fx.GraphModule), "the FX flow converts what it prepared"
             return _drop_string_annotations(convert_fx(prepared))
+
+
+def mode_dependent_types(model: nn.Module) -> list[type]:
+    """Parameter-free module types outside ``torch.nn`` whose ``forward`` reads ``self.training``
+    (stochastic depth, drop path). Traced, their branch would be frozen in the mode of the trace
+    (train mode for QAT: an int8 model that drops paths at random); kept as modules, they follow
+    ``train()``/``eval()``. ``torch.nn``'s own (dropout, batch norm) are modules in the graph already."""
+    found: list[type] = []
+    for module in model.modules():
+        cls = type(module)
+        if cls in found or cls.__module__.startswith("torch.nn") or any(True for _ in module.parameters()):
+            continue
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            continue
+        if "self.training" in source:
+            found.append(cls)
+    return found
 
 
 def _drop_string_annotations(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -92,8 +112,14 @@ def _tracing_message(model: nn.Module, err: Exception, names: tuple, types: tupl
         pass
     if tracer.failed_at:
         where = f"submodule {tracer.failed_at!r} ({type(model.get_submodule(tracer.failed_at)).__name__})"
-        remedy = f'keep it in float with skip=[{tracer.failed_at!r}], or use flow="eager"'
+        remedy = (
+            f'use flow="pt2e" (torch.export captures what FX cannot), keep it in float with '
+            f'skip=[{tracer.failed_at!r}], or use flow="eager"'
+        )
     else:
         where = f"the forward of {type(model).__name__} itself"
-        remedy = 'use flow="eager", or move the untraceable code into a submodule and skip it'
+        remedy = (
+            'use flow="pt2e" (torch.export captures what FX cannot: keyword-only **kwargs forwards such as '
+            'Hugging Face models), flow="eager", or move the untraceable code into a submodule and skip it'
+        )
     return f"FX could not trace {where}: {type(err).__name__}: {err}. To quantize this model, {remedy}."

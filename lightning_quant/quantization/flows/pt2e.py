@@ -531,6 +531,9 @@ class Pt2eFlow:
         _, observer = self._quantizer_classes()
         return [(name, m) for name, m in model.named_modules() if isinstance(m, observer)]
 
+    def optional_observers(self, model: nn.Module) -> list[str]:
+        return []  # every observer of a graph sits on a path the graph runs
+
     def is_histogram(self, observer: nn.Module) -> bool:
         from torchao.quantization.pt2e.observer import HistogramObserver
 

@@ -57,6 +57,19 @@ class TorchAoModels:
     def is_histogram(self, observer: nn.Module) -> bool:
         return isinstance(observer, HistogramObserver)
 
+    def optional_observers(self, model: nn.Module) -> list[str]:
+        """Observers of ``FloatFunctional`` adders and multipliers: models define them per block and
+        call them only where the block has a residual (torchvision's quantizable nets)."""
+        from torch.ao.nn.quantized import FloatFunctional
+
+        return [
+            f"{name}.{child}" if name else child
+            for name, module in model.named_modules()
+            if isinstance(module, FloatFunctional)
+            for child, observer in module.named_children()
+            if _quantizer(observer)
+        ]
+
     def set_bn_frozen(self, model: nn.Module, frozen: bool) -> None:
         """Fused QAT Conv/Linear-BN modules keep a ``freeze_bn`` flag. Plain BN layers are put in
         eval mode, which Lightning undoes when it switches the model back to training, so the

@@ -352,6 +352,9 @@ class TorchaoFlow:
     def observers(self, model: nn.Module) -> list[tuple[str, Any]]:
         return []  # every range is computed from the tensor being quantized
 
+    def optional_observers(self, model: nn.Module) -> list[str]:
+        return []
+
     def is_histogram(self, observer: nn.Module) -> bool:
         return False
 
