@@ -407,7 +407,9 @@ def export_int8(
         engine = engine_for(target, backend)
         path = directory / f"{basename}{SUFFIXES[target]}"
         model = int8_for_engine(engine)
-        inputs = as_positional(model, example)
+        # a .pt2 program keeps the model's calling convention (keyword inputs of a Hugging Face model
+        # stay keywords); TorchScript, ONNX and ExecuTorch's flat inputs take positions
+        inputs = example if target is ExportTarget.PT2 else as_positional(model, example)
         with quantized_engine(engine):
             data, load = _SERIALIZERS[target](model, inputs, backend)
         diff = reload_difference(target, model, load(data), inputs, engine) if load is not None else float("nan")

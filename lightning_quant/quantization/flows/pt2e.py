@@ -228,12 +228,28 @@ def _as_pt2e_module(graph_module: torch.fx.GraphModule, training: bool) -> Pt2eG
     return graph_module.train(training)
 
 
+def _without_generation_cache(module: nn.Module) -> None:
+    config = getattr(module, "config", None)
+    if getattr(config, "use_cache", False) is True:
+        config.use_cache = False  # type: ignore[union-attr]
+        log.info(
+            "%s: config.use_cache set to False for flow='pt2e': a key/value cache is for generation, and the "
+            "captured graph returns the model's outputs without it",
+            type(module).__name__,
+        )
+
+
 def capture(module: nn.Module, example: ExampleInputs) -> torch.fx.GraphModule:
     """``torch.export`` ``module`` (in its current mode) with a dynamic batch axis.
+
+    A Hugging Face model that returns a key/value cache (``config.use_cache``, GPT-2's default) is
+    captured without it: the cache is for generation, and ``torch.export`` cannot return the cache
+    object.
 
     Raises:
         Pt2eExportError: export failed, or the model's code fixes the batch size.
     """
+    _without_generation_cache(module)
     try:
         exported = export_program(module, example)
     except Exception as err:
@@ -391,6 +407,37 @@ def _quantizer(model: nn.Module, config: QuantizationConfig, rules: LayerRules, 
     return quantizer
 
 
+_ARITHMETIC = (_aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor)
+
+
+def _restore_integer_constants(graph_module: torch.fx.GraphModule) -> int:
+    """Give back their integer dtype to scalars a quantizer turned into float constants in integer
+    arithmetic. XNNPACKQuantizer's annotation pass makes every scalar operand of add/sub/mul a float32
+    tensor, integer index arithmetic included (a Hugging Face model's position offset): the indices
+    then come out float and the graph fails. A constant whose values are whole numbers, added to
+    (or multiplied with) an integer tensor, becomes that integer dtype again. Returns how many."""
+    restored = 0
+    for node in graph_module.graph.nodes:
+        if node.op != "call_function" or node.target not in _ARITHMETIC or len(node.args) < 2:
+            continue
+        for constant, other in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+            if not (isinstance(constant, torch.fx.Node) and constant.op == "get_attr"):
+                continue
+            value = getattr(graph_module, str(constant.target), None)
+            other_value = other.meta.get("val") if isinstance(other, torch.fx.Node) else None
+            if (
+                isinstance(value, torch.Tensor)
+                and value.is_floating_point()
+                and isinstance(other_value, torch.Tensor)
+                and not other_value.is_floating_point()
+                and other_value.dtype is not torch.bool
+                and bool((value == value.round()).all())
+            ):
+                setattr(graph_module, str(constant.target), value.to(other_value.dtype))
+                restored += 1
+    return restored
+
+
 def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
     """Remove the float weights that conversion replaced by int8 constants but left registered, so
     the int8 model's size, state dict and exported files hold only what it computes with."""
@@ -476,6 +523,7 @@ class Pt2eFlow:
         graph_module = capture(model, example)
         with known_torch_warnings_silenced(), _quicker_conv_bn_folding():
             prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(graph_module, quantizer)
+        _restore_integer_constants(prepared)
         prepared.meta[Pt2eGraphModule.META] = {"backend": config.backend.value}
         prepared = _as_pt2e_module(prepared, qat)
         if not (self.fake_quantizers(prepared) or self.observers(prepared)):
