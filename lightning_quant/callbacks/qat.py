@@ -33,6 +33,7 @@ from lightning_quant.quantization.inputs import (
     input_kinds,
 )
 from lightning_quant.quantization.outputs import collect_outputs, task_metric
+from lightning_quant.quantization.recipe import attach, static_recipe
 from lightning_quant.quantization.schedule import (
     Phase,
     QATSchedule,
@@ -451,6 +452,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         self._notify(trainer, pl_module, "prepare")  # e.g. KD copies the float model
         training = pl_module.training
         prepared = get_flow(self.config.flow).prepare(target, self.config, self.example_inputs, qat=True)
+        attach(prepared, static_recipe(self.config, self.example_inputs, qat=True))  # for save_int8
         replace_target(pl_module, path, prepared)
         prepared.train(training)
         self._apply_schedule(pl_module, trainer.current_epoch)

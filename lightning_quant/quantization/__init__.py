@@ -6,9 +6,9 @@ from lightning_quant.quantization.convert import convert_copy, quantized_engine
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.flows.fx import FxTracingError
 from lightning_quant.quantization.flows.pt2e import Pt2eExportError, load_pt2
-from lightning_quant.quantization.flows.torchao import load_int8, save_int8
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.ptq import Mode, quantize, quantize_within_budget
+from lightning_quant.quantization.saving import load_int8, save_int8
 from lightning_quant.quantization.schedule import QATSchedule, quantization_disabled
 from lightning_quant.quantization.search import SkipSearch
 

@@ -15,6 +15,7 @@ from lightning_quant.quantization import flows
 from lightning_quant.quantization.config import Flow
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.recipe import attach, recipe_of
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.modules import within
 
@@ -144,5 +145,7 @@ def convert_copy(prepared: nn.Module, flow: Flow | str, engine: str) -> nn.Modul
     """
     check_observed(prepared)
     model = copy.deepcopy(prepared).cpu().eval()
+    recipe = recipe_of(prepared)
     with quantized_engine(engine):
-        return for_inference(get_flow(flow).convert(model))
+        int8 = for_inference(get_flow(flow).convert(model))
+    return attach(int8, {**recipe, "engine": engine} if recipe is not None else None)

@@ -36,6 +36,7 @@ from lightning_quant.quantization.flows.dynamic import (
 )
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, batch_targets
 from lightning_quant.quantization.layers import STATIC_PRECISIONS, check_static_setting, resolve_layers
+from lightning_quant.quantization.recipe import attach, static_recipe
 from lightning_quant.quantization.search import (
     PrecisionSearch,
     SkipSearch,
@@ -142,6 +143,7 @@ def prepare_and_calibrate(
         batches = _chain_first(first, batches)
     float_copy = copy.deepcopy(model).cpu().eval()
     prepared = get_flow(config.flow).prepare(float_copy, config, example, qat=False)
+    attach(prepared, static_recipe(config, example, qat=False))
     used = calibrate(prepared, batches, calibration_batches, batch_to_input, progress)
     merged = reduce_observers(prepared, reducer)
     log.info("calibrated on %d batch(es)%s", used, f"; merged {merged} observers over the ranks" if reducer else "")

@@ -31,6 +31,7 @@ from torch.ao.quantization import (
 from lightning_quant.quantization.config import LayerSetting, Precision, QuantizationConfig
 from lightning_quant.quantization.convert import for_inference, quantized_engine
 from lightning_quant.quantization.layers import resolve_layers
+from lightning_quant.quantization.recipe import attach, dynamic_recipe
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.modules import locate_module_type
 
@@ -187,4 +188,5 @@ def quantize_dynamic_copy(
             float_model, qconfig_spec=spec, dtype=torch.float16 if dtype == "float16" else torch.qint8
         )
     disable_transformer_fast_path(int8)
-    return for_inference(int8)
+    recipe = {**dynamic_recipe(config, module_types, dtype), "engine": engine or config.engine}
+    return attach(for_inference(int8), recipe)

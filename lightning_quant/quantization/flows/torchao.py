@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,8 +38,6 @@ from lightning_quant.quantization.config import Backend, ExportTarget, Precision
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_layers
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
-from lightning_quant.utils.checks import require_module
-from lightning_quant.utils.files import atomic_write
 
 #: what a layer may compute in under the torchao flow
 TORCHAO_PRECISIONS = (Precision.INT8, Precision.INT4, Precision.FLOAT)
@@ -450,50 +446,3 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     (length,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + length])
     return dict(header.get("__metadata__", {}))
-
-
-def _weights_target(path: str | os.PathLike) -> ExportTarget:
-    return ExportTarget.SAFETENSORS if str(path).endswith(".safetensors") else ExportTarget.STATE_DICT
-
-
-def save_int8(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write the weights of a torchao int8 model (``flow="torchao"``): safetensors with torchao's
-    tensor metadata when ``path`` ends in ``.safetensors``, else ``torch.save`` of its state dict.
-    Written under a temporary name and renamed: an existing file is replaced whole or not at all.
-
-    Load them with :func:`load_int8` into the float model (same class, same structure).
-
-    Raises:
-        ValueError: ``model`` holds no torchao weights (fx/eager models export TorchScript; pt2e ones
-            ``.pt2``, loaded with ``load_pt2``).
-
-    Example::
-
-        >>> import torch
-        >>> from lightning_quant import quantize
-        >>> int8 = quantize(torch.nn.Linear(64, 8), mode="weight_only", flow="torchao")
-        >>> save_int8(int8, tmp_path / "linear_int8.safetensors").name  # doctest: +SKIP
-        'linear_int8.safetensors'
-    """
-    flow = TorchaoFlow()
-    if not flow.int8_layers(model):
-        raise ValueError(
-            f"save_int8 writes models quantized with flow='torchao' (their weights are torchao tensors); "
-            f"{type(model).__name__} holds none: an fx/eager int8 model is exported with export='torchscript', a "
-            "pt2e one with export='pt2' (load_pt2)"
-        )
-    return atomic_write(path, flow.weights_bytes(model, _weights_target(path)))
-
-
-def load_int8(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load weights written by :func:`save_int8` (or the ``state_dict``/``safetensors`` exports) into
-    ``model``, the float model built as for training: its Linear and embedding layers take the int8
-    tensors as saved (``torch.load(weights_only=True)``: no code is unpickled). Returns ``model``,
-    in eval mode without gradients.
-
-    Raises:
-        ModuleNotFoundError: torchao is not installed (with the install line).
-        RuntimeError: the file's keys or shapes do not fit ``model``.
-    """
-    require_module("torchao", "'lightning-quant[torchao]'", "load_int8")
-    return TorchaoFlow().load_weights(model, Path(path).read_bytes(), _weights_target(path))

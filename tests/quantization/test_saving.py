@@ -1,0 +1,141 @@
+"""save_int8 / load_int8: every flow's int8 model back from a file and the float model, bit for bit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from lightning_quant import QuantizationAwareTraining, load_int8, quantize, save_int8
+from lightning_quant.quantization import flows
+from lightning_quant.quantization.convert import quantized_engine
+from tests.helpers import BoringClassifier, TinyNet, quiet_trainer, random_images, requires_torchao
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class TextNet(nn.Module):
+    """An LSTM classifier: what dynamic mode is for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(6, 16, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def _images(n: int = 8, seed: int = 0) -> torch.Tensor:
+    return random_images(n, seed=seed).tensors[0]
+
+
+def _calibration() -> list[torch.Tensor]:
+    return [_images(16, seed) for seed in range(4)]
+
+
+def _fresh_process_check(path: Path, factory: str, x: torch.Tensor, y: torch.Tensor, tmp_path: Path) -> None:
+    """Load ``path`` into ``factory()`` in a new interpreter and compare its output on ``x`` with ``y``."""
+    torch.save({"x": x, "y": y}, tmp_path / "expected.pt")
+    module, name = factory.rsplit(".", 1)
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from lightning_quant import load_int8
+        from lightning_quant.quantization.convert import quantized_engine
+        from {module} import {name}
+        model = load_int8({name}(), {str(path)!r})
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        with quantized_engine("x86"):
+            assert torch.equal(model(expected["x"]), expected["y"]), "outputs differ"
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flow", ["fx", "eager"])
+def test_static_int8_round_trip_is_bit_identical_in_a_fresh_process(flow, tmp_path):
+    torch.manual_seed(0)
+    int8 = quantize(TinyNet().eval(), _calibration(), flow=flow, progress=False)
+    path = save_int8(int8, tmp_path / "tiny_int8.pt")
+    x = _images(5, seed=9)
+    with quantized_engine("x86"):
+        y = int8(x)
+    _fresh_process_check(path, "tests.helpers.TinyNet", x, y, tmp_path)
+
+
+def test_qat_int8_round_trip_rebuilds_the_same_structure(tmp_path):
+    callback = QuantizationAwareTraining(export=None)
+    quiet_trainer(callbacks=[callback], max_epochs=1).fit(BoringClassifier())
+    path = save_int8(callback.quantized_model, tmp_path / "qat_int8.pt")
+    loaded = load_int8(TinyNet(), path)
+    assert flows.int8_layers(loaded) == flows.int8_layers(callback.quantized_model)
+    x = _images(6, seed=3)
+    with quantized_engine("x86"):
+        assert torch.equal(loaded(x), callback.quantized_model(x))
+
+
+def test_dynamic_int8_round_trip_is_bit_identical(tmp_path):
+    torch.manual_seed(0)
+    int8 = quantize(TextNet().eval(), mode="dynamic", skip=["rnn"])
+    path = save_int8(int8, tmp_path / "text_int8.pt")
+    loaded = load_int8(TextNet(), path)
+    x = torch.randn(4, 7, 6)
+    with quantized_engine("x86"):
+        assert torch.equal(loaded(x), int8(x))
+    assert flows.int8_layers(loaded) == {"rnn": "float", "head": "int8"}
+
+
+def test_save_int8_refuses_dynamic_lstm_weights_it_could_not_load_safely(tmp_path):
+    int8 = quantize(TextNet().eval(), mode="dynamic")
+    with pytest.raises(
+        ValueError, match=r"hold torch's packed int8 weights as TorchScript objects .* export='torchscript'"
+    ):
+        save_int8(int8, tmp_path / "text_int8.pt")
+    assert not (tmp_path / "text_int8.pt").exists()
+
+
+def test_load_int8_reads_with_weights_only(tmp_path, monkeypatch):
+    int8 = quantize(TinyNet().eval(), _calibration(), progress=False)
+    path = save_int8(int8, tmp_path / "tiny_int8.pt")
+    calls = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(k.get("weights_only")) or real(*a, **k))
+    load_int8(TinyNet(), path)
+    assert calls == [True]
+
+
+def test_save_int8_refuses_what_it_cannot_rebuild(tmp_path):
+    with pytest.raises(ValueError, match=r"save_int8 writes int8 models; TinyNet has no int8 layer"):
+        save_int8(TinyNet(), tmp_path / "a.pt")
+    int8 = quantize(TinyNet().eval(), _calibration(), progress=False)
+    with pytest.raises(ValueError, match=r"safetensors holds plain tensors; torch.ao's int8 weights are quantized"):
+        save_int8(int8, tmp_path / "a.safetensors")
+    from torch.ao.quantization import get_default_qconfig_mapping
+
+    custom = quantize(TinyNet().eval(), _calibration(), progress=False, qconfig_mapping=get_default_qconfig_mapping())
+    with pytest.raises(ValueError, match=r"save_int8 cannot record how this model was made: .*custom qconfig_mapping"):
+        save_int8(custom, tmp_path / "a.pt")
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+@requires_torchao
+def test_save_int8_refuses_a_pt2e_model_naming_its_file(tmp_path):
+    int8 = quantize(TinyNet().eval(), _calibration(), flow="pt2e", progress=False)
+    with pytest.raises(ValueError, match=r"a pt2e int8 model is a program: write it with export='pt2'"):
+        save_int8(int8, tmp_path / "a.pt")
+
+
+def test_load_int8_refuses_a_float_model_of_another_shape(tmp_path):
+    int8 = quantize(TinyNet().eval(), _calibration(), progress=False)
+    path = save_int8(int8, tmp_path / "tiny_int8.pt")
+    with pytest.raises(
+        RuntimeError, match=r"size mismatch between the saved int8 weights and this float model: \['head"
+    ):
+        load_int8(TinyNet(num_classes=7), path)
