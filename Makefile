@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint test-gpu test-compat bench bench-pt2e bench-torchao examples clean
+.PHONY: run test lint test-gpu test-compat bench bench-pt2e bench-torchao zoo examples clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,3 +73,21 @@ $(COMPAT)/.installed: pyproject.toml constraints.txt
 test-compat: $(COMPAT)/.installed
 	$(COMPAT)/bin/python -c "import torch; print('torch', torch.__version__)"
 	$(COMPAT)/bin/python -m pytest
+
+# `make zoo`: the model zoo matrix (torchvision classifiers and quantizable models, a geffnet net,
+# Hugging Face BERT/DistilBERT/GPT-2): QAT -> convert -> export -> reload and PTQ, with fidelity and
+# speed in one table. Its own virtualenv (.venv-zoo): the registry's torchvision is a CUDA build whose
+# C++ ops do not load beside the CPU torch, so it is installed without dependencies and the harness
+# stands in for the ops it registers at import; .venv and `make test` stay without torchvision.
+# About 10 minutes on 2 cores; outside CI.
+ZOO := .venv-zoo
+
+$(ZOO)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(ZOO)
+	$(ZOO)/bin/python -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(ZOO)/bin/python -m pip install --quiet -c constraints.txt -e ".[pt2e,examples]"
+	$(ZOO)/bin/python -m pip install --quiet --no-deps torchvision==0.28.0 geffnet==1.0.2
+	touch $@
+
+zoo: $(ZOO)/.installed
+	$(ZOO)/bin/python benchmarks/zoo.py

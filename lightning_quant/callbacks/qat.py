@@ -335,15 +335,17 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     def _recipe(self) -> dict[str, Any]:
         """How the model is quantized: what a checkpoint records so it can be loaded again."""
-        return {
+        recipe: dict[str, Any] = {
             "backend": self.config.backend.value,
             "flow": self.config.flow.value,
             "module": self._target_path,
             "observer": self.config.observer.value,
             "per_channel": self.config.per_channel,
-            "scheme": self.config.scheme.value if self.config.scheme is not None else None,
-            "group_size": self.config.group_size,
         }
+        if self.config.flow is Flow.TORCHAO:  # the scheme decides the torchao model
+            recipe["scheme"] = self.config.scheme.value if self.config.scheme is not None else None
+            recipe["group_size"] = self.config.group_size
+        return recipe
 
     def _say_if_float(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.state.fn == "fit" or self._said_float or is_prepared(self.target(pl_module)):

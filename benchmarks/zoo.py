@@ -1,0 +1,269 @@
+"""The model zoo matrix: architectures nobody here wrote, through QAT and PTQ, with fidelity and speed.
+
+Run with ``make zoo`` (its own virtualenv, ``.venv-zoo``: torchvision and geffnet beside the CPU torch;
+outside ``make test`` and CI). For each model (random init, 3x64x64 images; BatchNorm statistics
+first settled by a few forward passes in train mode, as a trained model's would be):
+
+- **QAT**: prepare (fx, or eager for torchvision's quantizable models, pt2e for Hugging Face), a
+  few training steps, convert; *fidelity* is the cosine of the int8 model's output to the
+  fake-quantized model it came from; the int8 model is exported (TorchScript, or ``.pt2`` for pt2e)
+  and reloaded by the export's own check;
+- **PTQ**: ``quantize()`` with calibration batches; cosine of int8 to float;
+- **speed**: fp32 vs the PTQ int8 model at batch 8, medians of repeated forward passes.
+
+A case that fails prints its error in the table instead of a figure.
+
+torchvision 0.28 is the release that matches torch 2.13, but the registry's wheel is a CUDA build
+whose C++ ops do not load beside the CPU torch: ``import torchvision`` fails on its fake-kernel
+registrations ("operator torchvision::nms does not exist"), and so would ``import lightning``
+(torchmetrics imports torchvision). The models are pure Python, so stand-in schemas for the ops
+torchvision registers at import are defined first (:func:`stand_in_torchvision_ops`); nothing here
+calls those ops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+#: the ops torchvision registers fake kernels for at import, with their schemas
+TORCHVISION_OPS = {
+    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "roi_align": "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
+    "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor",
+    "_roi_align_backward": "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
+    "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
+    "bool aligned) -> Tensor",
+}
+
+
+def stand_in_torchvision_ops() -> None:
+    """Define ``torchvision::<op>`` schemas this torch lacks, so ``import torchvision`` works on CPU."""
+    library = torch.library.Library("torchvision", "FRAGMENT")
+    for name, schema in TORCHVISION_OPS.items():
+        try:
+            torch._C._dispatch_find_schema_or_throw(f"torchvision::{name}", "")
+        except RuntimeError:
+            library.define(schema)
+    _LIBRARIES.append(library)  # a Library undefines its ops when collected
+
+
+_LIBRARIES: list[Any] = []
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def _settle_batchnorm(model: nn.Module, steps: int = 8) -> None:
+    """BatchNorm statistics of a few batches, as a trained model has (random init has mean 0, var 1)."""
+    model.train()
+    with torch.no_grad():
+        for step in range(steps):
+            model(_images(16, 100 + step))
+    model.eval()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0))
+
+
+def median_ms(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def torchvision_models() -> dict[str, tuple[Callable[[], nn.Module], str]]:
+    import torchvision.models as tv
+    import torchvision.models.quantization as tvq
+
+    def small_vit() -> nn.Module:
+        return tv.VisionTransformer(
+            image_size=64, patch_size=8, num_layers=2, num_heads=2, hidden_dim=64, mlp_dim=128, num_classes=10
+        )
+
+    return {
+        "resnet18": (lambda: tv.resnet18(num_classes=10), "fx"),
+        "mobilenet_v3_small": (lambda: tv.mobilenet_v3_small(num_classes=10), "fx"),
+        "efficientnet_b0": (lambda: tv.efficientnet_b0(num_classes=10), "fx"),
+        "regnet_x_400mf": (lambda: tv.regnet_x_400mf(num_classes=10), "fx"),
+        "shufflenet_v2_x0_5": (lambda: tv.shufflenet_v2_x0_5(num_classes=10), "fx"),
+        "vit (small)": (small_vit, "fx"),
+        "quantizable resnet18": (lambda: tvq.resnet18(num_classes=10), "eager"),
+        "quantizable mobilenet_v2": (lambda: tvq.mobilenet_v2(num_classes=10), "eager"),
+        "quantizable mobilenet_v3_large": (lambda: tvq.mobilenet_v3_large(num_classes=10), "eager"),
+        "quantizable resnet18 (fx)": (lambda: tvq.resnet18(num_classes=10), "fx"),
+    }
+
+
+def geffnet_models() -> dict[str, tuple[Callable[[], nn.Module], str]]:
+    import geffnet
+
+    return {"geffnet mixnet_s": (lambda: geffnet.mixnet_s(num_classes=10), "fx")}
+
+
+def run_vision_case(factory: Callable[[], nn.Module], flow: str, steps: int, repeats: int) -> dict[str, Any]:
+    from lightning_quant import quantize
+    from lightning_quant.export import export_int8
+    from lightning_quant.quantization import ExampleInputs, QuantizationConfig, get_flow
+    from lightning_quant.quantization.config import Backend, ExportTarget
+    from lightning_quant.quantization.convert import convert_copy, quantized_engine
+
+    torch.manual_seed(0)
+    model = factory()
+    _settle_batchnorm(model)
+    float_model = copy.deepcopy(model).eval()
+    x = _images(8, 1)
+    result: dict[str, Any] = {}
+    # QAT
+    config = QuantizationConfig(flow=flow, export=None)
+    qat = get_flow(flow).prepare(copy.deepcopy(model).train(), config, ExampleInputs((x,)), qat=True)
+    optimizer = torch.optim.SGD(qat.parameters(), lr=1e-3)
+    for step in range(steps):
+        loss = qat(_images(16, step)).logsumexp(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    qat.eval()
+    int8 = convert_copy(qat, flow, "x86")
+    with torch.no_grad(), quantized_engine("x86"):
+        result["qat_fidelity"] = cosine(int8(x), qat(x))
+    with tempdir() as folder:
+        records = export_int8(
+            lambda engine: int8, (ExportTarget.TORCHSCRIPT,), folder, ExampleInputs((x,)), Backend.X86
+        )
+    result["export_diff"] = records["torchscript"].max_abs_diff
+    # PTQ
+    calibration = [_images(16, 200 + i) for i in range(8)]
+    ptq = quantize(float_model, calibration, flow=flow, progress=False)
+    with torch.no_grad(), quantized_engine("x86"):
+        result["ptq_cosine"] = cosine(ptq(x), float_model(x))
+        fp32_ms = median_ms(lambda: float_model(x), repeats)
+        int8_ms = median_ms(lambda: ptq(x), repeats)
+    result["speedup"] = fp32_ms / int8_ms
+    return result
+
+
+def hugging_face_models() -> dict[str, Callable[[], nn.Module]]:
+    import transformers
+
+    def bert() -> nn.Module:
+        config = transformers.BertConfig(
+            vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256
+        )
+        return transformers.BertForSequenceClassification(config)
+
+    def distilbert() -> nn.Module:
+        config = transformers.DistilBertConfig(vocab_size=1000, dim=128, n_layers=2, n_heads=2, hidden_dim=256)
+        return transformers.DistilBertForSequenceClassification(config)
+
+    def gpt2() -> nn.Module:
+        config = transformers.GPT2Config(vocab_size=1000, n_embd=128, n_layer=2, n_head=2, pad_token_id=0)
+        return transformers.GPT2ForSequenceClassification(config)
+
+    return {"hf bert": bert, "hf distilbert": distilbert, "hf gpt2": gpt2}
+
+
+def run_text_case(factory: Callable[[], nn.Module], steps: int, repeats: int) -> dict[str, Any]:
+    from lightning_quant import quantize
+    from lightning_quant.export import export_int8
+    from lightning_quant.quantization import ExampleInputs, QuantizationConfig, get_flow
+    from lightning_quant.quantization.config import Backend, ExportTarget
+    from lightning_quant.quantization.convert import convert_copy
+
+    def batch(seed: int) -> dict[str, torch.Tensor]:
+        ids = torch.randint(1, 1000, (8, 32), generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    torch.manual_seed(0)
+    model = factory()
+    float_model = copy.deepcopy(model).eval()
+    inputs = batch(1)
+    result: dict[str, Any] = {}
+    config = QuantizationConfig(flow="pt2e", export=None)
+    qat = get_flow("pt2e").prepare(copy.deepcopy(model).train(), config, ExampleInputs((), inputs), qat=True)
+    optimizer = torch.optim.SGD(qat.parameters(), lr=1e-3)
+    for step in range(steps):
+        loss = qat(**batch(10 + step)).logits.logsumexp(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    qat.eval()
+    int8 = convert_copy(qat, "pt2e", "x86")
+    with torch.no_grad():
+        result["qat_fidelity"] = cosine(int8(**inputs).logits, qat(**inputs).logits)
+    with tempdir() as folder:
+        records = export_int8(lambda engine: int8, (ExportTarget.PT2,), folder, ExampleInputs((), inputs), Backend.X86)
+    result["export_diff"] = records["pt2"].max_abs_diff
+    ptq = quantize(float_model, [batch(200 + i) for i in range(4)], flow="pt2e", progress=False)
+    with torch.no_grad():
+        result["ptq_cosine"] = cosine(ptq(**inputs).logits, float_model(**inputs).logits)
+    result["speedup"] = float("nan")  # pt2e models are served compiled; see make bench-pt2e for timings
+    return result
+
+
+class tempdir:
+    def __enter__(self) -> str:
+        import tempfile
+
+        self._dir = tempfile.TemporaryDirectory(prefix="zoo_")
+        return self._dir.name
+
+    def __exit__(self, *exc: Any) -> None:
+        self._dir.cleanup()
+
+
+def main(argv: list[str] | None = None) -> list[tuple[str, ...]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="QAT training steps per model")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--only", nargs="*", default=None, help="names of the cases to run")
+    args = parser.parse_args(argv)
+    stand_in_torchvision_ops()
+    from lightning_quant.utils import format_table
+
+    cases: dict[str, Callable[[], dict[str, Any]]] = {}
+    for name, (factory, flow) in {**torchvision_models(), **geffnet_models()}.items():
+        cases[name] = lambda factory=factory, flow=flow: run_vision_case(factory, flow, args.steps, args.repeats)
+    for name, factory in hugging_face_models().items():
+        cases[name] = lambda factory=factory: run_text_case(factory, args.steps, args.repeats)
+    rows = []
+    for name, run in cases.items():
+        if args.only and name not in args.only:
+            continue
+        start = time.perf_counter()
+        try:
+            r = run()
+            row = (
+                name,
+                f"{r['qat_fidelity']:.4f}",
+                f"{r['export_diff']:.3g}",
+                f"{r['ptq_cosine']:.4f}",
+                f"{r['speedup']:.2f}x",
+                f"{time.perf_counter() - start:.0f}",
+            )
+        except Exception as err:  # a failing case is a row, not the end of the matrix
+            traceback.print_exc()
+            message = " ".join(f"{type(err).__name__}: {err}".split())[:90]
+            row = (name, message, "-", "-", "-", f"{time.perf_counter() - start:.0f}")
+        print(" | ".join(row), flush=True)
+        rows.append(row)
+    headers = ("model", "QAT int8 vs fake-quant cosine", "export reload max diff", "PTQ cosine", "speed-up b8", "s")
+    print(format_table(headers, rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
