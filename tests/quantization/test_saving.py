@@ -39,9 +39,10 @@ def _calibration() -> list[torch.Tensor]:
     return [_images(16, seed) for seed in range(4)]
 
 
-def _fresh_process_check(path: Path, factory: str, x: torch.Tensor, y: torch.Tensor, tmp_path: Path) -> None:
-    """Load ``path`` into ``factory()`` in a new interpreter and compare its output on ``x`` with ``y``."""
-    torch.save({"x": x, "y": y}, tmp_path / "expected.pt")
+def _fresh_process_check(paths: list[Path], factory: str, x: torch.Tensor, ys: list, tmp_path: Path) -> None:
+    """Load each of ``paths`` into ``factory()`` in one new interpreter and compare its output on ``x``
+    with the matching ``ys``."""
+    torch.save({"x": x, "ys": ys}, tmp_path / "expected.pt")
     module, name = factory.rsplit(".", 1)
     script = textwrap.dedent(
         f"""
@@ -49,25 +50,27 @@ def _fresh_process_check(path: Path, factory: str, x: torch.Tensor, y: torch.Ten
         from lightning_quant import load_int8
         from lightning_quant.quantization.convert import quantized_engine
         from {module} import {name}
-        model = load_int8({name}(), {str(path)!r})
         expected = torch.load({str(tmp_path / "expected.pt")!r})
-        with quantized_engine("x86"):
-            assert torch.equal(model(expected["x"]), expected["y"]), "outputs differ"
+        for path, y in zip({[str(p) for p in paths]!r}, expected["ys"]):
+            model = load_int8({name}(), path)
+            with quantized_engine("x86"):
+                assert torch.equal(model(expected["x"]), y), path
         """
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-@pytest.mark.parametrize("flow", ["fx", "eager"])
-def test_static_int8_round_trip_is_bit_identical_in_a_fresh_process(flow, tmp_path):
+def test_static_int8_round_trip_is_bit_identical_in_a_fresh_process(tmp_path):
     torch.manual_seed(0)
-    int8 = quantize(TinyNet().eval(), _calibration(), flow=flow, progress=False)
-    path = save_int8(int8, tmp_path / "tiny_int8.pt")
     x = _images(5, seed=9)
-    with quantized_engine("x86"):
-        y = int8(x)
-    _fresh_process_check(path, "tests.helpers.TinyNet", x, y, tmp_path)
+    paths, outputs = [], []
+    for flow in ("fx", "eager"):
+        int8 = quantize(TinyNet().eval(), _calibration(), flow=flow, progress=False)
+        paths.append(save_int8(int8, tmp_path / f"tiny_{flow}_int8.pt"))
+        with quantized_engine("x86"):
+            outputs.append(int8(x))
+    _fresh_process_check(paths, "tests.helpers.TinyNet", x, outputs, tmp_path)
 
 
 def test_qat_int8_round_trip_rebuilds_the_same_structure(tmp_path):

@@ -245,34 +245,8 @@ def test_search_steps_sensitive_layers_up_from_int4_until_within_budget():
 
 
 # ---------------------------------------------------------------- weights files
-@pytest.mark.parametrize("suffix", ["_int8.pt", "_int8.safetensors"])
-def test_save_and_load_int8_round_trip_is_bit_identical_in_a_fresh_process(suffix, tmp_path):
-    model = _model()
-    int8 = quantize(model, mode="dynamic", flow="torchao", scheme="int8_dyn_int4_weight", layers={"emb": "int8"})
-    path = save_int8(int8, tmp_path / f"net{suffix}")
-    x = _tokens(5, seed=9)
-    torch.save({"x": x, "y": int8(x)}, tmp_path / "expected.pt")
-    script = textwrap.dedent(
-        f"""
-        import torch
-        from lightning_quant import load_int8
-        from lightning_quant.quantization import flows
-        from tests.quantization.flows.test_torchao import TokenNet
-        model = load_int8(TokenNet(), {str(path)!r})
-        expected = torch.load({str(tmp_path / "expected.pt")!r})
-        assert torch.equal(model(expected["x"]), expected["y"]), "outputs differ"
-        assert flows.int8_layers(model) == {{"emb": "int8", "attn.out_proj": "float", "fc1": "int4", "fc2": "int4"}}
-        """
-    )
-    root = Path(__file__).resolve().parents[3]
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
-    assert result.returncode == 0, result.stderr[-2000:]
-
-
 def test_save_int8_refuses_a_model_without_torchao_weights(tmp_path):
-    with pytest.raises(
-        ValueError, match=r"save_int8 writes models quantized with flow='torchao' .* export='torchscript'"
-    ):
+    with pytest.raises(ValueError, match=r"save_int8 writes int8 models; Linear has no int8 layer"):
         save_int8(nn.Linear(4, 4), tmp_path / "x.pt")
     assert not (tmp_path / "x.pt").exists()
 
@@ -342,21 +316,31 @@ def test_a_hugging_face_bert_trains_with_fake_quantization_and_keeps_its_model_o
         )
 
 
-def test_pt2_of_a_torchao_model_loads_in_a_fresh_process_with_load_pt2(tmp_path):
-    config = QuantizationConfig(flow="torchao", scheme="int8_dyn_int4_weight", export="pt2")
-    flow = get_flow("torchao")
-    int8 = flow.convert(flow.prepare(_model(), config, ExampleInputs(), qat=False))
-    records = export_int8(lambda engine: int8, config.export, tmp_path, ExampleInputs((_tokens(4),)), Backend.X86)
-    x = _tokens(3, seed=4)
+def test_weights_files_and_pt2_reload_bit_identical_in_a_fresh_process(tmp_path):
+    """save_int8 (torch.save and safetensors) into a fresh float model, and the .pt2 export through
+    load_pt2, each in a new interpreter, each giving the in-process int8 model's outputs exactly."""
+    int8 = quantize(_model(), mode="dynamic", flow="torchao", scheme="int8_dyn_int4_weight", layers={"emb": "int8"})
+    pt = save_int8(int8, tmp_path / "net_int8.pt")
+    st = save_int8(int8, tmp_path / "net_int8.safetensors")
+    records = export_int8(lambda engine: int8, (ExportTarget.PT2,), tmp_path, ExampleInputs((_tokens(4),)), Backend.X86)
+    x = _tokens(5, seed=9)
     torch.save({"x": x, "y": int8(x)}, tmp_path / "expected.pt")
     script = textwrap.dedent(
         f"""
         import torch
-        from lightning_quant import load_pt2
-        module = load_pt2({str(records["pt2"].path)!r})
+        from lightning_quant import load_int8, load_pt2
+        from lightning_quant.quantization import flows
+        from tests.quantization.flows.test_torchao import TokenNet
         expected = torch.load({str(tmp_path / "expected.pt")!r})
-        assert torch.equal(module(expected["x"]), expected["y"]), "outputs differ"
+        for path in ({str(pt)!r}, {str(st)!r}):
+            model = load_int8(TokenNet(), path)
+            assert torch.equal(model(expected["x"]), expected["y"]), path
+            layers = flows.int8_layers(model)
+            assert layers == {{"emb": "int8", "attn.out_proj": "float", "fc1": "int4", "fc2": "int4"}}, layers
+        program = load_pt2({str(records["pt2"].path)!r})
+        assert torch.equal(program(expected["x"]), expected["y"]), "pt2"
         """
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    root = Path(__file__).resolve().parents[3]
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
