@@ -87,6 +87,7 @@ $(ZOO)/.installed: pyproject.toml constraints.txt
 	$(ZOO)/bin/python -m pip install --quiet -c constraints.txt torch==2.13.0
 	$(ZOO)/bin/python -m pip install --quiet -c constraints.txt -e ".[pt2e,examples]"
 	$(ZOO)/bin/python -m pip install --quiet --no-deps torchvision==0.28.0 geffnet==1.0.2
+	$(ZOO)/bin/python -m pip install --quiet pillow  # torchvision imports it
 	touch $@
 
 zoo: $(ZOO)/.installed

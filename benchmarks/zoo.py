@@ -2,7 +2,8 @@
 
 Run with ``make zoo`` (its own virtualenv, ``.venv-zoo``: torchvision and geffnet beside the CPU torch;
 outside ``make test`` and CI). For each model (random init, 3x64x64 images; BatchNorm statistics
-first settled by a few forward passes in train mode, as a trained model's would be):
+first settled by a few forward passes in train mode and Linear layers given torch's default
+initialisation, as a trained model's would be: :func:`_trained_like`):
 
 - **QAT**: prepare (fx, or eager for torchvision's quantizable models, pt2e for Hugging Face), a
   few training steps, convert; *fidelity* is the cosine of the int8 model's output to the
@@ -33,14 +34,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-#: the ops torchvision registers fake kernels for at import, with their schemas
+#: the ops torchvision registers fake kernels for at import (``torch.library.register_fake``), with
+#: their schemas; its other registrations skip ops that are missing
 TORCHVISION_OPS = {
     "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
-    "roi_align": "roi_align(Tensor input, Tensor rois, float spatial_scale, SymInt pooled_height, "
-    "SymInt pooled_width, int sampling_ratio, bool aligned) -> Tensor",
-    "_roi_align_backward": "_roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, SymInt pooled_height, "
-    "SymInt pooled_width, SymInt batch_size, SymInt channels, SymInt height, SymInt width, int sampling_ratio, "
-    "bool aligned) -> Tensor",
+    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
 }
 
 
@@ -62,8 +60,17 @@ def _images(n: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
-def _settle_batchnorm(model: nn.Module, steps: int = 8) -> None:
-    """BatchNorm statistics of a few batches, as a trained model has (random init has mean 0, var 1)."""
+def _trained_like(model: nn.Module, steps: int = 8) -> None:
+    """Make a randomly initialised classifier behave like a trained one where it matters for quantization:
+
+    - Linear layers get torch's default initialisation: torchvision zero-initialises ViT's head and
+      draws MobileNetV3's and EfficientNet's from N(0, 0.01), which makes their outputs 0 or ~1e-5,
+      where every cosine is meaningless (a zero output has none);
+    - BatchNorm statistics of a few batches, as a trained model has (random init has mean 0, var 1).
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.reset_parameters()
     model.train()
     with torch.no_grad():
         for step in range(steps):
@@ -96,6 +103,8 @@ def torchvision_models() -> dict[str, tuple[Callable[[], nn.Module], str]]:
 
     return {
         "resnet18": (lambda: tv.resnet18(num_classes=10), "fx"),
+        "mobilenet_v2": (lambda: tv.mobilenet_v2(num_classes=10), "fx"),
+        "mnasnet0_5": (lambda: tv.mnasnet0_5(num_classes=10), "fx"),
         "mobilenet_v3_small": (lambda: tv.mobilenet_v3_small(num_classes=10), "fx"),
         "efficientnet_b0": (lambda: tv.efficientnet_b0(num_classes=10), "fx"),
         "regnet_x_400mf": (lambda: tv.regnet_x_400mf(num_classes=10), "fx"),
@@ -111,7 +120,10 @@ def torchvision_models() -> dict[str, tuple[Callable[[], nn.Module], str]]:
 def geffnet_models() -> dict[str, tuple[Callable[[], nn.Module], str]]:
     import geffnet
 
-    return {"geffnet mixnet_s": (lambda: geffnet.mixnet_s(num_classes=10), "fx")}
+    return {
+        "geffnet mixnet_s": (lambda: geffnet.mixnet_s(num_classes=10), "fx"),
+        "geffnet efficientnet_b0": (lambda: geffnet.efficientnet_b0(num_classes=10), "fx"),
+    }
 
 
 def run_vision_case(factory: Callable[[], nn.Module], flow: str, steps: int, repeats: int) -> dict[str, Any]:
@@ -123,7 +135,7 @@ def run_vision_case(factory: Callable[[], nn.Module], flow: str, steps: int, rep
 
     torch.manual_seed(0)
     model = factory()
-    _settle_batchnorm(model)
+    _trained_like(model)
     float_model = copy.deepcopy(model).eval()
     x = _images(8, 1)
     result: dict[str, Any] = {}

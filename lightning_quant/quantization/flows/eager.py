@@ -205,6 +205,21 @@ def _auto_fusion_groups(model: nn.Module) -> list[list[str]]:
     return [group for group in find_fusable_groups(model) if not any(within(n, fused) for n in group)]
 
 
+def _call_fuse_model(model: nn.Module, qat: bool) -> bool:
+    """Fuse the way the model says, when it says (torchvision's quantizable models define
+    ``fuse_model(is_qat=None)``: conv/BN/ReLU runs that are attributes, not a ``nn.Sequential``, which
+    no automatic rule can see), unless it is fused already. Returns whether it was called."""
+    fuse = getattr(model, "fuse_model", None)
+    if not callable(fuse) or any(isinstance(m, _FusedModule) for m in model.modules()):
+        return False
+    parameters = inspect.signature(fuse).parameters
+    flag = next((name for name in ("is_qat", "qat") if name in parameters), None)
+    if flag is None and qat:
+        return False  # a fuse_model without a QAT switch folds BatchNorm away, which QAT must keep
+    fuse(**({flag: qat} if flag else {}))
+    return True
+
+
 def check_float_inputs(model: nn.Module, example: ExampleInputs) -> None:
     """Refuse, before any training, a model whose inputs are all integers: eager mode quantizes at
     the float inputs, and token ids have none.
@@ -238,6 +253,7 @@ class EagerFlow(TorchAoModels):
         if config.modules_to_fuse is not None:  # the user's groups; an empty list switches fusion off
             groups = [list(g) for g in config.modules_to_fuse]
         else:
+            _call_fuse_model(model, qat)
             groups = _auto_fusion_groups(model)
         check_fusion_groups(model, groups)
         with known_torch_warnings_silenced():

@@ -102,8 +102,8 @@ class QuantizableNet(nn.Module):
     def forward(self, x):
         return self.dequant(self.head(torch.flatten(self.features(self.quant(x)), 1)))
 
-    def fuse_model(self, qat: bool = False) -> None:
-        fuse = torch.ao.quantization.fuse_modules_qat if qat else torch.ao.quantization.fuse_modules
+    def fuse_model(self, is_qat: bool | None = None) -> None:
+        fuse = torch.ao.quantization.fuse_modules_qat if is_qat else torch.ao.quantization.fuse_modules
         for block in self.features[:2]:
             fuse(block.conv, ["0", "1", "2"], inplace=True)
 
@@ -123,10 +123,13 @@ def test_eager_uses_a_quantizable_model_as_written_fused_or_not(fused_by_user, q
     torch.manual_seed(0)
     model = QuantizableNet().train(qat)
     if fused_by_user:
-        model.fuse_model(qat=qat)
+        model.fuse_model(is_qat=qat)
     x = torch.randn(16, 1, 6, 6)
     prepared, int8 = _calibrated_int8(model, qat, x)
     assert prepared is model  # no second boundary around the model's own stubs
+    # fused once, by the user or by the model's own fuse_model (conv/BN/ReLU of each block)
+    fused = [type(block.conv[0]).__name__ for block in model.features[:2]]
+    assert fused == ["ConvBnReLU2d" if qat else "ConvReLU2d"] * 2
     assert not any(isinstance(m, QuantBoundary) for m in int8.modules())
     with quantized_engine("x86"), torch.no_grad():
         out = int8(x)
