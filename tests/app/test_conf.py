@@ -138,6 +138,15 @@ def test_callbacks_configs(callbacks, tmp_path):
     assert ("ModelCheckpoint" in names) == (callbacks == "default")
 
 
+def test_an_experiment_sets_the_root_options_it_names(tmp_path):
+    """An experiment's float_epochs and benchmark win over the defaults in config.yaml."""
+    cfg = composed("experiment=minilm_torchao_qat", tmp_path=tmp_path)
+    assert (cfg.float_epochs, cfg.benchmark.repeats, cfg.benchmark.warmup) == (2, 10, 2)
+    assert composed(tmp_path=tmp_path).float_epochs == 0
+    # and the command line wins over both
+    assert composed("experiment=minilm_torchao_qat", "float_epochs=1", tmp_path=tmp_path).float_epochs == 1
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_experiment_configs(experiment, tmp_path):
     objects = instantiate_all(composed(f"experiment={experiment}", tmp_path=tmp_path))
