@@ -82,16 +82,6 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten().float(), b.flatten().float(), dim=0))
 
 
-def median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
-
-
 def torchvision_models() -> dict[str, tuple[Callable[[], nn.Module], str]]:
     import torchvision.models as tv
     import torchvision.models.quantization as tvq
@@ -128,6 +118,7 @@ def geffnet_models() -> dict[str, tuple[Callable[[], nn.Module], str]]:
 
 def run_vision_case(factory: Callable[[], nn.Module], flow: str, steps: int, repeats: int) -> dict[str, Any]:
     from lightning_quant import quantize
+    from lightning_quant.evaluation.metrics import median_ms
     from lightning_quant.export import export_int8
     from lightning_quant.quantization import ExampleInputs, QuantizationConfig, get_flow
     from lightning_quant.quantization.config import Backend, ExportTarget
@@ -162,8 +153,8 @@ def run_vision_case(factory: Callable[[], nn.Module], flow: str, steps: int, rep
     ptq = quantize(float_model, calibration, flow=flow, progress=False)
     with torch.no_grad(), quantized_engine("x86"):
         result["ptq_cosine"] = cosine(ptq(x), float_model(x))
-        fp32_ms = median_ms(lambda: float_model(x), repeats)
-        int8_ms = median_ms(lambda: ptq(x), repeats)
+        fp32_ms = median_ms(lambda: float_model(x), repeats, 1)
+        int8_ms = median_ms(lambda: ptq(x), repeats, 1)
     result["speedup"] = fp32_ms / int8_ms
     return result
 
