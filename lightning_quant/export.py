@@ -46,7 +46,7 @@ from lightning_quant.quantization import flows
 from lightning_quant.quantization.config import Backend, ExportTarget, Flow, pt2e_engine
 from lightning_quant.quantization.convert import compiled_runner, quantized_engine
 from lightning_quant.quantization.inputs import ExampleInputs, as_positional, export_program, forward_signature
-from lightning_quant.quantization.outputs import flat_tensors, max_abs_diff
+from lightning_quant.quantization.outputs import flat_tensors, largest_abs, max_abs_diff
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.checks import require_module
 from lightning_quant.utils.files import atomic_write_files, check_writable_folder
@@ -329,8 +329,7 @@ def quantization_step(model: nn.Module, output: Any) -> float:
     """The coarsest output step of the model's int8 layers (their ``scale``); for a model without
     any (weight-only/dynamic), a millionth of the largest output."""
     scales = flows.output_steps(model, output)
-    largest = max((float(t.float().abs().max()) for t in flat_tensors(output) if t.numel()), default=0.0)
-    return max([*scales, 1e-6 * largest, 1e-8])
+    return max([*scales, 1e-6 * largest_abs(output), 1e-8])
 
 
 def reload_difference(

@@ -118,9 +118,10 @@ def check_observed(prepared: nn.Module) -> None:
     Raises:
         RuntimeError: naming up to five such observers and the likely causes.
     """
-    optional = set(flows.optional_observers(prepared))
-    idle = [name for name in unobserved(prepared) if within(name, sorted(optional))]
-    missing = [name for name in unobserved(prepared) if name not in idle]
+    optional = flows.optional_observers(prepared)
+    never = unobserved(prepared)
+    idle = [name for name in never if within(name, optional)]
+    missing = [name for name in never if name not in idle]
     if idle and not missing:
         log.warning(
             "%d FloatFunctional observer(s) never saw data, e.g. %s: their modules did not run on the calibration or "

@@ -28,6 +28,7 @@ from lightning_quant.quantization.config import ExportTarget, Flow
 from lightning_quant.quantization.convert import for_inference, quantized_engine
 from lightning_quant.quantization.recipe import config_of, example_of, recipe_of
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+from lightning_quant.utils.checks import has_module, require_module
 from lightning_quant.utils.files import atomic_write
 from lightning_quant.utils.modules import locate_module_type
 
@@ -139,7 +140,7 @@ def load_int8(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     if str(path).endswith(".safetensors"):
         return _load_torchao(model, Path(path).read_bytes(), ExportTarget.SAFETENSORS)
     data = Path(path).read_bytes()
-    if flows.torchao_installed():
+    if has_module("torchao"):
         import torchao.quantization  # noqa: F401  # registers torchao's tensor classes as safe to load
     payload = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
     if isinstance(payload, dict) and FORMAT_KEY in payload:
@@ -148,8 +149,6 @@ def load_int8(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
 
 def _load_torchao(model: nn.Module, data: bytes, target: ExportTarget) -> nn.Module:
-    from lightning_quant.utils.checks import require_module
-
     require_module("torchao", "'lightning-quant[torchao]'", "loading torchao int8 weights")
     return flows.get_flow(Flow.TORCHAO).load_weights(model, data, target)  # type: ignore[attr-defined]
 

@@ -78,7 +78,12 @@ def check_callable(value: Any, name: str) -> Any:
     return value
 
 
+def has_module(module: str) -> bool:
+    """Whether an optional package can be imported (without importing it)."""
+    return importlib.util.find_spec(module) is not None
+
+
 def require_module(module: str, pip_name: str, purpose: str) -> None:
     """Raise ``ModuleNotFoundError`` with the exact install command when an optional package is missing."""
-    if importlib.util.find_spec(module) is None:
+    if not has_module(module):
         raise ModuleNotFoundError(f"{purpose} needs the optional package {module!r}: run `pip install {pip_name}`")

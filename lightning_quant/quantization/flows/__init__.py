@@ -107,13 +107,6 @@ def get_flow(flow: Flow | str) -> QuantizationFlow:
     return FLOWS[parse_enum(Flow, flow, "flow")]
 
 
-def torchao_installed() -> bool:
-    """Whether torchao can be imported (the pt2e and torchao flows need it)."""
-    import importlib.util
-
-    return importlib.util.find_spec("torchao") is not None
-
-
 def _loaded_flows() -> list[QuantizationFlow]:
     """One flow per imported stack (fx and eager share torch.ao's module classes)."""
     get_flow(Flow.FX)

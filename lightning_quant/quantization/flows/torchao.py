@@ -330,7 +330,7 @@ class TorchaoFlow:
         return prepared
 
     def owns(self, model: nn.Module) -> bool:
-        return any(plan_of(m) is not None for m in model.modules()) or bool(self.int8_layers(model))
+        return any(plan_of(m) is not None or _subclass_weight(m) is not None for m in model.modules())
 
     def served_by(self, model: nn.Module) -> str:
         """x86: ``torch.compile`` fuses the run-time quantization of activations with the int8 kernels
@@ -379,9 +379,9 @@ class TorchaoFlow:
         plan = next((p for p in map(plan_of, model.modules()) if p is not None), None)
         if output is None or plan is None or not any(s.dynamic for s in plan.layers.values()):
             return []
-        from lightning_quant.quantization.outputs import flat_tensors
+        from lightning_quant.quantization.outputs import largest_abs
 
-        largest = max((float(t.float().abs().max()) for t in flat_tensors(output) if t.numel()), default=0.0)
+        largest = largest_abs(output)
         return [largest / 127] if largest else []
 
     def layer_outputs(self, model: nn.Module, inputs: ExampleInputs, names: list[str]) -> dict[str, tuple[Any, Any]]:
