@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -137,16 +137,31 @@ def check_observed(prepared: nn.Module) -> None:
         )
 
 
-def convert_copy(prepared: nn.Module, flow: Flow | str, engine: str) -> nn.Module:
+def convert_copy(prepared: nn.Module, flow: Flow | str, engine: str, keep_float: Sequence[str] = ()) -> nn.Module:
     """An int8 model converted from a CPU, eval-mode deep copy of ``prepared`` for ``engine``.
 
     ``prepared`` keeps its device, mode and weights, so training, ``fit`` again or
     ``test(ckpt_path=...)`` still work afterwards. Int8 weights are packed for the engine
     selected during conversion, so run the result under :func:`quantized_engine` of the same engine.
+    ``keep_float`` names layers converted to float instead, after preparation (FX flow only).
+
+    Raises:
+        ValueError: ``keep_float`` with a flow other than fx.
     """
     check_observed(prepared)
+    keep_float = list(keep_float)
+    flow = Flow(flow)
+    if keep_float and flow is not Flow.FX:
+        raise ValueError(
+            f"keep_float={keep_float[:3]} needs flow='fx' (its conversion can leave layers float after "
+            f"preparation), got flow={flow.value!r}: prepare with layers={{name: 'float'}} instead"
+        )
     model = copy.deepcopy(prepared).cpu().eval()
     recipe = recipe_of(prepared)
+    converter: Any = get_flow(flow)
     with quantized_engine(engine):
-        int8 = for_inference(get_flow(flow).convert(model))
-    return attach(int8, {**recipe, "engine": engine} if recipe is not None else None)
+        converted = converter.convert_keeping_float(model, keep_float) if keep_float else converter.convert(model)
+        int8 = for_inference(converted)
+    if recipe is not None:
+        recipe = {**recipe, "engine": engine, **({"keep_float": keep_float} if keep_float else {})}
+    return attach(int8, recipe)

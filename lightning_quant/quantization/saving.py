@@ -171,8 +171,10 @@ def _rebuild(float_model: nn.Module, recipe: dict[str, Any], state: dict[str, An
         prepared.eval()
         with torch.no_grad(), known_torch_warnings_silenced():
             example(prepared)  # observers see one batch, so conversion has ranges to replace
+        keep_float = list(recipe.get("keep_float", []))
         with quantized_engine(engine), known_torch_warnings_silenced():
-            int8 = flow.convert(prepared)
+            converter: Any = flow
+            int8 = converter.convert_keeping_float(prepared, keep_float) if keep_float else flow.convert(prepared)
     check_shapes(int8.state_dict(), state)
     with quantized_engine(engine):  # int8 weights are packed for the engine they were converted for
         int8.load_state_dict(state, strict=True)

@@ -86,3 +86,75 @@ def test_compiled_runner_lifts_deterministic_mode_inside_each_call_and_restores_
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     torch.testing.assert_close(out, model(x))
     assert seen and not any(seen[:1])  # the compiled call ran (and was traced) with the mode lifted
+
+
+@pytest.mark.parametrize("flow", ["fx", "eager"])
+def test_int8_weights_are_the_weights_qat_trained_with(flow):
+    """Conversion quantizes each weight with the scale its fake quantizer last used: torch's own
+    convert asks the observer again, whose per-channel symmetric scale differs by up to 0.4%."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 1, 6, 6)
+    prepared = get_flow(flow).prepare(TinyNet(), QuantizationConfig(flow=flow), ExampleInputs((x,)), qat=True)
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.1)
+    for step in range(3):
+        loss = prepared(torch.randn(16, 1, 6, 6, generator=torch.Generator().manual_seed(step))).square().mean()
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+    prepared.eval()
+    quantizers = {name: m for name, m in prepared.named_modules() if name.endswith("weight_fake_quant")}
+    observer_scales = {name: m.calculate_qparams()[0] for name, m in quantizers.items()}
+    assert any(not torch.allclose(m.scale, observer_scales[name]) for name, m in quantizers.items())
+    int8 = convert_copy(prepared, flow, "x86")
+    int8_layers = dict(int8.named_modules())
+    checked = 0
+    for name, fake_quantizer in quantizers.items():
+        layer = name.removesuffix(".weight_fake_quant")
+        owner = dict(prepared.named_modules())[layer]
+        weight = owner.weight
+        if hasattr(owner, "bn"):  # a fused Conv-BN folds the BatchNorm into the weight it fake-quantizes
+            weight = weight * (owner.bn.weight / torch.sqrt(owner.bn.running_var + owner.bn.eps)).reshape(-1, 1, 1, 1)
+        scale = fake_quantizer.scale.reshape(-1, *[1] * (weight.dim() - 1))
+        expected = torch.clamp(torch.round(weight.detach() / scale), -128, 127)
+        int8_weight = int8_layers[layer].weight()
+        assert torch.allclose(int8_weight.q_per_channel_scales().float(), fake_quantizer.scale)
+        assert (int8_weight.int_repr().float() != expected).float().mean() < 0.01, "rounding ties only"
+        checked += 1
+    assert checked == 2
+
+
+def test_single_signed_weight_rows_keep_a_symmetric_zero_point():
+    """torch's fused fake quantizer gives an all-positive weight row an affine zero point (-128);
+    int8 kernels for symmetric weights ignore it, so that row converts with the observer's pair."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[0] = torch.tensor([0.5, 0.2, 0.3])  # single-signed row
+    x = torch.randn(16, 3)
+    prepared = get_flow("fx").prepare(model, QuantizationConfig(), ExampleInputs((x,)), qat=True)
+    prepared(x)
+    prepared.eval()
+    fake_quantizer = prepared.get_submodule("0").weight_fake_quant
+    assert fake_quantizer.zero_point[0] != 0 and torch.all(fake_quantizer.zero_point[1:] == 0)
+    int8 = convert_copy(prepared, "fx", "x86")
+    weight = int8.get_submodule("0").weight()
+    assert torch.all(weight.q_per_channel_zero_points() == 0)
+    observer_scale, _ = fake_quantizer.activation_post_process.calculate_qparams()
+    assert torch.allclose(weight.q_per_channel_scales()[0].float(), observer_scale[0])
+    assert torch.allclose(weight.q_per_channel_scales()[1:].float(), fake_quantizer.scale[1:])
+    with quantized_engine("x86"), torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(int8(x).flatten(), prepared(x).flatten(), dim=0) > 0.999
+
+
+def test_convert_copy_keeps_named_layers_float_on_fx_and_refuses_other_flows():
+    x = torch.randn(8, 1, 6, 6)
+    prepared = get_flow("fx").prepare(TinyNet(), QuantizationConfig(), ExampleInputs((x,)), qat=True)
+    prepared(x)
+    int8 = convert_copy(prepared, "fx", "x86", keep_float=["head"])
+    assert type(int8.head) is torch.nn.Linear
+    with pytest.raises(ValueError, match=r"cannot keep \['tail'\] float: not layers of the prepared model"):
+        convert_copy(prepared, "fx", "x86", keep_float=["tail"])
+    eager = get_flow("eager").prepare(TinyNet(), QuantizationConfig(flow="eager"), ExampleInputs((x,)), qat=True)
+    eager(x)
+    with pytest.raises(
+        ValueError, match=r"keep_float=\['head'\] needs flow='fx' .* got flow='eager': prepare with layers="
+    ):
+        convert_copy(eager, "eager", "x86", keep_float=["head"])

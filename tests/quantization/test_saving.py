@@ -84,6 +84,20 @@ def test_qat_int8_round_trip_rebuilds_the_same_structure(tmp_path):
         assert torch.equal(loaded(x), callback.quantized_model(x))
 
 
+def test_int8_model_with_layers_kept_float_after_qat_round_trips(tmp_path):
+    from lightning_quant.quantization.convert import convert_copy
+
+    callback = QuantizationAwareTraining(export=None)
+    model = BoringClassifier()
+    quiet_trainer(callbacks=[callback], max_epochs=1).fit(model)
+    int8 = convert_copy(model.net, "fx", "x86", keep_float=["head"])
+    loaded = load_int8(TinyNet(), save_int8(int8, tmp_path / "kept_float.pt"))
+    assert flows.int8_layers(loaded) == flows.int8_layers(int8) and flows.int8_layers(loaded)["head"] == "float"
+    x = _images(6, seed=3)
+    with quantized_engine("x86"):
+        assert torch.equal(loaded(x), int8(x))
+
+
 def test_dynamic_int8_round_trip_is_bit_identical(tmp_path):
     torch.manual_seed(0)
     int8 = quantize(TextNet().eval(), mode="dynamic", skip=["rnn"])

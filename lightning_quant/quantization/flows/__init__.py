@@ -17,7 +17,10 @@ from __future__ import annotations
 import sys
 from typing import Any, Protocol
 
+import torch
+import torch.fx
 import torch.nn as nn
+import torch.utils._pytree
 
 from lightning_quant.quantization.config import Flow, QuantizationConfig
 from lightning_quant.quantization.inputs import ExampleInputs
@@ -86,6 +89,11 @@ class QuantizationFlow(Protocol):
     def layer_outputs(self, model: nn.Module, inputs: ExampleInputs, names: list[str]) -> dict[str, tuple[Any, Any]]:
         """Run ``inputs`` through ``model`` and return the ``(inputs, output)`` of each named layer (the
         names of :meth:`int8_layers`)."""
+
+    def boundaries(self, model: nn.Module) -> dict[str, Any]:
+        """Where a converted model moves between int8 and float: ``quantize`` and ``dequantize`` (how
+        many such steps its graph takes) and ``float_ops`` (what runs in float between dequantize and
+        quantize, kind -> count); empty when activations are not quantized ahead of time."""
 
 
 def _registry() -> dict[Flow, QuantizationFlow]:
@@ -188,6 +196,42 @@ def output_steps(model: nn.Module, output: Any = None) -> list[float]:
     return [step for flow in _loaded_flows() for step in flow.output_steps(model, output)]
 
 
+def boundaries(model: nn.Module) -> dict[str, Any]:
+    flow = flow_of(model)
+    return flow.boundaries(model) if flow is not None else {}
+
+
+#: graph nodes that compute nothing on tensors (shapes, checks, item access)
+_BOOKKEEPING = {"getattr", "getitem", "size", "dim", "_assert", "eq", "ne", "floordiv", "numel", "len"}
+
+
+def graph_boundaries(
+    graph: torch.fx.Graph, quantizes: Any, dequantizes: Any, kind: Any, lowered: Any = None
+) -> dict[str, Any]:
+    """:meth:`QuantizationFlow.boundaries` of one graph: ``quantizes(node)``/``dequantizes(node)`` say
+    which nodes cross, ``kind(node)`` names what a float node computes. A node is float when one
+    of its inputs is a dequantize node or another float node; ``lowered(node)`` (a reference graph
+    whose int8 ops are written in float between dequantize and quantize) marks those that are not."""
+    quantize = dequantize = 0
+    floating: set[torch.fx.Node] = set()
+    float_ops: dict[str, int] = {}
+    for node in graph.nodes:
+        if quantizes(node):
+            quantize += 1
+        elif dequantizes(node):
+            dequantize += 1
+            floating.add(node)
+        elif node.op in ("call_module", "call_function", "call_method") and any(
+            source in floating for source in node.all_input_nodes
+        ):
+            floating.add(node)
+            name = kind(node)
+            if name not in _BOOKKEEPING and not (lowered is not None and lowered(node)):
+                float_ops[name] = float_ops.get(name, 0) + 1
+    ordered = dict(sorted(float_ops.items(), key=lambda item: -item[1]))
+    return {"quantize": quantize, "dequantize": dequantize, "float_ops": ordered}
+
+
 def layer_outputs(model: nn.Module, inputs: ExampleInputs, names: list[str]) -> dict[str, tuple[Any, Any]]:
     """The ``(inputs, output)`` of each named layer of ``model`` on ``inputs``: asked of the flow that
     made ``model``; forward hooks for a float model."""
@@ -197,22 +241,43 @@ def layer_outputs(model: nn.Module, inputs: ExampleInputs, names: list[str]) -> 
     return module_layer_outputs(model, inputs, names)
 
 
-def module_layer_outputs(model: nn.Module, inputs: ExampleInputs, names: list[str]) -> dict[str, tuple[Any, Any]]:
-    """``(input, output)`` of the named submodules of ``model`` on ``inputs``, in call order."""
-    modules = dict(model.named_modules())
+def module_layer_outputs(
+    model: nn.Module, inputs: ExampleInputs, names: list[str], quantizers: dict[str, str] | None = None
+) -> dict[str, tuple[Any, Any]]:
+    """``(input, output)`` of the named submodules of ``model`` on ``inputs``, in call order.
+
+    ``quantizers`` maps a layer to the module that fake-quantizes its output in a graph (an FX
+    observer): where that module is called on the layer's output, its result stands for the
+    output, so a prepared model's layers compare with the int8 model's requantized outputs.
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
     captured: dict[str, tuple[Any, Any]] = {}
+    raw: dict[str, Any] = {}  # the output object itself, to recognise the call that quantizes it
     handles = []
     for name in names:
         if name not in modules:
             continue
 
         def hook(mod: nn.Module, args: Any, output: Any, name: str = name) -> None:
-            captured.setdefault(name, (args, output))
+            if name not in captured:  # copies: an in-place op later (ReLU(inplace=True)) must not change them
+                captured[name], raw[name] = (_copied(args), _copied(output)), output
 
         handles.append(modules[name].register_forward_hook(hook))
+        quantizer = (quantizers or {}).get(name)
+        if quantizer in modules:
+
+            def requantized(mod: nn.Module, args: Any, output: Any, name: str = name) -> None:
+                if name in raw and args and args[0] is raw[name]:
+                    captured[name], raw[name] = (captured[name][0], _copied(output)), output
+
+            handles.append(modules[quantizer].register_forward_hook(requantized))
     try:
         inputs(model)
     finally:
         for handle in handles:
             handle.remove()
     return captured
+
+
+def _copied(value: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, value)

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.ao.nn.quantized as nnq
 import torch.nn as nn
 from torch.ao.quantization import (
     default_dynamic_qconfig,
@@ -160,6 +161,24 @@ def disable_transformer_fast_path(model: nn.Module) -> int:
     return len(layers)
 
 
+class ContiguousEmbedding(nnq.Embedding):
+    """torch.ao's int8 embedding, taking indices that are not contiguous: its kernel refuses them
+    ("Expect weight, indices, and offsets to be contiguous"), and Hugging Face's BERT looks up its
+    position ids as a slice of a buffer. Scriptable (the body of the parent's ``forward``)."""
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        indices = indices.contiguous()
+        if self.dtype == torch.quint4x2:
+            return torch.ops.quantized.embedding_4bit(self._packed_params._packed_weight, indices)
+        return torch.ops.quantized.embedding_byte(self._packed_params._packed_weight, indices)
+
+
+def _take_any_indices(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is nnq.Embedding:
+            module.__class__ = ContiguousEmbedding
+
+
 def quantize_dynamic_copy(
     model: nn.Module,
     config: QuantizationConfig,
@@ -188,5 +207,6 @@ def quantize_dynamic_copy(
             float_model, qconfig_spec=spec, dtype=torch.float16 if dtype == "float16" else torch.qint8
         )
     disable_transformer_fast_path(int8)
+    _take_any_indices(int8)
     recipe = {**dynamic_recipe(config, module_types, dtype), "engine": engine or config.engine}
     return attach(for_inference(int8), recipe)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -33,12 +34,14 @@ from torch.ao.quantization.fuse_modules import fuse_modules, fuse_modules_qat
 
 from lightning_quant.quantization.config import Precision, QuantizationConfig
 from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
-from lightning_quant.quantization.flows.torch_ao import TorchAoModels
+from lightning_quant.quantization.flows.torch_ao import TorchAoModels, convert_with_trained_qparams
 from lightning_quant.quantization.fusion import fusable_groups as find_fusable_groups
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_layers
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.modules import within
+
+log = logging.getLogger(__name__)
 
 
 def _is_float_tensor(value: Any) -> bool:
@@ -179,6 +182,35 @@ def _keep_embeddings_float(model: nn.Module) -> None:
             module.qconfig = None  # type: ignore[assignment]
 
 
+def _without_int8_kernel(model: nn.Module) -> tuple[str, ...]:
+    """Layers with weights that eager conversion would leave float while their input arrives int8
+    (no int8 module for their type, and not fused into one: a ``BatchNorm1d`` after a ``Linear``):
+    the int8 model would fail on them at run time, so they become float islands, logged."""
+    from torch.ao.quantization.quantization_mappings import get_default_static_quant_module_mappings
+
+    known = set(get_default_static_quant_module_mappings())
+    fused = [name for name, module in model.named_modules() if isinstance(module, _FusedModule)]
+    qconfigs: dict[str, Any] = {}  # each module's qconfig as prepare will propagate it
+    found = []
+    for name, module in model.named_modules():
+        parent = qconfigs.get(name.rpartition(".")[0]) if name else None
+        qconfigs[name] = module.qconfig if "qconfig" in vars(module) else parent
+        if (
+            name
+            and qconfigs[name] is not None
+            and type(module) not in known
+            and not isinstance(module, (nn.Embedding, nn.EmbeddingBag, _FusedModule))
+            and not within(name, fused, strictly=True)
+            and not any(True for _ in module.children())
+            and any(True for _ in module.parameters(recurse=False))
+        ):
+            found.append(name)
+    if found:
+        described = [f"{n} ({type(model.get_submodule(n)).__name__})" for n in found]
+        log.info("kept float, no int8 module for them in eager mode: %s", described[:10])
+    return tuple(found)
+
+
 def _swap_in_islands(model: nn.Module, names: tuple[str, ...], types: tuple[type, ...]) -> None:
     targets = [name for name, m in model.named_modules() if name and (name in names or isinstance(m, types))]
     # outermost first, and nothing inside an island already made
@@ -261,7 +293,7 @@ class EagerFlow(TorchAoModels):
                 (fuse_modules_qat if qat else fuse_modules)(model, groups, inplace=True)
             _assign_qconfigs(model, mapping)
             _keep_embeddings_float(model)
-            _swap_in_islands(model, names, types)
+            _swap_in_islands(model, names + _without_int8_kernel(model), types)
             if own_stubs:  # used as written: its stubs are the boundary
                 prepared = model
             else:
@@ -272,5 +304,6 @@ class EagerFlow(TorchAoModels):
         return prepared
 
     def convert(self, prepared: nn.Module) -> nn.Module:
+        convert_with_trained_qparams(prepared)
         with known_torch_warnings_silenced():
             return convert(prepared, inplace=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+from collections.abc import Sequence
 from typing import Any
 
 import torch.fx
@@ -12,7 +14,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qa
 
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
-from lightning_quant.quantization.flows.torch_ao import TorchAoModels
+from lightning_quant.quantization.flows.torch_ao import TorchAoModels, convert_with_trained_qparams
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_skip
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
@@ -45,7 +47,71 @@ class FxFlow(TorchAoModels):
     def convert(self, prepared: nn.Module) -> nn.Module:
         with known_torch_warnings_silenced():
             assert isinstance(prepared, torch.fx.GraphModule), "the FX flow converts what it prepared"
+            convert_with_trained_qparams(prepared)
             return _drop_string_annotations(convert_fx(prepared))
+
+    def convert_keeping_float(self, prepared: nn.Module, names: Sequence[str]) -> nn.Module:
+        """:meth:`convert`, with the named layers converted to float (a fused QAT Conv-BN folded):
+        FX's conversion takes the prepared model's qconfig mapping again, with ``None`` for those
+        layers. It still turns the observers around them into quantize/dequantize pairs with
+        nothing int8 in between; those round trips are removed (a float layer reads float).
+
+        Raises:
+            ValueError: a name that is not a layer of ``prepared``.
+        """
+        assert isinstance(prepared, torch.fx.GraphModule), "the FX flow converts what it prepared"
+        modules = dict(prepared.named_modules())
+        unknown = [name for name in names if name not in modules]
+        if unknown:
+            raise ValueError(f"cannot keep {unknown[:5]} float: not layers of the prepared model")
+        mapping = copy.deepcopy(prepared.meta["_observed_graph_module_attrs"].qconfig_mapping)
+        for name in names:
+            mapping.set_module_name(name, None)
+        with known_torch_warnings_silenced():
+            convert_with_trained_qparams(prepared)
+            return _drop_round_trips(_drop_string_annotations(convert_fx(prepared, qconfig_mapping=mapping)))
+
+
+def _drop_round_trips(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Remove ``quantize_per_tensor`` nodes whose every use is a ``dequantize``: float in, float out."""
+    graph = model.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.quantize_per_tensor or not node.users:
+            continue
+        if all(user.op == "call_method" and user.target == "dequantize" for user in node.users):
+            for user in list(node.users):
+                user.replace_all_uses_with(node.args[0])
+                graph.erase_node(user)
+            graph.erase_node(node)
+    graph.eliminate_dead_code()
+    model.recompile()
+    return model
+
+
+def boundary_layers(int8: nn.Module, prepared: nn.Module) -> list[str]:
+    """The int8 layers of a converted FX graph that pay a boundary: their input is quantized just
+    before them, or their output dequantized just after (a float op on either side). Smallest first
+    (by the float weights in ``prepared``): those save least by running in int8."""
+    graph = getattr(int8, "graph", None)
+    if not isinstance(graph, torch.fx.Graph):
+        return []
+    modules = dict(int8.named_modules())
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_module" or not type(modules[str(node.target)]).__module__.startswith("torch.ao.nn."):
+            continue
+        source = node.args[0] if node.args else None
+        quantized_here = isinstance(source, torch.fx.Node) and source.target is torch.quantize_per_tensor
+        dequantized_next = any(u.op == "call_method" and u.target == "dequantize" for u in node.users)
+        if (quantized_here or dequantized_next) and str(node.target) not in found:
+            found.append(str(node.target))
+    float_modules = dict(prepared.named_modules())
+
+    def size(name: str) -> int:
+        module = float_modules.get(name)
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    return sorted(found, key=size)
 
 
 def mode_dependent_types(model: nn.Module) -> list[type]:

@@ -33,6 +33,7 @@ import torch.fx
 import torch.nn as nn
 
 from lightning_quant.quantization.config import Backend, Observer, Precision, QuantizationConfig
+from lightning_quant.quantization.flows.torch_ao import convert_with_trained_qparams
 from lightning_quant.quantization.inputs import ExampleInputs, export_program
 from lightning_quant.quantization.layers import LayerRules, resolve_layers
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
@@ -542,6 +543,7 @@ class Pt2eFlow:
 
         assert isinstance(prepared, Pt2eGraphModule), "the pt2e flow converts what it prepared"
         prepared.eval()
+        convert_with_trained_qparams(prepared, self._quantizer_classes()[0])
         with known_torch_warnings_silenced(), _quicker_conv_bn_folding():
             converted = convert_pt2e(prepared)
         for node in [n for n in converted.graph.nodes if n.op == "call_function" and n.target is _aten.add_.Tensor]:
@@ -623,6 +625,39 @@ class Pt2eFlow:
                 if node.op == "call_function" and node.target in quantize and isinstance(node.args[1], float):
                     steps.append(float(node.args[1]))
         return steps
+
+    def boundaries(self, model: nn.Module) -> dict[str, Any]:
+        """The converted graph's quantize and dequantize nodes and the aten ops between, before
+        ``torch.compile`` lowers it: Inductor folds the pairs around an int8 conv/linear and the ops
+        fused into its output (an activation, a pooling or add that goes straight to quantize) into
+        int8 kernels, so those are not counted as float; an op between a dequantize and a float
+        consumer stays a pass in float."""
+        from lightning_quant.quantization.flows import graph_boundaries
+
+        quantize, dequantize = _quant_ops()
+
+        def lowered(node: torch.fx.Node) -> bool:
+            if node.target in _COMPUTE:
+                return True
+            return bool(node.users) and all(u.op == "call_function" and u.target in quantize for u in node.users)
+
+        totals: dict[str, Any] = {}
+        for module in _pt2e_modules(model):
+            if not module.meta.get(Pt2eGraphModule.META, {}).get("converted"):
+                continue
+            found = graph_boundaries(
+                module.graph,
+                lambda node: node.op == "call_function" and node.target in quantize,
+                lambda node: node.op == "call_function" and node.target in dequantize,
+                lambda node: str(getattr(node.target, "__name__", node.target)).split(".")[0],
+                lowered,
+            )
+            totals["quantize"] = totals.get("quantize", 0) + found["quantize"]
+            totals["dequantize"] = totals.get("dequantize", 0) + found["dequantize"]
+            float_ops = totals.setdefault("float_ops", {})
+            for kind, count in found["float_ops"].items():
+                float_ops[kind] = float_ops.get(kind, 0) + count
+        return totals
 
     def layer_outputs(self, model: nn.Module, inputs: ExampleInputs, names: list[str]) -> dict[str, tuple[Any, Any]]:
         """``(input, output)`` of each named layer: the value entering its compute node, and the value

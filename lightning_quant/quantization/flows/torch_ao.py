@@ -6,6 +6,7 @@ observers, fused intrinsic modules, quantized modules), so the answers are share
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -21,15 +22,75 @@ from lightning_quant.utils.modules import within
 #: every BatchNorm layer, SyncBatchNorm (what Trainer(sync_batchnorm=True) swaps in) included
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm,)
 _BOUNDARY_TYPES = ("Quantize", "DeQuantize", "FloatFunctional", "QFunctional")
+_QUANTIZE_FUNCTIONS = (torch.quantize_per_tensor, torch.quantize_per_tensor_dynamic, torch.quantize_per_channel)
 
 
 def _is_quantized_module(module: nn.Module) -> bool:
-    kind = type(module).__module__
-    return kind.startswith("torch.ao.nn.") and ".quantized" in kind  # quantized, intrinsic.quantized, dynamic
+    """torch.ao's quantized, intrinsic.quantized and dynamic modules, and subclasses of them."""
+    return any(
+        cls.__module__.startswith("torch.ao.nn.") and ".quantized" in cls.__module__ for cls in type(module).__mro__
+    )
 
 
 def _quantizer(module: nn.Module) -> bool:
     return isinstance(module, (ObserverBase, FakeQuantizeBase))
+
+
+def _trained_qparams(fake_quantizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fake quantizer's own scale and zero point, in the dtypes and shapes its observer gives.
+
+    Where a channel's zero point differs from the observer's, the observer's pair is kept for that
+    channel: torch's fused fake quantizer gives a symmetric scheme's single-signed channels an
+    affine zero point (-128 for an all-positive weight row), which int8 kernels for symmetric
+    weights do not honour (Inductor's x86 linear at batch 8 then differed from the model it was
+    compiled from by 0.48 on outputs of at most 0.53).
+    """
+    scale, zero_point = type(fake_quantizer).calculate_qparams(fake_quantizer)
+    trained_scale = fake_quantizer.scale.to(scale.dtype).reshape(scale.shape)
+    trained_zero_point = fake_quantizer.zero_point.to(zero_point.dtype).reshape(zero_point.shape)
+    same = trained_zero_point == zero_point
+    return torch.where(same, trained_scale, scale), torch.where(same, trained_zero_point, zero_point)
+
+
+def convert_with_trained_qparams(prepared: nn.Module, base: type = FakeQuantizeBase) -> None:
+    """Make conversion quantize as the fake-quant model computes: with the scales and zero points
+    its fake quantizers hold, observers stopped (applied in place, to the copy about to be converted).
+
+    torch converts with each fake quantizer's ``calculate_qparams()``, which asks its observer
+    again, after one more observation of each weight. Both move the result off what QAT trained:
+    the observation is one more moving-average step, and for per-channel symmetric weights the
+    fused fake quantizer QAT trains with (``FusedMovingAvgObsFakeQuantize``) divides by 127 or 128
+    (the side of the larger magnitude) where its observer divides by 127.5: scales up to 0.4%
+    apart, so about a fifth of the weights round to a neighbour the model never trained with
+    (torchvision's ResNet-18 after 3 QAT steps: int8 against its own fake-quant model cosine 0.986,
+    0.998 with the trained scales). ``base`` is the fake-quantizer class of the stack (torch.ao's,
+    or torchao's copy for pt2e).
+    """
+    for module in prepared.modules():
+        if (
+            isinstance(module, base)
+            and isinstance(getattr(module, "scale", None), torch.Tensor)
+            and isinstance(getattr(module, "zero_point", None), torch.Tensor)
+        ):
+            module.enable_observer(False)  # type: ignore[operator]
+            setattr(module, "calculate_qparams", types.MethodType(_trained_qparams, module))  # noqa: B010
+
+
+def _output_quantizers(model: nn.Module) -> dict[str, str]:
+    """Layer name -> the observer (or fake quantizer) module its output goes to, in an FX graph."""
+    graph = getattr(model, "graph", None)
+    if graph is None:
+        return {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    found: dict[str, str] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or _quantizer(modules.get(str(node.target), nn.Identity())):
+            continue
+        for user in node.users:
+            if user.op == "call_module" and user.args[0] is node and _quantizer(modules[str(user.target)]):
+                found[str(node.target)] = str(user.target)
+                break
+    return found
 
 
 class TorchAoModels:
@@ -116,7 +177,44 @@ class TorchAoModels:
     def served_by(self, model: nn.Module) -> str:
         return "eager"  # torch.ao's quantized modules call their int8 kernels directly
 
+    def boundaries(self, model: nn.Module) -> dict[str, Any]:
+        """FX: the graph's ``quantize_per_tensor`` calls and ``dequantize`` methods, and the float ops
+        between; eager: the ``Quantize``/``DeQuantize`` modules and the float layers (what forward
+        calls in between is not visible). Dynamic models quantize inside each layer: empty."""
+        from lightning_quant.quantization.flows import graph_boundaries
+
+        graph = getattr(model, "graph", None)
+        if isinstance(graph, torch.fx.Graph):
+            modules = dict(model.named_modules())
+
+            def kind(node: torch.fx.Node) -> str:
+                if node.op == "call_module":
+                    return type(modules[str(node.target)]).__name__
+                return getattr(node.target, "__name__", str(node.target))
+
+            return graph_boundaries(
+                graph,
+                lambda node: node.op == "call_function" and node.target in _QUANTIZE_FUNCTIONS,
+                lambda node: (
+                    (node.op == "call_method" and node.target == "dequantize")
+                    or (node.op == "call_function" and node.target is torch.dequantize)
+                ),
+                kind,
+            )
+        names = [type(m).__name__ for m in model.modules()]
+        if "Quantize" not in names:
+            return {}
+        floats = [type(model.get_submodule(n)).__name__ for n, p in self.int8_layers(model).items() if p == "float"]
+        return {
+            "quantize": names.count("Quantize"),
+            "dequantize": names.count("DeQuantize"),
+            "float_ops": {kind: floats.count(kind) for kind in sorted(set(floats), key=floats.count, reverse=True)},
+        }
+
     def layer_outputs(self, model: nn.Module, inputs: ExampleInputs, names: list[str]) -> dict[str, tuple[Any, Any]]:
+        """Module hooks. A prepared model's layer output is taken after what fake-quantizes it (the
+        int8 model requantizes it there): in eager mode the layer's own hook applies it already; in
+        an FX graph it is the observer module the output goes to next."""
         from lightning_quant.quantization.flows import module_layer_outputs
 
-        return module_layer_outputs(model, inputs, names)
+        return module_layer_outputs(model, inputs, names, _output_quantizers(model))

@@ -332,6 +332,9 @@ class TorchaoFlow:
     def owns(self, model: nn.Module) -> bool:
         return any(plan_of(m) is not None or _subclass_weight(m) is not None for m in model.modules())
 
+    def boundaries(self, model: nn.Module) -> dict[str, Any]:
+        return {}  # activations are quantized inside each layer at run time (dynamic) or not at all
+
     def served_by(self, model: nn.Module) -> str:
         """x86: ``torch.compile`` fuses the run-time quantization of activations with the int8 kernels
         (eager runs them op by op); xnnpack: the ExecuTorch program. A prepared model: eager."""

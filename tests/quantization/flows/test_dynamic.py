@@ -58,3 +58,34 @@ def test_dynamic_raises_when_nothing_to_quantize():
         r"use mode=\"static\"",
     ):
         quantize(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), mode="dynamic")
+
+
+class _PositionsNet(nn.Module):
+    """Looks up position ids sliced from a buffer, as Hugging Face's BERT does: not contiguous."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 2)
+        self.register_buffer("positions", torch.arange(16).expand(1, -1), persistent=False)
+
+    def forward(self, x):
+        ids = self.positions[:, : x.shape[1]].expand(x.shape[0], -1)
+        return self.head(self.embed(ids) + x).mean(1)
+
+
+def test_dynamic_int8_embedding_takes_indices_that_are_not_contiguous(tmp_path):
+    from lightning_quant import load_int8, save_int8
+    from lightning_quant.quantization.flows import int8_layers
+
+    torch.manual_seed(0)
+    model = _PositionsNet().eval()
+    int8 = quantize(model, mode="dynamic", module_types=[nn.Embedding, nn.Linear])
+    x = torch.randn(3, 5, 8)
+    assert not model.positions[:, :5].expand(3, -1).is_contiguous()
+    assert int8_layers(int8) == {"embed": "int8", "head": "int8"}
+    with torch.no_grad():
+        out = int8(x)
+        assert torch.nn.functional.cosine_similarity(out.flatten(), model(x).flatten(), dim=0) > 0.999
+        assert torch.equal(torch.jit.script(int8)(x), out)  # the int8 embedding stays scriptable
+        assert torch.equal(load_int8(_PositionsNet(), save_int8(int8, tmp_path / "positions.pt"))(x), out)

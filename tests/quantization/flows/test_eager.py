@@ -1,8 +1,12 @@
+import logging
+
 import pytest
 import torch
 import torch.nn as nn
 from torch.ao.nn.intrinsic.qat import ConvBnReLU2d as QATConvBnReLU2d
 
+from lightning_quant import quantize
+from lightning_quant.quantization import flows
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy, quantized_engine
 from lightning_quant.quantization.flows import get_flow
@@ -215,3 +219,21 @@ def test_eager_empty_fusion_groups_switch_auto_fusion_off():
         False,
     )
     assert isinstance(prepared.module.features[1], nn.BatchNorm2d)  # not folded into the conv
+
+
+def test_a_layer_without_an_int8_module_becomes_a_float_island_and_the_model_runs(caplog):
+    """A BatchNorm1d after a Linear, not fused (fusion off here; QAT does not fuse the pair), has no
+    int8 module: left as it was, the int8 model would hand it an int8 tensor at run time; it is kept
+    float and logged."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5), model[1].running_var.uniform_(0.5, 2.0)
+    with caplog.at_level(logging.INFO, logger="lightning_quant.quantization.flows.eager"):
+        config = QuantizationConfig(flow="eager", modules_to_fuse=[])
+        int8 = quantize(model, [torch.randn(16, 6) for _ in range(4)], config=config, progress=False)
+    assert "kept float, no int8 module for them in eager mode: ['1 (BatchNorm1d)']" in caplog.text
+    assert flows.int8_layers(int8) == {"module.0": "int8", "module.1.module": "float", "module.3": "int8"}
+    x = torch.randn(5, 6)
+    with torch.no_grad(), quantized_engine("x86"):
+        assert torch.nn.functional.cosine_similarity(int8(x).flatten(), model(x).flatten(), dim=0) > 0.99
