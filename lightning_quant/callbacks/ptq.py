@@ -18,6 +18,7 @@ from lightning_quant.callbacks._trainer import first_of, stage_dataloader
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.export import engine_for
 from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, Flow, LayerSetting, Precision, QuantizationConfig
+from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.flows.dynamic import DEFAULT_DYNAMIC_TYPES, FP16_ENGINES, quantize_dynamic_copy
 from lightning_quant.quantization.inputs import ExampleInputs, describe_inputs, input_kinds
@@ -27,16 +28,24 @@ from lightning_quant.quantization.ptq import (
     check_calibration_data,
     check_layers,
     check_mode_options,
+    check_search_latency,
     check_search_score,
     convert_calibrated,
     mode_config,
     prepare_and_calibrate,
     search_candidates,
+    search_fastest,
     search_precisions_of,
     search_targets,
     torchao_copy,
 )
-from lightning_quant.quantization.search import PrecisionSearch, SkipSearch, budget_search, check_precision_ladder
+from lightning_quant.quantization.search import (
+    LatencySearch,
+    PrecisionSearch,
+    SkipSearch,
+    budget_search,
+    check_precision_ladder,
+)
 from lightning_quant.quantization.target import resolve_target
 from lightning_quant.utils.checks import check_bool, check_non_negative, check_positive_int, parse_enum
 
@@ -84,6 +93,10 @@ class PostTrainingQuantization(QuantizationCallback):
             and the least sensitive step down until the int8 model fits.
         search_score: ``"auto"`` (accuracy with targets, else cosine), ``"accuracy"`` or
             ``"cosine"`` (of int8 to float outputs).
+        search_latency: static mode, fx flow: after calibration (and any accuracy search), keep in
+            float the int8 layers between float ops whose quantize/dequantize steps cost more time
+            than they save, timed on the example inputs (rank zero decides under DDP). The outcome
+            is in ``latency_search``.
         config: a :class:`~lightning_quant.QuantizationConfig` holding ``backend`` ... ``export_dir``
             instead of those keyword arguments (which must then keep their defaults).
 
@@ -127,10 +140,13 @@ class PostTrainingQuantization(QuantizationCallback):
         search_score: str = "auto",
         scheme: str | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
+        search_latency: bool = False,
     ) -> None:
         super().__init__(self._config_from(config, locals()), batch_to_input)
         self.mode = parse_enum(Mode, mode, "mode")
         self.config = mode_config(self.config, self.mode)
+        self.search_latency = check_search_latency(search_latency, self.mode, self.config.flow)
+        self.latency_search: LatencySearch | None = None
         if isinstance(calibration_data, str) and calibration_data not in CALIBRATION_SOURCES:
             raise ValueError(
                 f"calibration_data must be one of {CALIBRATION_SOURCES} or an iterable of batches, "
@@ -352,8 +368,20 @@ class PostTrainingQuantization(QuantizationCallback):
                 reducer=self._reducer(trainer),
             )
             self.calibrated_model = calibrated
+            kept: list[str] = []
+            if self.search_latency:
+                assert self.example_inputs is not None, "taken in setup"
+                if trainer.is_global_zero:  # one timing decides, so every rank converts the same model
+                    self.latency_search = search_fastest(
+                        calibrated, target, self.example_inputs.to("cpu"), config.engine
+                    )
+                    kept = self.latency_search.kept_float
+                kept = trainer.strategy.broadcast(kept, src=0)
+                rank_zero_info(f"[PTQ] latency search kept {len(kept)} layer(s) float: {kept[:10]}")
 
             def convert(engine: str) -> nn.Module:
+                if kept:
+                    return convert_copy(calibrated, Flow.FX, engine, kept)
                 return convert_calibrated(calibrated, config, engine)
 
         self._publish(

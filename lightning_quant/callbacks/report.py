@@ -167,5 +167,7 @@ class QuantizationReport(QuantizationListener, Callback):
         for logger in trainer.loggers:
             logger.log_metrics(headline, step=trainer.global_step)
         rank_zero_info(f"[report] {self.paths['md']}")
+        if report.get("slower_than_float"):
+            rank_zero_info(f"[report] {report['slower_than_float']}")
         for warning in report["warnings"]:
             rank_zero_warn(f"{warning}. Next steps: {'; '.join(report['next_steps'])}")

@@ -5,14 +5,17 @@
   model sees). The reference is the *prepared* model with quantization switched off (it has
   the same module names as the converted one), or the float model itself for dynamic mode;
 - :func:`observer_ranges`: the range, scale and zero point each observer settled on;
-- :func:`next_steps`: what to try when a budget is missed (the usual PTQ remedies, in order).
+- :func:`next_steps`: what to try when a budget is missed (the usual PTQ remedies, in order);
+- :func:`conversion_fidelity`: how closely an int8 model follows the fake-quant model it was
+  converted from, and where they part.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,11 +24,19 @@ import torch.nn as nn
 from lightning_quant.quantization import flows
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.inputs import batch_inputs
-from lightning_quant.quantization.outputs import flat_tensors, sqnr_db
+from lightning_quant.quantization.outputs import collect_outputs, flat_tensors, mean_cosine, sqnr_db
+from lightning_quant.quantization.schedule import set_observers
 from lightning_quant.utils.modules import within
 
 #: SQNR (dB) above which a layer's error counts as nil when measuring what each layer adds
 SQNR_CEILING_DB = 60.0
+#: mean cosine of an int8 model's outputs to its fake-quant model's, below which QAT warns
+FIDELITY_FLOOR = 0.98
+#: dB a layer must take off the agreement of int8 and fake quant to be named where they part ...
+DIVERGENCE_DB = 3.0
+#: ... and the SQNR (dB) of its output against the fake-quant layer's it must fall under (above
+#: this, a tie rounded the other way here and there: 30 dB is a cosine of 0.9995)
+DIVERGED_SQNR_DB = 30.0
 
 
 def _dequantized(value: Any) -> torch.Tensor | None:
@@ -171,3 +182,54 @@ def next_steps(per_channel: bool, observer: str, calibration_batches: int | None
     if not qat:
         steps.append("quantization-aware training (QuantizationAwareTraining), which learns around the rounding")
     return steps
+
+
+@dataclass
+class Fidelity:
+    """How closely an int8 model follows the fake-quant model it was converted from.
+
+    ``cosine``: mean cosine of their outputs; ``layers``: where they part, worst first (layer ->
+    the dB its own computation takes off their agreement), looked for only below ``floor``.
+    """
+
+    cosine: float
+    floor: float = FIDELITY_FLOOR
+    layers: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.cosine >= self.floor
+
+
+def conversion_fidelity(
+    prepared: nn.Module,
+    int8: nn.Module,
+    batches: Sequence[Any],
+    engine: str,
+    batch_to_input: Callable[[Any], Any] | None = None,
+    floor: float = FIDELITY_FLOOR,
+) -> Fidelity:
+    """Compare ``int8`` with the fake-quant model ``prepared`` (a copy, observers stopped, as
+    validation runs it) on ``batches``. The two compute the same numbers except where torch's int8
+    kernels differ from its fake quantization (rounding of ties, an op that keeps its input's
+    scale where fake quantization observed its own); below ``floor``, the layers that take at
+    least ``DIVERGENCE_DB`` off the agreement and whose outputs agree to less than
+    ``DIVERGED_SQNR_DB`` are named (:func:`per_layer_sqnr` of ``int8`` against the fake-quant
+    model: each layer's ``loss_db`` and ``sqnr_db``).
+    """
+    reference = copy.deepcopy(prepared).cpu().eval()
+    set_observers(reference, False)
+    cosine = mean_cosine(
+        collect_outputs(reference, batches, engine, batch_to_input),
+        collect_outputs(int8, batches, engine, batch_to_input),
+    )
+    fidelity = Fidelity(cosine=cosine, floor=floor)
+    if not fidelity.ok:
+        layers = per_layer_sqnr(reference, int8, batches, engine, batch_to_input)
+        diverging = [
+            (name, row["loss_db"])
+            for name, row in layers.items()
+            if row["loss_db"] >= DIVERGENCE_DB and row["sqnr_db"] < DIVERGED_SQNR_DB
+        ]
+        fidelity.layers = dict(sorted(diverging, key=lambda item: -item[1]))
+    return fidelity

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
@@ -18,6 +17,7 @@ from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.outputs import collect_outputs
 from lightning_quant.utils.modules import state_dict_bytes
 from lightning_quant.utils.tables import format_table
+from lightning_quant.utils.timing import median_ms
 
 
 def latency_ms(
@@ -33,18 +33,6 @@ def latency_ms(
     module = module.eval()
     with quantized_engine(engine or torch.backends.quantized.engine), torch.inference_mode():
         return median_ms(lambda: inputs(module), repeats, warmup)
-
-
-def median_ms(run: Callable[[], Any], repeats: int, warmup: int) -> float:
-    """Median wall time in milliseconds of ``run()`` over ``repeats`` calls, after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def executorch_latency_ms(

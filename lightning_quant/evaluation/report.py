@@ -82,6 +82,7 @@ def build_report(
         "layers": [{"name": n, **v} for n, v in layers.items()],
         "worst_layers": [n for n, _ in worst[:3]],
         "ranges": observer_ranges(prepared) if prepared is not None else {},
+        "int8_graph": flows.boundaries(int8_model),
         "warnings": [],
         "next_steps": [],
     }
@@ -100,6 +101,7 @@ def build_report(
         report["latency_ms"]["int8"][str(bs)] = ms
         if compile_s is not None:
             report["latency_ms"].setdefault("compile_s", {})[str(bs)] = compile_s
+    report["slower_than_float"] = slower_than_float(report)
     worst_names = ", ".join(
         f"{n} (adds {v['loss_db']:.1f} dB of error, output {v['sqnr_db']:.1f} dB)" for n, v in worst[:3]
     )
@@ -117,6 +119,32 @@ def build_report(
         report["warnings"].append(f"int8 outputs hold NaN or Inf; worst layers: {worst_names}")
         report["next_steps"] = list(next_steps)
     return report
+
+
+def slower_than_float(report: dict[str, Any]) -> str:
+    """Why the int8 model runs slower than float at some batch size, from its graph, or ``""``."""
+    latency = report["latency_ms"]
+    slow = [bs for bs, ms in latency["int8"].items() if ms > latency["fp32"][bs]]
+    if not slow:
+        return ""
+    sizes = ", ".join(f"batch {bs} ({latency['int8'][bs]:.3g} ms vs {latency['fp32'][bs]:.3g} ms)" for bs in slow)
+    graph = report.get("int8_graph") or {}
+    int8_layers = sum(1 for layer in report["layers"] if layer.get("precision") == "int8")
+    if not graph:
+        why = (
+            "it quantizes its activations inside each layer at run time (dynamic or weight-only), which pays "
+            "off only where the layers' matrices are large"
+        )
+    else:
+        floats = ", ".join(f"{kind} x{count}" for kind, count in list(graph["float_ops"].items())[:6])
+        why = (
+            f"its graph quantizes {graph['quantize']} times and dequantizes {graph['dequantize']} times around "
+            f"{int8_layers} int8 layer(s), each a pass over an activation"
+            + (f", and runs in float between them: {floats}" if floats else "")
+            + "; int8 pays where layers are large and run back to back. Keep the layers around those float ops "
+            "float (layers={name: 'float'}), or let the search aim at latency (quantize(..., search_latency=True))"
+        )
+    return f"int8 is slower than float at {sizes}: {why}"
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -142,6 +170,16 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines += [format_table(("", "float", "int8", ""), rows), ""]
     if sizes["files"]:
         lines += ["Exported files: " + ", ".join(f"{t} {b} bytes" for t, b in sizes["files"].items()), ""]
+    graph = report.get("int8_graph") or {}
+    if graph:
+        floats = ", ".join(f"{kind} x{count}" for kind, count in graph["float_ops"].items()) or "nothing"
+        lines += [
+            f"The int8 graph quantizes {graph['quantize']} times and dequantizes {graph['dequantize']} times; "
+            f"in float between: {floats}.",
+            "",
+        ]
+    if report.get("slower_than_float"):
+        lines += [f"**Speed:** {report['slower_than_float']}", ""]
     lines += [
         "## Per-layer SQNR, in forward order",
         "",

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from enum import Enum
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from lightning_quant.quantization import flows
@@ -24,7 +25,7 @@ from lightning_quant.quantization.config import (
     Scheme,
     config_from,
 )
-from lightning_quant.quantization.convert import convert_copy, for_inference
+from lightning_quant.quantization.convert import convert_copy, for_inference, quantized_engine
 from lightning_quant.quantization.distributed import RankReducer, reduce_observers
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.flows.dynamic import (
@@ -38,14 +39,23 @@ from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, bat
 from lightning_quant.quantization.layers import STATIC_PRECISIONS, check_static_setting, resolve_layers
 from lightning_quant.quantization.recipe import attach, static_recipe
 from lightning_quant.quantization.search import (
+    LatencySearch,
     PrecisionSearch,
     SkipSearch,
     budget_search,
     check_precision_ladder,
+    latency_search,
     quantizable_layers,
 )
-from lightning_quant.utils.checks import check_callable, check_non_negative, check_positive_int, parse_enum
+from lightning_quant.utils.checks import (
+    check_bool,
+    check_callable,
+    check_non_negative,
+    check_positive_int,
+    parse_enum,
+)
 from lightning_quant.utils.modules import within
+from lightning_quant.utils.timing import median_ms
 
 log = logging.getLogger(__name__)
 
@@ -306,6 +316,7 @@ def quantize(
     search_score: str = "auto",
     scheme: str | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
+    search_latency: bool = False,
 ) -> nn.Module:
     """Return an int8 copy of ``model``, quantized after training; ``model`` is not modified.
 
@@ -346,6 +357,11 @@ def quantize(
         config: a :class:`~lightning_quant.QuantizationConfig` instead of ``backend``, ``flow``,
             ``observer``, ``per_channel``, ``skip`` and ``qconfig_mapping`` (which must then keep
             their defaults).
+        search_latency: static mode, fx flow: after any accuracy or size search, keep in float
+            the int8 layers that cost more time than they save (the quantize/dequantize steps
+            around a layer between float ops), timed one by one on the first calibration batch,
+            smallest first (:func:`~lightning_quant.quantization.search.latency_search`; the
+            outcome is logged). Keeping a layer float never costs accuracy.
 
     Raises:
         ValueError: an invalid option, empty calibration data, or nothing to quantize.
@@ -425,6 +441,7 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | PrecisionSe
     ladder = check_precision_ladder(args["search_precisions"], search_precisions_of(mode, config.flow))
     max_size_bytes = check_positive_int(args["max_size_bytes"], "max_size_bytes", allow_none=True)
     searching = max_metric_drop is not None or max_size_bytes is not None
+    latency = check_search_latency(args["search_latency"], mode, config.flow)
     build = builder(
         model,
         config,
@@ -437,6 +454,10 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | PrecisionSe
         progress=args["progress"] and not searching,  # no bar for each of the search's builds
     )
     if not searching:
+        if latency:
+            return _fastest(
+                model, calibration_data, config, calibration_batches, batch_to_input, args["progress"]
+            ), None
         return build([]), None
     data = args["eval_data"] if args["eval_data"] is not None else calibration_data
     if data is None:
@@ -457,7 +478,82 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | PrecisionSe
         max_size_bytes=max_size_bytes,
     )
     log.info("int8 within budget: %s; layers: %s", search.met, search.layers)
-    return build(search.layers if isinstance(search, PrecisionSearch) else list(search.skipped)), search
+    chosen = search.layers if isinstance(search, PrecisionSearch) else list(search.skipped)
+    if latency:
+        float_layers = [name for name, p in search.layers.items() if p == "float"]
+        within = dataclasses.replace(config, skip=tuple(config.skip) + tuple(float_layers))
+        return _fastest(model, calibration_data, within, calibration_batches, batch_to_input, False), search
+    return build(chosen), search
+
+
+def latency_of(module: nn.Module, example: ExampleInputs, engine: str, repeats: int = 20) -> float:
+    """Median ms of ``module`` on ``example``: what the latency search minimises."""
+    with quantized_engine(engine), torch.inference_mode():
+        return median_ms(lambda: example(module), repeats, 3)
+
+
+def _fastest(
+    model: nn.Module,
+    calibration_data: Iterable[Any] | None,
+    config: QuantizationConfig,
+    calibration_batches: int,
+    batch_to_input: Callable[[Any], Any] | None,
+    progress: bool,
+) -> nn.Module:
+    """Calibrate once, then :func:`search_fastest` over the fx int8 graph's boundary layers."""
+    if calibration_data is None:
+        raise ValueError('mode="static" needs calibration_data: an iterable of representative batches')
+    batches = iter(calibration_data)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("calibration data yielded no batch: it is empty or an iterator that was already consumed")
+    example = batch_inputs(first, batch_to_input).to("cpu")
+    prepared = prepare_and_calibrate(
+        model, _chain_first(first, batches), config, calibration_batches, batch_to_input, example, progress
+    )
+    search = search_fastest(prepared, model, example, config.engine)
+    return convert_copy(prepared, Flow.FX, config.engine, search.kept_float)
+
+
+def search_fastest(prepared: nn.Module, float_model: nn.Module, example: ExampleInputs, engine: str) -> LatencySearch:
+    """:func:`latency_search` of a calibrated fx model: which of its boundary layers to keep float,
+    each tried by converting ``prepared`` again (no recalibration), timed on ``example``; logged."""
+    from lightning_quant.quantization.flows.fx import boundary_layers
+
+    def run_ms(module: nn.Module) -> float:
+        return latency_of(module, example, engine)
+
+    def convert(names: list[str]) -> nn.Module:
+        return convert_copy(prepared, Flow.FX, engine, names)
+
+    fp32 = copy.deepcopy(float_model).cpu().eval()
+    search = latency_search(convert, boundary_layers(convert([]), prepared), run_ms, run_ms(fp32))
+    log.info(
+        "latency search: %d layer(s) kept float %s: int8 %.3g ms -> %.3g ms (fp32 %.3g ms, %.2fx)",
+        len(search.kept_float),
+        search.kept_float[:10],
+        search.int8_ms,
+        search.final_ms,
+        search.fp32_ms,
+        search.speedup,
+    )
+    return search
+
+
+def check_search_latency(search_latency: Any, mode: Mode, flow: Flow) -> bool:
+    """Validate ``search_latency``.
+
+    Raises:
+        TypeError: not a bool.
+        ValueError: asked outside static mode on the fx flow.
+    """
+    wanted = check_bool(search_latency, "search_latency")
+    if wanted and (mode is not Mode.STATIC or flow is not Flow.FX):
+        raise ValueError(
+            "search_latency=True needs mode='static' and flow='fx' (whose conversion can leave layers float without "
+            f"recalibrating), got mode={mode.value!r}, flow={flow.value!r}"
+        )
+    return wanted
 
 
 SEARCH_SCORES = ("auto", "accuracy", "cosine")

@@ -4,7 +4,9 @@
 - :func:`layer_sensitivity`: quantize one layer at a time (the rest float) and score it;
 - :func:`greedy_skip`: keep the most sensitive layers in float, one at a time, until a score
   target is met;
-- :func:`skip_search`: both, scored by top-1 accuracy or by the cosine of int8 to float outputs.
+- :func:`skip_search`: both, scored by top-1 accuracy or by the cosine of int8 to float outputs;
+- :func:`latency_search`: keep in float the int8 layers whose conversion costs more time (the
+  quantize/dequantize steps around them) than their int8 kernels save.
 """
 
 from __future__ import annotations
@@ -294,3 +296,54 @@ def budget_search(
     score, reference = _scorer(float_model, batches, engine, targets, batch_to_input, reducer)
     target = None if max_drop is None else reference - max_drop
     return precision_search(layers, ladder, build, score, state_dict_bytes, reference, target, max_size_bytes)
+
+
+@dataclass
+class LatencySearch:
+    """The outcome of :func:`latency_search` (milliseconds, medians)."""
+
+    fp32_ms: float
+    int8_ms: float
+    final_ms: float
+    kept_float: list[str] = field(default_factory=list)
+    history: list[tuple[str, float, bool]] = field(default_factory=list)
+
+    @property
+    def speedup(self) -> float:
+        """fp32 latency over the final model's."""
+        return self.fp32_ms / self.final_ms
+
+
+def latency_search(
+    convert: Callable[[list[str]], nn.Module],
+    candidates: Sequence[str],
+    run_ms: Callable[[nn.Module], float],
+    fp32_ms: float,
+    min_gain: float = 0.03,
+) -> LatencySearch:
+    """Greedy: for each candidate in turn, convert with it (and those kept so far) float, time it,
+    and keep it float when that is at least ``min_gain`` faster than the best so far. The result
+    is timed again against everything int8 and given up if not faster (timing noise).
+
+    Args:
+        convert: the int8 model with the named layers float (FX: one calibrated model converted
+            again, no recalibration).
+        candidates: layers to try, in order (the boundary layers, smallest first).
+        run_ms: median latency of a model.
+        fp32_ms: the float model's latency, for the record.
+    """
+    int8_ms = run_ms(convert([]))
+    best = int8_ms
+    kept: list[str] = []
+    history: list[tuple[str, float, bool]] = []
+    for name in candidates:
+        ms = run_ms(convert([*kept, name]))
+        accepted = ms < best * (1 - min_gain)
+        history.append((name, ms, accepted))
+        if accepted:
+            kept.append(name)
+            best = ms
+    final = run_ms(convert(kept)) if kept else int8_ms
+    if kept and final >= int8_ms:
+        kept, final = [], int8_ms
+    return LatencySearch(fp32_ms=fp32_ms, int8_ms=int8_ms, final_ms=final, kept_float=kept, history=history)

@@ -56,6 +56,12 @@ from tests.helpers import (
             ValueError,
             r"backend must be one of \('x86', 'fbgemm', 'qnnpack', 'xnnpack'\), got 'cuda'",
         ),
+        ({"search_latency": "yes"}, TypeError, r"search_latency must be True or False, got 'yes'"),
+        (
+            {"search_latency": True, "mode": "dynamic"},
+            ValueError,
+            r"search_latency=True needs mode='static' and flow='fx' .*got mode='dynamic', flow='fx'",
+        ),
     ],
 )
 def test_ptq_raises_on_invalid_arguments(kwargs, error, match):
@@ -336,3 +342,27 @@ def test_ptq_fp16_with_a_qnnpack_export_is_refused_before_training():
     )
     with pytest.raises(ValueError, match=r"fp16 layers \['head'\] cannot run on the 'qnnpack' engine"):
         quantize(BoringClassifier().net, mode="dynamic", backend="qnnpack", layers={"head": "fp16"})
+
+
+class _Erf(nn.Module):
+    def forward(self, x):
+        return torch.erf(x)  # no int8 kernel: a dequantize before it, a quantize after it
+
+
+def test_ptq_search_latency_keeps_the_small_layers_between_float_ops_float(monkeypatch):
+    """On a cost model (20 + each quantize/dequantize step - an int8 layer's weights / 200), the
+    callback's search keeps the two small layers float and the large one int8, and exports that."""
+    from lightning_quant.quantization import flows, ptq
+
+    def cost(module, example, engine):
+        graph = flows.boundaries(module) or {"quantize": 0, "dequantize": 0}
+        int8 = [name for name, p in flows.int8_layers(module).items() if p == "int8"]
+        saved = sum(module.get_submodule(name).weight().numel() for name in int8)
+        return 20 + graph["quantize"] + graph["dequantize"] - saved / 200
+
+    monkeypatch.setattr(ptq, "latency_of", cost)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(36, 64), _Erf(), nn.Linear(64, 4), _Erf(), nn.Linear(4, 4))
+    callback = PostTrainingQuantization(search_latency=True, calibration_batches=2, export=None)
+    quiet_trainer(callbacks=[callback], max_epochs=1).fit(BoringClassifier(net=net))
+    assert callback.latency_search is not None and callback.latency_search.kept_float == ["5", "3"]
+    assert int8_layers(callback.quantized_model) == {"1": "int8", "3": "float", "5": "float"}

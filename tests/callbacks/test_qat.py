@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_quant import FxTracingError, QuantizationAwareTraining
 from lightning_quant.quantization.flows import int8_layers
+from lightning_quant.quantization.flows.eager import FloatIsland
 from lightning_quant.quantization.schedule import fake_quantizers, is_prepared
 from tests.helpers import (
     FLOWS,
@@ -56,6 +57,13 @@ from tests.helpers import (
         ),
         ({"convert_on_fit_end": "yes"}, TypeError, r"convert_on_fit_end must be True or False, got 'yes'"),
         ({"batch_to_input": 3}, TypeError, r"batch_to_input must be a callable or None, got 3"),
+        (
+            {"flow": "eager", "keep_diverging_float": True},
+            ValueError,
+            r"keep_diverging_float=True needs flow='fx' \(its conversion can leave layers float after training\), "
+            r"got flow='eager': leave it out",
+        ),
+        ({"keep_diverging_float": 1}, TypeError, r"keep_diverging_float must be True or False, got 1"),
         (
             {"export": "tflite"},
             ValueError,
@@ -301,7 +309,8 @@ def test_qat_schedule_points_hold(flow):
 
 
 def test_qat_plain_batchnorm_stays_frozen_after_validation():
-    """Eager flow without fusion groups for a Linear->BN1d net leaves BN as a plain layer."""
+    """Eager flow without fusion groups for a Linear->BN1d net leaves BN unfused: a float island
+    (it has no int8 module), frozen like any BatchNorm."""
 
     class Net(nn.Module):
         def __init__(self):
@@ -318,7 +327,9 @@ def test_qat_plain_batchnorm_stays_frozen_after_validation():
     callback = QuantizationAwareTraining(flow="eager", freeze_bn_epoch=1, export=None)
     model = BoringClassifier(net=Net())
     quiet_trainer(callbacks=[callback, spy], max_epochs=2, val_check_interval=2).fit(model)
-    bn = model.net.module.bn
+    island = model.net.module.bn
+    assert isinstance(island, FloatIsland)
+    bn = island.module
     assert not bn.training
     assert not _changed(spy.start[1], spy.end[1], "running_mean")
 
@@ -385,6 +396,72 @@ def test_qat_test_from_checkpoint_of_fresh_model(flow, tmp_path):
     assert_same_state(quant_state(model.net), quant_state(fresh.net))
     for key, value in model.net.state_dict().items():
         assert torch.equal(value, fresh.net.state_dict()[key]), key
+
+
+# ---------------------------------------------------------------- the int8 model follows its fake-quant model
+@pytest.mark.parametrize("flow", ["eager", *FLOWS])
+def test_qat_int8_model_follows_its_fake_quant_model(flow):
+    seed_everything(0)
+    callback = QuantizationAwareTraining(flow=flow, export=None)
+    model = BoringClassifier()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r".*agrees with the fake-quant model.*")
+        quiet_trainer(callbacks=[callback], max_epochs=2).fit(model)
+    assert callback.fidelity is not None and callback.fidelity.ok
+    assert callback.fidelity.cosine > 0.999 and callback.fidelity.layers == {}
+
+
+def _coarse_head_conversion(monkeypatch):
+    """Make conversion compute ``head`` differently from its fake quantization (as torch's kernels do
+    for some ops), by rounding its int8 weights to a coarse grid, unless ``head`` is kept float."""
+    from lightning_quant.callbacks import qat as qat_module
+
+    convert = qat_module.convert_copy
+
+    def coarse_head(prepared, flow, engine, keep_float=()):
+        int8 = convert(prepared, flow, engine, keep_float)
+        if "head" not in keep_float:
+            weight = int8.head.weight().dequantize()
+            coarse = torch.quantize_per_tensor(weight.sign() * weight.abs().mean(), 0.01, 0, torch.qint8)
+            int8.head.set_weight_bias(coarse, int8.head.bias())
+        return int8
+
+    monkeypatch.setattr(qat_module, "convert_copy", coarse_head)
+
+
+PARTS = r"agrees with the fake-quant model it was converted from only to cosine 0\.\d+ \(floor 0\.98\) on 2 batch\(es\)"
+
+
+def test_qat_keeps_the_layer_where_int8_parts_from_fake_quant_float_and_says_so(monkeypatch, tmp_path):
+    _coarse_head_conversion(monkeypatch)
+    seed_everything(0)
+    callback = QuantizationAwareTraining(export="torchscript", export_dir=tmp_path)
+    match = (
+        PARTS + r".*Where they part: head \(\+\d+\.\d dB\)\. kept \['head'\] float in the int8 model "
+        r"\(keep_diverging_float\): cosine on batches that did not choose them 0\.\d+ -> (0\.99\d+|1\.0000)"
+    )
+    with pytest.warns(UserWarning, match=match):
+        quiet_trainer(callbacks=[callback], max_epochs=1).fit(BoringClassifier())
+    assert callback.fidelity is not None and callback.fidelity.ok and callback.fidelity.cosine > 0.999
+    assert type(callback.quantized_model.head) is nn.Linear
+    assert int8_layers(callback.quantized_model)["head"] == "float"
+    scripted = torch.jit.load(str(callback.export_paths["torchscript"]))
+    assert scripted.head.weight.dtype == torch.float32  # the file has it float too (an int8 Linear packs its weight)
+    x = random_images(8, seed=5).tensors[0]
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), callback.quantized_model(x), rtol=0, atol=1e-6)
+
+
+def test_qat_with_keep_diverging_float_off_warns_naming_the_layer(monkeypatch):
+    _coarse_head_conversion(monkeypatch)
+    seed_everything(0)
+    callback = QuantizationAwareTraining(export=None, keep_diverging_float=False)
+    match = PARTS + r".*Where they part: head \(\+\d+\.\d dB\)\. to keep layers float, train again with layers="
+    with pytest.warns(UserWarning, match=match):
+        quiet_trainer(callbacks=[callback], max_epochs=1).fit(BoringClassifier())
+    assert callback.fidelity is not None and not callback.fidelity.ok
+    assert list(callback.fidelity.layers) == ["head"]
+    assert int8_layers(callback.quantized_model)["head"] == "int8"
 
 
 # ---------------------------------------------------------------- crash, then resume

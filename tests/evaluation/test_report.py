@@ -129,3 +129,35 @@ def test_full_disk_while_writing_the_report_leaves_the_previous_report_whole(tmp
         write_report({**report, "output_sqnr_db": -1.0}, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no 0-byte sqnr.png, no temporaries
     assert set(first) == {"json", "md", "sqnr_png", "ranges_png"}
+
+
+def test_the_report_says_why_int8_is_slower_from_its_graph():
+    """The int8 graph's crossings are counted (FX: a float op between two int8 Linear layers costs a
+    dequantize and a quantize), and a batch size where int8 is slower is explained with them."""
+    from lightning_quant import quantize
+    from lightning_quant.evaluation.report import slower_than_float
+    from lightning_quant.quantization import flows
+
+    class Erf(torch.nn.Module):
+        def forward(self, x):
+            return torch.erf(x)
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), Erf(), torch.nn.Linear(8, 2)).eval()
+    int8 = quantize(model, [torch.randn(16, 8) for _ in range(2)], progress=False)
+    graph = flows.boundaries(int8)
+    assert graph == {"quantize": 2, "dequantize": 2, "float_ops": {"erf": 1}}
+    report = {
+        "latency_ms": {"fp32": {"1": 0.02, "32": 0.5}, "int8": {"1": 0.05, "32": 0.2}},
+        "int8_graph": graph,
+        "layers": [{"precision": "int8"}, {"precision": "int8"}],
+    }
+    assert slower_than_float(report) == (
+        "int8 is slower than float at batch 1 (0.05 ms vs 0.02 ms): its graph quantizes 2 times and dequantizes 2 "
+        "times around 2 int8 layer(s), each a pass over an activation, and runs in float between them: erf x1; int8 "
+        "pays where layers are large and run back to back. Keep the layers around those float ops float "
+        "(layers={name: 'float'}), or let the search aim at latency (quantize(..., search_latency=True))"
+    )
+    report["latency_ms"]["int8"]["1"] = 0.01
+    assert slower_than_float(report) == ""
+    dynamic = {**report, "int8_graph": {}, "latency_ms": {"fp32": {"1": 0.02}, "int8": {"1": 0.05}}}
+    assert "quantizes its activations inside each layer at run time" in slower_than_float(dynamic)

@@ -168,3 +168,45 @@ def test_static_model_whose_only_int8_layers_are_fused_is_not_called_empty():
 def test_quantize_refuses_what_is_not_a_module():
     with pytest.raises(TypeError, match=r"model must be an nn.Module, got dict"):
         quantize({"weight": torch.zeros(2)}, _calibration(), progress=False)
+
+
+class _Erf(nn.Module):
+    def forward(self, x):
+        return torch.erf(x)  # no int8 kernel: the int8 graph dequantizes before it and quantizes after
+
+
+def _boundary_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 64), _Erf(), nn.Linear(64, 4), _Erf(), nn.Linear(4, 4)).eval()
+
+
+def test_quantize_search_latency_keeps_float_the_layers_whose_boundaries_cost_more(monkeypatch):
+    """On a cost model where every quantize/dequantize step costs 1 and an int8 layer saves its weight
+    count / 200, the search keeps the two small layers float and the large one int8."""
+    from lightning_quant.quantization import flows, ptq
+
+    def cost(module, example, engine):
+        graph = flows.boundaries(module) or {"quantize": 0, "dequantize": 0}
+        saved = sum(
+            sum(p.numel() for p in layer.parameters()) or layer.weight().numel()
+            for name, layer in module.named_modules()
+            if flows.int8_layers(module).get(name) == "int8"
+        )
+        return graph["quantize"] + graph["dequantize"] - saved / 200
+
+    monkeypatch.setattr(ptq, "latency_of", cost)
+    calibration = [torch.randn(16, 8) for _ in range(4)]
+    int8 = quantize(_boundary_net(), calibration, progress=False, search_latency=True)
+    assert flows.int8_layers(int8) == {"0": "int8", "2": "float", "4": "float"}
+    with torch.no_grad(), quantized_engine("x86"):
+        x = torch.randn(5, 8)
+        assert torch.nn.functional.cosine_similarity(int8(x).flatten(), _boundary_net()(x).flatten(), dim=0) > 0.99
+
+
+@pytest.mark.parametrize(
+    ("options", "got"),
+    [({"flow": "eager"}, "mode='static', flow='eager'"), ({"mode": "dynamic"}, "mode='dynamic', flow='fx'")],
+)
+def test_quantize_search_latency_needs_static_fx(options, got):
+    with pytest.raises(ValueError, match=rf"search_latency=True needs mode='static' and flow='fx' .*got {got}"):
+        quantize(_boundary_net(), [torch.randn(4, 8)], progress=False, search_latency=True, **options)

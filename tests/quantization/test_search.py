@@ -67,3 +67,23 @@ def test_a_search_ladder_must_be_what_the_mode_runs_cheapest_first():
     for ladder in (["fp16", "float"], ["int8", "float", "fp16"], ["int8"], ["int8", "fp16"]):
         with pytest.raises(ValueError, match=r"search_precisions must list precisions this mode runs, cheapest first"):
             check_precision_ladder(ladder, ("int8", "float"))
+
+
+def test_latency_search_keeps_float_what_saves_time_and_gives_up_on_noise():
+    from lightning_quant.quantization.search import latency_search
+
+    # a known cost model: each int8 layer saves its own time, each float neighbour costs a boundary
+    saves = {"tiny": 0.1, "small": 0.5, "large": 5.0}
+    boundary = {"tiny": 1.0, "small": 1.0, "large": 1.0}
+    convert = lambda kept: tuple(kept)  # noqa: E731  the "model" is the list kept float
+    run_ms = lambda kept: 10.0 - sum(saves[n] - boundary[n] for n in saves if n not in kept)  # noqa: E731
+    search = latency_search(convert, ["tiny", "small", "large"], run_ms, fp32_ms=10.0)
+    assert search.kept_float == ["tiny", "small"]
+    assert search.int8_ms == pytest.approx(7.4) and search.final_ms == pytest.approx(6.0)
+    assert [accepted for _, _, accepted in search.history] == [True, True, False]
+    assert search.speedup == pytest.approx(10.0 / 6.0)
+
+    # a gain seen once and gone when timed again is given up
+    timings = iter([5.0, 4.0, 5.5])  # everything int8, with "tiny" float, then that again
+    noisy = latency_search(convert, ["tiny"], lambda kept: next(timings), fp32_ms=10.0)
+    assert noisy.kept_float == [] and noisy.final_ms == 5.0 and noisy.history == [("tiny", 4.0, True)]
