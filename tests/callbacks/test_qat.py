@@ -516,6 +516,7 @@ def test_qat_crash_then_resume_matches_uninterrupted_run(flow, tmp_path):
 # ---------------------------------------------------------------- several inputs, keywords, both flows
 @pytest.mark.parametrize("flow", ["eager", *FLOWS])
 def test_qat_keyword_and_multi_input_model(flow, tmp_path):
+    seed_everything(0)  # a 2-epoch model's int8 error varies with the seed: one, measured
     callback = QuantizationAwareTraining(
         flow=flow, export_dir=tmp_path, batch_to_input=lambda batch: {"x": batch[0][0], "extra": batch[0][1]}
     )
