@@ -516,9 +516,10 @@ def _fastest(
 
 
 def search_fastest(prepared: nn.Module, float_model: nn.Module, example: ExampleInputs, engine: str) -> LatencySearch:
-    """:func:`latency_search` of a calibrated fx model: which of its boundary layers to keep float,
-    each tried by converting ``prepared`` again (no recalibration), timed on ``example``; logged."""
-    from lightning_quant.quantization.flows.fx import boundary_layers
+    """:func:`latency_search` of a calibrated fx model: which of its boundary layers to keep float
+    (their savings measured layer by layer, :func:`~lightning_quant.quantization.flows.fx.float_savings`),
+    each model made by converting ``prepared`` again (no recalibration), timed on ``example``; logged."""
+    from lightning_quant.quantization.flows.fx import boundary_layers, float_savings
 
     def run_ms(module: nn.Module) -> float:
         return latency_of(module, example, engine)
@@ -526,11 +527,16 @@ def search_fastest(prepared: nn.Module, float_model: nn.Module, example: Example
     def convert(names: list[str]) -> nn.Module:
         return convert_copy(prepared, Flow.FX, engine, names)
 
+    with quantized_engine(engine):
+        int8 = convert([])
+        candidates = list(boundary_layers(int8))
+        savings = float_savings(int8, convert(candidates), example) if candidates else {}
     fp32 = copy.deepcopy(float_model).cpu().eval()
-    search = latency_search(convert, boundary_layers(convert([]), prepared), run_ms, run_ms(fp32))
+    search = latency_search(convert, savings, run_ms, run_ms(fp32))
     log.info(
-        "latency search: %d layer(s) kept float %s: int8 %.3g ms -> %.3g ms (fp32 %.3g ms, %.2fx)",
+        "latency search: %d of %d boundary layer(s) kept float %s: int8 %.3g ms -> %.3g ms (fp32 %.3g ms, %.2fx)",
         len(search.kept_float),
+        len(candidates),
         search.kept_float[:10],
         search.int8_ms,
         search.final_ms,

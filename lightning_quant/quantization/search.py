@@ -6,12 +6,12 @@
   target is met;
 - :func:`skip_search`: both, scored by top-1 accuracy or by the cosine of int8 to float outputs;
 - :func:`latency_search`: keep in float the int8 layers whose conversion costs more time (the
-  quantize/dequantize steps around them) than their int8 kernels save.
+  quantize/dequantize steps around them) than their int8 kernels save, measured layer by layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -300,13 +300,16 @@ def budget_search(
 
 @dataclass
 class LatencySearch:
-    """The outcome of :func:`latency_search` (milliseconds, medians)."""
+    """The outcome of :func:`latency_search` (milliseconds, medians): ``savings`` is what each
+    candidate layer saves per call run float (negative: int8 is faster), ``history`` the
+    ``(layers kept float, ms)`` of each model timed."""
 
     fp32_ms: float
     int8_ms: float
     final_ms: float
     kept_float: list[str] = field(default_factory=list)
-    history: list[tuple[str, float, bool]] = field(default_factory=list)
+    savings: dict[str, float] = field(default_factory=dict)
+    history: list[tuple[int, float]] = field(default_factory=list)
 
     @property
     def speedup(self) -> float:
@@ -316,34 +319,37 @@ class LatencySearch:
 
 def latency_search(
     convert: Callable[[list[str]], nn.Module],
-    candidates: Sequence[str],
+    savings: Mapping[str, float],
     run_ms: Callable[[nn.Module], float],
     fp32_ms: float,
-    min_gain: float = 0.03,
+    min_gain: float = 0.02,
+    rounds: int = 4,
+    min_layer_gain: float = 0.002,
 ) -> LatencySearch:
-    """Greedy: for each candidate in turn, convert with it (and those kept so far) float, time it,
-    and keep it float when that is at least ``min_gain`` faster than the best so far. The result
-    is timed again against everything int8 and given up if not faster (timing noise).
+    """Keep float, together, the layers ``savings`` says run faster float (each measured on its own
+    with the quantize/dequantize steps it costs or saves: a layer is a small part of a model, too
+    small to show in the whole model's timing noise) by more than ``min_layer_gain`` of the int8
+    model's time, biggest saving first. The model is timed
+    against all-int8; while it is not ``min_gain`` faster, the half with the smallest savings is
+    given back to int8 (at most ``rounds`` models timed).
 
     Args:
         convert: the int8 model with the named layers float (FX: one calibrated model converted
             again, no recalibration).
-        candidates: layers to try, in order (the boundary layers, smallest first).
+        savings: ms saved per call by each candidate layer run float.
         run_ms: median latency of a model.
         fp32_ms: the float model's latency, for the record.
     """
     int8_ms = run_ms(convert([]))
-    best = int8_ms
-    kept: list[str] = []
-    history: list[tuple[str, float, bool]] = []
-    for name in candidates:
-        ms = run_ms(convert([*kept, name]))
-        accepted = ms < best * (1 - min_gain)
-        history.append((name, ms, accepted))
-        if accepted:
-            kept.append(name)
-            best = ms
-    final = run_ms(convert(kept)) if kept else int8_ms
-    if kept and final >= int8_ms:
-        kept, final = [], int8_ms
-    return LatencySearch(fp32_ms=fp32_ms, int8_ms=int8_ms, final_ms=final, kept_float=kept, history=history)
+    floor = min_layer_gain * int8_ms  # below it, a layer's saving is timing noise
+    chosen = [name for name, saved in sorted(savings.items(), key=lambda item: -item[1]) if saved > floor]
+    history: list[tuple[int, float]] = []
+    for _ in range(rounds):
+        if not chosen:
+            break
+        ms = run_ms(convert(chosen))
+        history.append((len(chosen), ms))
+        if ms < int8_ms * (1 - min_gain):
+            return LatencySearch(fp32_ms, int8_ms, ms, chosen, dict(savings), history)
+        chosen = chosen[: len(chosen) // 2]
+    return LatencySearch(fp32_ms, int8_ms, int8_ms, [], dict(savings), history)

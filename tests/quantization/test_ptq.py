@@ -180,27 +180,54 @@ def _boundary_net() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 64), _Erf(), nn.Linear(64, 4), _Erf(), nn.Linear(4, 4)).eval()
 
 
-def test_quantize_search_latency_keeps_float_the_layers_whose_boundaries_cost_more(monkeypatch):
-    """On a cost model where every quantize/dequantize step costs 1 and an int8 layer saves its weight
-    count / 200, the search keeps the two small layers float and the large one int8."""
-    from lightning_quant.quantization import flows, ptq
+def _boundary_cost(module, example, engine):
+    """A model's "latency": 20, plus 1 per quantize/dequantize step, minus an int8 layer's weights / 200."""
+    from lightning_quant.quantization import flows
 
-    def cost(module, example, engine):
-        graph = flows.boundaries(module) or {"quantize": 0, "dequantize": 0}
-        saved = sum(
-            sum(p.numel() for p in layer.parameters()) or layer.weight().numel()
-            for name, layer in module.named_modules()
-            if flows.int8_layers(module).get(name) == "int8"
-        )
-        return graph["quantize"] + graph["dequantize"] - saved / 200
+    graph = flows.boundaries(module) or {"quantize": 0, "dequantize": 0}
+    int8 = [name for name, p in flows.int8_layers(module).items() if p == "int8"]
+    return (
+        20 + graph["quantize"] + graph["dequantize"] - sum(module.get_submodule(n).weight().numel() for n in int8) / 200
+    )
 
-    monkeypatch.setattr(ptq, "latency_of", cost)
+
+def test_quantize_search_latency_keeps_float_the_layers_that_save_time(monkeypatch):
+    """Layer by layer (stood in for here: timings of tiny layers are noise) the two small layers save
+    time float; the model with both float is timed (a cost model here) and kept."""
+    from lightning_quant.quantization import ptq
+    from lightning_quant.quantization.flows import fx, int8_layers
+
+    measured = {}
+
+    def savings(int8, floated, example, repeats=30):
+        measured.update(fx.boundary_layers(int8))
+        return {"4": 0.5, "2": 0.2, "0": -1.0}
+
+    monkeypatch.setattr(ptq, "latency_of", _boundary_cost)
+    monkeypatch.setattr(fx, "float_savings", savings)
     calibration = [torch.randn(16, 8) for _ in range(4)]
     int8 = quantize(_boundary_net(), calibration, progress=False, search_latency=True)
-    assert flows.int8_layers(int8) == {"0": "int8", "2": "float", "4": "float"}
+    assert measured == {"0": (True, True), "2": (True, True), "4": (True, True)}  # each between erf ops
+    assert int8_layers(int8) == {"0": "int8", "2": "float", "4": "float"}
     with torch.no_grad(), quantized_engine("x86"):
         x = torch.randn(5, 8)
         assert torch.nn.functional.cosine_similarity(int8(x).flatten(), _boundary_net()(x).flatten(), dim=0) > 0.99
+
+
+def test_float_savings_weighs_every_boundary_layer():
+    from lightning_quant.quantization.convert import convert_copy
+    from lightning_quant.quantization.flows.fx import boundary_layers, float_savings
+    from lightning_quant.quantization.inputs import ExampleInputs
+    from lightning_quant.quantization.ptq import prepare_and_calibrate
+
+    config = QuantizationConfig()
+    x = torch.randn(16, 8)
+    prepared = prepare_and_calibrate(_boundary_net(), [x], config, progress=False)
+    with quantized_engine("x86"):
+        int8 = convert_copy(prepared, "fx", "x86")
+        floated = convert_copy(prepared, "fx", "x86", keep_float=list(boundary_layers(int8)))
+        savings = float_savings(int8, floated, ExampleInputs((x,)), repeats=5)
+    assert sorted(savings) == ["0", "2", "4"] and all(abs(v) < 100 for v in savings.values())
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ from lightning_quant.quantization.flows.torch_ao import TorchAoModels, convert_w
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_skip
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+from lightning_quant.utils.timing import median_ms
 
 
 class FxTracingError(RuntimeError):
@@ -88,15 +89,14 @@ def _drop_round_trips(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return model
 
 
-def boundary_layers(int8: nn.Module, prepared: nn.Module) -> list[str]:
-    """The int8 layers of a converted FX graph that pay a boundary: their input is quantized just
-    before them, or their output dequantized just after (a float op on either side). Smallest first
-    (by the float weights in ``prepared``): those save least by running in int8."""
+def boundary_layers(int8: nn.Module) -> dict[str, tuple[bool, bool]]:
+    """The int8 layers of a converted FX graph that pay a boundary, with which: ``(quantized before,
+    dequantized after)`` (a float op on that side), in graph order."""
     graph = getattr(int8, "graph", None)
     if not isinstance(graph, torch.fx.Graph):
-        return []
+        return {}
     modules = dict(int8.named_modules())
-    found = []
+    found: dict[str, tuple[bool, bool]] = {}
     for node in graph.nodes:
         if node.op != "call_module" or not type(modules[str(node.target)]).__module__.startswith("torch.ao.nn."):
             continue
@@ -104,14 +104,65 @@ def boundary_layers(int8: nn.Module, prepared: nn.Module) -> list[str]:
         quantized_here = isinstance(source, torch.fx.Node) and source.target is torch.quantize_per_tensor
         dequantized_next = any(u.op == "call_method" and u.target == "dequantize" for u in node.users)
         if (quantized_here or dequantized_next) and str(node.target) not in found:
-            found.append(str(node.target))
-    float_modules = dict(prepared.named_modules())
+            found[str(node.target)] = (quantized_here, dequantized_next)
+    return found
 
-    def size(name: str) -> int:
-        module = float_modules.get(name)
-        return sum(p.numel() for p in module.parameters()) if module is not None else 0
 
-    return sorted(found, key=size)
+def float_savings(int8: nn.Module, floated: nn.Module, example: ExampleInputs, repeats: int = 30) -> dict[str, float]:
+    """For each boundary layer of ``int8`` (:func:`boundary_layers`), the ms a call saves with the
+    layer float (``floated``: the same model converted with those layers float), each timed alone on
+    its input from ``example``: the int8 layer with the quantize before it and the dequantize after
+    it that it pays, against the float layer with the dequantize and quantize it would then need
+    where a neighbour stays int8."""
+    layers = boundary_layers(int8)
+    int8_modules, float_modules = dict(int8.named_modules()), dict(floated.named_modules())
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep_input(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            inputs.setdefault(name, args[0])
+
+        return hook
+
+    handles = [int8_modules[name].register_forward_pre_hook(keep_input(name)) for name in layers]
+    try:
+        with torch.inference_mode():
+            example(int8)
+    finally:
+        for handle in handles:
+            handle.remove()
+    savings: dict[str, float] = {}
+    with torch.inference_mode():
+        for name, (quantized_here, dequantized_next) in layers.items():
+            x = inputs.get(name)
+            float_layer = float_modules.get(name)
+            floated_here = float_layer is not None and not type(float_layer).__module__.startswith("torch.ao.nn.")
+            if isinstance(x, torch.Tensor) and x.is_quantized and floated_here:  # (a BN FX keeps int8 stays out)
+                sides = (quantized_here, dequantized_next)
+                savings[name] = _saving(int8_modules[name], float_modules[name], x, sides, repeats)
+    return savings
+
+
+def _saving(layer: nn.Module, float_layer: nn.Module, x: torch.Tensor, sides: tuple[bool, bool], repeats: int) -> float:
+    """ms saved by one call of ``float_layer`` instead of ``layer`` on ``x`` (see :func:`float_savings`)."""
+    quantized_here, dequantized_next = sides
+    x_float, out = x.dequantize(), layer(x)
+    if not isinstance(out, torch.Tensor) or not out.is_quantized:
+        return 0.0  # not a layer that requantizes its output: nothing to weigh
+    out_float = out.dequantize()
+    int8_ms = median_ms(lambda: layer(x), repeats, 3)
+    float_ms = median_ms(lambda: float_layer(x_float), repeats, 3)
+    quantize_in = median_ms(
+        lambda: torch.quantize_per_tensor(x_float, x.q_scale(), x.q_zero_point(), x.dtype), repeats, 3
+    )
+    dequantize_in = median_ms(lambda: x.dequantize(), repeats, 3)
+    quantize_out = median_ms(
+        lambda: torch.quantize_per_tensor(out_float, out.q_scale(), out.q_zero_point(), out.dtype), repeats, 3
+    )
+    dequantize_out = median_ms(lambda: out.dequantize(), repeats, 3)
+    paid = int8_ms + (quantize_in if quantized_here else 0.0) + (dequantize_out if dequantized_next else 0.0)
+    instead = float_ms + (0.0 if quantized_here else dequantize_in) + (0.0 if dequantized_next else quantize_out)
+    return paid - instead
 
 
 def mode_dependent_types(model: nn.Module) -> list[type]:
