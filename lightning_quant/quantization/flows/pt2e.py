@@ -518,6 +518,7 @@ class Pt2eFlow:
         import_pt2e()
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
+        _linear_for_conv1d(model)
         rules = resolve_layers(model, config)
         quantizer = _quantizer(model, config, rules, qat)
         model.train(qat)
@@ -679,6 +680,23 @@ class Pt2eFlow:
             if (name, "out") in recorder.values:
                 result[name] = ((recorder.values.get((name, "in")),), recorder.values[(name, "out")])
         return result
+
+
+def _linear_for_conv1d(model: nn.Module) -> None:
+    """Swap Hugging Face's ``Conv1D`` layers (GPT-2's attention and MLP: ``addmm`` with an
+    ``(in, out)`` weight, which no quantizer annotates) for the ``nn.Linear`` they compute, in place,
+    under the same names; the weight is stored transposed, the bias is the same parameter."""
+    for name, module in list(model.named_modules()):
+        if type(module).__name__ != "Conv1D" or not type(module).__module__.startswith("transformers."):
+            continue
+        weight = module.weight
+        linear = nn.Linear(weight.shape[0], weight.shape[1], bias=module.bias is not None, device=weight.device)
+        with torch.no_grad():
+            linear.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=weight.requires_grad)
+        if module.bias is not None:
+            linear.bias = module.bias
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, linear)
 
 
 def _flat_inputs(model: torch.fx.GraphModule, inputs: ExampleInputs) -> list[Any]:
