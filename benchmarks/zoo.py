@@ -7,10 +7,13 @@ initialisation, as a trained model's would be: :func:`_trained_like`):
 
 - **QAT**: prepare (fx, or eager for torchvision's quantizable models, pt2e for Hugging Face), a
   few training steps, convert; *fidelity* is the cosine of the int8 model's output to the
-  fake-quantized model it came from; the int8 model is exported (TorchScript, or ``.pt2`` for pt2e)
-  and reloaded by the export's own check;
+  fake-quantized model it came from (observers paused, as QAT's validation runs it); below 0.98,
+  what ``QuantizationAwareTraining`` does after fit with fx: the layers where the two part,
+  converted float, and the fidelity then; the int8 model is exported (TorchScript, or ``.pt2``
+  for pt2e) and reloaded by the export's own check;
 - **PTQ**: ``quantize()`` with calibration batches; cosine of int8 to float;
-- **speed**: fp32 vs the PTQ int8 model at batch 8, medians of repeated forward passes.
+- **speed**: fp32 vs the PTQ int8 model at batch 8, medians of repeated forward passes; where
+  int8 is less than 1.5x faster, the same with ``search_latency=True``.
 
 A case that fails prints its error in the table instead of a figure.
 
@@ -118,11 +121,14 @@ def geffnet_models() -> dict[str, tuple[Callable[[], nn.Module], str]]:
 
 def run_vision_case(factory: Callable[[], nn.Module], flow: str, steps: int, repeats: int) -> dict[str, Any]:
     from lightning_quant import quantize
+    from lightning_quant.evaluation.analysis import conversion_fidelity
     from lightning_quant.evaluation.metrics import median_ms
     from lightning_quant.export import export_int8
     from lightning_quant.quantization import ExampleInputs, QuantizationConfig, get_flow
     from lightning_quant.quantization.config import Backend, ExportTarget
     from lightning_quant.quantization.convert import convert_copy, quantized_engine
+    from lightning_quant.quantization.flows import int8_layers
+    from lightning_quant.quantization.schedule import observers_paused
 
     torch.manual_seed(0)
     model = factory()
@@ -141,8 +147,20 @@ def run_vision_case(factory: Callable[[], nn.Module], flow: str, steps: int, rep
         optimizer.step()
     qat.eval()
     int8 = convert_copy(qat, flow, "x86")
-    with torch.no_grad(), quantized_engine("x86"):
+    with torch.no_grad(), quantized_engine("x86"), observers_paused(qat):  # as QAT's validation runs it
         result["qat_fidelity"] = cosine(int8(x), qat(x))
+    # what QuantizationAwareTraining does after fit below the floor (fx): the layers where int8 parts
+    # from fake quant, converted float
+    # chosen on two batches, judged on two others, as the callback does
+    fidelity = conversion_fidelity(qat, int8, [x, _images(8, 2)], "x86")
+    result["kept_float"] = ""
+    if not fidelity.ok and fidelity.layers and flow == "fx":
+        judge = [_images(8, 3), _images(8, 4)]
+        kept = convert_copy(qat, flow, "x86", keep_float=list(fidelity.layers))
+        before = conversion_fidelity(qat, int8, judge, "x86").cosine
+        after = conversion_fidelity(qat, kept, judge, "x86").cosine
+        verdict = "kept" if after > before else "not kept"
+        result["kept_float"] = f"{before:.4f} -> {after:.4f} ({len(fidelity.layers)} float: {verdict})"
     with tempdir() as folder:
         records = export_int8(
             lambda engine: int8, (ExportTarget.TORCHSCRIPT,), folder, ExampleInputs((x,)), Backend.X86
@@ -156,6 +174,17 @@ def run_vision_case(factory: Callable[[], nn.Module], flow: str, steps: int, rep
         fp32_ms = median_ms(lambda: float_model(x), repeats, 1)
         int8_ms = median_ms(lambda: ptq(x), repeats, 1)
     result["speedup"] = fp32_ms / int8_ms
+    result["latency_search"] = ""
+    if result["speedup"] < 1.5 and flow == "fx":  # int8 barely faster or slower: what the latency search keeps float
+        fast = quantize(float_model, calibration, flow=flow, progress=False, search_latency=True)
+        with torch.no_grad(), quantized_engine("x86"):
+            fast_ms = median_ms(lambda: fast(x), repeats, 1)
+            kept = sum(1 for p in int8_layers(fast).values() if p == "float") - sum(
+                1 for p in int8_layers(ptq).values() if p == "float"
+            )
+            result["latency_search"] = (
+                f"{fp32_ms / fast_ms:.2f}x ({kept} float, cos {cosine(fast(x), float_model(x)):.4f})"
+            )
     return result
 
 
@@ -185,6 +214,7 @@ def run_text_case(factory: Callable[[], nn.Module], steps: int, repeats: int) ->
     from lightning_quant.quantization import ExampleInputs, QuantizationConfig, get_flow
     from lightning_quant.quantization.config import Backend, ExportTarget
     from lightning_quant.quantization.convert import convert_copy
+    from lightning_quant.quantization.schedule import observers_paused
 
     def batch(seed: int) -> dict[str, torch.Tensor]:
         ids = torch.randint(1, 1000, (8, 32), generator=torch.Generator().manual_seed(seed))
@@ -205,7 +235,7 @@ def run_text_case(factory: Callable[[], nn.Module], steps: int, repeats: int) ->
         optimizer.step()
     qat.eval()
     int8 = convert_copy(qat, "pt2e", "x86")
-    with torch.no_grad():
+    with torch.no_grad(), observers_paused(qat):
         result["qat_fidelity"] = cosine(int8(**inputs).logits, qat(**inputs).logits)
     with tempdir() as folder:
         records = export_int8(lambda engine: int8, (ExportTarget.PT2,), folder, ExampleInputs((), inputs), Backend.X86)
@@ -214,6 +244,7 @@ def run_text_case(factory: Callable[[], nn.Module], steps: int, repeats: int) ->
     with torch.no_grad():
         result["ptq_cosine"] = cosine(ptq(**inputs).logits, float_model(**inputs).logits)
     result["speedup"] = float("nan")  # pt2e models are served compiled; see make bench-pt2e for timings
+    result["kept_float"] = result["latency_search"] = ""
     return result
 
 
@@ -231,7 +262,7 @@ class tempdir:
 def main(argv: list[str] | None = None) -> list[tuple[str, ...]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="QAT training steps per model")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--only", nargs="*", default=None, help="names of the cases to run")
     args = parser.parse_args(argv)
     stand_in_torchvision_ops()
@@ -252,18 +283,29 @@ def main(argv: list[str] | None = None) -> list[tuple[str, ...]]:
             row = (
                 name,
                 f"{r['qat_fidelity']:.4f}",
+                r["kept_float"] or "-",
                 f"{r['export_diff']:.3g}",
                 f"{r['ptq_cosine']:.4f}",
                 f"{r['speedup']:.2f}x",
+                r["latency_search"] or "-",
                 f"{time.perf_counter() - start:.0f}",
             )
         except Exception as err:  # a failing case is a row, not the end of the matrix
             traceback.print_exc()
             message = " ".join(f"{type(err).__name__}: {err}".split())[:90]
-            row = (name, message, "-", "-", "-", f"{time.perf_counter() - start:.0f}")
+            row = (name, message, "-", "-", "-", "-", "-", f"{time.perf_counter() - start:.0f}")
         print(" | ".join(row), flush=True)
         rows.append(row)
-    headers = ("model", "QAT int8 vs fake-quant cosine", "export reload max diff", "PTQ cosine", "speed-up b8", "s")
+    headers = (
+        "model",
+        "QAT int8 vs fake-quant cosine",
+        "diverging layers float",
+        "export reload max diff",
+        "PTQ cosine",
+        "speed-up b8",
+        "with search_latency",
+        "s",
+    )
     print(format_table(headers, rows))
     return rows
 
