@@ -539,45 +539,32 @@ class QuantizationAwareTraining(QuantizationCallback):
         """Compare the int8 model with the fake-quant model it came from, on a few validation
         batches (the example inputs without a validation set). Below ``FIDELITY_FLOOR``, warn with
         the layers where they part and, with ``keep_diverging_float``, convert again with those
-        layers float when that follows the fake-quant model more closely. Kept in
-        ``callback.fidelity``; logged as ``qat/int8_fidelity``."""
+        layers float when that follows the fake-quant model more closely (rank zero decides, so
+        every rank holds the same model). Kept in ``callback.fidelity``; logged as ``qat/int8_fidelity``."""
         batches, to_input = self._fidelity_batches(trainer)
-        if not batches:
-            return int8
         target, engine = self.target(pl_module), self.config.engine
-        fidelity = conversion_fidelity(target, int8, batches, engine, to_input)
+        fidelity = conversion_fidelity(target, int8, batches, engine, to_input) if batches else None
         self.fidelity = fidelity
+        outcome = "to keep layers float, train again with layers={name: 'float'} (or skip=[...])"
+        mine: tuple[list[str], nn.Module | None] = ([], None)
+        if fidelity is not None and not fidelity.ok and self.keep_diverging_float:
+            mine, outcome = self._layers_to_keep_float(target, int8, batches, to_input)
+        names: list[str] = trainer.strategy.broadcast(mine[0], src=0)
+        if names:
+            self._keep_float = names
+            int8 = (
+                mine[1]
+                if names == mine[0] and mine[1] is not None
+                else convert_copy(target, self.config.flow, engine, names)
+            )
+            self.fidelity = conversion_fidelity(target, int8, batches, engine, to_input) if batches else None
+        if fidelity is None:
+            return int8
         if not fidelity.ok:
             where = (
                 ", ".join(f"{name} ({loss:+.1f} dB)" for name, loss in list(fidelity.layers.items())[:5])
                 or "no single layer (it builds up in ops between layers, such as a mean or an add)"
             )
-            outcome = (
-                "to keep layers float, train again with layers={name: 'float'} (or skip=[...])"
-                if not self.keep_diverging_float
-                else "keep_diverging_float found no layer to keep float"
-            )
-            if self.keep_diverging_float and fidelity.layers:
-                # chosen on half the batches, judged on the other half: a tie rounded the other way
-                # spreads chaotically, and layers chosen and judged on the same batches can fit those
-                # batches only (measured: 0.974 -> 0.981 there, 0.977 -> 0.967 on other images)
-                find, judge = (batches[::2], batches[1::2]) if len(batches) > 1 else (batches, batches)
-                names = list(conversion_fidelity(target, int8, find, engine, to_input, floor=2.0).layers)
-                before = conversion_fidelity(target, int8, judge, engine, to_input).cosine
-                candidate = convert_copy(target, self.config.flow, engine, names) if names else int8
-                after = conversion_fidelity(target, candidate, judge, engine, to_input).cosine if names else before
-                if names and after > before:
-                    self._keep_float, int8 = names, candidate
-                    self.fidelity = conversion_fidelity(target, candidate, batches, engine, to_input)
-                    outcome = (
-                        f"kept {names[:5]} float in the int8 model (keep_diverging_float): cosine on batches that did "
-                        f"not choose them {before:.4f} -> {after:.4f}; keep_diverging_float=False keeps them int8"
-                    )
-                else:
-                    outcome = (
-                        f"keeping {names[:5]} float did not follow the fake-quant model more closely on batches that "
-                        f"did not choose them ({before:.4f} -> {after:.4f}), so they stay int8"
-                    )
             rank_zero_warn(
                 f"[QAT] the int8 model agrees with the fake-quant model it was converted from only to cosine "
                 f"{fidelity.cosine:.4f} (floor {fidelity.floor}) on {len(batches)} batch(es): torch's int8 "
@@ -585,9 +572,35 @@ class QuantizationAwareTraining(QuantizationCallback):
                 f"that keeps its input's scale), and the model amplifies it. Where they part: {where}. {outcome}. "
                 "Validate callback.quantized_model itself (val/*_int8 with validate_int8=True)"
             )
+        assert self.fidelity is not None
         for logger in trainer.loggers:
             logger.log_metrics({"qat/int8_fidelity": self.fidelity.cosine}, step=trainer.global_step)
         return int8
+
+    def _layers_to_keep_float(
+        self, target: nn.Module, int8: nn.Module, batches: list[Any], to_input: Callable[[Any], Any] | None
+    ) -> tuple[tuple[list[str], nn.Module | None], str]:
+        """The layers where int8 parts from fake quant, chosen on half the batches, if keeping them
+        float agrees better on the other half, with that model; and what happened, for the warning. Chosen and judged
+        on the same batches they can fit those batches only: a tie rounded the other way spreads
+        chaotically (measured: 0.974 -> 0.981 there, 0.977 -> 0.967 on other images)."""
+        engine = self.config.engine
+        find, judge = (batches[::2], batches[1::2]) if len(batches) > 1 else (batches, batches)
+        names = list(conversion_fidelity(target, int8, find, engine, to_input, floor=2.0).layers)
+        if not names:
+            return ([], None), "keep_diverging_float found no layer to keep float"
+        before = conversion_fidelity(target, int8, judge, engine, to_input).cosine
+        candidate = convert_copy(target, self.config.flow, engine, names)
+        after = conversion_fidelity(target, candidate, judge, engine, to_input).cosine
+        if after > before:
+            return (names, candidate), (
+                f"kept {names[:5]} float in the int8 model (keep_diverging_float): cosine on batches that did not "
+                f"choose them {before:.4f} -> {after:.4f}; keep_diverging_float=False keeps them int8"
+            )
+        return ([], None), (
+            f"keeping {names[:5]} float did not follow the fake-quant model more closely on batches that did not "
+            f"choose them ({before:.4f} -> {after:.4f}), so they stay int8"
+        )
 
     def _fidelity_batches(self, trainer: pl.Trainer) -> tuple[list[Any], Callable[[Any], Any] | None]:
         """Up to ``FIDELITY_BATCHES`` validation batches, when they give the inputs of the model's real
