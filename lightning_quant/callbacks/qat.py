@@ -586,6 +586,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         chaotically (measured: 0.974 -> 0.981 there, 0.977 -> 0.967 on other images)."""
         engine = self.config.engine
         find, judge = (batches[::2], batches[1::2]) if len(batches) > 1 else (batches, batches)
+        # a floor no cosine reaches: the layers are named whatever these batches' agreement
         names = list(conversion_fidelity(target, int8, find, engine, to_input, floor=2.0).layers)
         if not names:
             return ([], None), "keep_diverging_float found no layer to keep float"
