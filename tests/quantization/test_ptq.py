@@ -237,3 +237,21 @@ def test_float_savings_weighs_every_boundary_layer():
 def test_quantize_search_latency_needs_static_fx(options, got):
     with pytest.raises(ValueError, match=rf"search_latency=True needs mode='static' and flow='fx' .*got {got}"):
         quantize(_boundary_net(), [torch.randn(4, 8)], progress=False, search_latency=True, **options)
+
+
+def test_float_savings_weighs_a_fused_layer_too():
+    """Kept float, a fused Conv-ReLU is torch.ao's float ConvReLU2d (an intrinsic module, not an int8
+    one): it is weighed like any other boundary layer."""
+    from lightning_quant.quantization.convert import convert_copy
+    from lightning_quant.quantization.flows.fx import boundary_layers, float_savings
+    from lightning_quant.quantization.inputs import ExampleInputs
+    from lightning_quant.quantization.ptq import prepare_and_calibrate
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), _Erf(), nn.Conv2d(8, 8, 3)).eval()
+    x = torch.randn(4, 3, 12, 12)
+    prepared = prepare_and_calibrate(net, [x], QuantizationConfig(), progress=False)
+    with quantized_engine("x86"):
+        int8 = convert_copy(prepared, "fx", "x86")
+        floated = convert_copy(prepared, "fx", "x86", keep_float=list(boundary_layers(int8)))
+        savings = float_savings(int8, floated, ExampleInputs((x,)), repeats=3)
+    assert type(floated.get_submodule("0")).__name__ == "ConvReLU2d" and sorted(savings) == ["0", "3"]

@@ -34,7 +34,7 @@ from torch.ao.quantization.fuse_modules import fuse_modules, fuse_modules_qat
 
 from lightning_quant.quantization.config import Precision, QuantizationConfig
 from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
-from lightning_quant.quantization.flows.torch_ao import TorchAoModels, convert_with_trained_qparams
+from lightning_quant.quantization.flows.torch_ao import TorchAoModels, convert_with_trained_qparams, fused_names
 from lightning_quant.quantization.fusion import fusable_groups as find_fusable_groups
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_layers
@@ -163,7 +163,7 @@ def _assign_qconfigs(model: nn.Module, mapping: QConfigMapping) -> None:
     everything inside it, the nearest name winning) beats a type, which beats the global qconfig."""
     model.qconfig = mapping.global_qconfig  # type: ignore[assignment]
     names = sorted(mapping.module_name_qconfigs, key=lambda n: -n.count("."))
-    fused = [name for name, module in model.named_modules() if isinstance(module, _FusedModule)]
+    fused = fused_names(model)
     for name, module in model.named_modules():
         if within(name, fused, strictly=True):
             continue  # the layers inside a fused module are quantized as part of it
@@ -189,7 +189,7 @@ def _without_int8_kernel(model: nn.Module) -> tuple[str, ...]:
     from torch.ao.quantization.quantization_mappings import get_default_static_quant_module_mappings
 
     known = set(get_default_static_quant_module_mappings())
-    fused = [name for name, module in model.named_modules() if isinstance(module, _FusedModule)]
+    fused = fused_names(model)
     qconfigs: dict[str, Any] = {}  # each module's qconfig as prepare will propagate it
     found = []
     for name, module in model.named_modules():
@@ -233,7 +233,7 @@ def _has_own_stubs(model: nn.Module) -> bool:
 def _auto_fusion_groups(model: nn.Module) -> list[list[str]]:
     """Fusable runs outside modules that are fused already (a ``ConvReLU2d`` is an ``nn.Sequential``
     too, and fusing inside it again breaks it)."""
-    fused = [name for name, module in model.named_modules() if isinstance(module, _FusedModule)]
+    fused = fused_names(model)
     return [group for group in find_fusable_groups(model) if not any(within(n, fused) for n in group)]
 
 

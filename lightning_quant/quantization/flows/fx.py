@@ -14,7 +14,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qa
 
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
-from lightning_quant.quantization.flows.torch_ao import TorchAoModels, convert_with_trained_qparams
+from lightning_quant.quantization.flows.torch_ao import TorchAoModels, convert_with_trained_qparams, is_quantized_module
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_skip
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
@@ -98,7 +98,7 @@ def boundary_layers(int8: nn.Module) -> dict[str, tuple[bool, bool]]:
     modules = dict(int8.named_modules())
     found: dict[str, tuple[bool, bool]] = {}
     for node in graph.nodes:
-        if node.op != "call_module" or not type(modules[str(node.target)]).__module__.startswith("torch.ao.nn."):
+        if node.op != "call_module" or not is_quantized_module(modules[str(node.target)]):
             continue
         source = node.args[0] if node.args else None
         quantized_here = isinstance(source, torch.fx.Node) and source.target is torch.quantize_per_tensor
@@ -136,7 +136,7 @@ def float_savings(int8: nn.Module, floated: nn.Module, example: ExampleInputs, r
         for name, (quantized_here, dequantized_next) in layers.items():
             x = inputs.get(name)
             float_layer = float_modules.get(name)
-            floated_here = float_layer is not None and not type(float_layer).__module__.startswith("torch.ao.nn.")
+            floated_here = float_layer is not None and not is_quantized_module(float_layer)
             if isinstance(x, torch.Tensor) and x.is_quantized and floated_here:  # (a BN FX keeps int8 stays out)
                 sides = (quantized_here, dequantized_next)
                 savings[name] = _saving(int8_modules[name], float_modules[name], x, sides, repeats)

@@ -25,11 +25,16 @@ _BOUNDARY_TYPES = ("Quantize", "DeQuantize", "FloatFunctional", "QFunctional")
 _QUANTIZE_FUNCTIONS = (torch.quantize_per_tensor, torch.quantize_per_tensor_dynamic, torch.quantize_per_channel)
 
 
-def _is_quantized_module(module: nn.Module) -> bool:
+def is_quantized_module(module: nn.Module) -> bool:
     """torch.ao's quantized, intrinsic.quantized and dynamic modules, and subclasses of them."""
     return any(
         cls.__module__.startswith("torch.ao.nn.") and ".quantized" in cls.__module__ for cls in type(module).__mro__
     )
+
+
+def fused_names(model: nn.Module) -> list[str]:
+    """Names of the modules of ``model`` that hold fused layers (torch.ao's intrinsic modules)."""
+    return [name for name, module in model.named_modules() if isinstance(module, _FusedModule)]
 
 
 def _quantizer(module: nn.Module) -> bool:
@@ -107,7 +112,7 @@ class TorchAoModels:
             )
 
     def owns(self, model: nn.Module) -> bool:
-        return any(_quantizer(m) or _is_quantized_module(m) for m in model.modules())
+        return any(_quantizer(m) or is_quantized_module(m) for m in model.modules())
 
     def fake_quantizers(self, model: nn.Module) -> list[tuple[str, Any]]:
         return [(name, m) for name, m in model.named_modules() if isinstance(m, FakeQuantizeBase)]
@@ -142,18 +147,18 @@ class TorchAoModels:
                 m.eval()
 
     def fused_layers(self, model: nn.Module) -> list[str]:
-        return [name for name, m in model.named_modules() if isinstance(m, _FusedModule)]
+        return fused_names(model)
 
     def int8_layers(self, model: nn.Module) -> dict[str, str]:
         """Quantized compute modules (``int8``; ``fp16`` for half-precision dynamic weights), and
         leaf modules with their own weights (``float``), when the model has any quantized module."""
-        if not any(_is_quantized_module(m) for m in model.modules()):
+        if not any(is_quantized_module(m) for m in model.modules()):
             return {}
         layers: dict[str, str] = {}
         for name, module in model.named_modules():
             if not name or _quantizer(module) or within(name, list(layers), strictly=True):
                 continue  # a quantized layer's own parts (its packed weights) are not layers
-            if _is_quantized_module(module):
+            if is_quantized_module(module):
                 if type(module).__name__ not in _BOUNDARY_TYPES:
                     packed = getattr(module, "_packed_params", None)
                     dtype = getattr(packed, "dtype", None) or getattr(module, "dtype", None)
