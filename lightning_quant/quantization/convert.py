@@ -137,6 +137,12 @@ def check_observed(prepared: nn.Module) -> None:
         )
 
 
+def convert_prepared(prepared: nn.Module, flow: Flow | str, keep_float: Sequence[str] = ()) -> nn.Module:
+    """``prepared`` converted in place by its flow, with ``keep_float`` layers float (fx's conversion)."""
+    converter: Any = get_flow(flow)
+    return converter.convert_keeping_float(prepared, keep_float) if keep_float else converter.convert(prepared)
+
+
 def convert_copy(prepared: nn.Module, flow: Flow | str, engine: str, keep_float: Sequence[str] = ()) -> nn.Module:
     """An int8 model converted from a CPU, eval-mode deep copy of ``prepared`` for ``engine``.
 
@@ -158,10 +164,8 @@ def convert_copy(prepared: nn.Module, flow: Flow | str, engine: str, keep_float:
         )
     model = copy.deepcopy(prepared).cpu().eval()
     recipe = recipe_of(prepared)
-    converter: Any = get_flow(flow)
     with quantized_engine(engine):
-        converted = converter.convert_keeping_float(model, keep_float) if keep_float else converter.convert(model)
-        int8 = for_inference(converted)
+        int8 = for_inference(convert_prepared(model, flow, keep_float))
     if recipe is not None:
         recipe = {**recipe, "engine": engine, **({"keep_float": keep_float} if keep_float else {})}
     return attach(int8, recipe)

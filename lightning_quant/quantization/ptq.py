@@ -143,14 +143,7 @@ def prepare_and_calibrate(
     """
     batches: Iterable[Any] = iter(calibration_data)
     if example is None:
-        first = next(iter(batches), None)
-        if first is None:
-            raise ValueError(
-                "calibration data yielded no batch: it is empty or an iterator that was already "
-                "consumed; pass a DataLoader or a list of batches"
-            )
-        example = batch_inputs(first, batch_to_input).to("cpu")
-        batches = _chain_first(first, batches)
+        example, batches = first_example(batches, batch_to_input)
     float_copy = copy.deepcopy(model).cpu().eval()
     prepared = get_flow(config.flow).prepare(float_copy, config, example, qat=False)
     attach(prepared, static_recipe(config, example, qat=False))
@@ -286,6 +279,24 @@ def builder(
     return build
 
 
+def first_example(
+    calibration_data: Iterable[Any], batch_to_input: Callable[[Any], Any] | None
+) -> tuple[ExampleInputs, Iterable[Any]]:
+    """The model inputs of the first batch (on CPU), and the batches with that one still first.
+
+    Raises:
+        ValueError: no batch.
+    """
+    batches = iter(calibration_data)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError(
+            "calibration data yielded no batch: it is empty or an iterator that was already "
+            "consumed; pass a DataLoader or a list of batches"
+        )
+    return batch_inputs(first, batch_to_input).to("cpu"), _chain_first(first, batches)
+
+
 def _chain_first(first: Any, rest: Iterable[Any]) -> Iterable[Any]:
     yield first
     yield from rest
@@ -358,10 +369,11 @@ def quantize(
             ``observer``, ``per_channel``, ``skip`` and ``qconfig_mapping`` (which must then keep
             their defaults).
         search_latency: static mode, fx flow: after any accuracy or size search, keep in float
-            the int8 layers that cost more time than they save (the quantize/dequantize steps
-            around a layer between float ops), timed one by one on the first calibration batch,
-            smallest first (:func:`~lightning_quant.quantization.search.latency_search`; the
-            outcome is logged). Keeping a layer float never costs accuracy.
+            the int8 layers that cost more time than they save (their kernels and the
+            quantize/dequantize steps around a layer between float ops), each timed on its own
+            input from the first calibration batch, then the whole model
+            (:func:`~lightning_quant.quantization.search.latency_search`; the outcome is logged).
+            Keeping a layer float never costs accuracy.
 
     Raises:
         ValueError: an invalid option, empty calibration data, or nothing to quantize.
@@ -503,14 +515,8 @@ def _fastest(
     """Calibrate once, then :func:`search_fastest` over the fx int8 graph's boundary layers."""
     if calibration_data is None:
         raise ValueError('mode="static" needs calibration_data: an iterable of representative batches')
-    batches = iter(calibration_data)
-    first = next(batches, None)
-    if first is None:
-        raise ValueError("calibration data yielded no batch: it is empty or an iterator that was already consumed")
-    example = batch_inputs(first, batch_to_input).to("cpu")
-    prepared = prepare_and_calibrate(
-        model, _chain_first(first, batches), config, calibration_batches, batch_to_input, example, progress
-    )
+    example, batches = first_example(calibration_data, batch_to_input)
+    prepared = prepare_and_calibrate(model, batches, config, calibration_batches, batch_to_input, example, progress)
     search = search_fastest(prepared, model, example, config.engine)
     return convert_copy(prepared, Flow.FX, config.engine, search.kept_float)
 

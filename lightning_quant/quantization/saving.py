@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from lightning_quant.quantization import flows
 from lightning_quant.quantization.config import ExportTarget, Flow
-from lightning_quant.quantization.convert import for_inference, quantized_engine
+from lightning_quant.quantization.convert import convert_prepared, for_inference, quantized_engine
 from lightning_quant.quantization.recipe import config_of, example_of, recipe_of
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.checks import has_module, require_module
@@ -171,10 +171,8 @@ def _rebuild(float_model: nn.Module, recipe: dict[str, Any], state: dict[str, An
         prepared.eval()
         with torch.no_grad(), known_torch_warnings_silenced():
             example(prepared)  # observers see one batch, so conversion has ranges to replace
-        keep_float = list(recipe.get("keep_float", []))
         with quantized_engine(engine), known_torch_warnings_silenced():
-            converter: Any = flow
-            int8 = converter.convert_keeping_float(prepared, keep_float) if keep_float else flow.convert(prepared)
+            int8 = convert_prepared(prepared, config.flow, recipe.get("keep_float", ()))
     check_shapes(int8.state_dict(), state)
     with quantized_engine(engine):  # int8 weights are packed for the engine they were converted for
         int8.load_state_dict(state, strict=True)

@@ -46,10 +46,7 @@ class FxFlow(TorchAoModels):
             raise FxTracingError(_tracing_message(model, err, names, types)) from err
 
     def convert(self, prepared: nn.Module) -> nn.Module:
-        with known_torch_warnings_silenced():
-            assert isinstance(prepared, torch.fx.GraphModule), "the FX flow converts what it prepared"
-            convert_with_trained_qparams(prepared)
-            return _drop_string_annotations(convert_fx(prepared))
+        return self.convert_keeping_float(prepared, ())
 
     def convert_keeping_float(self, prepared: nn.Module, names: Sequence[str]) -> nn.Module:
         """:meth:`convert`, with the named layers converted to float (a fused QAT Conv-BN folded):
@@ -61,16 +58,19 @@ class FxFlow(TorchAoModels):
             ValueError: a name that is not a layer of ``prepared``.
         """
         assert isinstance(prepared, torch.fx.GraphModule), "the FX flow converts what it prepared"
-        modules = dict(prepared.named_modules())
-        unknown = [name for name in names if name not in modules]
-        if unknown:
-            raise ValueError(f"cannot keep {unknown[:5]} float: not layers of the prepared model")
-        mapping = copy.deepcopy(prepared.meta["_observed_graph_module_attrs"].qconfig_mapping)
-        for name in names:
-            mapping.set_module_name(name, None)
+        mapping = None
+        if names:
+            modules = dict(prepared.named_modules())
+            unknown = [name for name in names if name not in modules]
+            if unknown:
+                raise ValueError(f"cannot keep {unknown[:5]} float: not layers of the prepared model")
+            mapping = copy.deepcopy(prepared.meta["_observed_graph_module_attrs"].qconfig_mapping)
+            for name in names:
+                mapping.set_module_name(name, None)
         with known_torch_warnings_silenced():
             convert_with_trained_qparams(prepared)
-            return _drop_round_trips(_drop_string_annotations(convert_fx(prepared, qconfig_mapping=mapping)))
+            converted = _drop_string_annotations(convert_fx(prepared, qconfig_mapping=mapping))
+        return _drop_round_trips(converted) if names else converted
 
 
 def _drop_round_trips(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
