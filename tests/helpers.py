@@ -211,3 +211,21 @@ def refused_before_training(
     with pytest.raises(error, match=match):
         trainer.fit(model)
     assert trainer.global_step == 0
+
+
+class Erf(nn.Module):
+    """A float op with no int8 kernel: an int8 graph dequantizes before it and quantizes after it."""
+
+    def forward(self, x):
+        return torch.erf(x)
+
+
+def boundary_cost(module: nn.Module, example: Any = None, engine: str | None = None) -> float:
+    """A stand-in for a model's latency (real timings of tiny models are noise): 20, plus 1 per
+    quantize/dequantize step of its int8 graph, minus each int8 layer's weight count / 200."""
+    from lightning_quant.quantization import flows
+
+    graph = flows.boundaries(module) or {"quantize": 0, "dequantize": 0}
+    int8 = [name for name, p in flows.int8_layers(module).items() if p == "int8"]
+    saved = sum(module.get_submodule(name).weight().numel() for name in int8)
+    return 20 + graph["quantize"] + graph["dequantize"] - saved / 200

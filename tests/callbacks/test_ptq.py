@@ -18,7 +18,9 @@ from lightning_quant.quantization.flows import output_steps as int8_output_steps
 from tests.helpers import (
     FLOWS,
     BoringClassifier,
+    Erf,
     TinyNet,
+    boundary_cost,
     quiet_trainer,
     random_images,
     refused_before_training,
@@ -344,26 +346,15 @@ def test_ptq_fp16_with_a_qnnpack_export_is_refused_before_training():
         quantize(BoringClassifier().net, mode="dynamic", backend="qnnpack", layers={"head": "fp16"})
 
 
-class _Erf(nn.Module):
-    def forward(self, x):
-        return torch.erf(x)  # no int8 kernel: a dequantize before it, a quantize after it
-
-
 def test_ptq_search_latency_keeps_the_layers_that_save_time_float(monkeypatch):
     """The callback's search on a model whose layer-by-layer savings and whole-model latency are
     stood in for (real timings of tiny layers are noise): the two small layers float, the large int8."""
-    from lightning_quant.quantization import flows, ptq
+    from lightning_quant.quantization import ptq
     from lightning_quant.quantization.flows import fx
 
-    def cost(module, example, engine):
-        graph = flows.boundaries(module) or {"quantize": 0, "dequantize": 0}
-        int8 = [name for name, p in flows.int8_layers(module).items() if p == "int8"]
-        saved = sum(module.get_submodule(name).weight().numel() for name in int8)
-        return 20 + graph["quantize"] + graph["dequantize"] - saved / 200
-
-    monkeypatch.setattr(ptq, "latency_of", cost)
+    monkeypatch.setattr(ptq, "latency_of", boundary_cost)
     monkeypatch.setattr(fx, "float_savings", lambda int8, floated, example, repeats=30: {"5": 0.4, "3": 0.2})
-    net = nn.Sequential(nn.Flatten(), nn.Linear(36, 64), _Erf(), nn.Linear(64, 4), _Erf(), nn.Linear(4, 4))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(36, 64), Erf(), nn.Linear(64, 4), Erf(), nn.Linear(4, 4))
     callback = PostTrainingQuantization(search_latency=True, calibration_batches=2, export=None)
     quiet_trainer(callbacks=[callback], max_epochs=1).fit(BoringClassifier(net=net))
     assert callback.latency_search is not None and callback.latency_search.kept_float == ["5", "3"]

@@ -137,10 +137,7 @@ def test_the_report_says_why_int8_is_slower_from_its_graph():
     from lightning_quant import quantize
     from lightning_quant.evaluation.report import slower_than_float
     from lightning_quant.quantization import flows
-
-    class Erf(torch.nn.Module):
-        def forward(self, x):
-            return torch.erf(x)
+    from tests.helpers import Erf
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), Erf(), torch.nn.Linear(8, 2)).eval()
     int8 = quantize(model, [torch.randn(16, 8) for _ in range(2)], progress=False)

@@ -4,7 +4,7 @@ import torch.nn as nn
 
 from lightning_quant import QuantizationConfig, quantize, quantize_within_budget
 from lightning_quant.quantization.convert import quantized_engine
-from tests.helpers import FLOWS, TinyNet, TwoInputNet
+from tests.helpers import FLOWS, Erf, TinyNet, TwoInputNet, boundary_cost
 
 
 def _calibration(n=8, seed=0):
@@ -170,25 +170,9 @@ def test_quantize_refuses_what_is_not_a_module():
         quantize({"weight": torch.zeros(2)}, _calibration(), progress=False)
 
 
-class _Erf(nn.Module):
-    def forward(self, x):
-        return torch.erf(x)  # no int8 kernel: the int8 graph dequantizes before it and quantizes after
-
-
 def _boundary_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 64), _Erf(), nn.Linear(64, 4), _Erf(), nn.Linear(4, 4)).eval()
-
-
-def _boundary_cost(module, example, engine):
-    """A model's "latency": 20, plus 1 per quantize/dequantize step, minus an int8 layer's weights / 200."""
-    from lightning_quant.quantization import flows
-
-    graph = flows.boundaries(module) or {"quantize": 0, "dequantize": 0}
-    int8 = [name for name, p in flows.int8_layers(module).items() if p == "int8"]
-    return (
-        20 + graph["quantize"] + graph["dequantize"] - sum(module.get_submodule(n).weight().numel() for n in int8) / 200
-    )
+    return nn.Sequential(nn.Linear(8, 64), Erf(), nn.Linear(64, 4), Erf(), nn.Linear(4, 4)).eval()
 
 
 def test_quantize_search_latency_keeps_float_the_layers_that_save_time(monkeypatch):
@@ -203,7 +187,7 @@ def test_quantize_search_latency_keeps_float_the_layers_that_save_time(monkeypat
         measured.update(fx.boundary_layers(int8))
         return {"4": 0.5, "2": 0.2, "0": -1.0}
 
-    monkeypatch.setattr(ptq, "latency_of", _boundary_cost)
+    monkeypatch.setattr(ptq, "latency_of", boundary_cost)
     monkeypatch.setattr(fx, "float_savings", savings)
     calibration = [torch.randn(16, 8) for _ in range(4)]
     int8 = quantize(_boundary_net(), calibration, progress=False, search_latency=True)
@@ -247,7 +231,7 @@ def test_float_savings_weighs_a_fused_layer_too():
     from lightning_quant.quantization.inputs import ExampleInputs
     from lightning_quant.quantization.ptq import prepare_and_calibrate
 
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), _Erf(), nn.Conv2d(8, 8, 3)).eval()
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), Erf(), nn.Conv2d(8, 8, 3)).eval()
     x = torch.randn(4, 3, 12, 12)
     prepared = prepare_and_calibrate(net, [x], QuantizationConfig(), progress=False)
     with quantized_engine("x86"):
