@@ -121,7 +121,7 @@ def geffnet_models() -> dict[str, tuple[Callable[[], nn.Module], str]]:
 
 def run_vision_case(factory: Callable[[], nn.Module], flow: str, steps: int, repeats: int) -> dict[str, Any]:
     from lightning_quant import quantize
-    from lightning_quant.evaluation.analysis import conversion_fidelity
+    from lightning_quant.evaluation.analysis import conversion_fidelity, fake_quant_reference
     from lightning_quant.evaluation.metrics import median_ms
     from lightning_quant.export import export_int8
     from lightning_quant.quantization import ExampleInputs, QuantizationConfig, get_flow
@@ -152,13 +152,14 @@ def run_vision_case(factory: Callable[[], nn.Module], flow: str, steps: int, rep
     # what QuantizationAwareTraining does after fit below the floor (fx): the layers where int8 parts
     # from fake quant, converted float
     # chosen on two batches, judged on two others, as the callback does
-    fidelity = conversion_fidelity(qat, int8, [x, _images(8, 2)], "x86")
+    reference = fake_quant_reference(qat)
+    fidelity = conversion_fidelity(reference, int8, [x, _images(8, 2)], "x86")
     result["kept_float"] = ""
     if not fidelity.ok and fidelity.layers and flow == "fx":
         judge = [_images(8, 3), _images(8, 4)]
         kept = convert_copy(qat, flow, "x86", keep_float=list(fidelity.layers))
-        before = conversion_fidelity(qat, int8, judge, "x86").cosine
-        after = conversion_fidelity(qat, kept, judge, "x86").cosine
+        before = conversion_fidelity(reference, int8, judge, "x86").cosine
+        after = conversion_fidelity(reference, kept, judge, "x86").cosine
         verdict = "kept" if after > before else "not kept"
         result["kept_float"] = f"{before:.4f} -> {after:.4f} ({len(fidelity.layers)} float: {verdict})"
     with tempdir() as folder:

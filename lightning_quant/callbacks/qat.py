@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from lightning_quant.callbacks._trainer import first_of, metric_name, module_metric, stage_dataloader
 from lightning_quant.callbacks.base import QuantizationCallback
-from lightning_quant.evaluation.analysis import Fidelity, conversion_fidelity
+from lightning_quant.evaluation.analysis import Fidelity, conversion_fidelity, fake_quant_reference
 from lightning_quant.quantization.calibrate import first_non_finite_layer
 from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, Flow, QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy, unobserved
@@ -543,12 +543,14 @@ class QuantizationAwareTraining(QuantizationCallback):
         every rank holds the same model). Kept in ``callback.fidelity``; logged as ``qat/int8_fidelity``."""
         batches, to_input = self._fidelity_batches(trainer)
         target, engine = self.target(pl_module), self.config.engine
-        fidelity = conversion_fidelity(target, int8, batches, engine, to_input) if batches else None
+        reference = fake_quant_reference(target) if batches else None
+        fidelity = conversion_fidelity(reference, int8, batches, engine, to_input) if reference is not None else None
         self.fidelity = fidelity
         outcome = "to keep layers float, train again with layers={name: 'float'} (or skip=[...])"
         mine: tuple[list[str], nn.Module | None] = ([], None)
         if fidelity is not None and not fidelity.ok and self.keep_diverging_float:
-            mine, outcome = self._layers_to_keep_float(target, int8, batches, to_input)
+            assert reference is not None
+            mine, outcome = self._layers_to_keep_float(target, reference, int8, batches, to_input)
         names: list[str] = trainer.strategy.broadcast(mine[0], src=0)
         if names:
             self._keep_float = names
@@ -557,7 +559,9 @@ class QuantizationAwareTraining(QuantizationCallback):
                 if names == mine[0] and mine[1] is not None
                 else convert_copy(target, self.config.flow, engine, names)
             )
-            self.fidelity = conversion_fidelity(target, int8, batches, engine, to_input) if batches else None
+            self.fidelity = (
+                conversion_fidelity(reference, int8, batches, engine, to_input) if reference is not None else None
+            )
         if fidelity is None:
             return int8
         if not fidelity.ok:
@@ -578,7 +582,12 @@ class QuantizationAwareTraining(QuantizationCallback):
         return int8
 
     def _layers_to_keep_float(
-        self, target: nn.Module, int8: nn.Module, batches: list[Any], to_input: Callable[[Any], Any] | None
+        self,
+        target: nn.Module,
+        reference: nn.Module,
+        int8: nn.Module,
+        batches: list[Any],
+        to_input: Callable[[Any], Any] | None,
     ) -> tuple[tuple[list[str], nn.Module | None], str]:
         """The layers where int8 parts from fake quant, chosen on half the batches, if keeping them
         float agrees better on the other half, with that model; and what happened, for the warning. Chosen and judged
@@ -587,12 +596,12 @@ class QuantizationAwareTraining(QuantizationCallback):
         engine = self.config.engine
         find, judge = (batches[::2], batches[1::2]) if len(batches) > 1 else (batches, batches)
         # a floor no cosine reaches: the layers are named whatever these batches' agreement
-        names = list(conversion_fidelity(target, int8, find, engine, to_input, floor=2.0).layers)
+        names = list(conversion_fidelity(reference, int8, find, engine, to_input, floor=2.0).layers)
         if not names:
             return ([], None), "keep_diverging_float found no layer to keep float"
-        before = conversion_fidelity(target, int8, judge, engine, to_input).cosine
+        before = conversion_fidelity(reference, int8, judge, engine, to_input).cosine
         candidate = convert_copy(target, self.config.flow, engine, names)
-        after = conversion_fidelity(target, candidate, judge, engine, to_input).cosine
+        after = conversion_fidelity(reference, candidate, judge, engine, to_input).cosine
         if after > before:
             return (names, candidate), (
                 f"kept {names[:5]} float in the int8 model (keep_diverging_float): cosine on batches that did not "

@@ -201,24 +201,30 @@ class Fidelity:
         return self.cosine >= self.floor
 
 
+def fake_quant_reference(prepared: nn.Module) -> nn.Module:
+    """A CPU, eval-mode copy of a QAT model with its observers stopped: the fake-quant model as
+    validation runs it, which :func:`conversion_fidelity` compares int8 models with."""
+    reference = copy.deepcopy(prepared).cpu().eval()
+    set_observers(reference, False)
+    return reference
+
+
 def conversion_fidelity(
-    prepared: nn.Module,
+    reference: nn.Module,
     int8: nn.Module,
     batches: Sequence[Any],
     engine: str,
     batch_to_input: Callable[[Any], Any] | None = None,
     floor: float = FIDELITY_FLOOR,
 ) -> Fidelity:
-    """Compare ``int8`` with the fake-quant model ``prepared`` (a copy, observers stopped, as
-    validation runs it) on ``batches``. The two compute the same numbers except where torch's int8
-    kernels differ from its fake quantization (rounding of ties, an op that keeps its input's
-    scale where fake quantization observed its own); below ``floor``, the layers that take at
-    least ``DIVERGENCE_DB`` off the agreement and whose outputs agree to less than
-    ``DIVERGED_SQNR_DB`` are named (:func:`per_layer_sqnr` of ``int8`` against the fake-quant
-    model: each layer's ``loss_db`` and ``sqnr_db``).
+    """Compare ``int8`` with the fake-quant model it was converted from (``reference``, made by
+    :func:`fake_quant_reference` once for any number of comparisons) on ``batches``. The two
+    compute the same numbers except where torch's int8 kernels differ from its fake quantization
+    (rounding of ties, an op that keeps its input's scale where fake quantization observed its
+    own); below ``floor``, the layers that take at least ``DIVERGENCE_DB`` off the agreement and
+    whose outputs agree to less than ``DIVERGED_SQNR_DB`` are named (:func:`per_layer_sqnr` of
+    ``int8`` against the fake-quant model: each layer's ``loss_db`` and ``sqnr_db``).
     """
-    reference = copy.deepcopy(prepared).cpu().eval()
-    set_observers(reference, False)
     cosine = mean_cosine(
         collect_outputs(reference, batches, engine, batch_to_input),
         collect_outputs(int8, batches, engine, batch_to_input),
