@@ -108,10 +108,14 @@ def engine_for(target: ExportTarget, backend: Backend) -> str:
 
 
 def to_torchscript(model: nn.Module, example: ExampleInputs) -> torch.jit.ScriptModule:
-    """Script ``model``; trace it on ``example`` where scripting fails (eager models with ``*args``)."""
+    """Script ``model``; trace it on ``example`` where scripting fails (eager models with ``*args``) or
+    gives a module that cannot be saved (an FX graph's ``extra=None`` input scripts as a Tensor whose
+    default is undefined)."""
     with known_torch_warnings_silenced():
         try:
-            return torch.jit.script(model)
+            scripted = torch.jit.script(model)
+            torch.jit.save(scripted, io.BytesIO())
+            return scripted
         except Exception as script_error:  # TorchScript rejects many Python constructs
             log.info("torch.jit.script failed (%s); tracing on the example inputs instead", type(script_error).__name__)
             if example.kwargs:

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_quant.callbacks._calls import StepCalls, step_name
 from lightning_quant.callbacks._trainer import stage_dataloader, trainer_callbacks
 from lightning_quant.export import ExportRecord, export_int8
 from lightning_quant.quantization.config import QuantizationConfig, config_from
@@ -36,6 +37,8 @@ from lightning_quant.quantization.inputs import (
     batch_inputs,
     check_example_inputs,
     describe_inputs,
+    forward_signature,
+    inference_inputs,
     input_kinds,
 )
 from lightning_quant.quantization.target import resolve_target
@@ -68,7 +71,9 @@ class QuantizationCallback(Callback):
 
     Attributes:
         config: the :class:`~lightning_quant.QuantizationConfig`.
-        example_inputs: the inputs the model was prepared, checked and exported with.
+        example_inputs: the quantized submodule's inputs as the LightningModule's step calls it, without
+            training-only inputs (``labels``...): what the int8 model is checked, reported and exported with.
+        training_call: the same call as the step makes it, training-only inputs included (QAT prepares with it).
         quantized_model: the int8 model after the callback converted (CPU, eval mode).
         export_paths: ``{target: path}`` of the files written.
         export_records: ``{target: ExportRecord}``: each file and its reload difference.
@@ -82,6 +87,8 @@ class QuantizationCallback(Callback):
         self.config = config
         self.batch_to_input = check_callable(batch_to_input, "batch_to_input")
         self.example_inputs: ExampleInputs | None = None
+        self.training_call: ExampleInputs | None = None
+        self._signature: inspect.Signature | None = None
         self.quantized_model: nn.Module | None = None
         self.export_paths: dict[str, str] = {}
         self.export_records: dict[str, ExportRecord] = {}
@@ -144,32 +151,48 @@ class QuantizationCallback(Callback):
             )
 
     def _take_example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> ExampleInputs:
-        """Model inputs from ``example_input_array``, else from the first batch of the stage's data.
+        """The quantized submodule's inputs as the LightningModule's own step calls it on the first batch of
+        the stage's data (:class:`~lightning_quant.callbacks._calls.StepCalls`); else ``example_input_array``;
+        else read off the first batch. Sets ``training_call`` (the call as made, labels and all) and returns
+        the prediction call (``example_inputs``: without training-only inputs such as ``labels``).
 
         Raises:
             ValueError: no input to be had; a floating-point input that is not float32 (float64,
-                float16: quantization observes float32 activations); a mapping batch with keys
-                that are not arguments of the quantized module's forward.
+                float16: quantization observes float32 activations); a mapping batch read as keyword
+                inputs with keys that are not arguments of the quantized module's forward.
         """
         target = self.target(pl_module)
+        self._signature = forward_signature(target)
         stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
-        if pl_module.example_input_array is not None:
+        loader = stage_dataloader(trainer, stage)
+        batch = next(iter(loader), None) if loader is not None else None
+        calls = StepCalls(pl_module, lambda: self.target(pl_module), step_name(pl_module, stage), self.batch_to_input)
+        real = calls.read(batch) if batch is not None and self.batch_to_input is None else None
+        if real is not None:
+            example, source, guessed = real.to("cpu"), f"{type(pl_module).__name__}.{calls.step}", False
+        elif pl_module.example_input_array is not None:
             example = ExampleInputs.from_value(pl_module.example_input_array).to("cpu")
-            source = f"{type(pl_module).__name__}.example_input_array"
-            self._declared_inputs = True
-        else:
-            loader = stage_dataloader(trainer, stage)
-            batch = next(iter(loader), None) if loader is not None else None
-            if batch is None:
-                raise ValueError(
-                    f"{type(self).__name__} needs one real input to prepare the model: set `example_input_array` "
-                    f"on {type(pl_module).__name__} or give the Trainer a non-empty {stage} dataloader"
-                )
+            source, guessed = f"{type(pl_module).__name__}.example_input_array", False
+        elif batch is not None:
             example = batch_inputs(batch, self.batch_to_input).to("cpu")
-            source = f"the first {stage} batch"
-            self._declared_inputs = False
-        check_example_inputs(target, example, source, keyed_batch=self.batch_to_input is None)
-        return example
+            source, guessed = f"the first {stage} batch", self.batch_to_input is None
+        else:
+            raise ValueError(
+                f"{type(self).__name__} needs one real input to prepare the model: give the Trainer a non-empty "
+                f"{stage} dataloader, or set `example_input_array` on {type(pl_module).__name__}"
+            )
+        self._declared_inputs = real is None and pl_module.example_input_array is not None
+        check_example_inputs(target, example, source, keyed_batch=guessed)
+        self.training_call = example
+        return inference_inputs(self._signature, example)
+
+    def inputs_reader(self, pl_module: pl.LightningModule, stage: str) -> Callable[[Any], ExampleInputs]:
+        """``batch -> inputs``: the quantized submodule's prediction inputs as the LightningModule's step for
+        ``stage``'s data (``"train"``, ``"val"``, ``"test"``) calls it on that batch. Everything that runs the
+        float or int8 model on data (calibration, checks, the report, searches) reads batches through it."""
+        calls = StepCalls(pl_module, lambda: self.target(pl_module), step_name(pl_module, stage), self.batch_to_input)
+        signature = self._signature or forward_signature(self.target(pl_module))
+        return lambda batch: inference_inputs(signature, calls(batch))
 
     def _record_real_call(self, pl_module: pl.LightningModule) -> None:
         """Take the quantized module's inputs from its first call in this run (see :meth:`_on_real_call`)."""
@@ -189,22 +212,24 @@ class QuantizationCallback(Callback):
         self._real_call_hook = None
 
     def _on_real_call(self, module: nn.Module, real: ExampleInputs) -> None:
-        """The module's first real call. Inputs read from the data are replaced by it for checks,
-        exports and the report; ``example_input_array`` is kept unless its inputs are of other
-        names or kinds. Subclasses refuse a call the prepared model cannot take."""
+        """The module's first call in the loop. It replaces inputs that were not read off the step (a step
+        that cannot run outside the loop, ``example_input_array``) where they are of other names or kinds,
+        with a warning: exports, checks and the report use the real call."""
+        real = inference_inputs(self._signature or forward_signature(module), real)
         example = self.example_inputs
         if example is None:
             self.example_inputs = real
             return
         agree = input_kinds(module, example) == input_kinds(module, real)
-        if self._declared_inputs and agree:
+        if agree:
+            if not self._declared_inputs:
+                self.example_inputs = real  # the same inputs, now by position and name as the loop calls them
             return
-        if not agree:
-            where = "example_input_array" if self._declared_inputs else "the data"
-            rank_zero_warn(
-                f"{self._target_path!r} is called with {describe_inputs(module, real)}, but the inputs taken from "
-                f"{where} were {describe_inputs(module, example)}: exports, checks and the report use the real call"
-            )
+        where = "example_input_array" if self._declared_inputs else "the data"
+        rank_zero_warn(
+            f"{self._target_path!r} is called with {describe_inputs(module, real)}, but the inputs taken from "
+            f"{where} were {describe_inputs(module, example)}: exports, checks and the report use the real call"
+        )
         self.example_inputs = real
 
     def _check_export_dir(self, trainer: pl.Trainer) -> None:

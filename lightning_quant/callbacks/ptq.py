@@ -21,7 +21,6 @@ from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, Flow, LayerS
 from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.flows.dynamic import DEFAULT_DYNAMIC_TYPES, FP16_ENGINES, quantize_dynamic_copy
-from lightning_quant.quantization.inputs import ExampleInputs, describe_inputs, input_kinds
 from lightning_quant.quantization.ptq import (
     Mode,
     builder,
@@ -216,17 +215,6 @@ class PostTrainingQuantization(QuantizationCallback):
         self._forget_real_call()
 
     @override
-    def _on_real_call(self, module: nn.Module, real: ExampleInputs) -> None:
-        read = self.example_inputs
-        if self.mode is Mode.STATIC and read is not None and input_kinds(module, read) != input_kinds(module, real):
-            raise ValueError(
-                f"calibration reads the model input from each batch as {describe_inputs(module, read)}, but the "
-                f"model calls {self._target_path!r} with {describe_inputs(module, real)}: pass batch_to_input= "
-                "returning that call's inputs (a dict for keyword inputs)"
-            )
-        super()._on_real_call(module, real)
-
-    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._quantize_and_export(trainer, pl_module)
 
@@ -236,9 +224,12 @@ class PostTrainingQuantization(QuantizationCallback):
             self._quantize_and_export(trainer, pl_module)
 
     # ------------------------------------------------------------------ helpers: what
-    def _search_float_islands(self, trainer: pl.Trainer, target: nn.Module) -> QuantizationConfig:
+    def _search_float_islands(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, target: nn.Module
+    ) -> QuantizationConfig:
         """Run the skip search on validation batches; returns the config with the layers kept in float."""
         loader = first_of(trainer.val_dataloaders) or stage_dataloader(trainer, "validate")
+        eval_reader = self.inputs_reader(pl_module, "val" if loader is not None else self._calibration_stage)
         loader = loader or self._calibration_source(trainer)
         batches = list(itertools.islice(iter(loader), self.eval_batches))
         reducer = self._reducer(trainer)
@@ -248,7 +239,7 @@ class PostTrainingQuantization(QuantizationCallback):
             self.mode,
             self._calibration_source(trainer) if self.mode is Mode.STATIC else None,
             self.calibration_batches,
-            self.batch_to_input,
+            self.inputs_reader(pl_module, self._calibration_stage),
             self.dtype,
             self.module_types,
             reducer=reducer,
@@ -262,7 +253,7 @@ class PostTrainingQuantization(QuantizationCallback):
             self.config.engine,
             self.max_metric_drop,
             search_targets(batches, self.search_score),
-            self.batch_to_input,
+            eval_reader,
             reducer=reducer,
             ladder=self.search_precisions,
             max_size_bytes=self.max_size_bytes,
@@ -337,6 +328,12 @@ class PostTrainingQuantization(QuantizationCallback):
             raise ValueError(f"calibration_data={self.calibration_data!r}: the Trainer has no such dataloader")
         return source
 
+    @property
+    def _calibration_stage(self) -> str:
+        """Whose step reads the calibration batches: ``validation_step`` for ``calibration_data="val"``, else
+        ``training_step``."""
+        return "val" if self.calibration_data == "val" else "train"
+
     def _calibration_batches_source(self, trainer: pl.Trainer) -> Iterable[Any] | None:
         if not isinstance(self.calibration_data, str):
             return self.calibration_data
@@ -346,7 +343,7 @@ class PostTrainingQuantization(QuantizationCallback):
         target = self.target(pl_module)
         config = self.config
         if self.max_metric_drop is not None or self.max_size_bytes is not None:
-            config = self._search_float_islands(trainer, target)
+            config = self._search_float_islands(trainer, pl_module, target)
         self.calibrated_model = None
         if config.flow is Flow.TORCHAO:
 
@@ -362,7 +359,7 @@ class PostTrainingQuantization(QuantizationCallback):
                 self._calibration_source(trainer),
                 config,
                 self.calibration_batches,
-                self.batch_to_input,
+                self.inputs_reader(pl_module, self._calibration_stage),
                 self.example_inputs,
                 progress=self.progress and trainer.is_global_zero,
                 reducer=self._reducer(trainer),

@@ -25,10 +25,9 @@ from lightning_quant.quantization.calibrate import first_non_finite_layer
 from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, Flow, QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy, unobserved
 from lightning_quant.quantization.distributed import RankReducer
-from lightning_quant.quantization.flows import get_flow
+from lightning_quant.quantization.flows import get_flow, inference_view
 from lightning_quant.quantization.inputs import (
     ExampleInputs,
-    batch_inputs,
     batch_targets,
     describe_inputs,
     input_kinds,
@@ -204,7 +203,7 @@ class QuantizationAwareTraining(QuantizationCallback):
             if self.convert_on_fit_end:
                 self._check_export_dir(trainer)
             if self._target_path is not None and not is_prepared(target):
-                self.example_inputs = None  # another model than last time: its own inputs
+                self.example_inputs = self.training_call = None  # another model than last time: its own inputs
             self._target_path = path
             self._prepare(trainer, pl_module, stage)
         else:
@@ -319,7 +318,7 @@ class QuantizationAwareTraining(QuantizationCallback):
     @override
     def float_reference(self, pl_module: pl.LightningModule) -> nn.Module:
         """A CPU copy of the QAT model with quantization switched off: float outputs, int8 module names."""
-        reference = copy.deepcopy(self.target(pl_module)).cpu().eval()
+        reference = copy.deepcopy(inference_view(self.target(pl_module))).cpu().eval()
         set_fake_quant(reference, False)
         set_observers(reference, False)
         return reference
@@ -436,7 +435,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         if self._current_batch is None or self._target_path is None or not hasattr(exception, "add_note"):
             return
         batch, batch_idx, epoch = self._current_batch
-        found = first_non_finite_layer(self.target(pl_module), batch_inputs(batch, self.batch_to_input))
+        found = first_non_finite_layer(self.target(pl_module), self.inputs_reader(pl_module, "train")(batch))
         if found is None:
             return
         first_bad_loss = next(((e, b) for e, b, finite in self._loss_finite if not bool(finite)), None)
@@ -479,7 +478,8 @@ class QuantizationAwareTraining(QuantizationCallback):
             return
         self._notify(trainer, pl_module, "prepare")  # e.g. KD copies the float model
         training = pl_module.training
-        prepared = get_flow(self.config.flow).prepare(target, self.config, self.example_inputs, qat=True)
+        call = self.training_call if self.training_call is not None else self.example_inputs
+        prepared = get_flow(self.config.flow).prepare(target, self.config, call, qat=True)
         attach(prepared, static_recipe(self.config, self.example_inputs, qat=True))  # for save_int8
         replace_target(pl_module, path, prepared)
         prepared.train(training)
@@ -527,7 +527,8 @@ class QuantizationAwareTraining(QuantizationCallback):
         targets = batch_targets(batches)
         if targets is None:
             return
-        outputs = collect_outputs(self.convert(pl_module), batches, self.config.engine, self.batch_to_input)
+        to_input = self.inputs_reader(pl_module, "val")
+        outputs = collect_outputs(self.convert(pl_module), batches, self.config.engine, to_input)
         metric = module_metric(pl_module)
         # over every rank's validation batches: the value of the whole validation set, on every rank
         name, value = task_metric(outputs, targets, metric, RankReducer.current(trainer.strategy.root_device))
@@ -541,7 +542,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         the layers where they part and, with ``keep_diverging_float``, convert again with those
         layers float when that follows the fake-quant model more closely (rank zero decides, so
         every rank holds the same model). Kept in ``callback.fidelity``; logged as ``qat/int8_fidelity``."""
-        batches, to_input = self._fidelity_batches(trainer)
+        batches, to_input = self._fidelity_batches(trainer, pl_module)
         target, engine = self.target(pl_module), self.config.engine
         reference = fake_quant_reference(target) if batches else None
         fidelity = conversion_fidelity(reference, int8, batches, engine, to_input) if reference is not None else None
@@ -612,19 +613,17 @@ class QuantizationAwareTraining(QuantizationCallback):
             f"choose them ({before:.4f} -> {after:.4f}), so they stay int8"
         )
 
-    def _fidelity_batches(self, trainer: pl.Trainer) -> tuple[list[Any], Callable[[Any], Any] | None]:
-        """Up to ``FIDELITY_BATCHES`` validation batches, when they give the inputs of the model's real
-        call; else the real call's inputs (a LightningModule may add inputs of its own in its steps)."""
+    def _fidelity_batches(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> tuple[list[Any], Callable[[Any], Any] | None]:
+        """Up to ``FIDELITY_BATCHES`` validation batches, read as ``validation_step`` calls the model; else
+        the real call's inputs."""
         loader = first_of(trainer.val_dataloaders) if trainer.val_dataloaders is not None else None
         batches: list[Any] = list(itertools.islice(iter(loader), FIDELITY_BATCHES)) if loader is not None else []
+        if batches:
+            return batches, self.inputs_reader(pl_module, "val")
         example = self.example_inputs
-        if batches and example is not None:
-            given = batch_inputs(batches[0], self.batch_to_input)
-            if len(given.args) != len(example.args) or sorted(given.kwargs) != sorted(example.kwargs):
-                batches = []
-        if not batches:
-            return ([example.to("cpu")], None) if example is not None else ([], None)
-        return batches, self.batch_to_input
+        return ([example.to("cpu")], None) if example is not None else ([], None)
 
     def _convert_and_export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._keep_float = []

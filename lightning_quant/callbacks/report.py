@@ -143,7 +143,7 @@ class QuantizationReport(QuantizationListener, Callback):
             metric=module_metric(pl_module),
             threshold=self.threshold,
             next_steps=steps,
-            batch_to_input=callback.batch_to_input,
+            batch_to_input=callback.inputs_reader(pl_module, self.data if isinstance(self.data, str) else "val"),
             reducer=RankReducer.current(trainer.strategy.root_device),
         )
         if trainer.is_global_zero:

@@ -24,7 +24,7 @@ import torch.nn as nn
 from lightning_quant.quantization import flows
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.inputs import batch_inputs
-from lightning_quant.quantization.outputs import collect_outputs, flat_tensors, mean_cosine, sqnr_db
+from lightning_quant.quantization.outputs import collect_outputs, flat_tensors, mean_cosine, prediction_of, sqnr_db
 from lightning_quant.quantization.schedule import set_observers
 from lightning_quant.utils.modules import within
 
@@ -40,10 +40,9 @@ DIVERGED_SQNR_DB = 30.0
 
 
 def _dequantized(value: Any) -> torch.Tensor | None:
-    tensors = flat_tensors(value)
-    if not tensors:
+    if not flat_tensors(value):
         return None
-    tensor = tensors[0]
+    tensor = prediction_of(value)
     return tensor.dequantize() if tensor.is_quantized else tensor
 
 
@@ -204,7 +203,7 @@ class Fidelity:
 def fake_quant_reference(prepared: nn.Module) -> nn.Module:
     """A CPU, eval-mode copy of a QAT model with its observers stopped: the fake-quant model as
     validation runs it, which :func:`conversion_fidelity` compares int8 models with."""
-    reference = copy.deepcopy(prepared).cpu().eval()
+    reference = copy.deepcopy(flows.inference_view(prepared)).cpu().eval()
     set_observers(reference, False)
     return reference
 

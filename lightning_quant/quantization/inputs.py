@@ -15,8 +15,9 @@ Anything else needs a ``batch_to_input`` callable returning one of those forms.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,6 +145,23 @@ def dynamic_shapes(
     return shapes
 
 
+@contextlib.contextmanager
+def generation_cache_off(module: torch.nn.Module) -> Iterator[None]:
+    """A Hugging Face model's key/value cache (``config.use_cache``, on by default for causal LMs) off for
+    the block, and back as it was after: the cache is for generation, a captured program returns the
+    model's outputs without it (``torch.export`` cannot return the cache object)."""
+    configs: list[Any] = [
+        m.config for m in module.modules() if getattr(getattr(m, "config", None), "use_cache", None) is True
+    ]
+    for config in configs:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        for config in configs:
+            config.use_cache = True
+
+
 def export_program(
     model: torch.nn.Module, example: ExampleInputs, max_batch: int | None = None, max_sequence: int | None = None
 ) -> torch.export.ExportedProgram:
@@ -153,7 +171,7 @@ def export_program(
         example = example.with_batch_size(2)
     from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 
-    with known_torch_warnings_silenced():
+    with known_torch_warnings_silenced(), generation_cache_off(model):
         return torch.export.export(
             model,
             example.args,
@@ -223,6 +241,68 @@ def check_example_inputs(module: torch.nn.Module, example: ExampleInputs, source
                 f"{type(module).__name__}.forward{signature}, so they cannot be passed to it: drop them from the "
                 f"batch, or pass batch_to_input=lambda batch: {{k: batch[k] for k in {list(signature.parameters)}}}"
             )
+
+
+#: keyword inputs a model takes for training or generation, not for a prediction: a loss's labels, the
+#: switches of a key/value cache and of extra outputs. The int8 model and its files are called without them.
+TRAINING_ONLY_INPUTS = frozenset(
+    {
+        "labels",
+        "label",
+        "start_positions",
+        "end_positions",
+        "next_sentence_label",
+        "return_loss",
+        "num_items_in_batch",
+        "use_cache",
+        "past_key_values",
+        "cache_position",
+        "output_attentions",
+        "output_hidden_states",
+    }
+)
+
+
+def inference_inputs(signature: inspect.Signature, example: ExampleInputs) -> ExampleInputs:
+    """``example`` without the inputs that only training or generation gives (:data:`TRAINING_ONLY_INPUTS`).
+
+    An input is dropped only where the forward ``signature`` gives it a default, so the call stays valid:
+    ``model(input_ids=..., labels=...)`` of a Hugging Face model becomes ``model(input_ids=...)``. Positional
+    inputs bound to such a parameter are dropped too (with whatever follows them staying in place by name).
+    """
+    try:
+        bound = signature.bind_partial(*example.args, **example.kwargs)
+    except (TypeError, ValueError):
+        return example
+    parameters = signature.parameters
+    dropped = {
+        name
+        for name in bound.arguments
+        if name in TRAINING_ONLY_INPUTS and parameters[name].default is not inspect.Parameter.empty
+    }
+    for name, value in bound.arguments.items():
+        if parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            dropped |= {f"**{key}" for key in value if key in TRAINING_ONLY_INPUTS}
+    if not dropped:
+        return example
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    positional = True
+    for name, value in bound.arguments.items():
+        kind = parameters[name].kind
+        if name in dropped:
+            positional = False  # what follows a dropped positional input goes by name
+            continue
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            args.extend(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            kwargs.update({k: v for k, v in value.items() if f"**{k}" not in dropped})
+        elif kind is inspect.Parameter.KEYWORD_ONLY or not positional or name in example.kwargs:
+            positional = positional and name not in example.kwargs
+            kwargs[name] = value
+        else:
+            args.append(value)
+    return ExampleInputs(tuple(args), kwargs)
 
 
 def target_of(batch: Any) -> Any:

@@ -13,7 +13,7 @@ search, the export reload check and the report.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -37,6 +37,27 @@ def flat_tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
+def prediction_of(value: Any) -> torch.Tensor:
+    """The prediction in a model's output: ``logits`` where the output names them (a Hugging Face
+    ``ModelOutput``, a dict), else its first tensor that is not a ``loss``.
+
+    Raises:
+        ValueError: the output holds no tensor.
+    """
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, Mapping) or hasattr(value, "to_tuple"):  # a ModelOutput is a mapping of its set fields
+        items = dict(value.items()) if hasattr(value, "items") else {}
+        if isinstance(items.get("logits"), torch.Tensor):
+            return items["logits"]
+        tensors = [t for key, v in items.items() if key != "loss" for t in flat_tensors(v)]
+    else:
+        tensors = flat_tensors(value)
+    if not tensors:
+        raise ValueError(f"the model's output ({type(value).__name__}) holds no tensor to compare")
+    return tensors[0]
+
+
 def largest_abs(value: Any) -> float:
     """The largest magnitude over every tensor of a nested output (0.0 for none)."""
     return max((float(t.float().abs().max()) for t in flat_tensors(value) if t.numel()), default=0.0)
@@ -57,7 +78,7 @@ def collect_outputs(
     engine: str | None = None,
     batch_to_input: Callable[[Any], Any] | None = None,
 ) -> torch.Tensor:
-    """The first output tensor of ``module`` on every batch, concatenated (dequantized, on CPU).
+    """The prediction (:func:`prediction_of`) of ``module`` on every batch, concatenated (dequantized, on CPU).
 
     Outputs with more than two dimensions (token vectors) become rows of their last dimension,
     so batches padded to different lengths still line up.
@@ -66,7 +87,7 @@ def collect_outputs(
     module = module.eval()
     with quantized_engine(engine or torch.backends.quantized.engine):
         for batch in batches:
-            out = flat_tensors(batch_inputs(batch, batch_to_input).to("cpu")(module))[0]
+            out = prediction_of(batch_inputs(batch, batch_to_input).to("cpu")(module))
             out = (out.dequantize() if out.is_quantized else out).float().cpu()
             outputs.append(out.reshape(-1, out.shape[-1]) if out.dim() > 2 else out)
     return torch.cat(outputs)

@@ -15,6 +15,7 @@ from lightning_quant.evaluation.metrics import classification_accuracy
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.flows import int8_layers
 from lightning_quant.quantization.flows import output_steps as int8_output_steps
+from lightning_quant.quantization.outputs import mean_cosine
 from tests.helpers import (
     FLOWS,
     BoringClassifier,
@@ -273,16 +274,20 @@ def test_ptq_max_metric_drop_argument_checks():
         PostTrainingQuantization(eval_batches=0)
 
 
-def test_ptq_refuses_at_the_first_call_when_calibration_would_feed_other_inputs():
+def test_ptq_calibrates_on_the_call_the_step_makes():
+    """The step adds an input of its own (``extra``): calibration feeds it, so its layer has ranges."""
     from tests.callbacks.test_qat import KeywordClassifier
 
-    refused_before_training(
-        KeywordClassifier(),
-        ValueError,
-        match=r"calibration reads the model input from each batch as \(img: \[16, 1, 6, 6\] float32\), but the model "
-        r"calls 'net' with \(img: \[16, 1, 6, 6\] float32, extra: \[16, 3\] float32\): pass batch_to_input=",
-        callbacks=[PostTrainingQuantization(export=None, progress=False)],
-    )
+    seed_everything(0)
+    model = KeywordClassifier()
+    ptq = PostTrainingQuantization(export=None, progress=False, calibration_batches=4)
+    quiet_trainer(callbacks=[ptq], max_epochs=1).fit(model)
+    assert sorted(ptq.example_inputs.kwargs) == ["extra", "img"]
+    x = random_images(16, seed=5).tensors[0]
+    extra = torch.stack([x.mean(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3)), x.amin(dim=(1, 2, 3))], dim=1)
+    with torch.no_grad():
+        float_out, int8_out = model.net(img=x, extra=extra), ptq.quantized_model(img=x, extra=extra)
+    assert mean_cosine(float_out, int8_out) > 0.99
 
 
 def test_ptq_dynamic_search_chooses_per_layer_precision_within_a_size_budget():

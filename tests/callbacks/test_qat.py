@@ -248,11 +248,41 @@ def test_qat_silences_known_torch_warnings_only():
     )
 
 
-def test_qat_example_input_array_is_used_when_present():
+def test_qat_the_steps_call_wins_over_example_input_array():
     model = BoringClassifier()
     model.example_input_array = torch.zeros(2, 1, 6, 6)
     callback = QuantizationAwareTraining(export=None)
     quiet_trainer(callbacks=[callback], limit_train_batches=1).fit(model)
+    first_x = next(iter(model.train_dataloader()))[0]
+    assert torch.equal(callback.example_inputs.args[0], first_x)
+
+
+class ManualClassifier(BoringClassifier):
+    """Manual optimisation: the step asks for its optimizer before it calls the net, which it cannot do
+    outside the loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])  # no optimizer outside the loop
+        x, y = batch
+        loss = F.cross_entropy(self.net(x * 2.0), y)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        return loss
+
+
+def test_qat_example_input_array_is_used_when_the_step_cannot_run_outside_the_loop():
+    model = ManualClassifier()
+    model.example_input_array = torch.zeros(2, 1, 6, 6)
+    callback = QuantizationAwareTraining(export=None)
+    with pytest.warns(UserWarning, match=r"could not read how ManualClassifier.training_step calls the quantized"):
+        quiet_trainer(callbacks=[callback], limit_train_batches=2).fit(model)
+    # the first step in the loop is the real call: the same kinds of input, so the declared one is kept
     assert torch.equal(callback.example_inputs.args[0], model.example_input_array)
 
 
@@ -652,11 +682,8 @@ def test_qat_uses_the_real_call_for_exports_when_the_batch_shows_less(tmp_path):
     seed_everything(0)
     model = KeywordClassifier()
     qat = QuantizationAwareTraining(export=("torchscript", "onnx"), export_dir=tmp_path)
-    with pytest.warns(
-        UserWarning,
-        match=r"'net' is called with \(img: \[16, 1, 6, 6\] float32, extra: \[16, 3\] "
-        r"float32\), but the inputs taken from the data were \(img: \[16, 1, 6, 6\] float32\)",
-    ):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is called with.*")  # read from the step: nothing to correct
         quiet_trainer(callbacks=[qat], max_epochs=2).fit(model)
     assert sorted(qat.example_inputs.kwargs) == ["extra", "img"]
     assert sorted(qat.export_paths) == ["onnx", "torchscript"] and all(
@@ -664,15 +691,17 @@ def test_qat_uses_the_real_call_for_exports_when_the_batch_shows_less(tmp_path):
     )
 
 
-def test_qat_eager_refuses_a_real_call_it_was_not_prepared_for_before_any_step():
+def test_qat_eager_quantizes_every_float_input_of_the_steps_call(tmp_path):
+    seed_everything(0)
     model = KeywordClassifier()
-    refused_before_training(
-        model,
-        ValueError,
-        match=r"QuantizationAwareTraining prepared 'net' \(eager flow\) to quantize the float inputs \['img'\] read "
-        r"from the data .*, but training calls it with \(img: .*, extra: .*\): set example_input_array",
-        callbacks=[QuantizationAwareTraining(export=None, flow="eager")],
-    )
+    qat = QuantizationAwareTraining(flow="eager", export_dir=tmp_path)
+    quiet_trainer(callbacks=[qat], max_epochs=2).fit(model)
+    assert sorted(model.net.quant) == ["extra", "img"]  # one stub per float input of the real call
+    x = random_images(16, seed=5).tensors[0]
+    extra = torch.stack([x.mean(dim=(1, 2, 3)), x.amax(dim=(1, 2, 3)), x.amin(dim=(1, 2, 3))], dim=1)
+    loaded = torch.jit.load(qat.export_paths["torchscript"])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, extra), qat.quantized_model(img=x, extra=extra))
 
 
 class DoubleClassifier(BoringClassifier):
@@ -685,7 +714,7 @@ def test_qat_refuses_float64_inputs_at_setup():
     refused_before_training(
         DoubleClassifier(),
         ValueError,
-        match=r"the first fit batch gives input 0 as float64: int8 quantization observes float32",
+        match=r"DoubleClassifier.training_step gives input 0 as float64: int8 quantization observes float32",
         callbacks=[QuantizationAwareTraining(export=None)],
     )
 
@@ -714,15 +743,30 @@ class DictBatchClassifier(BoringClassifier):
         return DataLoader(rows, batch_size=8)
 
 
-def test_qat_refuses_a_dict_batch_with_keys_the_forward_does_not_take():
+def test_qat_reads_a_dict_batch_as_the_step_does():
+    qat = QuantizationAwareTraining(export=None)
+    quiet_trainer(callbacks=[qat], limit_train_batches=2, limit_val_batches=0).fit(DictBatchClassifier())
+    # as training_step calls it: x by position, extra by keyword; the batch's labels are not an input
+    assert len(qat.example_inputs.args) == 1 and sorted(qat.example_inputs.kwargs) == ["extra"]
+
+
+def test_qat_refuses_a_dict_batch_with_keys_the_forward_does_not_take_when_it_must_guess():
+    class Guessed(DictBatchClassifier):
+        def training_step(self, batch, batch_idx):
+            self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])  # not outside the loop: guessed
+            return super().training_step(batch, batch_idx)
+
     trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(export=None)])
-    with pytest.raises(
-        ValueError,
-        match=r"the first fit batch is a mapping whose keys \['labels'\] are not arguments of "
-        r"TwoInputNet.forward\(x, extra\), so they cannot be passed to it: drop them from the batch, or pass "
-        r"batch_to_input=",
+    with (
+        pytest.warns(UserWarning, match="could not read how Guessed.training_step"),
+        pytest.raises(
+            ValueError,
+            match=r"the first fit batch is a mapping whose keys \['labels'\] are not arguments of "
+            r"TwoInputNet.forward\(x, extra\), so they cannot be passed to it: drop them from the batch, or pass "
+            r"batch_to_input=",
+        ),
     ):
-        trainer.fit(DictBatchClassifier())
+        trainer.fit(Guessed())
     qat = QuantizationAwareTraining(export=None, batch_to_input=lambda b: {"x": b["x"], "extra": b["extra"]})
     quiet_trainer(callbacks=[qat], limit_train_batches=2, limit_val_batches=0).fit(DictBatchClassifier())
     # as training_step calls it: x by position, extra by keyword

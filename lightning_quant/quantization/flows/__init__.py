@@ -133,6 +133,15 @@ def flow_of(model: nn.Module) -> QuantizationFlow | None:
     return None
 
 
+def inference_view(model: nn.Module) -> nn.Module:
+    """``model`` as it is called for a prediction: for a QAT model whose flow trained the graph of a call
+    with training-only inputs (pt2e with labels), the prediction graph with its trained state (a copy);
+    else ``model`` itself."""
+    flow = flow_of(model)
+    view = getattr(flow, "inference_view", None)
+    return view(model) if view is not None else model
+
+
 def fake_quantizers(model: nn.Module) -> list[tuple[str, Any]]:
     """The fake-quantize modules of ``model``, whichever flow prepared it."""
     return [item for flow in _loaded_flows() for item in flow.fake_quantizers(model)]

@@ -34,7 +34,12 @@ from torch.ao.quantization.fuse_modules import fuse_modules, fuse_modules_qat
 
 from lightning_quant.quantization.config import Precision, QuantizationConfig
 from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
-from lightning_quant.quantization.flows.torch_ao import TorchAoModels, convert_with_trained_qparams, fused_names
+from lightning_quant.quantization.flows.torch_ao import (
+    TorchAoModels,
+    convert_with_trained_qparams,
+    fake_quantize_in_float32,
+    fused_names,
+)
 from lightning_quant.quantization.fusion import fusable_groups as find_fusable_groups
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_layers
@@ -301,7 +306,7 @@ class EagerFlow(TorchAoModels):
             prepared.qconfig = mapping.global_qconfig  # type: ignore[assignment]
             prepared.train(qat)
             (prepare_qat if qat else prepare)(prepared, inplace=True)
-        return prepared
+        return fake_quantize_in_float32(prepared)
 
     def convert(self, prepared: nn.Module) -> nn.Module:
         convert_with_trained_qparams(prepared)

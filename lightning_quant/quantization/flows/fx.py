@@ -14,7 +14,12 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qa
 
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
-from lightning_quant.quantization.flows.torch_ao import TorchAoModels, convert_with_trained_qparams, is_quantized_module
+from lightning_quant.quantization.flows.torch_ao import (
+    TorchAoModels,
+    convert_with_trained_qparams,
+    fake_quantize_in_float32,
+    is_quantized_module,
+)
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_skip
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
@@ -41,7 +46,7 @@ class FxFlow(TorchAoModels):
         prepare = prepare_qat_fx if qat else prepare_fx
         try:
             with known_torch_warnings_silenced():
-                return prepare(model, mapping, example.args, prepare_custom_config=custom)
+                return fake_quantize_in_float32(prepare(model, mapping, example.args, prepare_custom_config=custom))
         except Exception as err:
             raise FxTracingError(_tracing_message(model, err, names, types)) from err
 

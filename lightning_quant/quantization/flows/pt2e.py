@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from lightning_quant.quantization.config import Backend, Observer, Precision, QuantizationConfig
 from lightning_quant.quantization.flows.torch_ao import convert_with_trained_qparams
-from lightning_quant.quantization.inputs import ExampleInputs, export_program
+from lightning_quant.quantization.inputs import ExampleInputs, export_program, forward_signature, inference_inputs
 from lightning_quant.quantization.layers import LayerRules, resolve_layers
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 
@@ -229,28 +229,16 @@ def _as_pt2e_module(graph_module: torch.fx.GraphModule, training: bool) -> Pt2eG
     return graph_module.train(training)
 
 
-def _without_generation_cache(module: nn.Module) -> None:
-    config = getattr(module, "config", None)
-    if getattr(config, "use_cache", False) is True:
-        config.use_cache = False  # type: ignore[union-attr]
-        log.info(
-            "%s: config.use_cache set to False for flow='pt2e': a key/value cache is for generation, and the "
-            "captured graph returns the model's outputs without it",
-            type(module).__name__,
-        )
-
-
 def capture(module: nn.Module, example: ExampleInputs) -> torch.fx.GraphModule:
     """``torch.export`` ``module`` (in its current mode) with a dynamic batch axis.
 
     A Hugging Face model that returns a key/value cache (``config.use_cache``, GPT-2's default) is
-    captured without it: the cache is for generation, and ``torch.export`` cannot return the cache
-    object.
+    captured without it (:func:`~lightning_quant.quantization.inputs.generation_cache_off`); the
+    model's own setting is left as it was.
 
     Raises:
         Pt2eExportError: export failed, or the model's code fixes the batch size.
     """
-    _without_generation_cache(module)
     try:
         exported = export_program(module, example)
     except Exception as err:
@@ -411,6 +399,27 @@ def _quantizer(model: nn.Module, config: QuantizationConfig, rules: LayerRules, 
 _ARITHMETIC = (_aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor)
 
 
+def _check_same_state(
+    training: torch.fx.GraphModule, prediction: torch.fx.GraphModule, call: ExampleInputs, inference: ExampleInputs
+) -> None:
+    """The prediction graph must hold a subset of the training graph's state, tensor for tensor, or the
+    trained state could not be given to it.
+
+    Raises:
+        Pt2eExportError: the graphs' parameters, buffers or quantizers do not line up.
+    """
+    trained = {k: tuple(v.shape) for k, v in training.state_dict().items()}
+    mismatched = [k for k, v in prediction.state_dict().items() if trained.get(k) != tuple(v.shape)]
+    if mismatched:
+        dropped = sorted(set(call.kwargs) - set(inference.kwargs))
+        raise Pt2eExportError(
+            f"flow='pt2e' captured the training call (with {dropped}) and the prediction call (without them) "
+            f"as graphs whose quantizers do not line up (e.g. {mismatched[:3]}), so the trained ranges could not "
+            "be carried to the int8 model; compute the loss in training_step from the model's logits "
+            "(call it without labels), or use flow='torchao', which keeps the model's own forward"
+        )
+
+
 def _restore_integer_constants(graph_module: torch.fx.GraphModule) -> int:
     """Give back their integer dtype to scalars a quantizer turned into float constants in integer
     arithmetic. XNNPACKQuantizer's annotation pass makes every scalar operand of add/sub/mul a float32
@@ -522,11 +531,25 @@ class Pt2eFlow:
         rules = resolve_layers(model, config)
         quantizer = _quantizer(model, config, rules, qat)
         model.train(qat)
-        graph_module = capture(model, example)
-        with known_torch_warnings_silenced(), _quicker_conv_bn_folding():
-            prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(graph_module, quantizer)
-        _restore_integer_constants(prepared)
+        inference = inference_inputs(forward_signature(model), example)
+        if not qat:  # a post-training model is captured as it is called for a prediction
+            example = inference
+
+        def prepared_graph(call: ExampleInputs) -> torch.fx.GraphModule:
+            graph_module = capture(model, call)
+            with known_torch_warnings_silenced(), _quicker_conv_bn_folding():
+                graph = (prepare_qat_pt2e if qat else prepare_pt2e)(graph_module, quantizer)
+            _restore_integer_constants(graph)
+            return graph
+
+        prepared = prepared_graph(example)
         prepared.meta[Pt2eGraphModule.META] = {"backend": config.backend.value}
+        if inference is not example:
+            # QAT trains the graph of the training call (labels in, loss out); the int8 model is the graph
+            # of the prediction call, given the trained state at conversion (see inference_view)
+            prediction = _as_pt2e_module(prepared_graph(inference), qat)
+            _check_same_state(prepared, prediction, example, inference)
+            prepared.meta[Pt2eGraphModule.META]["inference"] = prediction
         prepared = _as_pt2e_module(prepared, qat)
         if not (self.fake_quantizers(prepared) or self.observers(prepared)):
             import torchao
@@ -539,10 +562,28 @@ class Pt2eFlow:
             )
         return prepared
 
+    def inference_view(self, prepared: nn.Module) -> nn.Module:
+        """The graph of the prediction call with ``prepared``'s trained state, where QAT trained the graph of
+        a call with training-only inputs (labels); else ``prepared`` itself."""
+        meta: dict[str, Any] = (
+            prepared.meta.get(Pt2eGraphModule.META, {}) if isinstance(prepared, Pt2eGraphModule) else {}
+        )
+        graph = meta.get("inference")
+        if graph is None:
+            return prepared
+        view = copy.deepcopy(graph)
+        state = prepared.state_dict()
+        view.load_state_dict({key: state[key] for key in view.state_dict()})
+        view.meta[Pt2eGraphModule.META] = {k: v for k, v in meta.items() if k != "inference"}
+        first = next(iter(state.values()), None)
+        return view.to(first.device if isinstance(first, torch.Tensor) else "cpu").train(prepared.training)
+
     def convert(self, prepared: nn.Module) -> nn.Module:
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
         assert isinstance(prepared, Pt2eGraphModule), "the pt2e flow converts what it prepared"
+        prepared = self.inference_view(prepared)
+        assert isinstance(prepared, Pt2eGraphModule)
         prepared.eval()
         convert_with_trained_qparams(prepared, self._quantizer_classes()[0])
         with known_torch_warnings_silenced(), _quicker_conv_bn_folding():

@@ -37,6 +37,23 @@ def fused_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, _FusedModule)]
 
 
+def _float32_input(module: nn.Module, args: tuple) -> tuple | None:
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float32:
+        return (x.float(), *args[1:])
+    return None
+
+
+def fake_quantize_in_float32(model: nn.Module) -> nn.Module:
+    """Every fake quantizer of ``model`` takes its input in float32 (``Trainer(precision="bf16-mixed")``
+    hands it bfloat16 activations, which torch.ao's fake quantization kernels refuse); it returns float32,
+    the exact values of the int8 grid, and autocast casts them again for the next layer. Returns ``model``."""
+    for module in model.modules():
+        if isinstance(module, FakeQuantizeBase):
+            module.register_forward_pre_hook(_float32_input)
+    return model
+
+
 def _quantizer(module: nn.Module) -> bool:
     return isinstance(module, (ObserverBase, FakeQuantizeBase))
 
