@@ -380,6 +380,54 @@ def reload_difference(
     return worst
 
 
+class ExportFailedError(RuntimeError):
+    """An export target could not serialise the int8 model, or its file did not reload as the model; the
+    message names the target and what to do. Nothing of the export set was written."""
+
+    def __init__(self, target: ExportTarget, message: str) -> None:
+        super().__init__(message)
+        self.target = target
+
+
+def serialized(
+    int8_for_engine: Callable[[str], nn.Module],
+    targets: Iterable[ExportTarget],
+    example: ExampleInputs,
+    backend: Backend,
+) -> dict[ExportTarget, tuple[str, bytes, float]]:
+    """Each target's file as bytes, checked by reloading it: ``{target: (engine, data, reload max |diff|)}``.
+    Writes nothing: :func:`export_int8` writes what this gives, and the callbacks rehearse it before
+    training on the untrained model.
+
+    Raises:
+        ExportFailedError: a target could not serialise the model, or its file disagrees when reloaded.
+    """
+    example = example.to("cpu")
+    out: dict[ExportTarget, tuple[str, bytes, float]] = {}
+    for target in targets:
+        engine = engine_for(target, backend)
+        model = int8_for_engine(engine)
+        # a .pt2 program keeps the model's calling convention (keyword inputs of a Hugging Face model
+        # stay keywords); TorchScript, ONNX and ExecuTorch's flat inputs take positions
+        inputs = example if target is ExportTarget.PT2 else as_positional(model, example)
+        try:
+            with quantized_engine(engine):
+                data, load = _SERIALIZERS[target](model, inputs, backend)
+            diff = reload_difference(target, model, load(data), inputs, engine) if load is not None else float("nan")
+        except (ModuleNotFoundError, ExportCheckError):
+            raise
+        except Exception as err:
+            first = " ".join(str(err).split())[:400]
+            raise ExportFailedError(
+                target,
+                f"export {target.value!r} failed: {type(err).__name__}: {first}. Drop {target.value!r} from "
+                f"export= (the other targets of this flow: {[t.value for t in targets if t is not target]}), "
+                "or make that construct of the model serialisable",
+            ) from err
+        out[target] = (engine, data, diff)
+    return out
+
+
 def export_int8(
     int8_for_engine: Callable[[str], nn.Module],
     targets: Iterable[ExportTarget],
@@ -399,23 +447,15 @@ def export_int8(
         basename: file name stem; ``model_int8`` gives ``model_int8.pt``, ``model_int8.ptl``...
 
     Raises:
-        ExportCheckError: a reloaded file disagrees with the in-process model (nothing is written).
+        ExportFailedError: a target could not serialise the model, or a reloaded file disagrees with the
+            in-process model (nothing is written).
         OSError: the files could not be written (nothing is changed).
     """
     directory = check_writable_folder(directory, "export_dir")
-    example = example.to("cpu")
     staged: dict[Path, bytes] = {}
     records: dict[str, ExportRecord] = {}
-    for target in targets:
-        engine = engine_for(target, backend)
+    for target, (engine, data, diff) in serialized(int8_for_engine, targets, example, backend).items():
         path = directory / f"{basename}{SUFFIXES[target]}"
-        model = int8_for_engine(engine)
-        # a .pt2 program keeps the model's calling convention (keyword inputs of a Hugging Face model
-        # stay keywords); TorchScript, ONNX and ExecuTorch's flat inputs take positions
-        inputs = example if target is ExportTarget.PT2 else as_positional(model, example)
-        with quantized_engine(engine):
-            data, load = _SERIALIZERS[target](model, inputs, backend)
-        diff = reload_difference(target, model, load(data), inputs, engine) if load is not None else float("nan")
         log.info("exported %s (%s engine) for %s; reloaded output max |diff| = %.3g", target.value, engine, path, diff)
         staged[path] = data
         records[target.value] = ExportRecord(target, path, engine, diff)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import lightning.pytorch as pl
+import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
@@ -28,9 +29,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_quant.callbacks._calls import StepCalls, step_name
 from lightning_quant.callbacks._trainer import stage_dataloader, trainer_callbacks
-from lightning_quant.export import ExportRecord, export_int8
+from lightning_quant.export import ExportCheckError, ExportFailedError, ExportRecord, export_int8, serialized
 from lightning_quant.quantization.config import QuantizationConfig, config_from
-from lightning_quant.quantization.convert import allow_int8_kernels_under_determinism
+from lightning_quant.quantization.convert import allow_int8_kernels_under_determinism, quantized_engine
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import (
     ExampleInputs,
@@ -44,6 +45,10 @@ from lightning_quant.quantization.inputs import (
 from lightning_quant.quantization.target import resolve_target
 from lightning_quant.utils.checks import check_callable
 from lightning_quant.utils.files import check_writable_folder
+
+
+class QuantizationRehearsalError(RuntimeError):
+    """The int8 model could not be made or run on the LightningModule's call, found before training."""
 
 
 @runtime_checkable
@@ -165,7 +170,8 @@ class QuantizationCallback(Callback):
         self._signature = forward_signature(target)
         stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
         loader = stage_dataloader(trainer, stage)
-        batch = next(iter(loader), None) if loader is not None else None
+        with torch.random.fork_rng(devices=[]):  # a shuffled loader draws a seed: training shuffles as without us
+            batch = next(iter(loader), None) if loader is not None else None
         calls = StepCalls(pl_module, lambda: self.target(pl_module), step_name(pl_module, stage), self.batch_to_input)
         real = calls.read(batch) if batch is not None and self.batch_to_input is None else None
         if real is not None:
@@ -232,6 +238,55 @@ class QuantizationCallback(Callback):
         )
         self.example_inputs = real
 
+    def _rehearse(self, float_module: nn.Module, convert: Callable[[str], nn.Module]) -> None:
+        """Before any training: convert the untrained model (``convert(engine)``), run the int8 model on the
+        example inputs, and serialise and reload every export target in memory, so what can only fail
+        after training fails now, with the step that failed and the way out. Writes nothing.
+
+        Raises:
+            QuantizationRehearsalError: the int8 model could not be made or run on the step's call.
+            ExportFailedError: an export target cannot serialise this model.
+        """
+        example = self.example_inputs
+        if example is None:
+            return
+        config = self.config
+        converted: dict[str, nn.Module] = {}
+
+        def int8_for(engine: str) -> nn.Module:
+            if engine not in converted:
+                converted[engine] = convert(engine)
+            return converted[engine]
+
+        try:
+            with torch.random.fork_rng(devices=[]):  # what conversion draws is not taken from training
+                int8 = int8_for(config.engine)
+            with quantized_engine(config.engine), torch.no_grad():
+                example.to("cpu")(int8)
+        except ValueError:  # ours, with its own remedy (nothing to quantize, a layer setting...)
+            raise
+        except Exception as err:
+            if type(err).__module__.startswith("lightning_quant."):  # a tracing or capture error names its way out
+                raise
+            first = " ".join(str(err).split())[:400]
+            raise QuantizationRehearsalError(
+                f"{type(self).__name__}: before any training or calibration, the int8 model of {self._target_path!r} "
+                f"({config.flow.value} flow) could not be made or run on the call "
+                f"{describe_inputs(float_module, example)}: {type(err).__name__}: {first}. Nothing was "
+                "trained. Keep the layer float (skip=[...] or layers={name: 'float'}), or use another flow "
+                "(fx traces the model and quantizes + and * too; torchao quantizes Linear layers without tracing; "
+                "eager needs torch.ao.nn.quantized.FloatFunctional for + and *)"
+            ) from err
+        if config.export:
+            try:
+                with torch.random.fork_rng(devices=[]):
+                    serialized(int8_for, config.export, example, config.backend)
+            except (ExportFailedError, ExportCheckError) as err:
+                raise ExportFailedError(
+                    getattr(err, "target", config.export[0]),
+                    f"{type(self).__name__}: before any training or calibration, on the untrained model: {err}; nothing was trained",
+                ) from err
+
     def _check_export_dir(self, trainer: pl.Trainer) -> None:
         """A folder that cannot receive the files fails now, not after training."""
         if self.config.export:
@@ -285,9 +340,17 @@ class QuantizationCallback(Callback):
                     converted[engine] = convert(engine)
                 return converted[engine]
 
-            self.export_records = export_int8(
-                int8_for, config.export, self.export_dir(trainer), self.example_inputs, config.backend
-            )
+            try:
+                self.export_records = export_int8(
+                    int8_for, config.export, self.export_dir(trainer), self.example_inputs, config.backend
+                )
+            except (ExportFailedError, ExportCheckError) as err:
+                raise ExportFailedError(
+                    getattr(err, "target", config.export[0]),
+                    f"{err}. callback.quantized_model holds the int8 model, the trained model and its checkpoints "
+                    f"are kept, and no file of the export set was written; export it again with "
+                    f"lightning_quant.export.export_int8 or save_int8",
+                ) from err
             self.export_paths = self._log_exports(trainer)
         if config.export:
             # every rank knows where the files are, and finds them there when fit returns

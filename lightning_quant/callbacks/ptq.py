@@ -192,6 +192,7 @@ class PostTrainingQuantization(QuantizationCallback):
         self._check_fp16_engines()
         self.example_inputs = self._take_example_inputs(trainer, pl_module, stage)
         self._check_export_dir(trainer)
+        self._rehearse(target, self._trial_conversion(target))
         if self.mode is Mode.STATIC:
             source = self._calibration_batches_source(trainer)
             if source is None:
@@ -276,6 +277,28 @@ class PostTrainingQuantization(QuantizationCallback):
             return dataclasses.replace(self.config, layers=rules)
         return dataclasses.replace(self.config, skip=tuple(self.config.skip) + tuple(search.skipped))
 
+    def _uncalibrated_conversion(self, target: nn.Module, config: QuantizationConfig) -> Callable[[str], nn.Module]:
+        """``engine -> int8 copy of target`` for the modes that need no calibration (dynamic, torchao)."""
+        if config.flow is Flow.TORCHAO:
+            return lambda engine: torchao_copy(target, config)
+        return lambda engine: quantize_dynamic_copy(target, config, self.module_types, self.dtype, engine)
+
+    def _trial_conversion(self, target: nn.Module) -> Callable[[str], nn.Module]:
+        """``engine -> int8 model`` as the end of fit makes it, calibrated on the example inputs alone: for
+        the rehearsal before training."""
+        if self.config.flow is Flow.TORCHAO or self.mode is Mode.DYNAMIC:
+            return self._uncalibrated_conversion(target, self.config)
+        calibrated: list[nn.Module] = []
+
+        def convert(engine: str) -> nn.Module:
+            assert self.example_inputs is not None, "taken in setup"
+            if not calibrated:
+                example = self.example_inputs.to("cpu")
+                calibrated.append(prepare_and_calibrate(target, [example], self.config, 1, None, example, False))
+            return convert_calibrated(calibrated[0], self.config, engine)
+
+        return convert
+
     @override
     def float_reference(self, pl_module: pl.LightningModule) -> nn.Module:
         """A CPU copy computing float outputs under the int8 model's module names (for per-layer error)."""
@@ -345,14 +368,8 @@ class PostTrainingQuantization(QuantizationCallback):
         if self.max_metric_drop is not None or self.max_size_bytes is not None:
             config = self._search_float_islands(trainer, pl_module, target)
         self.calibrated_model = None
-        if config.flow is Flow.TORCHAO:
-
-            def convert(engine: str) -> nn.Module:
-                return torchao_copy(target, config)
-        elif self.mode is Mode.DYNAMIC:
-
-            def convert(engine: str) -> nn.Module:
-                return quantize_dynamic_copy(target, config, self.module_types, self.dtype, engine)
+        if config.flow is Flow.TORCHAO or self.mode is Mode.DYNAMIC:
+            convert = self._uncalibrated_conversion(target, config)
         else:
             calibrated = prepare_and_calibrate(
                 target,

@@ -479,15 +479,35 @@ class QuantizationAwareTraining(QuantizationCallback):
         self._notify(trainer, pl_module, "prepare")  # e.g. KD copies the float model
         training = pl_module.training
         call = self.training_call if self.training_call is not None else self.example_inputs
-        prepared = get_flow(self.config.flow).prepare(target, self.config, call, qat=True)
+        with torch.random.fork_rng(devices=[]):  # fused QAT layers initialise weights: training draws as without us
+            prepared = get_flow(self.config.flow).prepare(target, self.config, call, qat=True)
         attach(prepared, static_recipe(self.config, self.example_inputs, qat=True))  # for save_int8
         replace_target(pl_module, path, prepared)
         prepared.train(training)
         self._apply_schedule(pl_module, trainer.current_epoch)
+        if self.convert_on_fit_end:
+            self._rehearse(target, self._trial_conversion(prepared, call))
         rank_zero_info(
             f"[QAT] prepared {path!r} ({type(target).__name__}) with the {self.config.flow.value} flow for "
             f"{self.config.backend.value}; schedule {asdict(self.schedule)}"
         )
+
+    def _trial_conversion(self, prepared: nn.Module, call: ExampleInputs) -> Callable[[str], nn.Module]:
+        """``engine -> int8 model`` of a copy of the untrained QAT model that has seen ``call`` once with
+        fake quantization and observers on: what the end of fit converts, made before training."""
+        trial: list[nn.Module] = []
+
+        def convert(engine: str) -> nn.Module:
+            if not trial:
+                model = copy.deepcopy(prepared).cpu().eval()
+                set_fake_quant(model, True)
+                set_observers(model, True)
+                with torch.no_grad():
+                    call.to("cpu")(model)
+                trial.append(model)
+            return convert_copy(trial[0], self.config.flow, engine)
+
+        return convert
 
     def _apply_schedule(self, pl_module: pl.LightningModule, epoch: int) -> None:
         phase = self.schedule.apply(self.target(pl_module), epoch)

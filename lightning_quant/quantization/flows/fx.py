@@ -242,6 +242,7 @@ def _tracing_message(model: nn.Module, err: Exception, names: tuple, types: tupl
         where = f"the forward of {type(model).__name__} itself"
         remedy = (
             'use flow="pt2e" (torch.export captures what FX cannot: keyword-only **kwargs forwards such as '
-            'Hugging Face models), flow="eager", or move the untraceable code into a submodule and skip it'
+            'Hugging Face models), flow="torchao" (nothing is traced: its Linear layers become int8/int4; for '
+            'transformers), flow="eager", or move the untraceable code into a submodule and skip it'
         )
     return f"FX could not trace {where}: {type(err).__name__}: {err}. To quantize this model, {remedy}."

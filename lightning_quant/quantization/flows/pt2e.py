@@ -246,7 +246,8 @@ def capture(module: nn.Module, example: ExampleInputs) -> torch.fx.GraphModule:
         raise Pt2eExportError(
             f"torch.export could not capture {type(module).__name__} for flow='pt2e': {type(err).__name__}: "
             f"{first}. To quantize this model, make that construct exportable, quantize a submodule that is "
-            "(module=<submodule>), or use flow='fx' or flow='eager'"
+            "(module=<submodule>), or use flow='torchao' (nothing is traced: the model keeps its own forward and "
+            "its Linear layers become int8/int4; for transformers), flow='fx' or flow='eager'"
         ) from err
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 

@@ -156,7 +156,8 @@ def test_a_model_torch_export_cannot_capture_names_the_remedies():
     with pytest.raises(
         Pt2eExportError,
         match=r"torch.export could not capture DataDependent for flow='pt2e': .*quantize a submodule that is "
-        r"\(module=<submodule>\), or use flow='fx' or flow='eager'",
+        r"\(module=<submodule>\), or use flow='torchao' \(nothing is traced: the model keeps its own forward and "
+        r"its Linear layers become int8/int4; for transformers\), flow='fx' or flow='eager'",
     ):
         _prepared(DataDependent())
 
