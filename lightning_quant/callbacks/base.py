@@ -284,7 +284,8 @@ class QuantizationCallback(Callback):
             except (ExportFailedError, ExportCheckError) as err:
                 raise ExportFailedError(
                     getattr(err, "target", config.export[0]),
-                    f"{type(self).__name__}: before any training or calibration, on the untrained model: {err}; nothing was trained",
+                    f"{type(self).__name__}: before any training or calibration, on the untrained model: {err}; "
+                    "nothing was trained",
                 ) from err
 
     def _check_export_dir(self, trainer: pl.Trainer) -> None:
