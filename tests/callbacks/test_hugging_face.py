@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule, seed_everything
 from torch.utils.data import DataLoader
 
-from lightning_quant import FxTracingError, PostTrainingQuantization, QuantizationAwareTraining, load_pt2
+from lightning_quant import (
+    FxTracingError,
+    KnowledgeDistillation,
+    PostTrainingQuantization,
+    QuantizationAwareTraining,
+    load_pt2,
+)
+from lightning_quant.evaluation.analysis import fake_quant_reference
 from lightning_quant.quantization.flows import int8_layers, output_steps
 from lightning_quant.quantization.outputs import mean_cosine
 from tests.helpers import quiet_trainer, requires_torchao
@@ -115,3 +122,147 @@ def test_hugging_face_fx_failure_points_to_pt2e():
     trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(export=None)])
     with pytest.raises(FxTracingError, match=r'use flow="pt2e" \(torch.export captures what FX cannot'):
         trainer.fit(HFClassifier("bert"))
+
+
+# ---------------------------------------------------------------- Hugging Face's own pattern: **batch with labels
+def _labelled(kind: str, n: int, seed: int) -> list[dict]:
+    """Batches as a transformers data collator gives them: the model's inputs and its ``labels`` in one dict
+    (a causal LM's labels are its input ids)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(n):
+        ids = torch.randint(1, VOCAB, (8, 12), generator=g)
+        labels = ids.clone() if kind == "llama" else (ids[:, 0] > VOCAB // 2).long()
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return batches
+
+
+def _labelled_model(kind: str):
+    if kind != "llama":
+        return _model(kind)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+class HFLossModule(LightningModule):
+    """How every transformers example trains: the model computes its own loss from the batch's labels."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.model = _labelled_model(kind)
+        if getattr(self.model.config, "pad_token_id", None) is None:
+            self.model.config.pad_token_id = 0
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(**batch).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        return DataLoader(_labelled(self.kind, 4, 0), batch_size=None)
+
+    def val_dataloader(self):
+        return DataLoader(_labelled(self.kind, 2, 1), batch_size=None)
+
+
+def _prediction_inputs(kind: str) -> dict:
+    return {k: v for k, v in _labelled(kind, 1, 5)[0].items() if k != "labels"}
+
+
+@pytest.mark.parametrize(
+    ("kind", "flow", "export"),
+    [
+        ("bert", "pt2e", "default"),
+        ("bert", "torchao", "default"),
+        ("llama", "pt2e", "default"),
+        ("llama", "torchao", ("state_dict", "pt2")),
+    ],
+)
+def test_hugging_face_loss_from_labels_trains_converts_and_exports(kind, flow, export, tmp_path):
+    seed_everything(0)
+    module = HFLossModule(kind)
+    qat = QuantizationAwareTraining(flow=flow, export=export, export_dir=tmp_path)
+    quiet_trainer(callbacks=[qat, KnowledgeDistillation(alpha=0.3)], max_epochs=1).fit(module)
+    # the labels were a training input only: the int8 model and its files are called for a prediction
+    assert "labels" not in qat.example_inputs.kwargs and "labels" in qat.training_call.kwargs
+    inputs = _prediction_inputs(kind)
+    out = qat.quantized_model(**inputs)
+    assert isinstance(out, transformers.utils.ModelOutput) and out.loss is None
+    assert out.logits.shape == ((8, 2) if kind == "bert" else (8, 12, VOCAB))
+    assert qat.fidelity is not None and qat.fidelity.cosine > 0.99  # compared on logits, not on a loss
+    with torch.no_grad():
+        reference = fake_quant_reference(qat.target(module))(**inputs).logits
+    assert mean_cosine(reference, out.logits) > 0.99
+    assert all(record.max_abs_diff < 0.05 for record in qat.export_records.values())
+    if "pt2" in qat.export_paths:
+        assert mean_cosine(load_pt2(qat.export_paths["pt2"])(**inputs).logits, out.logits) > 0.999
+    if flow == "torchao" and kind == "llama":  # the user's model keeps its generation cache (off only while a
+        assert module.model.config.use_cache is True  # program is captured)
+
+
+@pytest.mark.parametrize(("kind", "flow"), [("bert", "pt2e"), ("llama", "pt2e"), ("llama", "torchao")])
+def test_hugging_face_ptq_of_a_loss_from_labels_model_is_called_without_labels(kind, flow, tmp_path):
+    module = HFLossModule(kind)
+    mode = {"mode": "dynamic"} if flow == "torchao" else {"calibration_batches": 4}
+    ptq = PostTrainingQuantization(flow=flow, export_dir=tmp_path, progress=False, **mode)
+    quiet_trainer(callbacks=[ptq]).validate(module, verbose=False)
+    inputs = _prediction_inputs(kind)
+    with torch.no_grad():
+        float_logits = module.model.eval()(**inputs).logits
+        int8 = ptq.quantized_model(**inputs)
+    assert int8.loss is None and mean_cosine(float_logits, int8.logits) > 0.99
+    assert sorted(ptq.example_inputs.kwargs) == ["attention_mask", "input_ids"]
+
+
+# ---------------------------------------------------------------- Lightning's demo Transformer
+class DemoTransformer(LightningModule):
+    """``lightning.pytorch.demos.Transformer`` trained as its demo trains it: ``self.model(input, target)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lightning.pytorch.demos import Transformer
+
+        torch.manual_seed(0)
+        self.model = Transformer(vocab_size=VOCAB, ninp=32, nhead=2, nhid=64, nlayers=2)
+
+    def training_step(self, batch, batch_idx):
+        inputs, target = batch
+        return F.nll_loss(self.model(inputs, target), target.view(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, VOCAB, (32, 12), generator=g)
+        return DataLoader(torch.utils.data.TensorDataset(x, torch.roll(x, 1, 1)), batch_size=8)
+
+
+def test_lightning_demo_transformer_refused_by_pt2e_naming_torchao_which_trains_it(tmp_path):
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(flow="pt2e", export=None)])
+    with pytest.raises(Exception, match=r"torch.export could not capture Transformer .* use flow='torchao'"):
+        trainer.fit(DemoTransformer())
+    module = DemoTransformer()
+    qat = QuantizationAwareTraining(flow="torchao", export_dir=tmp_path)
+    quiet_trainer(callbacks=[qat], max_epochs=1).fit(module)
+    ptq = PostTrainingQuantization(flow="torchao", mode="dynamic", export_dir=tmp_path / "ptq", progress=False)
+    quiet_trainer(callbacks=[ptq], max_epochs=1).fit(DemoTransformer())
+    x = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        reference = fake_quant_reference(qat.target(module))(x, torch.roll(x, 1, 1))
+        assert mean_cosine(reference.exp(), qat.quantized_model(x, torch.roll(x, 1, 1)).exp()) > 0.99
+    assert sorted(qat.export_paths) == sorted(ptq.export_paths) == ["state_dict"]

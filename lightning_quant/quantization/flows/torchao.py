@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,7 +35,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from lightning_quant.quantization.config import Backend, ExportTarget, Precision, QuantizationConfig, Scheme
+from lightning_quant.quantization.config import (
+    DEFAULT_GROUP_SIZE,
+    Backend,
+    ExportTarget,
+    Precision,
+    QuantizationConfig,
+    Scheme,
+)
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_layers
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
@@ -47,6 +55,8 @@ DEFAULT_QAT_SCHEME = Scheme.INT8_DYN_INT4_WEIGHT
 INT4: torch.dtype = getattr(torch, "int4")  # noqa: B009
 #: where a prepared or converted model keeps its plan
 PLAN_ATTRIBUTE = "_lightning_quant_torchao"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -95,13 +105,15 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, require: bool = Tr
 
     Raises:
         ValueError: a layers/skip key the model lacks, a setting torchao cannot run, an int4 layer
-            whose input size ``group_size`` does not divide, or (``require``) no layer to quantize.
+            whose input size ``group_size`` does not divide (under the default group size, a layer of the
+            global scheme gets int8 weights instead, logged), or (``require``) no layer to quantize.
     """
     TorchaoFlow().check(config)
     scheme = scheme_of(config)
     rules = resolve_layers(model, config)
     plan: dict[str, Scheme] = {}
     misfits: list[str] = []
+    fallbacks: list[str] = []
     for name, module in model.named_modules():
         if not name:
             continue
@@ -117,8 +129,22 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, require: bool = Tr
         if chosen is None:
             continue
         if chosen.weight_bits == 4 and features % config.group_size:
-            misfits.append(f"{name} ({features})")
+            if setting is None and config.group_size == DEFAULT_GROUP_SIZE:
+                # a small layer of the global scheme, under the default group: int8 weights, said; a group or
+                # an int4 layer the user asked for is refused below
+                chosen = layer_scheme(scheme, Precision.INT8)
+                assert chosen is not None
+                fallbacks.append(f"{name} ({features})")
+            else:
+                misfits.append(f"{name} ({features})")
         plan[name] = chosen
+    if fallbacks:
+        log.info(
+            "int8 weights for %s: the default group_size=%d does not divide their input size (int4 groups need it "
+            "to); set group_size= or layers={name: 'int4'|'float'} to choose otherwise",
+            fallbacks[:5],
+            DEFAULT_GROUP_SIZE,
+        )
     if misfits:
         raise ValueError(
             f"group_size={config.group_size} does not divide the input size of the int4 layers {misfits[:5]}"
