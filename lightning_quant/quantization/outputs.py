@@ -13,7 +13,7 @@ search, the export reload check and the report.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,40 +22,9 @@ import torch.nn as nn
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.inputs import batch_inputs
+from lightning_quant.utils.tensors import flat_tensors, prediction_of
 
-
-def flat_tensors(value: Any) -> list[torch.Tensor]:
-    """Every tensor in a (possibly nested) model output, in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in flat_tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in flat_tensors(v)]
-    if hasattr(value, "to_tuple"):  # Hugging Face ModelOutput
-        return flat_tensors(value.to_tuple())
-    return []
-
-
-def prediction_of(value: Any) -> torch.Tensor:
-    """The prediction in a model's output: ``logits`` where the output names them (a Hugging Face
-    ``ModelOutput``, a dict), else its first tensor that is not a ``loss``.
-
-    Raises:
-        ValueError: the output holds no tensor.
-    """
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, Mapping) or hasattr(value, "to_tuple"):  # a ModelOutput is a mapping of its set fields
-        items = dict(value.items()) if hasattr(value, "items") else {}
-        if isinstance(items.get("logits"), torch.Tensor):
-            return items["logits"]
-        tensors = [t for key, v in items.items() if key != "loss" for t in flat_tensors(v)]
-    else:
-        tensors = flat_tensors(value)
-    if not tensors:
-        raise ValueError(f"the model's output ({type(value).__name__}) holds no tensor to compare")
-    return tensors[0]
+__all__ = ["flat_tensors", "prediction_of"]  # they live in utils, below the flows that use them too
 
 
 def largest_abs(value: Any) -> float:

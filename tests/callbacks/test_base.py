@@ -16,7 +16,7 @@ from lightning_quant import (
     QuantizationReport,
 )
 from lightning_quant.quantization.convert import quantized_engine
-from tests.helpers import BoringClassifier, quiet_trainer
+from tests.helpers import BoringClassifier, quiet_trainer, random_images
 
 
 @pytest.mark.parametrize("callback_class", [QuantizationAwareTraining, PostTrainingQuantization])
@@ -106,3 +106,58 @@ def test_int8_model_runs_after_a_deterministic_trainer_and_has_no_gradients(call
     assert [n for n, p in int8.named_parameters() if p.requires_grad] == []  # ...and asks for no gradient
     with torch.no_grad():
         assert int8(torch.randn(3, 1, 6, 6)).shape == (3, 4)
+
+
+# ---------------------------------------------------------------- what can only fail after training
+def _failing_torchscript(monkeypatch, fail_from_call: int) -> None:
+    from lightning_quant import export
+    from lightning_quant.quantization.config import ExportTarget
+
+    real, count = export._SERIALIZERS[ExportTarget.TORCHSCRIPT], {"n": 0}
+
+    def serializer(model, example, backend):
+        count["n"] += 1
+        if count["n"] >= fail_from_call:
+            raise RuntimeError("strides() called on an undefined Tensor")
+        return real(model, example, backend)
+
+    monkeypatch.setitem(export._SERIALIZERS, ExportTarget.TORCHSCRIPT, serializer)
+
+
+def test_an_export_target_that_cannot_hold_the_model_is_refused_before_training(monkeypatch, tmp_path):
+    from lightning_quant.export import ExportFailedError
+
+    _failing_torchscript(monkeypatch, fail_from_call=1)
+    model = BoringClassifier()
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(export_dir=tmp_path)], max_epochs=1)
+    with pytest.raises(
+        ExportFailedError,
+        match=r"QuantizationAwareTraining: before any training or calibration, on the untrained model: export "
+        r"'torchscript' failed: RuntimeError: strides\(\) called on an undefined Tensor. Drop 'torchscript' "
+        r"from export=",
+    ):
+        trainer.fit(model)
+    assert trainer.global_step == 0 and list(tmp_path.iterdir()) == []
+
+
+def test_an_export_that_fails_after_training_keeps_the_int8_model_and_the_checkpoint(monkeypatch, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_quant.export import ExportFailedError
+
+    _failing_torchscript(monkeypatch, fail_from_call=2)  # the rehearsal passes, the export at the end fails
+    qat = QuantizationAwareTraining(export_dir=tmp_path / "quantized")
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "checkpoints")
+    trainer = quiet_trainer(callbacks=[qat, checkpoint], max_epochs=1, enable_checkpointing=True)
+    with pytest.raises(
+        ExportFailedError,
+        match=r"export 'torchscript' failed: .*callback.quantized_model holds the int8 model, the trained model and "
+        r"its checkpoints are kept, and no file of the export set was written",
+    ):
+        trainer.fit(BoringClassifier())
+    assert trainer.global_step == 4 and qat.quantized_model is not None
+    x = random_images(8, seed=5).tensors[0]
+    with quantized_engine(qat.config.engine):
+        assert qat.quantized_model(x).shape == (8, 4)
+    assert [p.suffix for p in (tmp_path / "checkpoints").iterdir()] == [".ckpt"]
+    assert not (tmp_path / "quantized").exists() or list((tmp_path / "quantized").iterdir()) == []

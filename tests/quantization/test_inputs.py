@@ -38,3 +38,31 @@ def test_as_positional_moves_keywords_by_signature():
     a, b = torch.zeros(1), torch.ones(1)
     positional = as_positional(Net(), ExampleInputs((), {"extra": b, "x": a}))
     assert positional.args == (a, b) and positional.kwargs == {}
+
+
+def test_inference_inputs_drop_training_only_inputs_the_forward_makes_optional():
+    import inspect
+
+    from lightning_quant.quantization.inputs import inference_inputs
+
+    def forward(input_ids, attention_mask=None, labels=None, use_cache=None):
+        return None
+
+    signature = inspect.signature(forward)
+    ids, mask, labels = torch.ones(2, 3), torch.ones(2, 3), torch.zeros(2)
+    call = ExampleInputs((), {"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False})
+    assert sorted(inference_inputs(signature, call).kwargs) == ["attention_mask", "input_ids"]
+    # by position: the labels go, what comes after them goes by name
+    positional = inference_inputs(signature, ExampleInputs((ids, mask, labels, True)))
+    assert len(positional.args) == 2 and positional.kwargs == {}
+
+    def required(x, labels):  # labels the forward needs are an input
+        return None
+
+    kept = ExampleInputs((ids, labels))
+    assert inference_inputs(inspect.signature(required), kept) is kept
+
+    def keywords(**kwargs):
+        return None
+
+    assert sorted(inference_inputs(inspect.signature(keywords), call).kwargs) == ["attention_mask", "input_ids"]

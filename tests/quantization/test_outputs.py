@@ -28,3 +28,16 @@ def test_flat_tensors_and_max_abs_diff_walk_nested_outputs():
     assert max_abs_diff(a, b) == pytest.approx(3.0)
     with pytest.raises(ValueError, match=r"outputs differ in structure: 3 tensors vs 1"):
         max_abs_diff(a, torch.tensor([1.0]))
+
+
+def test_prediction_of_takes_logits_never_a_loss():
+    from collections import OrderedDict
+
+    from lightning_quant.quantization.outputs import prediction_of
+
+    loss, logits, hidden = torch.tensor(1.0), torch.ones(2, 3), torch.zeros(2, 4)
+    assert prediction_of(OrderedDict(loss=loss, logits=logits)) is logits
+    assert prediction_of({"loss": loss, "hidden": hidden}) is hidden
+    assert prediction_of((logits, hidden)) is logits
+    with pytest.raises(ValueError, match=r"the model's output \(NoneType\) holds no tensor to compare"):
+        prediction_of(None)

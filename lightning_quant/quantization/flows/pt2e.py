@@ -400,25 +400,56 @@ def _quantizer(model: nn.Module, config: QuantizationConfig, rules: LayerRules, 
 _ARITHMETIC = (_aten.add.Tensor, _aten.sub.Tensor, _aten.mul.Tensor)
 
 
-def _check_same_state(
+def _quantizer_sources(graph: torch.fx.GraphModule) -> dict[str, tuple[str, str, str]]:
+    """Each quantizer module of a prepared graph, by the node whose value it quantizes: that node's name, op
+    and the module it was captured in."""
+    classes = Pt2eFlow()._quantizer_classes()
+    sources: dict[str, tuple[str, str, str]] = {}
+    for node in graph.graph.nodes:
+        if node.op != "call_module" or not isinstance(graph.get_submodule(str(node.target)), classes):
+            continue
+        source = node.args[0] if node.args else None
+        if isinstance(source, torch.fx.Node):
+            stack = source.meta.get("nn_module_stack") or {}
+            where = str(list(stack.values())[-1][0]) if stack else ""
+            sources.setdefault(str(node.target), (source.name, str(source.target), where))
+    return sources
+
+
+def _state_names(
     training: torch.fx.GraphModule, prediction: torch.fx.GraphModule, call: ExampleInputs, inference: ExampleInputs
-) -> None:
-    """The prediction graph must hold a subset of the training graph's state, tensor for tensor, or the
-    trained state could not be given to it.
+) -> dict[str, str]:
+    """``{prediction graph state key: training graph state key}``. Parameters and buffers keep their module
+    names in both captures; quantizers are numbered in the order a graph meets them, and the training
+    graph may quantize more (around the loss), so each is matched by the node whose value it quantizes.
 
     Raises:
-        Pt2eExportError: the graphs' parameters, buffers or quantizers do not line up.
+        Pt2eExportError: a tensor of the prediction graph has no counterpart of the same shape.
     """
-    trained = {k: tuple(v.shape) for k, v in training.state_dict().items()}
-    mismatched = [k for k, v in prediction.state_dict().items() if trained.get(k) != tuple(v.shape)]
-    if mismatched:
+    trained = {node: name for name, node in _quantizer_sources(training).items()}
+    renamed = {name: trained.get(node) for name, node in _quantizer_sources(prediction).items()}
+    training_state = training.state_dict()
+    names: dict[str, str] = {}
+    missing: list[str] = []
+    for key, value in prediction.state_dict().items():
+        module, _, rest = key.partition(".")
+        source: str | None = key
+        if module in renamed:
+            source = f"{renamed[module]}.{rest}" if renamed[module] is not None else None
+        counterpart = training_state.get(source) if source is not None else None
+        if source is None or counterpart is None or counterpart.shape != value.shape:
+            missing.append(key)
+        else:
+            names[key] = source
+    if missing:
         dropped = sorted(set(call.kwargs) - set(inference.kwargs))
         raise Pt2eExportError(
             f"flow='pt2e' captured the training call (with {dropped}) and the prediction call (without them) "
-            f"as graphs whose quantizers do not line up (e.g. {mismatched[:3]}), so the trained ranges could not "
-            "be carried to the int8 model; compute the loss in training_step from the model's logits "
-            "(call it without labels), or use flow='torchao', which keeps the model's own forward"
+            f"as graphs whose state does not line up (e.g. {missing[:3]}), so the trained ranges could not be "
+            "carried to the int8 model; compute the loss in training_step from the model's logits (call it "
+            "without labels), or use flow='torchao', which keeps the model's own forward"
         )
+    return names
 
 
 def _restore_integer_constants(graph_module: torch.fx.GraphModule) -> int:
@@ -545,13 +576,13 @@ class Pt2eFlow:
 
         prepared = prepared_graph(example)
         prepared.meta[Pt2eGraphModule.META] = {"backend": config.backend.value}
+        prepared = _as_pt2e_module(prepared, qat)
         if inference is not example:
             # QAT trains the graph of the training call (labels in, loss out); the int8 model is the graph
             # of the prediction call, given the trained state at conversion (see inference_view)
             prediction = _as_pt2e_module(prepared_graph(inference), qat)
-            _check_same_state(prepared, prediction, example, inference)
-            prepared.meta[Pt2eGraphModule.META]["inference"] = prediction
-        prepared = _as_pt2e_module(prepared, qat)
+            names = _state_names(prepared, prediction, example, inference)
+            prepared.meta[Pt2eGraphModule.META]["inference"] = (prediction, names)
         if not (self.fake_quantizers(prepared) or self.observers(prepared)):
             import torchao
 
@@ -569,12 +600,12 @@ class Pt2eFlow:
         meta: dict[str, Any] = (
             prepared.meta.get(Pt2eGraphModule.META, {}) if isinstance(prepared, Pt2eGraphModule) else {}
         )
-        graph = meta.get("inference")
-        if graph is None:
+        if "inference" not in meta:
             return prepared
+        graph, names = meta["inference"]
         view = copy.deepcopy(graph)
         state = prepared.state_dict()
-        view.load_state_dict({key: state[key] for key in view.state_dict()})
+        view.load_state_dict({key: state[source] for key, source in names.items()})
         view.meta[Pt2eGraphModule.META] = {k: v for k, v in meta.items() if k != "inference"}
         first = next(iter(state.values()), None)
         return view.to(first.device if isinstance(first, torch.Tensor) else "cpu").train(prepared.training)

@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from lightning_quant.quantization import flows
 from lightning_quant.quantization.config import QuantizationConfig
@@ -12,6 +13,7 @@ from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.flows.pt2e import Pt2eExportError, Pt2eGraphModule
 from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.outputs import mean_cosine
 from lightning_quant.quantization.schedule import fake_quantizers, set_bn_frozen, set_observers
 from tests.helpers import TinyNet, requires_executorch
 
@@ -187,3 +189,50 @@ def test_xnnpack_backend_converts_with_int8_activations():
     dtypes = {n.args[-1] for n in int8.graph.nodes if "quantize_per_tensor" in str(n.target)}
     assert dtypes == {torch.int8}
     assert flows.int8_layers(int8) == {"features.0": "int8", "head": "int8"}
+
+
+class _LabelBranch(nn.Module):
+    """Computes its prediction with another layer when it is given labels: the training and the prediction
+    graphs then quantize different layers, and the trained ranges have nowhere to go."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x, labels=None):
+        logits = self.a(x) if labels is None else self.b(x)
+        return logits if labels is None else (F.cross_entropy(logits, labels), logits)
+
+
+def test_pt2e_qat_with_labels_refuses_graphs_whose_state_does_not_line_up():
+    call = ExampleInputs((torch.randn(4, 4),), {"labels": torch.tensor([0, 1, 2, 3])})
+    with pytest.raises(Pt2eExportError, match=r"as graphs whose state does not line up .* use flow='torchao'"):
+        get_flow("pt2e").prepare(_LabelBranch(), QuantizationConfig(flow="pt2e", export=None), call, qat=True)
+
+
+def test_pt2e_qat_with_labels_converts_the_prediction_graph_with_the_trained_state():
+    class WithLoss(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+
+        def forward(self, x, labels=None):
+            logits = self.head(torch.relu(self.body(x)))
+            return logits if labels is None else (F.cross_entropy(logits.view(-1, 3), labels), logits)
+
+    torch.manual_seed(0)
+    call = ExampleInputs((torch.randn(16, 4),), {"labels": torch.randint(0, 3, (16,))})
+    prepared = get_flow("pt2e").prepare(WithLoss(), QuantizationConfig(flow="pt2e", export=None), call, qat=True)
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.1)
+    for _ in range(5):
+        loss, _ = call(prepared)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    view = flows.inference_view(prepared.eval())
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        _, trained_logits = prepared(x, labels=torch.zeros(16, dtype=torch.long))
+        torch.testing.assert_close(view(x), trained_logits)  # the trained state, by the node each quantizes
+        int8 = get_flow("pt2e").convert(prepared)
+        assert mean_cosine(int8(x), trained_logits) > 0.99
