@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint test-gpu test-compat bench bench-pt2e bench-torchao zoo examples clean
+.PHONY: run test lint test-gpu test-compat bench bench-pt2e bench-torchao bench-patterns zoo examples clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ bench-pt2e: $(INSTALLED)
 # torch.ao's dynamic int8: accuracy, size, latency in one table. About 15 minutes on 2 cores; outside CI.
 bench-torchao: $(INSTALLED)
 	$(BIN)/python examples/minilm_torchao.py
+
+# `make bench-patterns`: LightningModules written as users write them (dict batches read in the step,
+# preprocessing and uint8 casts in the step, keyword inputs, siamese, nested, Hugging Face **batch with
+# labels) x flows x callbacks, one figure per cell. About 5 minutes on 2 cores; outside CI (make test
+# asserts the same cells).
+bench-patterns: $(INSTALLED)
+	$(BIN)/python benchmarks/user_patterns.py
 
 examples: $(INSTALLED)
 	for example in ptq_digits ptq_mnist5k qat_digits_pt2e dynamic_lstm_reviews dynamic_minilm; do \

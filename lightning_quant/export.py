@@ -114,7 +114,13 @@ def to_torchscript(model: nn.Module, example: ExampleInputs) -> torch.jit.Script
     with known_torch_warnings_silenced():
         try:
             scripted = torch.jit.script(model)
-            torch.jit.save(scripted, io.BytesIO())
+            undefined = [
+                a.name
+                for a in scripted.forward.schema.arguments
+                if a.has_default_value() and a.default_value is None and str(a.type) == "Tensor"
+            ]
+            if undefined:  # a Tensor input whose default is None: saving the module would fail
+                raise TypeError(f"inputs {undefined} script as Tensor with an undefined default")
             return scripted
         except Exception as script_error:  # TorchScript rejects many Python constructs
             log.info("torch.jit.script failed (%s); tracing on the example inputs instead", type(script_error).__name__)

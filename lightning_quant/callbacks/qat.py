@@ -485,7 +485,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         replace_target(pl_module, path, prepared)
         prepared.train(training)
         self._apply_schedule(pl_module, trainer.current_epoch)
-        if self.convert_on_fit_end:
+        if self.convert_on_fit_end and str(getattr(stage, "value", stage)) == "fit":  # what fit will make, before it
             self._rehearse(target, self._trial_conversion(prepared, call))
         rank_zero_info(
             f"[QAT] prepared {path!r} ({type(target).__name__}) with the {self.config.flow.value} flow for "
@@ -505,7 +505,7 @@ class QuantizationAwareTraining(QuantizationCallback):
                 with torch.no_grad():
                     call.to("cpu")(model)
                 trial.append(model)
-            return convert_copy(trial[0], self.config.flow, engine)
+            return convert_copy(trial[0], self.config.flow, engine)  # (a copy per engine: convert is in place)
 
         return convert
 
