@@ -267,3 +267,17 @@ def test_lightning_demo_transformer_refused_by_pt2e_naming_torchao_which_trains_
         reference = fake_quant_reference(qat.target(module))(x, torch.roll(x, 1, 1))
         assert mean_cosine(reference.exp(), qat.quantized_model(x, torch.roll(x, 1, 1)).exp()) > 0.99
     assert sorted(qat.export_paths) == sorted(ptq.export_paths) == ["state_dict"]
+
+
+@pytest.mark.parametrize("flow", ["pt2e", "torchao"])
+def test_hugging_face_causal_lm_qat_under_bf16_mixed_precision(flow, tmp_path):
+    """Llama's RMSNorm casts to float32 explicitly, which torch.export asserts; under autocast the values
+    before the cast are bfloat16: the assertion is dropped, the cast does its work."""
+    seed_everything(0)
+    module = HFLossModule("llama")
+    qat = QuantizationAwareTraining(flow=flow, export=None)
+    quiet_trainer(callbacks=[qat], max_epochs=1, precision="bf16-mixed").fit(module)
+    inputs = _prediction_inputs("llama")
+    with torch.no_grad():
+        reference = fake_quant_reference(qat.target(module))(**inputs).logits
+    assert mean_cosine(reference, qat.quantized_model(**inputs).logits) > 0.99

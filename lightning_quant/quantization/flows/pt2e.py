@@ -33,7 +33,7 @@ import torch.fx
 import torch.nn as nn
 
 from lightning_quant.quantization.config import Backend, Observer, Precision, QuantizationConfig
-from lightning_quant.quantization.flows.torch_ao import convert_with_trained_qparams
+from lightning_quant.quantization.flows.torch_ao import convert_with_trained_qparams, fake_quantize_in_float32
 from lightning_quant.quantization.inputs import ExampleInputs, export_program, forward_signature, inference_inputs
 from lightning_quant.quantization.layers import LayerRules, resolve_layers
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
@@ -252,6 +252,12 @@ def capture(module: nn.Module, example: ExampleInputs) -> torch.fx.GraphModule:
     from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
     graph_module = exported.module()
+    # export asserts the dtype the capture saw after each explicit cast (Llama's RMSNorm: .to(float32));
+    # under autocast (precision="bf16-mixed") the values before it are bfloat16, and the cast handles that
+    for node in [n for n in graph_module.graph.nodes if n.target is _aten._assert_tensor_metadata.default]:
+        if not node.users:
+            graph_module.graph.erase_node(node)
+    graph_module.recompile()
     for node in graph_module.graph.nodes:
         if node.op == "placeholder" and isinstance(node.meta.get("val"), torch.Tensor):
             value = node.meta["val"]
@@ -572,7 +578,7 @@ class Pt2eFlow:
             with known_torch_warnings_silenced(), _quicker_conv_bn_folding():
                 graph = (prepare_qat_pt2e if qat else prepare_pt2e)(graph_module, quantizer)
             _restore_integer_constants(graph)
-            return graph
+            return fake_quantize_in_float32(graph, self._quantizer_classes()[0])
 
         prepared = prepared_graph(example)
         prepared.meta[Pt2eGraphModule.META] = {"backend": config.backend.value}

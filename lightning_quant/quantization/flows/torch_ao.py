@@ -44,12 +44,12 @@ def _float32_input(module: nn.Module, args: tuple) -> tuple | None:
     return None
 
 
-def fake_quantize_in_float32(model: nn.Module) -> nn.Module:
+def fake_quantize_in_float32(model: nn.Module, base: type = FakeQuantizeBase) -> nn.Module:
     """Every fake quantizer of ``model`` takes its input in float32 (``Trainer(precision="bf16-mixed")``
     hands it bfloat16 activations, which torch.ao's fake quantization kernels refuse); it returns float32,
     the exact values of the int8 grid, and autocast casts them again for the next layer. Returns ``model``."""
     for module in model.modules():
-        if isinstance(module, FakeQuantizeBase):
+        if isinstance(module, base):  # torch.ao's, or torchao's pt2e fake quantizers (``base``)
             module.register_forward_pre_hook(_float32_input)
     return model
 
