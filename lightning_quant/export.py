@@ -116,7 +116,7 @@ def to_torchscript(model: nn.Module, example: ExampleInputs) -> torch.jit.Script
             scripted = torch.jit.script(model)
             undefined = [
                 a.name
-                for a in scripted.forward.schema.arguments
+                for a in scripted.forward.schema.arguments  # type: ignore[attr-defined]
                 if a.has_default_value() and a.default_value is None and str(a.type) == "Tensor"
             ]
             if undefined:  # a Tensor input whose default is None: saving the module would fail

@@ -578,7 +578,8 @@ class Pt2eFlow:
             with known_torch_warnings_silenced(), _quicker_conv_bn_folding():
                 graph = (prepare_qat_pt2e if qat else prepare_pt2e)(graph_module, quantizer)
             _restore_integer_constants(graph)
-            return fake_quantize_in_float32(graph, self._quantizer_classes()[0])
+            fake_quantize_in_float32(graph, self._quantizer_classes()[0])
+            return graph
 
         prepared = prepared_graph(example)
         prepared.meta[Pt2eGraphModule.META] = {"backend": config.backend.value}
