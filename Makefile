@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test lint test-gpu test-compat bench bench-pt2e bench-torchao bench-patterns zoo examples clean
+.PHONY: run test test-slow lint test-gpu test-compat bench bench-pt2e bench-torchao bench-patterns zoo examples clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ run: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
+
+# `make test-slow`: the matrix cells marked slow (pt2e on every user pattern, a Llama through pt2e), whose
+# mechanism a fast cell of `make test` already covers. About 3 minutes on 2 cores; outside CI.
+test-slow: $(INSTALLED)
+	$(BIN)/python -m pytest -m slow
 
 # `make test-gpu`: the callback suites (QAT, distillation, report) with training on a GPU; the
 # int8 conversion and exports run on CPU copies as always. Needs a CUDA torch; outside CI.

@@ -46,6 +46,9 @@ from lightning_quant.quantization.target import resolve_target
 from lightning_quant.utils.checks import check_callable
 from lightning_quant.utils.files import check_writable_folder
 
+#: rehearsals that passed in this process (see ``QuantizationCallback._rehearse``)
+_REHEARSED: set[str] = set()
+
 
 class QuantizationRehearsalError(RuntimeError):
     """The int8 model could not be made or run on the LightningModule's call, found before training."""
@@ -241,7 +244,9 @@ class QuantizationCallback(Callback):
     def _rehearse(self, float_module: nn.Module, convert: Callable[[str], nn.Module]) -> None:
         """Before any training: convert the untrained model (``convert(engine)``), run the int8 model on the
         example inputs, and serialise and reload every export target in memory, so what can only fail
-        after training fails now, with the step that failed and the way out. Writes nothing.
+        after training fails now, with the step that failed and the way out. Writes nothing. A structure,
+        settings and call that passed once in this process are not rehearsed again (a second ``fit``, a
+        sweep's next run).
 
         Raises:
             QuantizationRehearsalError: the int8 model could not be made or run on the step's call.
@@ -251,6 +256,9 @@ class QuantizationCallback(Callback):
         if example is None:
             return
         config = self.config
+        key = self._rehearsal_key(float_module, example)
+        if key in _REHEARSED:  # the same structure, settings and call passed in this process already
+            return
         converted: dict[str, nn.Module] = {}
 
         def int8_for(engine: str) -> nn.Module:
@@ -287,6 +295,12 @@ class QuantizationCallback(Callback):
                     f"{type(self).__name__}: before any training or calibration, on the untrained model: {err}; "
                     "nothing was trained",
                 ) from err
+        _REHEARSED.add(key)
+
+    def _rehearsal_key(self, float_module: nn.Module, example: ExampleInputs) -> str:
+        """What decides whether conversion and export can work: the module's structure (its repr holds every
+        layer and its shapes), the settings, and the call. Subclasses add their own settings."""
+        return f"{type(self).__name__}|{float_module!r}|{self.config!r}|{describe_inputs(float_module, example)}"
 
     def _check_export_dir(self, trainer: pl.Trainer) -> None:
         """A folder that cannot receive the files fails now, not after training."""

@@ -21,6 +21,7 @@ from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, Flow, LayerS
 from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.flows.dynamic import DEFAULT_DYNAMIC_TYPES, FP16_ENGINES, quantize_dynamic_copy
+from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.ptq import (
     Mode,
     builder,
@@ -282,6 +283,11 @@ class PostTrainingQuantization(QuantizationCallback):
         if config.flow is Flow.TORCHAO:
             return lambda engine: torchao_copy(target, config)
         return lambda engine: quantize_dynamic_copy(target, config, self.module_types, self.dtype, engine)
+
+    @override
+    def _rehearsal_key(self, float_module: nn.Module, example: ExampleInputs) -> str:
+        mode = f"|{self.mode.value}|{self.dtype}|{self.module_types}"
+        return super()._rehearsal_key(float_module, example) + mode
 
     def _trial_conversion(self, target: nn.Module) -> Callable[[str], nn.Module]:
         """``engine -> int8 model`` as the end of fit makes it, calibrated on the example inputs alone: for

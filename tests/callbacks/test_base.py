@@ -111,6 +111,7 @@ def test_int8_model_runs_after_a_deterministic_trainer_and_has_no_gradients(call
 # ---------------------------------------------------------------- what can only fail after training
 def _failing_torchscript(monkeypatch, fail_from_call: int) -> None:
     from lightning_quant import export
+    from lightning_quant.callbacks import base
     from lightning_quant.quantization.config import ExportTarget
 
     real, count = export._SERIALIZERS[ExportTarget.TORCHSCRIPT], {"n": 0}
@@ -122,6 +123,7 @@ def _failing_torchscript(monkeypatch, fail_from_call: int) -> None:
         return real(model, example, backend)
 
     monkeypatch.setitem(export._SERIALIZERS, ExportTarget.TORCHSCRIPT, serializer)
+    monkeypatch.setattr(base, "_REHEARSED", set())  # rehearse even what passed earlier in this process
 
 
 def test_an_export_target_that_cannot_hold_the_model_is_refused_before_training(monkeypatch, tmp_path):
@@ -161,3 +163,23 @@ def test_an_export_that_fails_after_training_keeps_the_int8_model_and_the_checkp
         assert qat.quantized_model(x).shape == (8, 4)
     assert [p.suffix for p in (tmp_path / "checkpoints").iterdir()] == [".ckpt"]
     assert not (tmp_path / "quantized").exists() or list((tmp_path / "quantized").iterdir()) == []
+
+
+def test_a_rehearsal_that_passed_is_not_repeated_for_the_same_structure_settings_and_call(monkeypatch):
+    from lightning_quant.callbacks import base
+
+    monkeypatch.setattr(base, "_REHEARSED", set())
+    calls = []
+    real = base.QuantizationCallback._rehearsal_key
+
+    def key(self, float_module, example):
+        calls.append(type(float_module).__name__)
+        return real(self, float_module, example)
+
+    monkeypatch.setattr(base.QuantizationCallback, "_rehearsal_key", key)
+    quiet_trainer(callbacks=[QuantizationAwareTraining(export=None)]).fit(BoringClassifier())
+    assert len(base._REHEARSED) == 1
+    quiet_trainer(callbacks=[QuantizationAwareTraining(export=None)]).fit(BoringClassifier())
+    assert len(base._REHEARSED) == 1 and calls == ["TinyNet", "TinyNet"]  # asked, found, not rehearsed
+    quiet_trainer(callbacks=[QuantizationAwareTraining(export=None, observer="minmax")]).fit(BoringClassifier())
+    assert len(base._REHEARSED) == 2  # other settings: rehearsed

@@ -188,7 +188,7 @@ def _prediction_inputs(kind: str) -> dict:
     [
         ("bert", "pt2e", "default"),
         ("bert", "torchao", "default"),
-        ("llama", "pt2e", "default"),
+        pytest.param("llama", "pt2e", "default", marks=pytest.mark.slow),
         ("llama", "torchao", ("state_dict", "pt2")),
     ],
 )
@@ -269,7 +269,7 @@ def test_lightning_demo_transformer_refused_by_pt2e_naming_torchao_which_trains_
     assert sorted(qat.export_paths) == sorted(ptq.export_paths) == ["state_dict"]
 
 
-@pytest.mark.parametrize("flow", ["pt2e", "torchao"])
+@pytest.mark.parametrize("flow", [pytest.param("pt2e", marks=pytest.mark.slow), "torchao"])
 def test_hugging_face_causal_lm_qat_under_bf16_mixed_precision(flow, tmp_path):
     """Llama's RMSNorm casts to float32 explicitly, which torch.export asserts; under autocast the values
     before the cast are bfloat16: the assertion is dropped, the cast does its work."""

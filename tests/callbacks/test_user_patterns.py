@@ -28,8 +28,6 @@ from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.outputs import mean_cosine
 from tests.helpers import quiet_trainer, requires_torchao
 
-FLOWS = ["fx", "eager", pytest.param("pt2e", marks=requires_torchao), pytest.param("torchao", marks=requires_torchao)]
-
 
 class Net(nn.Module):
     def __init__(self) -> None:
@@ -221,8 +219,20 @@ def _check_int8(pl_module: Classifier, callback, report: QuantizationReport | No
     assert metric["int8"] == pytest.approx(real, abs=1e-6)  # on what the net receives, not on raw batches
 
 
-@pytest.mark.parametrize("flow", FLOWS)
-@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def _cells(flows: list[str], fast_on_pt2e: tuple[str, ...]) -> list:
+    """Every pattern on every flow; pt2e cells (capture, and a .pt2 file that compiles when checked: ~10 s
+    each here) outside ``fast_on_pt2e`` are marked slow (``make test-slow``)."""
+    cells = []
+    for pattern in sorted(PATTERNS):
+        for flow in flows:
+            marks = [requires_torchao] if flow in ("pt2e", "torchao") else []
+            if flow == "pt2e" and pattern not in fast_on_pt2e:
+                marks.append(pytest.mark.slow)
+            cells.append(pytest.param(pattern, flow, marks=marks, id=f"{pattern}-{flow}"))
+    return cells
+
+
+@pytest.mark.parametrize(("pattern", "flow"), _cells(["fx", "eager", "pt2e", "torchao"], ("normalised_in_step",)))
 def test_qat_with_distillation_and_report_on_code_as_users_write_it(pattern, flow, tmp_path):
     seed_everything(0)
     pl_module = PATTERNS[pattern]()
@@ -244,15 +254,7 @@ def test_qat_with_distillation_and_report_on_code_as_users_write_it(pattern, flo
     _check_int8(pl_module, qat, report if report.report else None, fake_quant_reference(qat.target(pl_module)))
 
 
-#: calibration reads batches through the step the same way on every flow: pt2e (whose files compile when
-#: checked, ~10 s a cell here) on the patterns that change what the net receives
-PTQ_CELLS = [(p, f) for p in sorted(PATTERNS) for f in ("fx", "eager")] + [
-    pytest.param(p, "pt2e", marks=requires_torchao)
-    for p in ("dict_batch", "keyword_and_optional", "normalised_in_step")
-]
-
-
-@pytest.mark.parametrize(("pattern", "flow"), PTQ_CELLS)
+@pytest.mark.parametrize(("pattern", "flow"), _cells(["fx", "eager", "pt2e"], ("normalised_in_step", "dict_batch")))
 def test_ptq_calibrates_on_what_the_step_feeds_the_net(pattern, flow, tmp_path):
     seed_everything(0)
     pl_module = PATTERNS[pattern]()
