@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             row = [f"HF {model} **batch with labels", label]
             for flow in args.flows:
                 row.append(
-                    cell(hf_cell, model, flow, kind) if flow in ("pt2e", "torchao") else "(traced: pt2e, torchao)"
+                    cell(hf_cell, model, flow, kind) if flow in ("pt2e", "torchao") else "n/a: FX cannot trace **kwargs"
                 )
             rows.append(tuple(row))
             print(" | ".join(rows[-1]), flush=True)

@@ -283,7 +283,7 @@ def run_text_case(factory: Callable[[], nn.Module], steps: int, repeats: int) ->
         try:
             trainer(qat).fit(module)
         except Exception as err:  # pt2e refuses the model: use the flow its message names first
-            named = re.search(r"flow='(\w+)'", str(err))
+            named = re.search(r"use flow='(\w+)'", str(err))  # the first flow the remedy names
             if named is None:
                 raise
             result["flow"] = named.group(1)
