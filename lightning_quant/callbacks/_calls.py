@@ -17,6 +17,7 @@ before the model, say); the user hears of it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -122,7 +123,10 @@ class StepCalls:
         try:
             with _quiet_step(pl_module):
                 moved = _to_module_device(pl_module, batch)
-                getattr(pl_module, self.step)(moved, 0)
+                step = getattr(pl_module, self.step)
+                # a step of several dataloaders takes their index (Lightning passes it only then)
+                extra = (0,) if "dataloader_idx" in inspect.signature(step).parameters else ()
+                step(moved, 0, *extra)
         except _Called as call:
             self.guessed = None
             return call.inputs

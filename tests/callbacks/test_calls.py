@@ -77,3 +77,14 @@ def test_step_calls_fall_back_to_the_batch_with_the_reason_when_the_step_cannot_
 def test_step_name_falls_back_to_training_step_where_the_module_defines_no_other():
     module = Stepper()
     assert step_name(module, "val") == "training_step" and step_name(module, "fit") == "training_step"
+
+
+def test_step_calls_pass_a_dataloader_index_to_a_step_that_takes_one():
+    class SeveralLoaders(Stepper):
+        def validation_step(self, batch, batch_idx, dataloader_idx):
+            return self.net(batch["x"].float() * (dataloader_idx + 1))
+
+    module = SeveralLoaders()
+    calls = StepCalls(module, lambda: module.net, step="validation_step")
+    inputs = calls({"x": torch.ones(2, 4)})
+    assert calls.guessed is None and torch.equal(inputs.args[0], torch.ones(2, 4))
