@@ -50,6 +50,25 @@ from lightning_quant.utils.files import check_writable_folder
 _REHEARSED: set[str] = set()
 
 
+def _per_engine(
+    convert: Callable[[str], nn.Module], known: dict[str, nn.Module] | None = None
+) -> Callable[[str], nn.Module]:
+    """``convert`` called once per engine (a target of another engine converts again, once)."""
+    converted = dict(known or {})
+
+    def int8_for(engine: str) -> nn.Module:
+        if engine not in converted:
+            converted[engine] = convert(engine)
+        return converted[engine]
+
+    return int8_for
+
+
+def _export_failed(err: Exception, config: QuantizationConfig, message: str) -> ExportFailedError:
+    """An export failure retold for where the callback met it, naming the same target."""
+    return ExportFailedError(getattr(err, "target", config.export[0]), message)
+
+
 class QuantizationRehearsalError(RuntimeError):
     """The int8 model could not be made or run on the LightningModule's call, found before training."""
 
@@ -259,13 +278,7 @@ class QuantizationCallback(Callback):
         key = self._rehearsal_key(float_module, example)
         if key in _REHEARSED:  # the same structure, settings and call passed in this process already
             return
-        converted: dict[str, nn.Module] = {}
-
-        def int8_for(engine: str) -> nn.Module:
-            if engine not in converted:
-                converted[engine] = convert(engine)
-            return converted[engine]
-
+        int8_for = _per_engine(convert)
         try:
             with torch.random.fork_rng(devices=[]):  # what conversion draws is not taken from training
                 int8 = int8_for(config.engine)
@@ -290,10 +303,11 @@ class QuantizationCallback(Callback):
                 with torch.random.fork_rng(devices=[]):
                     serialized(int8_for, config.export, example, config.backend, compare=False)
             except (ExportFailedError, ExportCheckError) as err:
-                raise ExportFailedError(
-                    getattr(err, "target", config.export[0]),
-                    f"{type(self).__name__}: before any training or calibration, on the untrained model: {err}; "
-                    "nothing was trained",
+                raise _export_failed(
+                    err,
+                    config,
+                    f"{type(self).__name__}: before any training or calibration, on the untrained "
+                    f"model: {err}; nothing was trained",
                 ) from err
         _REHEARSED.add(key)
 
@@ -348,23 +362,18 @@ class QuantizationCallback(Callback):
         if config.export and trainer.is_global_zero:
             if self.example_inputs is None:
                 raise RuntimeError(f"{type(self).__name__} has no example inputs: it takes them in setup")
-            converted = {config.engine: self.quantized_model}
-
-            def int8_for(engine: str) -> nn.Module:
-                if engine not in converted:
-                    converted[engine] = convert(engine)
-                return converted[engine]
-
+            int8_for = _per_engine(convert, {config.engine: self.quantized_model})
             try:
                 self.export_records = export_int8(
                     int8_for, config.export, self.export_dir(trainer), self.example_inputs, config.backend
                 )
             except (ExportFailedError, ExportCheckError) as err:
-                raise ExportFailedError(
-                    getattr(err, "target", config.export[0]),
-                    f"{err}. callback.quantized_model holds the int8 model, the trained model and its checkpoints "
-                    f"are kept, and no file of the export set was written; export it again with "
-                    f"lightning_quant.export.export_int8 or save_int8",
+                raise _export_failed(
+                    err,
+                    config,
+                    f"{err}. callback.quantized_model holds the int8 model, the trained model and its "
+                    "checkpoints are kept, and no file of the export set was written; export it again with "
+                    "lightning_quant.export.export_int8 or save_int8",
                 ) from err
             self.export_paths = self._log_exports(trainer)
         if config.export:
