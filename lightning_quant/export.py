@@ -3,9 +3,11 @@
 Each model is serialized in memory, loaded back from those bytes and run on the example inputs
 and on a batch of another size; the largest difference from the in-process int8 model is
 recorded, and one beyond a few quantization steps of the model fails the export.
-Only when every target has passed are the files written, all-or-nothing, each under a
-temporary name then renamed (:func:`lightning_quant.utils.files.atomic_write_files`): a failed
-check or a full disk leaves the previous set of files exactly as it was.
+Only when every target has passed are the files written, as one set
+(:func:`lightning_quant.utils.files.write_file_set`): into a fresh folder with a manifest of each
+file's SHA-256 (``model_int8.manifest.json``), then switched to with one rename. A failed check, a
+full disk or a killed process leaves the previous set of files exactly as it was; the next export
+removes what a killed one left. :func:`verify_export` checks a set against its manifest.
 
 Targets and engines:
 
@@ -49,7 +51,8 @@ from lightning_quant.quantization.inputs import ExampleInputs, as_positional, ex
 from lightning_quant.quantization.outputs import flat_tensors, largest_abs, max_abs_diff
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.checks import require_module
-from lightning_quant.utils.files import atomic_write_files, check_writable_folder
+from lightning_quant.utils.files import MANIFEST, check_writable_folder, set_folders, write_file_set
+from lightning_quant.utils.integrity import CorruptFileError, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -459,18 +462,59 @@ def export_int8(
         backend: the backend of the run; decides the engine of TorchScript and ONNX files.
         basename: file name stem; ``model_int8`` gives ``model_int8.pt``, ``model_int8.ptl``...
 
+    The set is written whole or not at all, even when the process is killed (see the module's
+    docstring); ``<basename>.manifest.json`` lists each file with its SHA-256.
+
     Raises:
         ExportFailedError: a target could not serialise the model, or a reloaded file disagrees with the
             in-process model (nothing is written).
         OSError: the files could not be written (nothing is changed).
     """
     directory = check_writable_folder(directory, "export_dir")
-    staged: dict[Path, bytes] = {}
+    staged: dict[str, bytes] = {}
+    details: dict[str, dict[str, Any]] = {}
     records: dict[str, ExportRecord] = {}
     for target, (engine, data, diff) in serialized(int8_for_engine, targets, example, backend).items():
-        path = directory / f"{basename}{SUFFIXES[target]}"
-        log.info("exported %s (%s engine) for %s; reloaded output max |diff| = %.3g", target.value, engine, path, diff)
-        staged[path] = data
-        records[target.value] = ExportRecord(target, path, engine, diff)
-    atomic_write_files(staged)
+        name = f"{basename}{SUFFIXES[target]}"
+        staged[name] = data
+        details[name] = {"target": target.value, "engine": engine, "reload_max_abs_diff": diff}
+        records[target.value] = ExportRecord(target, directory / name, engine, diff)
+    write_file_set(directory, basename, staged, details, family=[f"{basename}{suffix}" for suffix in SUFFIXES.values()])
+    for record in records.values():
+        log.info(
+            "exported %s (%s engine) for %s; reloaded output max |diff| = %.3g",
+            record.target.value,
+            record.engine,
+            record.path,
+            record.max_abs_diff,
+        )
     return records
+
+
+def verify_export(directory: os.PathLike | str, basename: str = "model_int8") -> dict[str, Any]:
+    """Check every file of the export set in ``directory`` against its manifest; returns the manifest.
+
+    Run it before serving files with another runtime (ONNX Runtime, ExecuTorch, a TorchScript server):
+    :func:`~lightning_quant.load_int8` and :func:`~lightning_quant.load_pt2` check their file themselves.
+
+    Raises:
+        FileNotFoundError: ``directory`` holds no export set of ``basename``, or a file of it is missing.
+        CorruptFileError: a file differs from the size and SHA-256 its manifest records.
+    """
+    import json
+
+    directory = Path(directory)
+    _, current = set_folders(directory, basename)
+    manifest_path = current / MANIFEST
+    if not manifest_path.is_file():
+        manifest_path = directory / f"{basename}.{MANIFEST}"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} holds no export set named {basename!r} (no manifest)")
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+        names = list(manifest["files"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CorruptFileError(manifest_path, f"is not a readable manifest: {err}") from None
+    for name in names:
+        read_checked(directory / name, f"file of the export set {basename!r}")
+    return manifest

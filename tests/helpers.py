@@ -229,3 +229,18 @@ def boundary_cost(module: nn.Module, example: Any = None, engine: str | None = N
     int8 = [name for name, p in flows.int8_layers(module).items() if p == "int8"]
     saved = sum(module.get_submodule(name).weight().numel() for name in int8)
     return 20 + graph["quantize"] + graph["dequantize"] - saved / 200
+
+
+def visible_files(folder: Any) -> list[str]:
+    """The names a user sees in ``folder``: its files and links, without the hidden set folders and links."""
+    from pathlib import Path
+
+    return sorted(p.name for p in Path(folder).iterdir() if not p.name.startswith("."))
+
+
+def files_under(folder: Any) -> list[str]:
+    """Every file under ``folder`` (hidden ones too), as paths relative to it: empty folders do not count."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from tests.helpers import requires_executorch, requires_torchao
+from tests.helpers import requires_executorch, requires_torchao, visible_files
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -32,14 +32,14 @@ def test_qat_digits_pt2e_example_runs_its_pte_in_executorch(tmp_path):
     # the files agree with the in-process int8 model
     assert abs(metrics["pt2_acc"] - metrics["int8_acc"]) <= 0.01
     assert abs(metrics["executorch_acc"] - metrics["int8_acc"]) <= 0.01
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_int8.pt2", "model_int8.pte"]
+    assert visible_files(tmp_path) == ["model_int8.manifest.json", "model_int8.pt2", "model_int8.pte"]
 
 
 def test_ptq_mnist5k_example(tmp_path):
     metrics = load("ptq_mnist5k").main(["--epochs", "4", "--limit", "2000", "--export-dir", str(tmp_path)])
     assert metrics["float_acc"] >= 0.9
     assert metrics["int8_acc"] >= metrics["float_acc"] - 0.03
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model_int8.pt", "model_int8.ptl"]
+    assert visible_files(tmp_path) == ["model_int8.manifest.json", "model_int8.pt", "model_int8.ptl"]
 
 
 def test_dynamic_lstm_reviews_example(tmp_path):

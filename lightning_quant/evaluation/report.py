@@ -20,7 +20,7 @@ from lightning_quant.quantization import flows
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.outputs import collect_outputs, higher_is_better, sqnr_db, task_metric
-from lightning_quant.utils.files import atomic_write_files
+from lightning_quant.utils.files import write_file_set
 from lightning_quant.utils.tables import format_table
 
 log = logging.getLogger(__name__)
@@ -254,20 +254,23 @@ def _bar_chart(
 def write_report(report: dict[str, Any], directory: os.PathLike | str) -> dict[str, Path]:
     """Write ``report.json``, ``report.md`` and the PNG plots (per-layer SQNR, observer ranges).
 
-    Every file is made in memory, then the set is written all-or-nothing: a full disk leaves
-    the previous report as it was, never an empty or half-written file.
+    Every file is made in memory, then the set is written as one
+    (:func:`~lightning_quant.utils.files.write_file_set`): a full disk or a killed process leaves the
+    previous report as it was, never an empty, half-written or mixed one; ``report.manifest.json``
+    lists each file's SHA-256.
     """
     directory = Path(directory)
-    paths = {"json": directory / "report.json", "md": directory / "report.md"}
-    contents: dict[Path, bytes | str] = {
-        paths["json"]: json.dumps(report, indent=2),
-        paths["md"]: report_markdown(report),
+    contents: dict[str, bytes] = {
+        "report.json": json.dumps(report, indent=2).encode("utf-8"),
+        "report.md": report_markdown(report).encode("utf-8"),
     }
+    keys = {"json": "report.json", "md": "report.md"}
     for key, png in _plots(report).items():
-        paths[key] = directory / f"{key.removesuffix('_png')}.png"
-        contents[paths[key]] = png
-    atomic_write_files(contents)
-    return paths
+        keys[key] = f"{key.removesuffix('_png')}.png"
+        contents[keys[key]] = png
+    family = ["report.json", "report.md", "sqnr.png", "ranges.png"]
+    written = write_file_set(directory, "report", contents, family=family)
+    return {key: written[name] for key, name in keys.items()}
 
 
 def _plots(report: dict[str, Any]) -> dict[str, bytes]:

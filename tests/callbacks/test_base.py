@@ -16,7 +16,7 @@ from lightning_quant import (
     QuantizationReport,
 )
 from lightning_quant.quantization.convert import quantized_engine
-from tests.helpers import BoringClassifier, quiet_trainer, random_images
+from tests.helpers import BoringClassifier, files_under, quiet_trainer, random_images
 
 
 @pytest.mark.parametrize("callback_class", [QuantizationAwareTraining, PostTrainingQuantization])
@@ -139,7 +139,7 @@ def test_an_export_target_that_cannot_hold_the_model_is_refused_before_training(
         r"from export=",
     ):
         trainer.fit(model)
-    assert trainer.global_step == 0 and list(tmp_path.iterdir()) == []
+    assert trainer.global_step == 0 and files_under(tmp_path) == []
 
 
 def test_an_export_that_fails_after_training_keeps_the_int8_model_and_the_checkpoint(monkeypatch, tmp_path):
@@ -162,7 +162,7 @@ def test_an_export_that_fails_after_training_keeps_the_int8_model_and_the_checkp
     with quantized_engine(qat.config.engine):
         assert qat.quantized_model(x).shape == (8, 4)
     assert [p.suffix for p in (tmp_path / "checkpoints").iterdir()] == [".ckpt"]
-    assert not (tmp_path / "quantized").exists() or list((tmp_path / "quantized").iterdir()) == []
+    assert not (tmp_path / "quantized").exists() or files_under(tmp_path / "quantized") == []
 
 
 def test_a_rehearsal_that_passed_is_not_repeated_for_the_same_structure_settings_and_call(monkeypatch):

@@ -5,6 +5,7 @@ import torch
 
 from lightning_quant.evaluation.metrics import state_dict_bytes
 from lightning_quant.quantization.inputs import ExampleInputs
+from tests.helpers import files_under, visible_files
 
 
 # ---------------------------------------------------------------- the full report
@@ -61,9 +62,10 @@ def test_report_numbers_agree_with_independent_computations(tmp_path):
     assert set(report["latency_ms"]["int8"]) == {"1", "8"}
     assert [l["name"] for l in report["layers"]] == ["fc1", "fc2", "fc3"] and report["warnings"] == []
     paths = write_report(report, tmp_path / "report")
-    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == [
+    assert visible_files(tmp_path / "report") == [
         "ranges.png",
         "report.json",
+        "report.manifest.json",
         "report.md",
         "sqnr.png",
     ]
@@ -117,9 +119,10 @@ def test_full_disk_while_writing_the_report_leaves_the_previous_report_whole(tmp
         repeats=2,
     )
     first = write_report(report, tmp_path)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    assert sorted(before) == ["ranges.png", "report.json", "report.md", "sqnr.png"]
+    before = {name: (tmp_path / name).read_bytes() for name in visible_files(tmp_path)}
+    assert sorted(before) == ["ranges.png", "report.json", "report.manifest.json", "report.md", "sqnr.png"]
     assert all(len(data) > 100 for data in before.values())
+    hidden = files_under(tmp_path)
 
     def full(fd, data):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -127,7 +130,8 @@ def test_full_disk_while_writing_the_report_leaves_the_previous_report_whole(tmp
     monkeypatch.setattr(files, "_write", full)
     with pytest.raises(OSError, match="No space left on device"):
         write_report({**report, "output_sqnr_db": -1.0}, tmp_path)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no 0-byte sqnr.png, no temporaries
+    assert {name: (tmp_path / name).read_bytes() for name in visible_files(tmp_path)} == before  # no 0-byte sqnr.png
+    assert files_under(tmp_path) == hidden  # and nothing of the failed set left behind
     assert set(first) == {"json", "md", "sqnr_png", "ranges_png"}
 
 
