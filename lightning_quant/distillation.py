@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from lightning_quant.utils.integrity import load_weights_only, read_checked
+
 
 class DistillationLoss(str, Enum):
     KL = "kl"
@@ -66,16 +68,20 @@ def distillation_loss(
 def load_teacher_weights(architecture: nn.Module, ckpt_path: str | Path, module_path: str) -> nn.Module:
     """A copy of ``architecture`` holding the weights of ``module_path`` in a Lightning checkpoint.
 
-    The checkpoint is read with ``weights_only=True``: no object in it is unpickled.
+    The checkpoint is read with ``weights_only=True``: no object in it is unpickled; its zip checksums
+    are checked first.
 
     Raises:
         FileNotFoundError: no such file.
+        CorruptFileError: the file is empty, truncated or damaged.
+        UnsafeFileError: the file holds pickled objects beyond tensors and plain values (nothing of it ran).
         ValueError: the checkpoint has no (float) weights for ``module_path``.
     """
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher checkpoint {str(path)!r}: no such file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    data = read_checked(path, "teacher checkpoint", zip_format=True)
+    checkpoint = load_weights_only(data, path, "teacher checkpoint")
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else {}
     prefix = f"{module_path}."
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

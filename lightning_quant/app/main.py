@@ -35,6 +35,7 @@ from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining,
 from lightning_quant.callbacks.qat import qat_recipe
 from lightning_quant.evaluation.metrics import compare, comparison_table
 from lightning_quant.utils.files import atomic_write
+from lightning_quant.utils.integrity import load_weights_only, read_checked
 from lightning_quant.utils.tables import format_table
 
 log = logging.getLogger(__name__)
@@ -117,7 +118,7 @@ def read_checkpoint(ckpt_path: str) -> tuple[Path, dict[str, Any]]:
     path = Path(hydra.utils.to_absolute_path(ckpt_path))
     if not path.is_file():
         raise FileNotFoundError(f"ckpt_path={ckpt_path!r}: no such file")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_weights_only(read_checked(path, "Lightning checkpoint", zip_format=True), path, "checkpoint")
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"ckpt_path={ckpt_path!r} is not a Lightning checkpoint (it has no 'state_dict')")
     return path, checkpoint

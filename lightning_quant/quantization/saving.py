@@ -9,7 +9,10 @@
   float model, then loads the weights, scales and zero points into it.
 - pt2e models are programs: their file is the ``.pt2`` export, loaded with :func:`load_pt2`.
 
-Every file is read with ``torch.load(weights_only=True)``: no code is unpickled.
+Every file is read with ``torch.load(weights_only=True)``: no code is unpickled. Names a file holds
+(module types) are looked up among the float model's own types and torch's, never imported. Files are
+checked before they are read: against their export set's manifest (SHA-256), their zip checksums
+(``.pt``), or the SHA-256 of their tensors recorded in their metadata (``.safetensors``).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from lightning_quant.quantization.recipe import config_of, example_of, recipe_of
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.checks import has_module, require_module
 from lightning_quant.utils.files import atomic_write
-from lightning_quant.utils.modules import locate_module_type
+from lightning_quant.utils.integrity import CorruptFileError, UnsafeFileError, load_weights_only, read_checked
+from lightning_quant.utils.modules import type_named_in_file
 
 #: the key that marks a torch.ao int8 file (recipe + state dict)
 FORMAT_KEY = "lightning_quant_int8"
@@ -134,23 +138,63 @@ def load_int8(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     the result computes what the saved model computed, bit for bit, in eval mode without gradients.
 
     Raises:
+        FileNotFoundError: no such file.
         ModuleNotFoundError: the file holds torchao tensors and torchao is not installed.
+        CorruptFileError: the file is empty, truncated, damaged, or differs from its checksum.
+        UnsafeFileError: the file holds pickled objects beyond tensors and plain values, or names a module type
+            that is neither the float model's nor torch's; nothing of it ran and nothing was imported.
         RuntimeError: the file's keys or shapes do not fit ``model``.
     """
     if str(path).endswith(".safetensors"):
-        return _load_torchao(model, Path(path).read_bytes(), ExportTarget.SAFETENSORS)
-    data = Path(path).read_bytes()
+        data = read_checked(path, "safetensors file")
+        return _load_torchao(model, data, ExportTarget.SAFETENSORS, path)
+    data = read_checked(path, "int8 weights file (torch.save)", zip_format=True)
     if has_module("torchao"):
         import torchao.quantization  # noqa: F401  # registers torchao's tensor classes as safe to load
-    payload = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    payload = load_weights_only(data, path, "int8 weights file")
     if isinstance(payload, dict) and FORMAT_KEY in payload:
-        return _rebuild(model, payload[FORMAT_KEY], payload["state_dict"])
-    return _load_torchao(model, data, ExportTarget.STATE_DICT)
+        return _rebuild(model, _recipe_for(model, payload[FORMAT_KEY], path), payload["state_dict"])
+    return _load_torchao(model, data, ExportTarget.STATE_DICT, path)
 
 
-def _load_torchao(model: nn.Module, data: bytes, target: ExportTarget) -> nn.Module:
+def _load_torchao(model: nn.Module, data: bytes, target: ExportTarget, path: str | os.PathLike) -> nn.Module:
     require_module("torchao", "'lightning-quant[torchao]'", "loading torchao int8 weights")
-    return flows.get_flow(Flow.TORCHAO).load_weights(model, data, target)  # type: ignore[attr-defined]
+    return flows.get_flow(Flow.TORCHAO).load_weights(model, data, target, path)  # type: ignore[attr-defined]
+
+
+def _recipe_for(model: nn.Module, recipe: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """A file's recipe with every module type it names looked up (never imported) and its dtypes checked.
+
+    Raises:
+        UnsafeFileError: a type that is neither one of ``model``'s nor torch's, or a dtype that is not torch's.
+    """
+    if not isinstance(recipe, dict):
+        raise CorruptFileError(path, f"holds a recipe that is not a mapping ({type(recipe).__name__})")
+    submodules = {name for name, _ in model.named_modules() if name}
+
+    def module_type(name: Any) -> type:
+        kind = type_named_in_file(name, model) if isinstance(name, str) else None
+        if kind is None:
+            raise UnsafeFileError(
+                path,
+                f"it names the module type {name!r}, which is neither a type in {type(model).__name__} nor one of "
+                "torch's; a file does not choose what gets imported",
+            )
+        return kind
+
+    def key(entry: Any) -> Any:
+        return entry if isinstance(entry, str) and entry in submodules else module_type(entry)
+
+    recipe = dict(recipe)
+    recipe["skip"] = [key(k) for k in recipe.get("skip", [])]
+    recipe["layers"] = {key(k): v for k, v in dict(recipe.get("layers", {})).items()}
+    if "module_types" in recipe:
+        recipe["module_types"] = [module_type(name) for name in recipe["module_types"]]
+    for spec in [*recipe.get("args", []), *dict(recipe.get("kwargs", {})).values()]:
+        dtype = getattr(torch, str(spec.get("dtype")), None) if isinstance(spec, dict) else None
+        if not isinstance(dtype, torch.dtype):
+            raise UnsafeFileError(path, f"its recipe gives an input as {spec!r}, not a torch dtype and shape")
+    return recipe
 
 
 def _rebuild(float_model: nn.Module, recipe: dict[str, Any], state: dict[str, Any]) -> nn.Module:
@@ -161,7 +205,7 @@ def _rebuild(float_model: nn.Module, recipe: dict[str, Any], state: dict[str, An
     if recipe["kind"] == "dynamic":
         from lightning_quant.quantization.flows.dynamic import quantize_dynamic_copy
 
-        types = tuple(t for t in (locate_module_type(name) for name in recipe["module_types"]) if t is not None)
+        types = tuple(recipe["module_types"])
         int8 = quantize_dynamic_copy(model, config, types, recipe["dtype"], engine)
     else:
         flow = flows.get_flow(config.flow)

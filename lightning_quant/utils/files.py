@@ -113,22 +113,8 @@ def check_writable_folder(folder: os.PathLike | str, what: str) -> Path:
     if "\0" in text:
         raise ValueError(f"{what}={text!r} contains a NUL byte, which no file system takes in a path")
     folder = Path(text)
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing == folder and not folder.is_dir():
-        raise ValueError(f"{what}={str(folder)!r} is a file, not a folder: choose a folder for the files")
-    if not existing.is_dir():
-        raise ValueError(f"{what}={str(folder)!r} lies under the file {str(existing)!r}: choose a folder")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".lightning_quant_probe.", dir=folder)
-        try:
-            os.write(fd, b"probe")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            os.unlink(probe)
+        _probe_folder(folder, what)
     except OSError as err:
         reason = err.strerror or str(err)
         raise ValueError(
@@ -136,6 +122,24 @@ def check_writable_folder(folder: os.PathLike | str, what: str) -> Path:
             "before any training); choose a writable folder on a real file system"
         ) from None
     return folder
+
+
+def _probe_folder(folder: Path, what: str) -> None:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == folder and not folder.is_dir():
+        raise ValueError(f"{what}={str(folder)!r} is a file, not a folder: choose a folder for the files")
+    if not existing.is_dir():
+        raise ValueError(f"{what}={str(folder)!r} lies under the file {str(existing)!r}: choose a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(prefix=".lightning_quant_probe.", dir=folder)
+    try:
+        os.write(fd, b"probe")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(probe)
 
 
 # ---------------------------------------------------------------------- sets of files that switch as one
@@ -197,8 +201,9 @@ def write_file_set(
             {**{directory / n: d for n, d in files.items()}, directory / f"{basename}.{MANIFEST}": manifest}
         )
         return {name: path for name, path in zip(files, written)}
-    _remove_leftovers(directory, basename)
-    _adopt_plain_files(directory, basename, names=list(dict.fromkeys([*files, *family, f"{basename}.{MANIFEST}"])))
+    names = list(dict.fromkeys([*files, *family, f"{basename}.{MANIFEST}"]))
+    _remove_leftovers(directory, basename, names)
+    _adopt_plain_files(directory, basename, names)
     _stage("start")
     folder = _new_set_folder(sets)
     try:
@@ -208,8 +213,8 @@ def write_file_set(
         _write_whole(folder / MANIFEST, _manifest(files, details))
         _fsync_folder(folder)
         _fsync_folder(sets)
-        names = {**{name: name for name in files}, f"{basename}.{MANIFEST}": MANIFEST}
-        for name, inside in names.items():  # new names point through the link: missing until it switches
+        links = {**{name: name for name in files}, f"{basename}.{MANIFEST}": MANIFEST}
+        for name, inside in links.items():  # new names point through the link: missing until it switches
             link = directory / name
             if not link.is_symlink():
                 _replace_with_link(link, Path(current.name) / inside)
@@ -292,8 +297,9 @@ def _current_set(directory: Path, basename: str) -> Path | None:
     return target if target.parent == sets.resolve() and target.is_dir() else None
 
 
-def _remove_leftovers(directory: Path, basename: str) -> None:
-    """What a killed write left: sets never switched to, temporary links and files of this set's names."""
+def _remove_leftovers(directory: Path, basename: str, names: list[str]) -> None:
+    """What a killed write left: sets never switched to, temporary links, and temporary files of this set's
+    names (``atomic_write``'s, an older release's)."""
     sets, _ = set_folders(directory, basename)
     keep = _current_set(directory, basename)
     if sets.is_dir():
@@ -302,7 +308,8 @@ def _remove_leftovers(directory: Path, basename: str) -> None:
                 shutil.rmtree(folder, ignore_errors=True) if folder.is_dir() else folder.unlink(missing_ok=True)
     for entry in directory.iterdir():
         name = entry.name
-        ours = name.startswith(f".{basename}") and (name.endswith(".link") or name.endswith(".tmp"))
+        prefixes = tuple(f".{n}." for n in (basename, *names))
+        ours = name.startswith(prefixes) and name.endswith((".link", ".tmp"))
         if ours and not entry.is_dir():
             entry.unlink(missing_ok=True)
 

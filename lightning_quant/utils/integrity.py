@@ -119,6 +119,13 @@ def check_zip(data: bytes, path: os.PathLike | str, what: str) -> None:
     Raises:
         CorruptFileError: not a zip archive (truncated, or another kind of file), or a member fails its CRC-32.
     """
+    end = data.rfind(b"PK\x05\x06")  # the end record; a nested archive's must not pass for the file's own
+    if end < 0 or end + 22 + int.from_bytes(data[end + 20 : end + 22], "little") != len(data):
+        raise CorruptFileError(
+            path,
+            f"is not a complete {what} ({len(data)} bytes; no zip end record at its end): it is truncated or "
+            "another kind of file",
+        )
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             bad = archive.testzip()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -25,6 +26,21 @@ def locate_module_type(path: str) -> type | None:
         located = getattr(importlib.import_module(module_path), attr, None)
     except ImportError:
         return None
+    return located if isinstance(located, type) and issubclass(located, nn.Module) else None
+
+
+def type_named_in_file(name: str, model: nn.Module) -> type | None:
+    """The ``nn.Module`` type a file names (``"module.Class"``), found without importing anything: a type of
+    ``model``'s own submodules, or a class of one of torch's modules this process has imported already
+    (``torch.nn.LSTM``). ``None`` for anything else: a file must not choose what gets imported."""
+    for module in model.modules():
+        kind = type(module)
+        if f"{kind.__module__}.{kind.__qualname__}" == name:
+            return kind
+    module_path, _, attr = name.rpartition(".")
+    if module_path.split(".")[0] != "torch" or module_path not in sys.modules:
+        return None
+    located = getattr(sys.modules[module_path], attr, None)
     return located if isinstance(located, type) and issubclass(located, nn.Module) else None
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch.nn as nn
 from lightning_quant import QuantizationAwareTraining, load_int8, quantize, save_int8
 from lightning_quant.quantization import flows
 from lightning_quant.quantization.convert import quantized_engine
+from lightning_quant.utils.integrity import CorruptFileError, UnsafeFileError
 from tests.helpers import BoringClassifier, TinyNet, quiet_trainer, random_images, requires_torchao
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,3 +158,70 @@ def test_load_int8_refuses_a_float_model_of_another_shape(tmp_path):
         RuntimeError, match=r"size mismatch between the saved int8 weights and this float model: \['head"
     ):
         load_int8(TinyNet(num_classes=7), path)
+
+
+# ---------------------------------------------------------------------- files from elsewhere
+def _resave(path: Path, change) -> None:
+    payload = torch.load(path, weights_only=True)
+    change(payload)
+    torch.save(payload, path)
+
+
+def test_load_int8_does_not_import_what_a_file_names(tmp_path, monkeypatch):
+    marker = tmp_path / "IMPORTED"
+    (tmp_path / "lq_side_effect.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\nimport torch\nclass Block(torch.nn.Module):\n    pass\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    int8 = quantize(TextNet().eval(), mode="dynamic", skip=["rnn"])
+    path = save_int8(int8, tmp_path / "text_int8.pt")
+    _resave(path, lambda p: p["lightning_quant_int8"]["module_types"].append("lq_side_effect.Block"))
+    with pytest.raises(
+        UnsafeFileError,
+        match=r"unsafe to load: it names the module type 'lq_side_effect.Block', which is neither a type in TextNet "
+        r"nor one of torch's; a file does not choose what gets imported. Nothing in it was run",
+    ):
+        load_int8(TextNet(), path)
+    _resave(path, lambda p: p["lightning_quant_int8"].update(module_types=[], skip=["os.system"]))
+    with pytest.raises(UnsafeFileError, match=r"it names the module type 'os.system'"):
+        load_int8(TextNet(), path)
+    assert not marker.exists() and "lq_side_effect" not in sys.modules
+
+
+def test_load_int8_refuses_a_pickle_that_would_run_code(tmp_path):
+    from tests.utils.test_integrity import bomb_bytes
+
+    marker = tmp_path / "MARKER"
+    (tmp_path / "bomb_int8.pt").write_bytes(bomb_bytes(marker))
+    with pytest.raises(UnsafeFileError, match=r"bomb_int8.pt' is unsafe to load: the int8 weights file holds pickled"):
+        load_int8(TinyNet(), tmp_path / "bomb_int8.pt")
+    assert not marker.exists()
+
+
+def test_load_int8_finds_a_flipped_byte_in_a_weight(tmp_path):
+    from tests.utils.test_integrity import flip_inside
+
+    int8 = quantize(TinyNet().eval(), _calibration(), progress=False)
+    path = save_int8(int8, tmp_path / "tiny_int8.pt")
+    with zipfile.ZipFile(path) as archive:  # the largest tensor: a weight
+        biggest = max(archive.infolist(), key=lambda info: info.file_size).filename
+    path.write_bytes(flip_inside(path.read_bytes(), biggest))
+    with pytest.raises(CorruptFileError, match=rf"tiny_int8.pt' is damaged: its part '{biggest}' fails its CRC-32"):
+        load_int8(TinyNet(), path)
+    path.write_bytes(b"")
+    with pytest.raises(CorruptFileError, match=r"tiny_int8.pt' is empty \(0 bytes\)"):
+        load_int8(TinyNet(), path)
+
+
+@requires_torchao
+def test_torchao_safetensors_carry_a_checksum_that_load_int8_checks(tmp_path):
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    int8 = quantize(model, mode="weight_only", flow="torchao")
+    path = save_int8(int8, tmp_path / "mlp.safetensors")
+    x = torch.randn(3, 64)
+    assert torch.equal(load_int8(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)), path)(x), int8(x))
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10  # inside the last tensor's bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptFileError, match=r"mlp.safetensors' is damaged: its tensors differ from the SHA-256"):
+        load_int8(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)), path)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import logging
 import operator
 import os
@@ -37,6 +38,7 @@ from lightning_quant.quantization.flows.torch_ao import convert_with_trained_qpa
 from lightning_quant.quantization.inputs import ExampleInputs, export_program, forward_signature, inference_inputs
 from lightning_quant.quantization.layers import LayerRules, resolve_layers
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+from lightning_quant.utils.integrity import check_pt2_archive, read_checked
 
 log = logging.getLogger(__name__)
 
@@ -299,10 +301,21 @@ def load_pt2(path: str | os.PathLike) -> nn.Module:
     Its quantize/dequantize ops are torchao's, so they are registered first (plain
     ``torch.export.load`` fails on them in a process that never imported torchao). Serve an x86
     program compiled: ``torch.compile(module)`` under ``torch._inductor.config.freezing=True``.
+
+    The file is read once and checked before torch sees it: against its export set's manifest (SHA-256),
+    its zip checksums, and for any part that would run code (pickled objects, compiled code): only data
+    is loaded (:func:`~lightning_quant.utils.integrity.check_pt2_archive`).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CorruptFileError: the file is empty, truncated, damaged or differs from its manifest.
+        UnsafeFileError: a part of the file would run code when loaded; nothing of it ran.
     """
-    import_pt2e()
+    data = read_checked(path, ".pt2 program (torch.export.save)", zip_format=True)
+    import_pt2e()  # torchao's ops, and its tensor classes registered as safe for the weights-only reader
+    check_pt2_archive(data, path)
     with known_torch_warnings_silenced():
-        module = torch.export.load(path).module()
+        module = torch.export.load(io.BytesIO(data)).module()
     module.meta[Pt2eGraphModule.META] = {"converted": True}
     return _as_pt2e_module(module, False)
 

@@ -25,9 +25,8 @@ and kept on the model (:data:`PLAN_ATTRIBUTE`), so conversion needs nothing but 
 from __future__ import annotations
 
 import io
-import json
 import logging
-import struct
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +45,13 @@ from lightning_quant.quantization.config import (
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_layers
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+from lightning_quant.utils.integrity import (
+    SAFETENSORS_SHA_KEY,
+    check_safetensors,
+    check_zip,
+    load_weights_only,
+    tensors_sha256,
+)
 
 #: what a layer may compute in under the torchao flow
 TORCHAO_PRECISIONS = (Precision.INT8, Precision.INT4, Precision.FLOAT)
@@ -442,36 +448,37 @@ class TorchaoFlow:
             from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
 
             tensors, metadata = flatten_tensor_state_dict(state)
-            return bytes(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
+            tensors = {k: v.contiguous() for k, v in tensors.items()}
+            return bytes(save(tensors, metadata={**metadata, SAFETENSORS_SHA_KEY: tensors_sha256(tensors)}))
         buffer = io.BytesIO()
         torch.save(state, buffer)
         return buffer.getvalue()
 
-    def load_weights(self, model: nn.Module, data: bytes, target: ExportTarget) -> nn.Module:
+    def load_weights(
+        self, model: nn.Module, data: bytes, target: ExportTarget, source: str | os.PathLike = "the weights"
+    ) -> nn.Module:
         """Load weights written by :meth:`weights_bytes` into ``model`` (the float model, same structure):
         its layers take the int8 tensors as they are (``assign``); returned in eval mode, without gradients.
+        ``source`` names the file in errors.
 
         Raises:
+            CorruptFileError: the bytes are not a complete file of that kind, or differ from their SHA-256.
+            UnsafeFileError: a ``torch.save`` file that holds pickled objects beyond tensors and plain values.
             RuntimeError: the file's keys or shapes do not fit ``model``.
         """
         import torchao.quantization  # noqa: F401  # registers the tensor classes as safe to load
 
         if target is ExportTarget.SAFETENSORS:
-            from safetensors.torch import load
             from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
 
-            state, leftover = unflatten_tensor_state_dict(load(data), _safetensors_metadata(data))
+            tensors, metadata = check_safetensors(data, source)
+            metadata.pop(SAFETENSORS_SHA_KEY, None)
+            state, leftover = unflatten_tensor_state_dict(tensors, metadata)
             if leftover:
                 raise RuntimeError(f"the safetensors file holds tensors no layer takes: {sorted(leftover)[:5]}")
         else:
-            state = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+            check_zip(data, source, "torch.save file")
+            state = load_weights_only(data, source, "state dict")
         model.eval().requires_grad_(False)
         model.load_state_dict(state, assign=True)
         return model
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors file held in memory (its JSON header)."""
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + length])
-    return dict(header.get("__metadata__", {}))
