@@ -20,6 +20,7 @@ from lightning_quant.callbacks import (
     QuantizationListener,
     QuantizationReport,
 )
+from lightning_quant.export import verify_export
 from lightning_quant.quantization import (
     Backend,
     ExampleInputs,
@@ -41,11 +42,13 @@ from lightning_quant.quantization import (
     quantize_within_budget,
     save_int8,
 )
+from lightning_quant.utils.integrity import CorruptFileError, UnsafeFileError
 
 __version__ = "0.2.0"
 
 __all__ = [
     "Backend",
+    "CorruptFileError",
     "ExampleInputs",
     "ExportTarget",
     "Flow",
@@ -64,10 +67,12 @@ __all__ = [
     "QuantizationReport",
     "Scheme",
     "SkipSearch",
+    "UnsafeFileError",
     "load_int8",
     "load_pt2",
     "quantization_disabled",
     "quantize",
     "quantize_within_budget",
     "save_int8",
+    "verify_export",
 ]

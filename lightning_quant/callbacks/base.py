@@ -177,6 +177,37 @@ class QuantizationCallback(Callback):
                 'prepared weights would not come back to this process; use strategy="ddp"'
             )
 
+    def _check_alone(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Refuse, before any work, another quantization callback of this Trainer that quantizes the same
+        submodule (or one inside or around it), or that writes its files into the same folder.
+
+        Two QATs (or QAT and PTQ) on one submodule would have the second convert what the first prepared
+        (x86 per-channel converted as qnnpack per-tensor, say) and overwrite the first's files with a model
+        that is neither callback's.
+
+        Raises:
+            ValueError: naming both callbacks, the submodule or folder they share, and what to do.
+        """
+        mine = self._target_path or resolve_target(pl_module, self.config.module)[0]
+        for other in trainer_callbacks(trainer):
+            if other is self or not isinstance(other, QuantizationCallback):
+                continue
+            theirs = other._target_path or resolve_target(pl_module, other.config.module)[0]
+            names = f"{type(self).__name__} and {type(other).__name__}"
+            if mine == theirs or mine.startswith(f"{theirs}.") or theirs.startswith(f"{mine}."):
+                same = " (with the same settings)" if other.config == self.config else " with other settings"
+                raise ValueError(
+                    f"{names} on one Trainer both quantize {mine!r}{same}: the second would convert what the first "
+                    "prepared, and overwrite its files with a model that is neither's. Keep one quantization callback "
+                    "per submodule (a QAT model needs no PTQ after it); to compare settings, run one fit per setting "
+                    "(a Hydra multirun over quant=...)"
+                )
+            if self.config.export and other.config.export and self.export_dir(trainer) == other.export_dir(trainer):
+                raise ValueError(
+                    f"{names} on one Trainer both write their files to {str(self.export_dir(trainer))!r}: give one "
+                    "of them an export_dir=... of its own"
+                )
+
     def _take_example_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> ExampleInputs:
         """The quantized submodule's inputs as the LightningModule's own step calls it on the first batch of
         the stage's data (:class:`~lightning_quant.callbacks._calls.StepCalls`); else ``example_input_array``;

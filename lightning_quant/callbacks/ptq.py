@@ -188,6 +188,7 @@ class PostTrainingQuantization(QuantizationCallback):
         if stage not in ("fit", "validate"):
             return
         self._check_strategy(trainer)
+        self._check_alone(trainer, pl_module)
         self._target_path, target = resolve_target(pl_module, self.config.module)
         check_layers(target, self.config, self.mode, self.module_types, self.dtype)
         self._check_fp16_engines()

@@ -197,8 +197,10 @@ class QuantizationAwareTraining(QuantizationCallback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._check_strategy(trainer)
+        self._check_alone(trainer, pl_module)
         path, target = resolve_target(pl_module, self.config.module)
         if stage == "fit":
+            self._check_finite_weights(target, path)
             self._check_schedule_fits(trainer)
             if self.convert_on_fit_end:
                 self._check_export_dir(trainer)
@@ -214,6 +216,7 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._check_finite_weights(self.target(pl_module), str(self._target_path))
         self._record_real_call(pl_module)
 
     @override
@@ -402,6 +405,16 @@ class QuantizationAwareTraining(QuantizationCallback):
         target_prefix = f"{prefix}{self._target_path}."
         incoming = {k[len(target_prefix) :] for k in state_dict if k.startswith(target_prefix)}
         if not any("fake_quant" in k for k in incoming):
+            if is_prepared(self.target(pl_module)) and stage == "fit" and trainer.ckpt_path is not None:
+                name = type(pl_module).__name__
+                raise ValueError(
+                    f"ckpt_path={str(trainer.ckpt_path)!r} holds a float {self._target_path!r} (saved without "
+                    "QuantizationAwareTraining), and fit(ckpt_path=...) resumes that run exactly (optimizer and loop "
+                    "state included) into the QAT-prepared model, so a float run cannot resume as a QAT one. To "
+                    f"start QAT from these weights, load them and fit anew: model = {name}.load_from_checkpoint(path) "
+                    "(or model.load_state_dict(torch.load(path, weights_only=True)['state_dict'])), then "
+                    "trainer.fit(model) without ckpt_path"
+                )
             if is_prepared(self.target(pl_module)) and stage != "fit":
                 raise ValueError(
                     f"the checkpoint holds a float {self._target_path!r} but the model in memory is already "
@@ -429,6 +442,27 @@ class QuantizationAwareTraining(QuantizationCallback):
                 )
                 + ")"
             )
+
+    def _check_finite_weights(self, target: nn.Module, path: str) -> None:
+        """Weights that are NaN or Inf before the first step (initialised or loaded so) fail now, named; not at
+        the first batch, where they would read as that batch's fault (checked in setup, and again once a
+        checkpoint's weights are in).
+
+        Raises:
+            ValueError: naming up to five of them.
+        """
+        tensors: list[tuple[str, torch.Tensor]] = [
+            (n, t) for n, t in target.named_parameters() if t.is_floating_point()
+        ]
+        tensors += [(n, t) for n, t in target.named_buffers() if n.endswith(("running_mean", "running_var"))]
+        if not tensors or bool(torch.stack([torch.isfinite(t.detach()).all() for _, t in tensors]).all()):
+            return
+        bad = [n for n, t in tensors if not bool(torch.isfinite(t.detach()).all())]
+        raise ValueError(
+            f"{len(bad)} weight tensors of {path!r} hold NaN or Inf before the first training step, "
+            f"as initialised or loaded (no batch has run yet): {bad[:5]}. Quantization cannot represent them; fix "
+            "the initialisation or the checkpoint they came from"
+        )
 
     def _explain_non_finite(self, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """Add to an error raised by NaN/Inf reaching fake quantization the layer and batch where it appeared."""

@@ -22,6 +22,7 @@ from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.inputs import batch_targets
 from lightning_quant.quantization.target import resolve_target
 from lightning_quant.utils.checks import check_non_negative, check_positive_int
+from lightning_quant.utils.files import check_writable_folder
 
 REPORT_DATA = ("val", "test")
 
@@ -84,6 +85,19 @@ class QuantizationReport(QuantizationListener, Callback):
         self._fp32: nn.Module | None = None
 
     # ------------------------------------------------------------------ hooks: when
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """A folder that cannot receive the report fails now, not after training (``report_dir``, else the
+        quantization callback's export folder)."""
+        if not trainer.is_global_zero:
+            return
+        if self.report_dir is not None:
+            check_writable_folder(self.report_dir, "report_dir")
+            return
+        quant = next((c for c in trainer_callbacks(trainer) if isinstance(c, QuantizationCallback)), None)
+        if quant is not None:
+            check_writable_folder(quant.export_dir(trainer), "report_dir=None: the export folder")
+
     @override
     def on_before_quantization_prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """QAT is about to rewrite the model: keep its float architecture for fp32 size and latency."""

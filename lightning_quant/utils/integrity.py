@@ -59,7 +59,7 @@ def read_checked(path: os.PathLike | str, what: str, zip_format: bool = False) -
         raise FileNotFoundError(f"{what} {str(path)!r}: no such file")
     data = path.read_bytes()
     if not data:
-        raise CorruptFileError(path, f"is empty (0 bytes): it is not a {what}")
+        raise CorruptFileError(path, f"is empty (0 bytes): no {what} was written into it")
     entry = set_entry(path)
     if entry is not None:
         manifest, recorded = entry

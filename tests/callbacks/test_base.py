@@ -183,3 +183,85 @@ def test_a_rehearsal_that_passed_is_not_repeated_for_the_same_structure_settings
     assert len(base._REHEARSED) == 1 and calls == ["TinyNet", "TinyNet"]  # asked, found, not rehearsed
     quiet_trainer(callbacks=[QuantizationAwareTraining(export=None, observer="minmax")]).fit(BoringClassifier())
     assert len(base._REHEARSED) == 2  # other settings: rehearsed
+
+
+# ---------------------------------------------------------------------- callbacks that cannot collide
+def test_qat_and_ptq_on_one_submodule_are_refused_before_training(tmp_path):
+    from tests.helpers import refused_before_training
+
+    for callbacks, message in (
+        (
+            [QuantizationAwareTraining(export_dir=tmp_path / "a"), PostTrainingQuantization(export_dir=tmp_path / "b")],
+            r"QuantizationAwareTraining and PostTrainingQuantization on one Trainer both quantize 'net' with other "
+            r"settings: the second would convert what the first prepared",
+        ),
+        (
+            [QuantizationAwareTraining(backend="x86"), QuantizationAwareTraining(backend="qnnpack", per_channel=False)],
+            r"QuantizationAwareTraining and QuantizationAwareTraining on one Trainer both quantize 'net' with other "
+            r"settings.*run one fit per setting",
+        ),
+    ):
+        refused_before_training(BoringClassifier(), ValueError, message, callbacks=callbacks, default_root_dir=tmp_path)
+    assert files_under(tmp_path) == []
+    # two with the same settings share a checkpoint state key: Lightning refuses them as the Trainer is made
+    with pytest.raises(RuntimeError, match=r"more than one stateful callback of type `QuantizationAwareTraining`"):
+        quiet_trainer(callbacks=[QuantizationAwareTraining(), QuantizationAwareTraining()])
+
+
+class TwoHeads(BoringClassifier):
+    """Two submodules with parameters, quantized by two callbacks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.other = torch.nn.Linear(4, 4)
+
+
+def test_two_callbacks_on_separate_submodules_must_write_to_separate_folders(tmp_path):
+    from tests.helpers import refused_before_training
+
+    refused_before_training(
+        TwoHeads(),
+        ValueError,
+        r"QuantizationAwareTraining and PostTrainingQuantization on one Trainer both write their files to "
+        r"'.*quantized': give one of them an export_dir=... of its own",
+        callbacks=[QuantizationAwareTraining(module="net"), PostTrainingQuantization(module="other", mode="dynamic")],
+        default_root_dir=tmp_path,
+    )
+
+
+# ---------------------------------------------------------------------- folders that cannot receive files
+@pytest.mark.parametrize(
+    ("export_dir", "message"),
+    [
+        ("out\0put", r"export_dir='out\\x00put' contains a NUL byte"),
+        ("/proc/lightning_quant_test", r"export_dir='/proc/lightning_quant_test' cannot receive files: .*errno"),
+        ("/sys/lightning_quant_test", r"export_dir='/sys/lightning_quant_test' cannot receive files"),
+        ("x" * 300, r"export_dir='x{300}' cannot receive files: File name too long"),
+    ],
+)
+def test_an_export_dir_that_cannot_work_is_refused_before_training(tmp_path, export_dir, message):
+    from tests.helpers import refused_before_training
+
+    refused_before_training(
+        BoringClassifier(),
+        ValueError,
+        message,
+        callbacks=[QuantizationAwareTraining(export_dir=export_dir)],
+        default_root_dir=tmp_path,
+    )
+
+
+def test_a_report_dir_that_cannot_work_is_refused_before_training(tmp_path):
+    from tests.helpers import refused_before_training
+
+    (tmp_path / "blocker").write_text("a file")
+    refused_before_training(
+        BoringClassifier(),
+        ValueError,
+        r"report_dir='.*blocker/report' lies under the file",
+        callbacks=[
+            QuantizationAwareTraining(export=None),
+            QuantizationReport(report_dir=tmp_path / "blocker" / "report"),
+        ],
+        default_root_dir=tmp_path,
+    )

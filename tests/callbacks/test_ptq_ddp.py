@@ -53,7 +53,7 @@ def _same_everywhere(rank0: dict, rank1: dict) -> None:
             assert torch.equal(value, rank1["observers"][name][key]), f"{name}.{key} differs between ranks"
     assert torch.equal(rank0["int8_out"], rank1["int8_out"])
     # one set of files, written by rank 0, there for both ranks when fit returns
-    assert rank0["files"] == rank1["files"] == ["model_int8.pt"]
+    assert rank0["files"] == rank1["files"] == ["model_int8.manifest.json", "model_int8.pt"]
     assert rank0["export_paths"] == rank1["export_paths"] and list(rank0["export_paths"]) == ["torchscript"]
 
 

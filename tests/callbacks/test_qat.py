@@ -788,3 +788,37 @@ def test_qat_checkpoint_with_another_backend_is_refused_even_when_its_keys_fit(t
         quiet_trainer(callbacks=[QuantizationAwareTraining(export=None)]).validate(
             BoringClassifier(), ckpt_path=str(tmp_path / "last.ckpt"), verbose=False
         )
+
+
+# ---------------------------------------------------------------------- notes that say what is true
+def test_weights_that_are_not_finite_before_training_are_named_before_the_first_step():
+    model = BoringClassifier()
+    with torch.no_grad():
+        next(model.net.parameters())[0].fill_(float("inf"))
+    name = next(n for n, _ in model.net.named_parameters())
+    refused_before_training(
+        model,
+        ValueError,
+        rf"1 weight tensors of 'net' hold NaN or Inf before the first training step, as initialised or loaded \(no "
+        rf"batch has run yet\): \['{name}'\]",
+        callbacks=[QuantizationAwareTraining(export=None)],
+    )
+
+
+def test_a_float_checkpoint_resumed_into_qat_says_how_to_start_qat_from_it(tmp_path):
+    trainer = quiet_trainer(max_epochs=1)
+    trainer.fit(BoringClassifier())
+    trainer.save_checkpoint(tmp_path / "float.ckpt")
+    qat = quiet_trainer(max_epochs=2, callbacks=[QuantizationAwareTraining(export=None)])
+    with pytest.raises(
+        ValueError,
+        match=r"ckpt_path='.*float.ckpt' holds a float 'net' \(saved without QuantizationAwareTraining\).*To start "
+        r"QAT from these weights, load them and fit anew: model = BoringClassifier.load_from_checkpoint\(path\)",
+    ):
+        qat.fit(BoringClassifier(), ckpt_path=tmp_path / "float.ckpt")
+    assert qat.global_step == 0
+    # the way the message gives works
+    model = BoringClassifier.load_from_checkpoint(tmp_path / "float.ckpt")
+    callback = QuantizationAwareTraining(export=None)
+    quiet_trainer(max_epochs=1, callbacks=[callback]).fit(model)
+    assert callback.quantized_model is not None and int8_layers(callback.quantized_model)

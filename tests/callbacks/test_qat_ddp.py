@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import requires_torchao
+from tests.helpers import requires_torchao, visible_files
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_qat.py"
 
@@ -46,7 +46,7 @@ def _check_ranks_agree(tmp_path, file):
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     # only global rank 0 writes the export
-    assert (tmp_path / "rank0_files.txt").read_text() == file
+    assert (tmp_path / "rank0_files.txt").read_text() == f"model_int8.manifest.json\n{file}"
     assert (tmp_path / "rank1_files.txt").read_text() == ""
     # int8 validation and the report measure every rank's validation shard together, the same on both ranks
     m0, m1 = torch.load(tmp_path / "rank0_metrics.pt"), torch.load(tmp_path / "rank1_metrics.pt")
@@ -56,4 +56,4 @@ def _check_ranks_agree(tmp_path, file):
     assert m0["report_int8"] == m1["report_int8"] == pytest.approx(union)
     # a torchao model has no observed ranges to plot: its ranges come from each tensor at run time
     plots = ["sqnr.png"] if file.endswith("_state_dict.pt") else ["ranges.png", "sqnr.png"]
-    assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(["report.json", "report.md", *plots])
+    assert visible_files(tmp_path / "report") == sorted(["report.json", "report.manifest.json", "report.md", *plots])

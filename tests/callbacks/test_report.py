@@ -56,7 +56,7 @@ def test_report_after_quantization_in_either_order(quant, report_first, flow, tm
     quiet_trainer(
         callbacks=[report, callback] if report_first else [callback, report], max_epochs=2, logger=logger
     ).fit(BoringClassifier())
-    assert sorted(p.name for p in tmp_path.glob("report*")) == ["report.json", "report.md"]
+    assert sorted(p.name for p in tmp_path.glob("report*")) == ["report.json", "report.manifest.json", "report.md"]
     saved = json.loads((tmp_path / "report.json").read_text())
     server_file = "pt2" if flow == "pt2e" else "torchscript"
     assert saved["metric"]["name"] == "accuracy" and saved["sizes"]["files"][server_file] > 0

@@ -52,7 +52,7 @@ def main(out_dir: Path, case: str) -> None:
     )
     trainer.fit(model)
     rank = trainer.global_rank
-    seen_files = sorted(p.name for p in export_dir.glob("*"))  # right after fit returns, on every rank
+    seen_files = sorted(p.name for p in export_dir.glob("[!.]*"))  # right after fit returns, on every rank
     probe = torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(5)) * 2
     with torch.no_grad():
         out = callback.quantized_model(probe)

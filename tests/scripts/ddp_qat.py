@@ -64,7 +64,7 @@ def main(out_dir: Path, flow: str) -> None:
     torch.save(metrics, out_dir / f"rank{trainer.global_rank}_metrics.pt")
     state = dict(quant_state(model.net)) if flow != "torchao" else dict(model.net.state_dict())
     torch.save(state, out_dir / f"rank{trainer.global_rank}.pt")
-    written = sorted(p.name for p in (out_dir / "export").glob("*")) if trainer.is_global_zero else []
+    written = sorted(p.name for p in (out_dir / "export").glob("[!.]*")) if trainer.is_global_zero else []
     (out_dir / f"rank{trainer.global_rank}_files.txt").write_text("\n".join(written))
 
 

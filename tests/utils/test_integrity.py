@@ -79,7 +79,7 @@ def test_a_flipped_byte_truncation_emptiness_and_garbage_are_named(tmp_path):
             r"'.*flipped.pt' is damaged: its part '.*data/0' fails its CRC-32",
         ),
         "truncated.pt": (good[: len(good) // 2], r"'.*truncated.pt' is not a complete checkpoint .* it is truncated"),
-        "empty.pt": (b"", r"'.*empty.pt' is empty \(0 bytes\): it is not a checkpoint"),
+        "empty.pt": (b"", r"'.*empty.pt' is empty \(0 bytes\): no checkpoint was written"),
         "garbage.pt": (os.urandom(5000), r"'.*garbage.pt' is not a complete checkpoint"),
     }
     for name, (data, message) in cases.items():
