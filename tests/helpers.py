@@ -244,3 +244,34 @@ def files_under(folder: Any) -> list[str]:
 
     folder = Path(folder)
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader Lightning can put back where it was after a mid-epoch checkpoint (``state_dict`` /
+    ``load_state_dict``, as torchdata's ``StatefulDataLoader``): a plain one restarts the epoch's data."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._served = 0
+        self._skip = 0
+
+    def __iter__(self):  # type: ignore[override]
+        skip, self._skip = self._skip, 0
+        self._served = skip
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                self._served += 1
+                yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"served": self._served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._skip = state["served"]
+
+
+class ResumableClassifier(BoringClassifier):
+    """``BoringClassifier`` whose training data resumes in the middle of an epoch."""
+
+    def train_dataloader(self):
+        return ResumableLoader(random_images(self.n), batch_size=self.batch_size)

@@ -8,7 +8,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,8 @@ class QuantizationAwareTraining(QuantizationCallback):
     copies the float model then), and after converting and exporting,
     ``on_quantized(trainer, pl_module, callback)`` (``QuantizationReport`` writes its report).
 
-    Schedule (each an epoch index, "from the start of this epoch on"):
+    Schedule (each an epoch index, "from the start of this epoch on"; or in optimizer steps with
+    ``schedule=QATSchedule(quant_start_step=..., ...)``, for fine-tunes of one epoch):
 
     - ``quant_start_epoch``: fake quantization and observers are off before it (float warm-up);
     - ``freeze_observers_epoch``: scales and zero points stop moving from it on;
@@ -112,6 +113,9 @@ class QuantizationAwareTraining(QuantizationCallback):
             ``"int8_weight_only"`` or ``"int4_weight_only"``; per-layer ``"int8"``/``"int4"``/``"float"``
             with ``layers=`` (embeddings are quantized only when named there).
         group_size: torchao flow: input features per int4 weight scale (default 32).
+        schedule: a :class:`~lightning_quant.QATSchedule` (or a mapping of its fields, as YAML gives it)
+            instead of the three epoch arguments, which must then keep their defaults: the form that counts
+            in optimizer steps (``QATSchedule(quant_start_step=200, freeze_observers_step=800)``).
         keep_diverging_float: when the int8 model follows its fake-quant model to a cosine under
             0.98 after fit, convert again with the layers where they part kept float (and export
             that), if it follows more closely. ``None`` (default): on for fx, the only flow whose
@@ -154,14 +158,16 @@ class QuantizationAwareTraining(QuantizationCallback):
         scheme: str | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
         keep_diverging_float: bool | None = None,
+        schedule: QATSchedule | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(self._config_from(config, locals()), batch_to_input)
-        self.schedule = QATSchedule(quant_start_epoch, freeze_observers_epoch, freeze_bn_epoch)
-        if self.config.flow is Flow.TORCHAO and freeze_observers_epoch is not None:
+        self.schedule = _schedule_from(schedule, quant_start_epoch, freeze_observers_epoch, freeze_bn_epoch)
+        if self.config.flow is Flow.TORCHAO and self.schedule.freeze_observers is not None:
+            unit = self.schedule.unit
             raise ValueError(
-                f"freeze_observers_epoch={freeze_observers_epoch}, but flow='torchao' has no observers to freeze: its "
-                "fake quantization computes every range from the tensor it quantizes, at every step; leave "
-                "freeze_observers_epoch out"
+                f"freeze_observers_{unit}={self.schedule.freeze_observers}, but flow='torchao' has no observers to "
+                "freeze: its fake quantization computes every range from the tensor it quantizes, at every step; "
+                f"leave freeze_observers_{unit} out"
             )
         self.convert_on_fit_end = check_bool(convert_on_fit_end, "convert_on_fit_end")
         self.validate_int8 = check_bool(validate_int8, "validate_int8")
@@ -221,13 +227,15 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._apply_schedule(pl_module, trainer.current_epoch)
+        self._apply_schedule(pl_module, trainer.current_epoch, trainer.global_step)
 
     @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._current_batch = (batch, batch_idx, trainer.current_epoch)
+        if self.schedule.unit == "step":
+            self._apply_schedule(pl_module, trainer.current_epoch, trainer.global_step)
         if self._phase is not None and self._phase.bn_frozen:
             set_bn_frozen(self.target(pl_module), True)  # Lightning's model.train() after validation unfreezes plain BN
 
@@ -302,6 +310,8 @@ class QuantizationAwareTraining(QuantizationCallback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = state_dict.get("schedule", {})
+        if saved:
+            saved = {**asdict(QATSchedule()), **saved}  # checkpoints before step schedules lack the step fields
         if saved and saved != asdict(self.schedule):
             rank_zero_warn(f"resuming with schedule {asdict(self.schedule)}, the checkpoint was trained with {saved}")
 
@@ -486,16 +496,36 @@ class QuantizationAwareTraining(QuantizationCallback):
         )
 
     def _check_schedule_fits(self, trainer: pl.Trainer) -> None:
-        """The fit must reach ``quant_start_epoch`` (by ``max_epochs`` and ``max_steps``), or nothing is quantized."""
-        start = self.schedule.quant_start_epoch
+        """The fit must reach the schedule's start (by ``max_epochs`` and ``max_steps``), or nothing is quantized."""
+        if not self.convert_on_fit_end:
+            return
+        start, unit = self.schedule.start, self.schedule.unit
         max_epochs = trainer.max_epochs
-        if self.convert_on_fit_end and max_epochs is not None and max_epochs >= 0 and start >= max_epochs:
+        steps_per_epoch = _optimizer_steps_per_epoch(trainer)
+        if unit == "step":
+            limits = []
+            if trainer.max_steps > 0:
+                limits.append((trainer.max_steps, f"max_steps={trainer.max_steps}"))
+            if max_epochs is not None and max_epochs >= 0 and steps_per_epoch:
+                limits.append(
+                    (
+                        max_epochs * steps_per_epoch,
+                        f"max_epochs={max_epochs} x {steps_per_epoch} optimizer steps per epoch",
+                    )
+                )
+            for total, said in limits:
+                if start >= total:
+                    raise ValueError(
+                        f"quant_start_step={start} is not before the fit's last optimizer step ({said} = {total} "
+                        "steps): the model would never be quantized; lower quant_start_step or train longer"
+                    )
+            return
+        if max_epochs is not None and max_epochs >= 0 and start >= max_epochs:
             raise ValueError(
                 f"quant_start_epoch={start} is not before max_epochs={max_epochs}: the model "
                 "would never be quantized; lower quant_start_epoch or raise max_epochs"
             )
-        steps_per_epoch = _optimizer_steps_per_epoch(trainer)
-        if self.convert_on_fit_end and start > 0 and trainer.max_steps > 0 and steps_per_epoch:
+        if start > 0 and trainer.max_steps > 0 and steps_per_epoch:
             if trainer.max_steps <= start * steps_per_epoch:
                 raise ValueError(
                     f"max_steps={trainer.max_steps} ends the fit in epoch {(trainer.max_steps - 1) // steps_per_epoch} "
@@ -518,7 +548,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         attach(prepared, static_recipe(self.config, self.example_inputs, qat=True))  # for save_int8
         replace_target(pl_module, path, prepared)
         prepared.train(training)
-        self._apply_schedule(pl_module, trainer.current_epoch)
+        self._apply_schedule(pl_module, trainer.current_epoch, trainer.global_step)
         if self.convert_on_fit_end and str(getattr(stage, "value", stage)) == "fit":  # what fit will make, before it
             self._rehearse(target, self._trial_conversion(prepared, call))
         rank_zero_info(
@@ -543,16 +573,19 @@ class QuantizationAwareTraining(QuantizationCallback):
 
         return convert
 
-    def _apply_schedule(self, pl_module: pl.LightningModule, epoch: int) -> None:
-        phase = self.schedule.apply(self.target(pl_module), epoch)
+    def _apply_schedule(self, pl_module: pl.LightningModule, epoch: int, step: int) -> None:
+        if self.schedule.unit == "step" and self._phase is not None and self._phase == self.schedule.phase(epoch, step):
+            return  # every batch asks; the switches change only at the schedule's steps
+        phase = self.schedule.apply(self.target(pl_module), epoch, step)
         if phase != self._phase:
+            when = f"step {step}" if self.schedule.unit == "step" else f"epoch {epoch}"
             observers = (
                 "ranges from each tensor"  # torchao: no observers
                 if self.config.flow is Flow.TORCHAO
                 else f"observers {'on' if phase.observers else 'off'}"
             )
             rank_zero_info(
-                f"[QAT] epoch {epoch}: fake quantization {'on' if phase.fake_quant else 'off'}, {observers}, "
+                f"[QAT] {when}: fake quantization {'on' if phase.fake_quant else 'off'}, {observers}, "
                 f"BatchNorm statistics {'frozen' if phase.bn_frozen else 'updating'}"
             )
         self._phase = phase
@@ -687,6 +720,45 @@ class QuantizationAwareTraining(QuantizationCallback):
             lambda engine: self.convert(pl_module, engine),
             f"converted {self._target_path!r} to int8 for {self.config.engine}",
         )
+
+
+def _schedule_from(
+    schedule: QATSchedule | Mapping[str, Any] | None,
+    quant_start_epoch: int,
+    freeze_observers_epoch: int | None,
+    freeze_bn_epoch: int | None,
+) -> QATSchedule:
+    """``schedule`` (a mapping from YAML builds one), else the three epoch arguments'.
+
+    Raises:
+        TypeError: ``schedule`` is neither a ``QATSchedule``, a mapping nor ``None``.
+        ValueError: ``schedule`` is given and an epoch argument too.
+    """
+    if schedule is None:
+        return QATSchedule(quant_start_epoch, freeze_observers_epoch, freeze_bn_epoch)
+    given = [
+        name
+        for name, value, default in (
+            ("quant_start_epoch", quant_start_epoch, 0),
+            ("freeze_observers_epoch", freeze_observers_epoch, None),
+            ("freeze_bn_epoch", freeze_bn_epoch, None),
+        )
+        if value != default
+    ]
+    if given:
+        raise ValueError(f"schedule= and {given} both say when QAT starts: put {given} in the QATSchedule")
+    if isinstance(schedule, Mapping):
+        unknown = sorted(set(schedule) - {f.name for f in fields(QATSchedule)})
+        if unknown:
+            raise ValueError(
+                f"schedule has fields {unknown}; a QATSchedule has {[f.name for f in fields(QATSchedule)]}"
+            )
+        return QATSchedule(**dict(schedule))
+    if not isinstance(schedule, QATSchedule):
+        raise TypeError(
+            f"schedule must be a QATSchedule, a mapping of its fields or None, got {type(schedule).__name__}"
+        )
+    return schedule
 
 
 def _saved_recipe(trainer: pl.Trainer) -> dict[str, Any] | None:

@@ -52,7 +52,7 @@ def instantiate_all(cfg) -> dict:
 
 
 def test_every_group_has_its_options():
-    assert options("quant") == ["dynamic", "none", "ptq", "qat", "qat_kd", "weight_only"]
+    assert options("quant") == ["dynamic", "none", "ptq", "qat", "qat_kd", "qat_steps", "weight_only"]
     assert options("backend") == ["fbgemm", "qnnpack", "x86", "xnnpack"]
     assert options("observer") == ["histogram", "minmax", "moving_average"]
     assert options("logger") == ["csv", "none", "tensorboard"]
@@ -74,6 +74,7 @@ def test_quant_configs(option, tmp_path):
     expected = {
         "qat": QuantizationAwareTraining,
         "qat_kd": QuantizationAwareTraining,
+        "qat_steps": QuantizationAwareTraining,
         "ptq": PostTrainingQuantization,
         "dynamic": PostTrainingQuantization,
         "weight_only": PostTrainingQuantization,
@@ -83,6 +84,9 @@ def test_quant_configs(option, tmp_path):
     assert any(isinstance(c, KnowledgeDistillation) for c in objects["callbacks"]) == (option == "qat_kd")
     if option == "dynamic":
         assert objects["quant"].mode.value == "dynamic"
+    if option == "qat_steps":
+        schedule = objects["quant"].schedule
+        assert (schedule.unit, schedule.start, schedule.freeze_bn, schedule.freeze_observers) == ("step", 40, 120, 140)
     if option == "weight_only":
         assert (objects["quant"].mode.value, objects["quant"].config.scheme.value) == (
             "weight_only",

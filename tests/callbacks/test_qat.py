@@ -29,6 +29,7 @@ from tests.helpers import (
     quiet_trainer,
     random_images,
     refused_before_training,
+    requires_torchao,
 )
 
 
@@ -822,3 +823,109 @@ def test_a_float_checkpoint_resumed_into_qat_says_how_to_start_qat_from_it(tmp_p
     callback = QuantizationAwareTraining(export=None)
     quiet_trainer(max_epochs=1, callbacks=[callback]).fit(model)
     assert callback.quantized_model is not None and int8_layers(callback.quantized_model)
+
+
+# ---------------------------------------------------------------------- a schedule in optimizer steps
+class _StepSpy(Callback):
+    """The fake quantization and observer switches each training batch ran with, by optimizer step."""
+
+    def __init__(self) -> None:
+        self.flags: dict[int, set] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.flags[trainer.global_step] = fake_quant_flags(pl_module.net)
+
+
+class _CrashAtStep(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+def _step_callback(flow: str = "fx") -> QuantizationAwareTraining:
+    from lightning_quant import QATSchedule
+
+    return QuantizationAwareTraining(
+        flow=flow,
+        export=None,
+        schedule=QATSchedule(quant_start_step=2, freeze_observers_step=5, freeze_bn_step=6)
+        if flow != "torchao"
+        else {"quant_start_step": 2},
+    )
+
+
+def test_a_step_schedule_switches_at_its_steps_inside_one_epoch():
+    spy = _StepSpy()
+    quiet_trainer(callbacks=[_step_callback(), spy], max_epochs=2).fit(BoringClassifier())  # 4 steps per epoch
+    assert spy.flags == {
+        0: {(False, False)},
+        1: {(False, False)},
+        2: {(True, True)},
+        3: {(True, True)},
+        4: {(True, True)},
+        5: {(True, False)},
+        6: {(True, False)},
+        7: {(True, False)},
+    }
+
+
+@pytest.mark.parametrize("flow", [*FLOWS, pytest.param("torchao", marks=requires_torchao)])
+def test_a_step_started_qat_resumed_mid_epoch_ends_as_the_uninterrupted_run(flow, tmp_path):
+    from tests.helpers import ResumableClassifier
+
+    seed_everything(0)
+    reference = ResumableClassifier()  # its data resumes where it was, so the runs see the same batches
+    quiet_trainer(callbacks=[_step_callback(flow)], max_epochs=2).fit(reference)
+
+    seed_everything(0)
+    crashed = ResumableClassifier()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quiet_trainer(
+            callbacks=[_step_callback(flow), checkpoint, _CrashAtStep(4)], enable_checkpointing=True, max_epochs=2
+        ).fit(crashed)  # the last checkpoint is at step 3, after 3 of epoch 0's 4 batches: the middle of an epoch
+
+    resumed = ResumableClassifier()
+    spy = _StepSpy()
+    quiet_trainer(callbacks=[_step_callback(flow), spy], max_epochs=2).fit(
+        resumed, ckpt_path=str(tmp_path / "last.ckpt")
+    )
+    assert min(spy.flags) == 3 and spy.flags[3] == {(True, True)}  # resumed at step 3, quantizing, observing
+    assert spy.flags[5] == ({(True, False)} if flow != "torchao" else {(True, True)})  # torchao: no observers
+    for key, value in reference.net.state_dict().items():
+        torch.testing.assert_close(resumed.net.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+def test_a_schedule_object_and_epoch_arguments_are_refused_together():
+    from lightning_quant import QATSchedule
+
+    with pytest.raises(ValueError, match=r"schedule= and \['quant_start_epoch'\] both say when QAT starts"):
+        QuantizationAwareTraining(quant_start_epoch=1, schedule=QATSchedule(quant_start_step=5))
+    with pytest.raises(ValueError, match=r"schedule has fields \['start_step'\]; a QATSchedule has"):
+        QuantizationAwareTraining(schedule={"start_step": 5})
+    with pytest.raises(TypeError, match=r"schedule must be a QATSchedule, a mapping of its fields or None, got int"):
+        QuantizationAwareTraining(schedule=5)
+
+
+def test_a_step_schedule_that_the_fit_never_reaches_is_refused():
+    from lightning_quant import QATSchedule
+
+    refused_before_training(
+        BoringClassifier(),
+        ValueError,
+        r"quant_start_step=8 is not before the fit's last optimizer step \(max_epochs=2 x 4 optimizer steps per "
+        r"epoch = 8 steps\)",
+        callbacks=[QuantizationAwareTraining(export=None, schedule=QATSchedule(quant_start_step=8))],
+        max_epochs=2,
+    )
+    refused_before_training(
+        BoringClassifier(),
+        ValueError,
+        r"quant_start_step=5 is not before the fit's last optimizer step \(max_steps=5 = 5 steps\)",
+        callbacks=[QuantizationAwareTraining(export=None, schedule={"quant_start_step": 5})],
+        max_steps=5,
+        max_epochs=-1,
+    )

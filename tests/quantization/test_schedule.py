@@ -39,6 +39,33 @@ def test_schedule_raises():
         QATSchedule(freeze_bn_epoch=-2)
 
 
+def test_phase_by_optimizer_step():
+    schedule = QATSchedule(quant_start_step=3, freeze_observers_step=6, freeze_bn_step=5)
+    assert schedule.unit == "step" and QATSchedule().unit == "epoch"
+    assert [schedule.phase(epoch=0, step=s) for s in (0, 2, 3, 5, 6, 100)] == [
+        Phase(False, False, False),
+        Phase(False, False, False),
+        Phase(True, True, False),
+        Phase(True, True, True),
+        Phase(True, False, True),
+        Phase(True, False, True),
+    ]
+    assert schedule.phase(epoch=9, step=0) == Phase(False, False, False)  # epochs do not count in steps
+
+
+def test_a_step_schedule_refuses_epochs_and_early_freezes():
+    with pytest.raises(
+        ValueError,
+        match=r"a schedule counts in epochs or in optimizer steps, not both: got \['quant_start_epoch'\] and "
+        r"\['freeze_bn_step'\]; give \['quant_start_step'\] in steps instead",
+    ):
+        QATSchedule(quant_start_epoch=1, freeze_bn_step=10)
+    with pytest.raises(ValueError, match=r"freeze_observers_step must be after quant_start_step .* one step of data"):
+        QATSchedule(quant_start_step=10, freeze_observers_step=10)
+    with pytest.raises(ValueError, match=r"quant_start_step must be a non-negative int or None, got 1.5"):
+        QATSchedule(quant_start_step=1.5)
+
+
 def test_apply_is_idempotent_and_reversible():
     model, _ = _prepared()
     schedule = QATSchedule(quant_start_epoch=1, freeze_observers_epoch=2, freeze_bn_epoch=2)
