@@ -24,8 +24,8 @@ run: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
 
-# `make test-slow`: the matrix cells marked slow (pt2e on every user pattern, a Llama through pt2e), whose
-# mechanism a fast cell of `make test` already covers. About 3 minutes on 2 cores; outside CI.
+# `make test-slow`: the matrix cells marked slow (pt2e on every user pattern, a Llama through pt2e, the app on
+# pt2e/xnnpack), whose mechanism a fast cell of `make test` already covers. About 4 minutes on 2 cores; outside CI.
 test-slow: $(INSTALLED)
 	$(BIN)/python -m pytest -m slow
 

@@ -97,6 +97,8 @@ class PostTrainingQuantization(QuantizationCallback):
             float the int8 layers between float ops whose quantize/dequantize steps cost more time
             than they save, timed on the example inputs (rank zero decides under DDP). The outcome
             is in ``latency_search``.
+        recipe: a pt2e ``Quantizer`` you configured (``X86InductorQuantizer``, ``XNNPACKQuantizer``, ...),
+            used as it is: the flow (pt2e) and a known quantizer's backend follow from it.
         config: a :class:`~lightning_quant.QuantizationConfig` holding ``backend`` ... ``export_dir``
             instead of those keyword arguments (which must then keep their defaults).
 
@@ -141,6 +143,7 @@ class PostTrainingQuantization(QuantizationCallback):
         scheme: str | None = None,
         group_size: int = DEFAULT_GROUP_SIZE,
         search_latency: bool = False,
+        recipe: Any = None,
     ) -> None:
         super().__init__(self._config_from(config, locals()), batch_to_input)
         self.mode = parse_enum(Mode, mode, "mode")

@@ -116,6 +116,8 @@ class QuantizationAwareTraining(QuantizationCallback):
         schedule: a :class:`~lightning_quant.QATSchedule` (or a mapping of its fields, as YAML gives it)
             instead of the three epoch arguments, which must then keep their defaults: the form that counts
             in optimizer steps (``QATSchedule(quant_start_step=200, freeze_observers_step=800)``).
+        recipe: a pt2e ``Quantizer`` you configured for QAT (``is_qat=True``), used as it is: the flow (pt2e)
+            and a known quantizer's backend follow from it; see :class:`~lightning_quant.QuantizationConfig`.
         keep_diverging_float: when the int8 model follows its fake-quant model to a cosine under
             0.98 after fit, convert again with the layers where they part kept float (and export
             that), if it follows more closely. ``None`` (default): on for fx, the only flow whose
@@ -159,6 +161,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         group_size: int = DEFAULT_GROUP_SIZE,
         keep_diverging_float: bool | None = None,
         schedule: QATSchedule | Mapping[str, Any] | None = None,
+        recipe: Any = None,
     ) -> None:
         super().__init__(self._config_from(config, locals()), batch_to_input)
         self.schedule = _schedule_from(schedule, quant_start_epoch, freeze_observers_epoch, freeze_bn_epoch)
@@ -380,6 +383,8 @@ class QuantizationAwareTraining(QuantizationCallback):
             "observer": self.config.observer.value,
             "per_channel": self.config.per_channel,
         }
+        if self.config.recipe is not None:  # the user's quantizer decides the model
+            recipe["recipe"] = type(self.config.recipe).__name__
         if self.config.flow is Flow.TORCHAO:  # the scheme decides the torchao model
             recipe["scheme"] = self.config.scheme.value if self.config.scheme is not None else None
             recipe["group_size"] = self.config.group_size
@@ -776,7 +781,7 @@ def qat_recipe(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
     not trained with :class:`QuantizationAwareTraining`."""
     for key, state in checkpoint.get("callbacks", {}).items():
         if str(key).startswith(QuantizationAwareTraining.__name__) and isinstance(state, dict):
-            keys = ("backend", "flow", "module", "observer", "per_channel", "scheme", "group_size")
+            keys = ("backend", "flow", "module", "observer", "per_channel", "scheme", "group_size", "recipe")
             return {k: state[k] for k in keys if k in state}
     return None
 

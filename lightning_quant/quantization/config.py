@@ -329,6 +329,11 @@ class QuantizationConfig:
             ``mode="dynamic"``: ``int8_dyn_int8_weight``).
         group_size: torchao flow: input features sharing one scale in int4 weights (default 32);
             it must divide the input size of every int4 layer.
+        recipe: a stack's own object, used as it is: a pt2e ``Quantizer`` you configured
+            (``X86InductorQuantizer``, ``XNNPACKQuantizer``, ``ComposableQuantizer``, your own; for QAT
+            configured with ``is_qat=True``). The flow follows from it (pt2e), and so does the backend of a
+            known quantizer (X86Inductor: x86; XNNPACK: xnnpack); per-layer settings, observers and
+            granularity are the quantizer's own, so ``layers``/``skip`` are refused with it.
 
     Strings are accepted wherever an enum is expected (``backend="qnnpack"``, as YAML gives them)
     and sequences wherever a tuple is; both are normalised at construction.
@@ -358,10 +363,12 @@ class QuantizationConfig:
     export_dir: str | os.PathLike | None = None
     scheme: Scheme | None = None
     group_size: int = DEFAULT_GROUP_SIZE
+    recipe: Any = None
 
     def __post_init__(self) -> None:
-        self.backend = parse_enum(Backend, self.backend, "backend")
+        self.backend = parse_enum(Backend, self.backend, "backend", _other_field_hint)
         self.flow = parse_enum(Flow, self.flow, "flow")
+        self._take_recipe()
         self.observer = parse_enum(Observer, self.observer, "observer")
         if self.module is not None and (not isinstance(self.module, str) or not self.module):
             raise ValueError(f"module must be a dotted attribute path such as 'net' or None, got {self.module!r}")
@@ -394,6 +401,41 @@ class QuantizationConfig:
         require_packages(self.flow, self.backend, self.export)
         if self.export_dir is not None and not isinstance(self.export_dir, (str, os.PathLike)):
             raise TypeError(f"export_dir must be a path or None, got {self.export_dir!r}")
+
+    def _take_recipe(self) -> None:
+        """A stack's own object decides the flow (and a known quantizer's backend).
+
+        Raises:
+            TypeError: ``recipe`` is not a pt2e ``Quantizer``.
+            ValueError: a flow or backend other than the recipe's, or per-layer settings beside it.
+        """
+        if self.recipe is None:
+            return
+        quantizer_class = _pt2e_quantizer_class()
+        if quantizer_class is None or not isinstance(self.recipe, quantizer_class):
+            raise TypeError(
+                "recipe must be a pt2e Quantizer (torchao.quantization.pt2e.quantizer.Quantizer: X86InductorQuantizer, "
+                f"XNNPACKQuantizer, ComposableQuantizer or your own), got {type(self.recipe).__name__}"
+            )
+        if self.flow not in (Flow.FX, Flow.PT2E):  # fx is the default: a quantizer means pt2e
+            raise ValueError(
+                f"recipe={type(self.recipe).__name__}(...) is a pt2e quantizer: leave flow out (or flow='pt2e'), "
+                f"got flow={self.flow.value!r}"
+            )
+        self.flow = Flow.PT2E
+        known = _known_quantizer_backend(self.recipe)
+        if known is not None and known is not self.backend:
+            if self.backend is not Backend.X86:  # x86 is the default: the quantizer's own backend holds
+                raise ValueError(
+                    f"recipe={type(self.recipe).__name__}(...) quantizes for backend={known.value!r}, got "
+                    f"backend={self.backend.value!r}: leave backend out"
+                )
+            self.backend = known
+        if self.layers or self.skip:
+            raise ValueError(
+                f"recipe={type(self.recipe).__name__}(...) holds its own per-layer settings (set_module_name_qconfig, "
+                "set_module_type_qconfig; None keeps a layer float): leave layers= and skip= out"
+            )
 
     def _check_torchao_options(self) -> None:
         if self.scheme is not None:
@@ -428,6 +470,31 @@ class QuantizationConfig:
         not use torch's quantized engines (their int8 kernels come from Inductor, torchao's tensor
         subclasses or ExecuTorch): the process's current engine, so selecting it changes nothing."""
         return pt2e_engine() if self.flow in (Flow.PT2E, Flow.TORCHAO) else self.backend.value
+
+
+def _other_field_hint(value: Any) -> str:
+    """What to say when a backend names a flow instead (``backend="torchao"``)."""
+    if str(getattr(value, "value", value)) in FLOWS:
+        return f"; {value!r} is a flow: flow={value!r}"
+    return ""
+
+
+def _pt2e_quantizer_class() -> type | None:
+    try:
+        from torchao.quantization.pt2e.quantizer import Quantizer
+    except ImportError:
+        return None
+    return Quantizer
+
+
+def _known_quantizer_backend(quantizer: Any) -> Backend | None:
+    """The backend of a quantizer whose kernels are known (by class name: no ExecuTorch import to check)."""
+    names = {cls.__name__ for cls in type(quantizer).__mro__}
+    if "X86InductorQuantizer" in names:
+        return Backend.X86
+    if "XNNPACKQuantizer" in names:
+        return Backend.XNNPACK
+    return None
 
 
 def pt2e_engine() -> str:
@@ -468,6 +535,17 @@ def config_from(
     """
     fields = {f.name for f in dataclasses.fields(QuantizationConfig)}
     options = {name: value for name, value in arguments.items() if name in fields}
+    if options.get("recipe") is not None:
+        decided = [
+            name
+            for name in ("observer", "per_channel", "scheme", "group_size", "qconfig_mapping", "modules_to_fuse")
+            if name in options and not _same(options[name], parameters[name].default)
+        ]
+        if decided:
+            raise ValueError(
+                f"{owner} got recipe={type(options['recipe']).__name__}(...) and {decided}, which the recipe decides "
+                "(its observers, granularity and per-layer settings): configure them on the recipe"
+            )
     if config is None:
         return QuantizationConfig(**options)
     if not isinstance(config, QuantizationConfig):

@@ -328,6 +328,7 @@ def quantize(
     scheme: str | None = None,
     group_size: int = DEFAULT_GROUP_SIZE,
     search_latency: bool = False,
+    recipe: Any = None,
 ) -> nn.Module:
     """Return an int8 copy of ``model``, quantized after training; ``model`` is not modified.
 
@@ -374,6 +375,8 @@ def quantize(
             input from the first calibration batch, then the whole model
             (:func:`~lightning_quant.quantization.search.latency_search`; the outcome is logged).
             Keeping a layer float never costs accuracy.
+        recipe: a pt2e ``Quantizer`` you configured, used as it is (see
+            :class:`~lightning_quant.QuantizationConfig`).
 
     Raises:
         ValueError: an invalid option, empty calibration data, or nothing to quantize.

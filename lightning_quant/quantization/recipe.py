@@ -43,6 +43,8 @@ def static_recipe(config: QuantizationConfig, example: ExampleInputs, qat: bool)
     unrecordable = None
     if config.qconfig_mapping is not None:
         unrecordable = "it was made with a custom qconfig_mapping (a torch object): say the same with layers= and skip="
+    if config.recipe is not None:
+        unrecordable = f"it was made with recipe={type(config.recipe).__name__}(...), an object a file cannot hold"
     specs = [_tensor_spec(a) for a in example.args] + [_tensor_spec(v) for v in example.kwargs.values()]
     if any(spec is None for spec in specs):
         unrecordable = "its example inputs hold values other than tensors"

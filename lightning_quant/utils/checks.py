@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from collections.abc import Callable
 from enum import Enum
 from typing import Any, Literal, TypeVar, overload
 
 E = TypeVar("E", bound=Enum)
 
 
-def parse_enum(enum_cls: type[E], value: Any, name: str) -> E:
-    """Turn a string (or enum member) into ``enum_cls``, or raise a message listing the allowed values.
+def parse_enum(enum_cls: type[E], value: Any, name: str, hint: Callable[[Any], str] | None = None) -> E:
+    """Turn a string (or enum member) into ``enum_cls``, or raise a message listing the allowed values
+    (and ``hint(value)``: where a value of another option belongs).
 
     Raises:
         ValueError: ``value`` is not one of the enum's values.
@@ -25,7 +27,7 @@ def parse_enum(enum_cls: type[E], value: Any, name: str) -> E:
         return value
     if isinstance(value, str) and value in allowed:
         return enum_cls(value)
-    raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    raise ValueError(f"{name} must be one of {allowed}, got {value!r}{hint(value) if hint else ''}")
 
 
 def check_bool(value: Any, name: str) -> bool:

@@ -40,7 +40,8 @@ def run_app(tmp_path: Path, *overrides: str) -> tuple[str, dict]:
         ("fx", "x86"),
         ("eager", "x86"),
         pytest.param("pt2e", "x86", marks=requires_torchao),
-        pytest.param("pt2e", "xnnpack", marks=requires_executorch),
+        # the slowest cell of the fast suite (50 s); its .pte round trip is also run by the pt2e digits example
+        pytest.param("pt2e", "xnnpack", marks=[requires_executorch, pytest.mark.slow]),
     ],
 )
 def test_app_qat_on_digits_int8_within_one_point_of_float(flow, backend, tmp_path):

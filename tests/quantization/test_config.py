@@ -148,3 +148,10 @@ def test_a_missing_optional_package_is_named_with_its_install_line(kwargs, packa
     message = f"needs the optional package '{package}': run `pip install {install}`"
     with pytest.raises(ModuleNotFoundError, match=re.escape(message)):
         QuantizationConfig(**kwargs)
+
+
+def test_a_backend_that_is_a_flow_names_the_flow_argument():
+    with pytest.raises(
+        ValueError, match=r"backend must be one of .* got 'torchao'; 'torchao' is a flow: flow='torchao'"
+    ):
+        QuantizationConfig(backend="torchao")

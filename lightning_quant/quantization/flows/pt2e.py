@@ -579,8 +579,11 @@ class Pt2eFlow:
         from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e, prepare_qat_pt2e
 
         _linear_for_conv1d(model)
-        rules = resolve_layers(model, config)
-        quantizer = _quantizer(model, config, rules, qat)
+        quantizer = (
+            config.recipe
+            if config.recipe is not None
+            else _quantizer(model, config, resolve_layers(model, config), qat)
+        )
         model.train(qat)
         inference = inference_inputs(forward_signature(model), example)
         if not qat:  # a post-training model is captured as it is called for a prediction
@@ -603,6 +606,12 @@ class Pt2eFlow:
             prediction = _as_pt2e_module(prepared_graph(inference), qat)
             names = _state_names(prepared, prediction, example, inference)
             prepared.meta[Pt2eGraphModule.META]["inference"] = (prediction, names)
+        if qat and config.recipe is not None and not self.fake_quantizers(prepared):
+            raise ValueError(
+                f"recipe={type(quantizer).__name__}(...) put observers, not fake quantization, into the graph: QAT "
+                "needs a quantizer configured for QAT, e.g. quantizer.set_global("
+                "get_default_x86_inductor_quantization_config(is_qat=True))"
+            )
         if not (self.fake_quantizers(prepared) or self.observers(prepared)):
             import torchao
 

@@ -236,3 +236,89 @@ def test_pt2e_qat_with_labels_converts_the_prediction_graph_with_the_trained_sta
         torch.testing.assert_close(view(x), trained_logits)  # the trained state, by the node each quantizes
         int8 = get_flow("pt2e").convert(prepared)
         assert mean_cosine(int8(x), trained_logits) > 0.99
+
+
+# ---------------------------------------------------------------------- a quantizer of the user's own
+def _user_x86_quantizer(qat: bool, linear_float: bool = False):
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    quantizer = X86InductorQuantizer()
+    quantizer.set_global(get_default_x86_inductor_quantization_config(is_qat=qat))
+    if linear_float:
+        quantizer.set_module_type_qconfig(nn.Linear, None)  # the user's own per-layer choice
+    return quantizer
+
+
+def test_a_user_built_x86_quantizer_passes_straight_through_qat(tmp_path):
+    from lightning.pytorch import seed_everything
+
+    from lightning_quant import QuantizationAwareTraining, load_pt2
+    from tests.helpers import BoringClassifier, quiet_trainer
+
+    seed_everything(0)
+    quantizer = _user_x86_quantizer(qat=True, linear_float=True)  # Linear float: not what the flow would choose
+    callback = QuantizationAwareTraining(recipe=quantizer, export_dir=tmp_path)
+    assert (callback.config.flow.value, callback.config.backend.value) == ("pt2e", "x86")
+    model = BoringClassifier()
+    quiet_trainer(callbacks=[callback], max_epochs=2).fit(model)
+    layers = flows.int8_layers(callback.quantized_model)
+    linears = {name for name, m in TinyNet().named_modules() if isinstance(m, nn.Linear)}
+    assert linears and {layers[name] for name in linears} == {"float"}  # the user's quantizer decided
+    assert "int8" in layers.values()
+    x = next(iter(model.val_dataloader()))[0]
+    with torch.no_grad():
+        fake = model.net.eval()(x)
+        int8 = callback.quantized_model(x)
+    assert mean_cosine(int8, fake) > 0.99
+    reloaded = load_pt2(callback.export_paths["pt2"])
+    assert torch.allclose(reloaded(x), int8, atol=1e-4)
+
+
+def test_a_user_built_quantizer_passes_straight_through_ptq():
+    from lightning_quant import PostTrainingQuantization, quantize
+    from tests.helpers import BoringClassifier, quiet_trainer, random_images
+
+    callback = PostTrainingQuantization(recipe=_user_x86_quantizer(qat=False), export=None, progress=False)
+    model = BoringClassifier()
+    quiet_trainer(callbacks=[callback], max_epochs=1).fit(model)
+    x = random_images(16, seed=4).tensors[0]
+    with torch.no_grad():
+        reference = model.net.eval()(x)
+        assert mean_cosine(callback.quantized_model(x), reference) > 0.99
+        net = TinyNet().eval()
+        direct = quantize(net, [x], recipe=_user_x86_quantizer(qat=False), progress=False)
+        assert set(flows.int8_layers(direct).values()) == {"int8"}
+        assert mean_cosine(direct(x), net(x)) > 0.99
+
+
+def test_a_recipe_that_cannot_work_is_refused_at_construction():
+    from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining
+
+    with pytest.raises(TypeError, match=r"recipe must be a pt2e Quantizer .* got int"):
+        QuantizationConfig(recipe=5)
+    with pytest.raises(ValueError, match=r"is a pt2e quantizer: leave flow out \(or flow='pt2e'\), got flow='eager'"):
+        QuantizationConfig(flow="eager", recipe=_user_x86_quantizer(qat=False))
+    with pytest.raises(ValueError, match=r"quantizes for backend='x86', got backend='xnnpack': leave backend out"):
+        QuantizationConfig(backend="xnnpack", recipe=_user_x86_quantizer(qat=False))
+    with pytest.raises(ValueError, match=r"holds its own per-layer settings .* leave layers= and skip= out"):
+        QuantizationAwareTraining(recipe=_user_x86_quantizer(qat=True), skip=["head"])
+    with pytest.raises(
+        ValueError, match=r"got recipe=X86InductorQuantizer\(...\) and \['observer'\], which the recipe"
+    ):
+        PostTrainingQuantization(recipe=_user_x86_quantizer(qat=False), observer="minmax")
+
+
+def test_qat_with_a_quantizer_configured_for_ptq_is_refused_before_training():
+    from lightning_quant import QuantizationAwareTraining
+    from tests.helpers import BoringClassifier, refused_before_training
+
+    refused_before_training(
+        BoringClassifier(),
+        ValueError,
+        r"recipe=X86InductorQuantizer\(...\) put observers, not fake quantization, into the graph: QAT needs a "
+        r"quantizer configured for QAT",
+        callbacks=[QuantizationAwareTraining(recipe=_user_x86_quantizer(qat=False), export=None)],
+    )
