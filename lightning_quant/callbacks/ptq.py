@@ -33,6 +33,7 @@ from lightning_quant.quantization.ptq import (
     convert_calibrated,
     mode_config,
     prepare_and_calibrate,
+    recipe_mode,
     search_candidates,
     search_fastest,
     search_precisions_of,
@@ -146,7 +147,7 @@ class PostTrainingQuantization(QuantizationCallback):
         recipe: Any = None,
     ) -> None:
         super().__init__(self._config_from(config, locals()), batch_to_input)
-        self.mode = parse_enum(Mode, mode, "mode")
+        self.mode = recipe_mode(self.config, parse_enum(Mode, mode, "mode"))
         self.config = mode_config(self.config, self.mode)
         self.search_latency = check_search_latency(search_latency, self.mode, self.config.flow)
         self.latency_search: LatencySearch | None = None

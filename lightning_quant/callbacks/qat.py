@@ -22,7 +22,7 @@ from lightning_quant.callbacks._trainer import first_of, metric_name, module_met
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.evaluation.analysis import Fidelity, conversion_fidelity, fake_quant_reference
 from lightning_quant.quantization.calibrate import first_non_finite_layer
-from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, Flow, QuantizationConfig
+from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, TORCHAO_QAT_RECIPES, Flow, QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy, unobserved
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.flows import get_flow, inference_view
@@ -165,6 +165,16 @@ class QuantizationAwareTraining(QuantizationCallback):
     ) -> None:
         super().__init__(self._config_from(config, locals()), batch_to_input)
         self.schedule = _schedule_from(schedule, quant_start_epoch, freeze_observers_epoch, freeze_bn_epoch)
+        recipe_name = type(self.config.recipe).__name__
+        if (
+            self.config.flow is Flow.TORCHAO
+            and self.config.recipe is not None
+            and recipe_name not in TORCHAO_QAT_RECIPES
+        ):
+            raise ValueError(
+                f"recipe={recipe_name}(...) has no QAT in torchao's QATConfig; QuantizationAwareTraining trains "
+                f"{TORCHAO_QAT_RECIPES} (post-training: PostTrainingQuantization(recipe=...))"
+            )
         if self.config.flow is Flow.TORCHAO and self.schedule.freeze_observers is not None:
             unit = self.schedule.unit
             raise ValueError(

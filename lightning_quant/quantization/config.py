@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from lightning_quant.utils.checks import parse_enum, require_module
@@ -331,9 +332,11 @@ class QuantizationConfig:
             it must divide the input size of every int4 layer.
         recipe: a stack's own object, used as it is: a pt2e ``Quantizer`` you configured
             (``X86InductorQuantizer``, ``XNNPACKQuantizer``, ``ComposableQuantizer``, your own; for QAT
-            configured with ``is_qat=True``). The flow follows from it (pt2e), and so does the backend of a
-            known quantizer (X86Inductor: x86; XNNPACK: xnnpack); per-layer settings, observers and
-            granularity are the quantizer's own, so ``layers``/``skip`` are refused with it.
+            configured with ``is_qat=True``): the flow is pt2e, and a known quantizer's backend follows
+            (X86Inductor: x86; XNNPACK: xnnpack); its per-layer settings, observers and granularity are its
+            own, so ``layers``/``skip`` are refused with it. Or a torchao config (:data:`TORCHAO_RECIPES`, or a
+            ``QATConfig`` of one): the flow is torchao, ``scheme``/``group_size`` are read off it, and it
+            quantizes every planned Linear as it is (``layers`` may only keep layers float).
 
     Strings are accepted wherever an enum is expected (``backend="qnnpack"``, as YAML gives them)
     and sequences wherever a tuple is; both are normalised at construction.
@@ -411,11 +414,15 @@ class QuantizationConfig:
         """
         if self.recipe is None:
             return
+        if _is_torchao_config(self.recipe):
+            self._take_torchao_recipe()
+            return
         quantizer_class = _pt2e_quantizer_class()
         if quantizer_class is None or not isinstance(self.recipe, quantizer_class):
             raise TypeError(
                 "recipe must be a pt2e Quantizer (torchao.quantization.pt2e.quantizer.Quantizer: X86InductorQuantizer, "
-                f"XNNPACKQuantizer, ComposableQuantizer or your own), got {type(self.recipe).__name__}"
+                "XNNPACKQuantizer, ComposableQuantizer or your own) or a torchao config "
+                f"({', '.join(TORCHAO_RECIPES)}, or a QATConfig of one), got {type(self.recipe).__name__}"
             )
         if self.flow not in (Flow.FX, Flow.PT2E):  # fx is the default: a quantizer means pt2e
             raise ValueError(
@@ -435,6 +442,49 @@ class QuantizationConfig:
             raise ValueError(
                 f"recipe={type(self.recipe).__name__}(...) holds its own per-layer settings (set_module_name_qconfig, "
                 "set_module_type_qconfig; None keeps a layer float): leave layers= and skip= out"
+            )
+
+    def _take_torchao_recipe(self) -> None:
+        """A torchao config: the torchao flow, its scheme and group read off the object (for the checks and the
+        report); the object itself is what quantizes (``QATConfig(recipe)`` for QAT).
+
+        Raises:
+            ValueError: a config class this flow does not run, a QATConfig without a base config, another flow,
+                or per-layer settings other than ``"float"``.
+        """
+        recipe = self.recipe
+        if type(recipe).__name__ == "QATConfig":
+            if getattr(recipe, "base_config", None) is None:
+                raise ValueError(
+                    "recipe=QATConfig(...) without a base_config: give the config it trains for, e.g. "
+                    "QATConfig(Int8DynamicActivationIntxWeightConfig(...)) or that config itself"
+                )
+            recipe = self.recipe = recipe.base_config
+        name = type(recipe).__name__
+        if name not in TORCHAO_RECIPES:
+            raise ValueError(f"recipe={name}(...) is not one of the torchao configs this flow runs: {TORCHAO_RECIPES}")
+        if self.flow not in (Flow.FX, Flow.TORCHAO):  # fx is the default: a torchao config means torchao
+            raise ValueError(
+                f"recipe={name}(...) is a torchao config: leave flow out (or flow='torchao'), "
+                f"got flow={self.flow.value!r}"
+            )
+        self.flow = Flow.TORCHAO
+        bits = 4 if getattr(recipe, "weight_dtype", None) is INT4 else 8
+        dynamic = "DynamicActivation" in name
+        self.scheme = {
+            (8, False): Scheme.INT8_WEIGHT_ONLY,
+            (4, False): Scheme.INT4_WEIGHT_ONLY,
+            (8, True): Scheme.INT8_DYN_INT8_WEIGHT,
+            (4, True): Scheme.INT8_DYN_INT4_WEIGHT,
+        }[(bits, dynamic)]
+        granularity = getattr(recipe, "granularity", None) or getattr(recipe, "weight_granularity", None)
+        self.group_size = int(getattr(granularity, "group_size", None) or DEFAULT_GROUP_SIZE)
+        layers = _normalise_layers(self.layers)
+        other = [key for key, setting in layers if setting != LayerSetting(precision=Precision.FLOAT)]
+        if other:
+            raise ValueError(
+                f"recipe={name}(...) quantizes every Linear layer as it says: layers={sorted(map(str, other))} may "
+                "only keep layers 'float' (or use skip=)"
             )
 
     def _check_torchao_options(self) -> None:
@@ -477,6 +527,28 @@ def _other_field_hint(value: Any) -> str:
     if str(getattr(value, "value", value)) in FLOWS:
         return f"; {value!r} is a flow: flow={value!r}"
     return ""
+
+
+#: torch's 4-bit integer dtype (missing from torch's type stubs)
+INT4: torch.dtype = getattr(torch, "int4")  # noqa: B009
+
+#: the torchao configs ``recipe=`` takes (QAT: the intx ones, whose fake quantizers the schedule switches)
+TORCHAO_RECIPES = (
+    "IntxWeightOnlyConfig",
+    "Int8DynamicActivationIntxWeightConfig",
+    "Int8WeightOnlyConfig",
+    "Int8DynamicActivationInt8WeightConfig",
+)
+#: those QAT trains with
+TORCHAO_QAT_RECIPES = TORCHAO_RECIPES[:2]
+
+
+def _is_torchao_config(value: Any) -> bool:
+    try:
+        from torchao.core.config import AOBaseConfig
+    except ImportError:
+        return False
+    return isinstance(value, AOBaseConfig)
 
 
 def _pt2e_quantizer_class() -> type | None:

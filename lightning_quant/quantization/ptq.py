@@ -75,6 +75,14 @@ MODES = tuple(m.value for m in Mode)
 MODE_SCHEMES = {Mode.WEIGHT_ONLY: Scheme.INT8_WEIGHT_ONLY, Mode.DYNAMIC: Scheme.INT8_DYN_INT8_WEIGHT}
 
 
+def recipe_mode(config: QuantizationConfig, mode: Mode) -> Mode:
+    """The mode a torchao config given as ``recipe=`` implies (weight-only or dynamic), where the call left
+    ``mode`` at its default (static, which torchao's configs do not have)."""
+    if config.flow is Flow.TORCHAO and config.recipe is not None and mode is Mode.STATIC:
+        return Mode.DYNAMIC if Scheme(config.scheme).dynamic else Mode.WEIGHT_ONLY
+    return mode
+
+
 def mode_config(config: QuantizationConfig, mode: Mode) -> QuantizationConfig:
     """``config`` with the torchao scheme ``mode`` implies, after checking that mode, flow and scheme agree.
 
@@ -443,6 +451,7 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | PrecisionSe
     config = config_from(args["config"], args, inspect.signature(quantize).parameters, "quantize")
     get_flow(config.flow).check(config)
     config = dataclasses.replace(config, export=())
+    mode = recipe_mode(config, mode)
     config = mode_config(config, mode)
     calibration_batches = check_positive_int(args["calibration_batches"], "calibration_batches")
     max_metric_drop = check_non_negative(args["max_metric_drop"], "max_metric_drop", allow_none=True)

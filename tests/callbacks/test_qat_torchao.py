@@ -193,3 +193,93 @@ def test_torchao_ptq_callback_quantizes_after_validation(mode, precision, tmp_pa
     model.net.eval()
     with torch.no_grad():
         torch.testing.assert_close(callback.quantized_model(x), model.net(x), rtol=0, atol=0.05)
+
+
+# ---------------------------------------------------------------------- torchao's own config objects
+def _int4_weights():
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(4))
+
+
+def _float_outputs(model: BoringClassifier, x: torch.Tensor) -> torch.Tensor:
+    from lightning_quant import quantization_disabled
+
+    with torch.no_grad(), quantization_disabled(model.net):
+        return model.net.eval()(x)
+
+
+def test_a_torchao_config_object_passes_straight_through_qat(tmp_path):
+    from torchao.quantization.qat import QATConfig
+
+    seed_everything(0)
+    for recipe in (_int4_weights(), QATConfig(_int4_weights(), step="prepare")):
+        callback = QuantizationAwareTraining(recipe=recipe, export=["state_dict"], export_dir=tmp_path)
+        assert (callback.config.flow.value, callback.config.scheme.value, callback.config.group_size) == (
+            "torchao",
+            "int4_weight_only",
+            4,
+        )
+        model = _model()
+        quiet_trainer(callbacks=[callback], max_epochs=2).fit(model)
+        assert int8_layers(callback.quantized_model) == {"fc1": "int4", "head": "int4"}
+        weight = callback.quantized_model.fc1.weight
+        assert type(weight).__name__ == "IntxUnpackedToInt8Tensor" and weight.block_size == (1, 4)  # as configured
+        x = random_images(16, seed=7).tensors[0]
+        from lightning_quant.quantization.outputs import mean_cosine
+
+        with torch.no_grad():
+            int4 = callback.quantized_model(x)
+        assert mean_cosine(int4, _float_outputs(model, x)) > 0.98
+        reloaded = load_int8(TinyMLP(), callback.export_paths["state_dict"])
+        with torch.no_grad():
+            assert torch.equal(reloaded(x), int4)
+
+
+def test_a_torchao_config_object_passes_straight_through_ptq():
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerGroup
+
+    from lightning_quant import quantize
+    from lightning_quant.quantization.outputs import mean_cosine
+
+    recipe = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(4))
+    callback = PostTrainingQuantization(recipe=recipe, export=None, progress=False)
+    assert callback.mode.value == "dynamic"  # the config's activations decide the mode
+    model = _model()
+    quiet_trainer(callbacks=[callback], max_epochs=1).fit(model)
+    x = random_images(16, seed=7).tensors[0]
+    with torch.no_grad():
+        assert int8_layers(callback.quantized_model) == {"fc1": "int4", "head": "int4"}
+        assert mean_cosine(callback.quantized_model(x), _float_outputs(model, x)) > 0.98
+        net = TinyMLP().eval()
+        direct = quantize(net, recipe=_int4_weights())
+        assert int8_layers(direct) == {"fc1": "int4", "head": "int4"}
+        assert mean_cosine(direct(x), net(x)) > 0.98
+
+
+def test_a_torchao_config_this_flow_cannot_run_is_refused_at_construction():
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+    from torchao.quantization.qat import QATConfig
+
+    with pytest.raises(ValueError, match=r"recipe=Int4WeightOnlyConfig\(...\) is not one of the torchao configs this"):
+        PostTrainingQuantization(recipe=Int4WeightOnlyConfig())
+    with pytest.raises(ValueError, match=r"recipe=QATConfig\(...\) without a base_config"):
+        QuantizationAwareTraining(
+            recipe=QATConfig(activation_config=None, weight_config=_fake_weight(), step="prepare")
+        )
+    with pytest.raises(ValueError, match=r"is a torchao config: leave flow out \(or flow='torchao'\), got flow='pt2e'"):
+        QuantizationAwareTraining(recipe=_int4_weights(), flow="pt2e")
+    with pytest.raises(ValueError, match=r"layers=\['fc1'\] may only keep layers 'float'"):
+        QuantizationAwareTraining(recipe=_int4_weights(), layers={"fc1": "int8"})
+    with pytest.raises(ValueError, match=r"got recipe=IntxWeightOnlyConfig\(...\) and \['scheme'\]"):
+        QuantizationAwareTraining(recipe=_int4_weights(), scheme="int8_weight_only")
+    with pytest.raises(ValueError, match=r"recipe=Int8WeightOnlyConfig\(...\) has no QAT in torchao's QATConfig"):
+        QuantizationAwareTraining(recipe=Int8WeightOnlyConfig())
+
+
+def _fake_weight():
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+
+    return IntxFakeQuantizeConfig(torch.int4, group_size=4)

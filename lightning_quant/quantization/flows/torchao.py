@@ -24,6 +24,7 @@ and kept on the model (:data:`PLAN_ATTRIBUTE`), so conversion needs nothing but 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import os
@@ -74,6 +75,8 @@ class TorchaoPlan:
     backend: Backend
     qat: bool
     converted: bool = False
+    #: the user's torchao config (``recipe=``), used as it is for every planned layer; else the schemes' own
+    recipe: Any = None
 
 
 def scheme_of(config: QuantizationConfig) -> Scheme:
@@ -326,14 +329,27 @@ class TorchaoFlow:
         from torchao.quantization import quantize_
         from torchao.quantization.qat import QATConfig
 
-        plan = TorchaoPlan(plan_layers(model, config), config.group_size, Backend(config.backend), qat)
+        plan = TorchaoPlan(
+            plan_layers(model, config), config.group_size, Backend(config.backend), qat, recipe=config.recipe
+        )
         if qat:
             with known_torch_warnings_silenced():
-                for (scheme, _), layers in _groups(plan, model).items():
-                    quantize_(
-                        model, QATConfig(fake_quant_config(scheme, plan.group_size), step="prepare"), _by_name(layers)
-                    )
+                if plan.recipe is not None:
+                    quantize_(model, QATConfig(plan.recipe, step="prepare"), _by_name(plan.layers))
+                else:
+                    for (scheme, _), layers in _groups(plan, model).items():
+                        quantize_(
+                            model,
+                            QATConfig(fake_quant_config(scheme, plan.group_size), step="prepare"),
+                            _by_name(layers),
+                        )
             self._make_switchable(model)
+            if plan.recipe is not None and not self.fake_quantizers(model):
+                raise ValueError(
+                    f"recipe={type(plan.recipe).__name__}(...): torchao's QAT for it has fake quantizers the schedule "
+                    "cannot switch; QuantizationAwareTraining trains IntxWeightOnlyConfig and "
+                    "Int8DynamicActivationIntxWeightConfig"
+                )
         setattr(model, PLAN_ATTRIBUTE, plan)
         return model
 
@@ -355,10 +371,13 @@ class TorchaoFlow:
         plan = plan_of(prepared)
         assert plan is not None, "the torchao flow converts what it prepared"
         with known_torch_warnings_silenced():
-            for (scheme, embedding), layers in _groups(plan, prepared).items():
+            if plan.recipe is not None:  # the user's config, as it is
+                config = QATConfig(plan.recipe, step="convert") if plan.qat else plan.recipe
+                quantize_(prepared, config, _by_name(plan.layers))
+            for (scheme, embedding), layers in _groups(plan, prepared).items() if plan.recipe is None else ():
                 config = convert_config(scheme, plan.group_size, plan.backend, embedding)
                 quantize_(prepared, QATConfig(config, step="convert") if plan.qat else config, _by_name(layers))
-        setattr(prepared, PLAN_ATTRIBUTE, TorchaoPlan(plan.layers, plan.group_size, plan.backend, plan.qat, True))
+        setattr(prepared, PLAN_ATTRIBUTE, dataclasses.replace(plan, converted=True))
         return prepared
 
     def owns(self, model: nn.Module) -> bool:
