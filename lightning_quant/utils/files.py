@@ -43,11 +43,7 @@ def _write_temp(path: Path, data: bytes) -> str:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o666 & ~_umask())
-        view = memoryview(data)
-        while view:
-            written = _write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
+        _write_all(fd, data)
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
@@ -260,13 +256,19 @@ def _new_set_folder(sets: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{stamp}-", dir=sets))
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """Every byte of ``data`` to ``fd``, then to the disk."""
+    view = memoryview(data)
+    while view:
+        view = view[_write(fd, view) :]
+    os.fsync(fd)
+
+
 def _write_whole(path: Path, data: bytes) -> None:
+    """A new file (the umask's permissions) holding ``data``, on the disk when this returns."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[_write(fd, view) :]
-        os.fsync(fd)
+        _write_all(fd, data)
     finally:
         os.close(fd)
 
@@ -302,15 +304,16 @@ def _remove_leftovers(directory: Path, basename: str, names: list[str]) -> None:
     names (``atomic_write``'s, an older release's)."""
     sets, _ = set_folders(directory, basename)
     keep = _current_set(directory, basename)
-    if sets.is_dir():
-        for folder in sets.iterdir():
-            if keep is None or folder.resolve() != keep:
-                shutil.rmtree(folder, ignore_errors=True) if folder.is_dir() else folder.unlink(missing_ok=True)
+    for folder in sets.iterdir() if sets.is_dir() else ():
+        if keep is not None and folder.resolve() == keep:
+            continue
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            folder.unlink(missing_ok=True)
+    prefixes = tuple(f".{n}." for n in (basename, *names))
     for entry in directory.iterdir():
-        name = entry.name
-        prefixes = tuple(f".{n}." for n in (basename, *names))
-        ours = name.startswith(prefixes) and name.endswith((".link", ".tmp"))
-        if ours and not entry.is_dir():
+        if entry.name.startswith(prefixes) and entry.name.endswith((".link", ".tmp")) and not entry.is_dir():
             entry.unlink(missing_ok=True)
 
 

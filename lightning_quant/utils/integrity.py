@@ -60,7 +60,10 @@ def read_checked(path: os.PathLike | str, what: str, zip_format: bool = False) -
     data = path.read_bytes()
     if not data:
         raise CorruptFileError(path, f"is empty (0 bytes): no {what} was written into it")
-    entry = set_entry(path)
+    try:
+        entry = set_entry(path)
+    except ValueError as err:  # the manifest itself is damaged
+        raise CorruptFileError(path, f"cannot be checked: {err}") from None
     if entry is not None:
         manifest, recorded = entry
         if len(data) != recorded.get("bytes", len(data)) or sha256_of(data) != recorded.get("sha256"):

@@ -184,3 +184,12 @@ def test_a_changed_byte_is_found_against_the_manifest(tmp_path):
     real.write_bytes(bytes(data))
     with pytest.raises(CorruptFileError, match=r"model.pt' differs from what was written .* the manifest"):
         read_checked(written["model.pt"], "file")
+
+
+def test_a_damaged_manifest_is_named_when_a_file_of_its_set_is_read(tmp_path):
+    written = write_file_set(tmp_path, "model", {"model.pt": b"weights" * 100})
+    (tmp_path / "model.manifest.json").resolve().write_text("{not json")
+    with pytest.raises(
+        CorruptFileError, match=r"model.pt' cannot be checked: the manifest '.*manifest.json' of .* is damaged"
+    ):
+        read_checked(written["model.pt"], "file")
