@@ -216,7 +216,7 @@ def _normalise_exports(export: Any) -> tuple[ExportTarget, ...] | str:
         raise TypeError(
             f"export must be {DEFAULT_EXPORT!r}, a target or a sequence of {EXPORT_TARGETS}, got {export!r}"
         )
-    targets = tuple(parse_enum(ExportTarget, item, "each export target") for item in export)
+    targets = tuple(parse_enum(ExportTarget, item, "each export target", _other_field_hint) for item in export)
     if len(set(targets)) != len(targets):
         raise ValueError(f"export lists a target twice: {[t.value for t in targets]}")
     return targets
@@ -370,9 +370,9 @@ class QuantizationConfig:
 
     def __post_init__(self) -> None:
         self.backend = parse_enum(Backend, self.backend, "backend", _other_field_hint)
-        self.flow = parse_enum(Flow, self.flow, "flow")
+        self.flow = parse_enum(Flow, self.flow, "flow", _other_field_hint)
         self._take_recipe()
-        self.observer = parse_enum(Observer, self.observer, "observer")
+        self.observer = parse_enum(Observer, self.observer, "observer", _other_field_hint)
         if self.module is not None and (not isinstance(self.module, str) or not self.module):
             raise ValueError(f"module must be a dotted attribute path such as 'net' or None, got {self.module!r}")
         if self.per_channel is None:
@@ -489,7 +489,7 @@ class QuantizationConfig:
 
     def _check_torchao_options(self) -> None:
         if self.scheme is not None:
-            self.scheme = parse_enum(Scheme, self.scheme, "scheme")
+            self.scheme = parse_enum(Scheme, self.scheme, "scheme", _other_field_hint)
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(
                 f"group_size must be a positive int (input features per int4 scale), got {self.group_size!r}"
@@ -523,9 +523,18 @@ class QuantizationConfig:
 
 
 def _other_field_hint(value: Any) -> str:
-    """What to say when a backend names a flow instead (``backend="torchao"``)."""
-    if str(getattr(value, "value", value)) in FLOWS:
-        return f"; {value!r} is a flow: flow={value!r}"
+    """Where a value of another option was given (``backend="torchao"``: a flow), said after the allowed values."""
+    text = str(getattr(value, "value", value))
+    owners = {
+        "backend": BACKENDS,
+        "flow": FLOWS,
+        "observer": OBSERVERS,
+        "export": EXPORT_TARGETS,
+        "scheme": tuple(s.value for s in Scheme),
+    }
+    for option, values in owners.items():
+        if text in values:
+            return f"; {text!r} is a value of {option}: {option}={text!r}"
     return ""
 
 

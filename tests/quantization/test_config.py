@@ -150,8 +150,18 @@ def test_a_missing_optional_package_is_named_with_its_install_line(kwargs, packa
         QuantizationConfig(**kwargs)
 
 
-def test_a_backend_that_is_a_flow_names_the_flow_argument():
+def test_a_value_of_another_option_names_that_option():
+    from lightning_quant import quantize
+
     with pytest.raises(
-        ValueError, match=r"backend must be one of .* got 'torchao'; 'torchao' is a flow: flow='torchao'"
+        ValueError, match=r"backend must be one of .* got 'torchao'; 'torchao' is a value of flow: flow='torchao'"
     ):
-        QuantizationConfig(backend="torchao")
+        quantize(nn.Linear(64, 8), mode="weight_only", backend="torchao")
+    with pytest.raises(ValueError, match=r"flow must be one of .* got 'xnnpack'; 'xnnpack' is a value of backend"):
+        QuantizationConfig(flow="xnnpack")
+    with pytest.raises(ValueError, match=r"each export target must be one of .* got 'pt2e'; 'pt2e' is a value of flow"):
+        QuantizationConfig(export="pt2e")
+    with pytest.raises(ValueError, match=r"observer must be one of .* got 'x86'; 'x86' is a value of backend"):
+        QuantizationConfig(observer="x86")
+    with pytest.raises(ValueError, match=r"backend must be one of .* got 'arm'\Z"):  # no option has it
+        QuantizationConfig(backend="arm")
