@@ -154,12 +154,14 @@ def load_int8(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     payload = load_weights_only(data, path, "int8 weights file")
     if isinstance(payload, dict) and FORMAT_KEY in payload:
         return _rebuild(model, _recipe_for(model, payload[FORMAT_KEY], path), payload["state_dict"])
-    return _load_torchao(model, data, ExportTarget.STATE_DICT, path)
+    return _load_torchao(model, data, ExportTarget.STATE_DICT, path, payload)  # read and checked once, above
 
 
-def _load_torchao(model: nn.Module, data: bytes, target: ExportTarget, path: str | os.PathLike) -> nn.Module:
+def _load_torchao(
+    model: nn.Module, data: bytes, target: ExportTarget, path: str | os.PathLike, state: Any = None
+) -> nn.Module:
     require_module("torchao", "'lightning-quant[torchao]'", "loading torchao int8 weights")
-    return flows.get_flow(Flow.TORCHAO).load_weights(model, data, target, path)  # type: ignore[attr-defined]
+    return flows.get_flow(Flow.TORCHAO).load_weights(model, data, target, path, state)  # type: ignore[attr-defined]
 
 
 def _recipe_for(model: nn.Module, recipe: Any, path: str | os.PathLike) -> dict[str, Any]:

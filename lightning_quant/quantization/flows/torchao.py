@@ -474,11 +474,17 @@ class TorchaoFlow:
         return buffer.getvalue()
 
     def load_weights(
-        self, model: nn.Module, data: bytes, target: ExportTarget, source: str | os.PathLike = "the weights"
+        self,
+        model: nn.Module,
+        data: bytes,
+        target: ExportTarget,
+        source: str | os.PathLike = "the weights",
+        state: dict[str, Any] | None = None,
     ) -> nn.Module:
         """Load weights written by :meth:`weights_bytes` into ``model`` (the float model, same structure):
         its layers take the int8 tensors as they are (``assign``); returned in eval mode, without gradients.
-        ``source`` names the file in errors.
+        ``source`` names the file in errors; ``state``: the ``torch.save`` state dict already read (and
+        checked) from ``data``, not parsed again.
 
         Raises:
             CorruptFileError: the bytes are not a complete file of that kind, or differ from their SHA-256.
@@ -495,7 +501,7 @@ class TorchaoFlow:
             state, leftover = unflatten_tensor_state_dict(tensors, metadata)
             if leftover:
                 raise RuntimeError(f"the safetensors file holds tensors no layer takes: {sorted(leftover)[:5]}")
-        else:
+        elif state is None:
             check_zip(data, source, "torch.save file")
             state = load_weights_only(data, source, "state dict")
         model.eval().requires_grad_(False)
