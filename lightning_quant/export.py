@@ -45,14 +45,15 @@ import torch
 import torch.nn as nn
 
 from lightning_quant.quantization import flows
-from lightning_quant.quantization.config import Backend, ExportTarget, Flow, pt2e_engine
+from lightning_quant.quantization.config import Backend, ExportTarget, pt2e_engine
 from lightning_quant.quantization.convert import compiled_runner, quantized_engine
 from lightning_quant.quantization.inputs import ExampleInputs, as_positional, export_program, forward_signature
-from lightning_quant.quantization.outputs import flat_tensors, largest_abs, max_abs_diff
+from lightning_quant.quantization.outputs import flat_tensors, max_abs_diff
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.checks import require_module
 from lightning_quant.utils.files import MANIFEST, check_writable_folder, set_folders, write_file_set
 from lightning_quant.utils.integrity import CorruptFileError, read_checked
+from lightning_quant.utils.tensors import largest_abs
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +238,12 @@ def _onnx_bytes(
 
 
 def _pt2_bytes(model: nn.Module, example: ExampleInputs, backend: Backend) -> tuple[bytes, Callable[[bytes], Loaded]]:
-    """Inductor's int8 lowering takes x86-quantized pt2e programs (uint8 activations); an xnnpack one
-    (int8 activations) is checked as saved, uncompiled, and so is a torchao one, whose int8 kernels
-    run uncompiled too."""
-    compile_check = backend is Backend.X86 and flows.flow_of(model) is flows.get_flow(Flow.PT2E)
+    """Inductor's int8 lowering takes programs whose int8 steps are quantize/dequantize nodes quantized for
+    x86 (pt2e: uint8 activations), so those are checked compiled, as they are served; an xnnpack one
+    (int8 activations) is checked as saved, uncompiled, and so is one whose int8 weights are tensor
+    subclasses (torchao), whose kernels run uncompiled too."""
+    graph_flow = flows.capable(flows.flow_of(model), flows.MapsBoundaries)
+    compile_check = backend is Backend.X86 and graph_flow is not None and flows.served_by(model) == "compiled"
     program = export_program(model, example)
     buffer = io.BytesIO()
     with known_torch_warnings_silenced():
@@ -265,13 +268,16 @@ def _weights_bytes(
     def serialize(
         model: nn.Module, example: ExampleInputs, backend: Backend
     ) -> tuple[bytes, Callable[[bytes], Loaded]]:
-        torchao = flows.get_flow(Flow.TORCHAO)
-        if flows.flow_of(model) is not torchao:
-            raise ValueError(f"export {target.value!r} writes torchao models (flow='torchao')")
-        data = torchao.weights_bytes(model, target)  # type: ignore[attr-defined]
+        writer = flows.capable(flows.flow_of(model), flows.WritesWeights)
+        if writer is None:
+            able = [spec.flow.value for spec in flows.SPECS.values() if spec.int8_file == "weights"]
+            raise ValueError(
+                f"export {target.value!r} writes models whose weights are their own files (flow={flows.spelled(able)})"
+            )
+        data = writer.weights_bytes(model, target)
 
         def load(data: bytes) -> Loaded:
-            loaded = torchao.load_weights(torchao.float_skeleton(model), data, target)  # type: ignore[attr-defined]
+            loaded = writer.load_weights(writer.float_skeleton(model), data, target)
             return lambda inputs: inputs(loaded)
 
         return data, load

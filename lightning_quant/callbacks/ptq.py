@@ -17,10 +17,11 @@ from typing_extensions import override
 from lightning_quant.callbacks._trainer import first_of, stage_dataloader
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.export import engine_for
-from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, Flow, LayerSetting, Precision, QuantizationConfig
+from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, LayerSetting, Precision, QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.flows.dynamic import DEFAULT_DYNAMIC_TYPES, FP16_ENGINES, quantize_dynamic_copy
+from lightning_quant.quantization.flows.spec import spec_of
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.ptq import (
     Mode,
@@ -285,7 +286,7 @@ class PostTrainingQuantization(QuantizationCallback):
 
     def _uncalibrated_conversion(self, target: nn.Module, config: QuantizationConfig) -> Callable[[str], nn.Module]:
         """``engine -> int8 copy of target`` for the modes that need no calibration (dynamic, torchao)."""
-        if config.flow is Flow.TORCHAO:
+        if not spec_of(config.flow).calibrates:
             return lambda engine: torchao_copy(target, config)
         return lambda engine: quantize_dynamic_copy(target, config, self.module_types, self.dtype, engine)
 
@@ -297,7 +298,7 @@ class PostTrainingQuantization(QuantizationCallback):
     def _trial_conversion(self, target: nn.Module) -> Callable[[str], nn.Module]:
         """``engine -> int8 model`` as the end of fit makes it, calibrated on the example inputs alone: for
         the rehearsal before training."""
-        if self.config.flow is Flow.TORCHAO or self.mode is Mode.DYNAMIC:
+        if not spec_of(self.config.flow).calibrates or self.mode is Mode.DYNAMIC:
             return self._uncalibrated_conversion(target, self.config)
         calibrated: list[nn.Module] = []
 
@@ -379,7 +380,7 @@ class PostTrainingQuantization(QuantizationCallback):
         if self.max_metric_drop is not None or self.max_size_bytes is not None:
             config = self._search_float_islands(trainer, pl_module, target)
         self.calibrated_model = None
-        if config.flow is Flow.TORCHAO or self.mode is Mode.DYNAMIC:
+        if not spec_of(config.flow).calibrates or self.mode is Mode.DYNAMIC:
             convert = self._uncalibrated_conversion(target, config)
         else:
             calibrated = prepare_and_calibrate(
@@ -406,7 +407,7 @@ class PostTrainingQuantization(QuantizationCallback):
 
             def convert(engine: str) -> nn.Module:
                 if kept:
-                    return convert_copy(calibrated, Flow.FX, engine, kept)
+                    return convert_copy(calibrated, config.flow, engine, kept)
                 return convert_calibrated(calibrated, config, engine)
 
         self._publish(

@@ -22,10 +22,11 @@ from lightning_quant.callbacks._trainer import first_of, metric_name, module_met
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.evaluation.analysis import Fidelity, conversion_fidelity, fake_quant_reference
 from lightning_quant.quantization.calibrate import first_non_finite_layer
-from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, TORCHAO_QAT_RECIPES, Flow, QuantizationConfig
+from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy, unobserved
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.flows import get_flow, inference_view
+from lightning_quant.quantization.flows.spec import SPECS, check_qat_native, spec_of, spelled
 from lightning_quant.quantization.inputs import (
     ExampleInputs,
     batch_targets,
@@ -165,36 +166,28 @@ class QuantizationAwareTraining(QuantizationCallback):
     ) -> None:
         super().__init__(self._config_from(config, locals()), batch_to_input)
         self.schedule = _schedule_from(schedule, quant_start_epoch, freeze_observers_epoch, freeze_bn_epoch)
-        recipe_name = type(self.config.recipe).__name__
-        if (
-            self.config.flow is Flow.TORCHAO
-            and self.config.recipe is not None
-            and recipe_name not in TORCHAO_QAT_RECIPES
-        ):
-            raise ValueError(
-                f"recipe={recipe_name}(...) has no QAT in torchao's QATConfig; QuantizationAwareTraining trains "
-                f"{TORCHAO_QAT_RECIPES} (post-training: PostTrainingQuantization(recipe=...))"
-            )
-        if self.config.flow is Flow.TORCHAO and self.schedule.freeze_observers is not None:
+        spec = spec_of(self.config.flow)
+        if self.config.recipe is not None:
+            check_qat_native(self.config.recipe)
+        if not spec.observes and self.schedule.freeze_observers is not None:
             unit = self.schedule.unit
             raise ValueError(
-                f"freeze_observers_{unit}={self.schedule.freeze_observers}, but flow='torchao' has no observers to "
-                "freeze: its fake quantization computes every range from the tensor it quantizes, at every step; "
-                f"leave freeze_observers_{unit} out"
+                f"freeze_observers_{unit}={self.schedule.freeze_observers}, but flow={spec.flow.value!r} has no "
+                "observers to freeze: its fake quantization computes every range from the tensor it quantizes, at "
+                f"every step; leave freeze_observers_{unit} out"
             )
         self.convert_on_fit_end = check_bool(convert_on_fit_end, "convert_on_fit_end")
         self.validate_int8 = check_bool(validate_int8, "validate_int8")
         if keep_diverging_float is not None:
             check_bool(keep_diverging_float, "keep_diverging_float")
-        if keep_diverging_float and self.config.flow is not Flow.FX:
+        if keep_diverging_float and not spec.keeps_float:
+            able = [s.flow.value for s in SPECS.values() if s.keeps_float]
             raise ValueError(
-                f"keep_diverging_float=True needs flow='fx' (its conversion can leave layers float after training), "
-                f"got flow={self.config.flow.value!r}: leave it out (the warning still names the layers), or train "
-                "with layers={name: 'float'}"
+                f"keep_diverging_float=True needs flow={spelled(able)} (whose conversion can leave layers float after "
+                f"training), got flow={self.config.flow.value!r}: leave it out (the warning still names the layers), "
+                "or train with layers={name: 'float'}"
             )
-        self.keep_diverging_float = (
-            self.config.flow is Flow.FX if keep_diverging_float is None else keep_diverging_float
-        )
+        self.keep_diverging_float = spec.keeps_float if keep_diverging_float is None else keep_diverging_float
         self._keep_float: list[str] = []
         self._phase: Phase | None = None
         self._load_hook: Any = None
@@ -395,7 +388,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         }
         if self.config.recipe is not None:  # the user's quantizer decides the model
             recipe["recipe"] = type(self.config.recipe).__name__
-        if self.config.flow is Flow.TORCHAO:  # the scheme decides the torchao model
+        if "scheme" in spec_of(self.config.flow).options:  # the scheme decides the torchao model
             recipe["scheme"] = self.config.scheme.value if self.config.scheme is not None else None
             recipe["group_size"] = self.config.group_size
         return recipe
@@ -596,7 +589,7 @@ class QuantizationAwareTraining(QuantizationCallback):
             when = f"step {step}" if self.schedule.unit == "step" else f"epoch {epoch}"
             observers = (
                 "ranges from each tensor"  # torchao: no observers
-                if self.config.flow is Flow.TORCHAO
+                if not spec_of(self.config.flow).observes
                 else f"observers {'on' if phase.observers else 'off'}"
             )
             rank_zero_info(

@@ -12,11 +12,12 @@ import torch
 import torch.nn as nn
 
 from lightning_quant.quantization import flows
-from lightning_quant.quantization.config import Flow
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import ExampleInputs
+from lightning_quant.quantization.options import Flow
 from lightning_quant.quantization.recipe import attach, recipe_of
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
+from lightning_quant.utils.checks import parse_enum
 from lightning_quant.utils.modules import within
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,10 @@ def check_observed(prepared: nn.Module) -> None:
 
 def convert_prepared(prepared: nn.Module, flow: Flow | str, keep_float: Sequence[str] = ()) -> nn.Module:
     """``prepared`` converted in place by its flow, with ``keep_float`` layers float (fx's conversion)."""
-    converter: Any = get_flow(flow)
-    return converter.convert_keeping_float(prepared, keep_float) if keep_float else converter.convert(prepared)
+    keeper = flows.capable(flow, flows.KeepsFloat)
+    if keep_float and keeper is not None:
+        return keeper.convert_keeping_float(prepared, keep_float)
+    return get_flow(flow).convert(prepared)
 
 
 def convert_copy(prepared: nn.Module, flow: Flow | str, engine: str, keep_float: Sequence[str] = ()) -> nn.Module:
@@ -149,18 +152,20 @@ def convert_copy(prepared: nn.Module, flow: Flow | str, engine: str, keep_float:
     ``prepared`` keeps its device, mode and weights, so training, ``fit`` again or
     ``test(ckpt_path=...)`` still work afterwards. Int8 weights are packed for the engine
     selected during conversion, so run the result under :func:`quantized_engine` of the same engine.
-    ``keep_float`` names layers converted to float instead, after preparation (FX flow only).
+    ``keep_float`` names layers converted to float instead, after preparation (flows that declare
+    ``keeps_float``: fx).
 
     Raises:
-        ValueError: ``keep_float`` with a flow other than fx.
+        ValueError: ``keep_float`` with a flow whose conversion cannot leave layers float.
     """
     check_observed(prepared)
     keep_float = list(keep_float)
-    flow = Flow(flow)
-    if keep_float and flow is not Flow.FX:
+    flow = parse_enum(Flow, flow, "flow")
+    if keep_float and flows.capable(flow, flows.KeepsFloat) is None:
+        able = [spec.flow.value for spec in flows.SPECS.values() if spec.keeps_float]
         raise ValueError(
-            f"keep_float={keep_float[:3]} needs flow='fx' (its conversion can leave layers float after "
-            f"preparation), got flow={flow.value!r}: prepare with layers={{name: 'float'}} instead"
+            f"keep_float={keep_float[:3]} needs flow={flows.spelled(able)} (whose conversion can leave layers float "
+            f"after preparation), got flow={flow.value!r}: prepare with layers={{name: 'float'}} instead"
         )
     model = copy.deepcopy(prepared).cpu().eval()
     recipe = recipe_of(prepared)

@@ -27,11 +27,6 @@ from lightning_quant.utils.tensors import flat_tensors, prediction_of
 __all__ = ["flat_tensors", "prediction_of"]  # they live in utils, below the flows that use them too
 
 
-def largest_abs(value: Any) -> float:
-    """The largest magnitude over every tensor of a nested output (0.0 for none)."""
-    return max((float(t.float().abs().max()) for t in flat_tensors(value) if t.numel()), default=0.0)
-
-
 def max_abs_diff(a: Any, b: Any) -> float:
     """The largest absolute difference between two model outputs of the same structure."""
     ta, tb = flat_tensors(a), flat_tensors(b)

@@ -8,7 +8,6 @@ import inspect
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
-from enum import Enum
 from typing import Any
 
 import torch
@@ -27,7 +26,7 @@ from lightning_quant.quantization.config import (
 )
 from lightning_quant.quantization.convert import convert_copy, for_inference, quantized_engine
 from lightning_quant.quantization.distributed import RankReducer, reduce_observers
-from lightning_quant.quantization.flows import get_flow
+from lightning_quant.quantization.flows import ChecksModel, capable, get_flow
 from lightning_quant.quantization.flows.dynamic import (
     DEFAULT_DYNAMIC_TYPES,
     DYNAMIC_PRECISIONS,
@@ -35,8 +34,10 @@ from lightning_quant.quantization.flows.dynamic import (
     dynamic_spec,
     quantize_dynamic_copy,
 )
+from lightning_quant.quantization.flows.spec import DEFAULT_FLOW, SPECS, flows_with, spec_of, spelled
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, batch_targets
 from lightning_quant.quantization.layers import STATIC_PRECISIONS, check_static_setting, resolve_layers
+from lightning_quant.quantization.options import Mode
 from lightning_quant.quantization.recipe import attach, static_recipe
 from lightning_quant.quantization.search import (
     LatencySearch,
@@ -60,16 +61,14 @@ from lightning_quant.utils.timing import median_ms
 log = logging.getLogger(__name__)
 
 
-class Mode(str, Enum):
-    """Post-training modes: static (calibrated activations), dynamic (activations quantized at run
-    time) or weight-only (int8/int4 weights, float activations: torchao's flow)."""
-
-    STATIC = "static"
-    DYNAMIC = "dynamic"
-    WEIGHT_ONLY = "weight_only"
-
-
 MODES = tuple(m.value for m in Mode)
+
+#: what each mode computes, for messages
+MODE_MEANINGS = {
+    Mode.STATIC: "int8 activations with ranges calibrated ahead of time",
+    Mode.DYNAMIC: "activations quantized at run time",
+    Mode.WEIGHT_ONLY: "int8/int4 weights, float activations",
+}
 
 #: the torchao scheme each post-training mode takes when none is named
 MODE_SCHEMES = {Mode.WEIGHT_ONLY: Scheme.INT8_WEIGHT_ONLY, Mode.DYNAMIC: Scheme.INT8_DYN_INT8_WEIGHT}
@@ -78,7 +77,7 @@ MODE_SCHEMES = {Mode.WEIGHT_ONLY: Scheme.INT8_WEIGHT_ONLY, Mode.DYNAMIC: Scheme.
 def recipe_mode(config: QuantizationConfig, mode: Mode) -> Mode:
     """The mode a torchao config given as ``recipe=`` implies (weight-only or dynamic), where the call left
     ``mode`` at its default (static, which torchao's configs do not have)."""
-    if config.flow is Flow.TORCHAO and config.recipe is not None and mode is Mode.STATIC:
+    if "scheme" in spec_of(config.flow).options and config.recipe is not None and mode is Mode.STATIC:
         return Mode.DYNAMIC if Scheme(config.scheme).dynamic else Mode.WEIGHT_ONLY
     return mode
 
@@ -90,18 +89,15 @@ def mode_config(config: QuantizationConfig, mode: Mode) -> QuantizationConfig:
         ValueError: ``mode="weight_only"`` off the torchao flow, ``mode="static"`` on it, or a scheme of
             the other mode.
     """
-    if config.flow is not Flow.TORCHAO:
-        if mode is Mode.WEIGHT_ONLY:
-            raise ValueError(
-                "mode='weight_only' (int8/int4 weights, float activations) runs on torchao's schemes: set "
-                "flow='torchao'"
-            )
-        return config
-    if mode is Mode.STATIC:
+    spec = spec_of(config.flow)
+    if mode not in spec.modes:
+        able = [s.flow.value for s in SPECS.values() if mode in s.modes]
         raise ValueError(
-            "flow='torchao' quantizes weights (mode='weight_only') or weights and per-token activations at run "
-            "time (mode='dynamic'); static int8 with calibrated activations is flow='fx' or 'pt2e'"
+            f"mode={mode.value!r} ({MODE_MEANINGS[mode]}) runs on flow={spelled(able)}: set flow={able[0]!r}; "
+            f"flow={config.flow.value!r} runs mode={spelled(spec.modes)}"
         )
+    if "scheme" not in spec.options:
+        return config
     if config.scheme is None:
         config = dataclasses.replace(config, scheme=MODE_SCHEMES[mode])
     elif Scheme(config.scheme).dynamic != (mode is Mode.DYNAMIC):
@@ -122,7 +118,8 @@ def torchao_copy(model: nn.Module, config: QuantizationConfig, allow_float: bool
         ValueError: nothing to quantize, or an int4 layer ``group_size`` does not divide.
     """
     flow = get_flow(config.flow)
-    if allow_float and not flow.quantizes_any(model, config):  # type: ignore[attr-defined]
+    checker = capable(flow, ChecksModel)
+    if allow_float and checker is not None and not checker.quantizes_any(model, config):
         return for_inference(copy.deepcopy(model).cpu())
     prepared = flow.prepare(copy.deepcopy(model).cpu().eval(), config, ExampleInputs(), qat=False)
     return for_inference(flow.convert(prepared))
@@ -180,7 +177,7 @@ STATIC_LAYER_TYPES: tuple[type, ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Line
 
 
 def check_mode_options(
-    mode: Mode, dtype: str, module_types: Sequence[str | type], flow: Flow = Flow.FX
+    mode: Mode, dtype: str, module_types: Sequence[str | type], flow: Flow | str = DEFAULT_FLOW
 ) -> tuple[type, ...]:
     """Validate the options that belong to one mode; returns the dynamic mode's module types.
 
@@ -191,10 +188,12 @@ def check_mode_options(
         ValueError: an invalid value, a dynamic-mode option set for ``mode="static"``, or
             ``mode="dynamic"`` with ``flow="pt2e"``.
     """
-    if mode is Mode.DYNAMIC and flow is Flow.PT2E:
+    spec = spec_of(flow)
+    if mode not in spec.modes:
+        able = [s.flow.value for s in SPECS.values() if mode in s.modes]
         raise ValueError(
-            "mode='dynamic' swaps in torch.ao's dynamic int8 modules, which flow='pt2e' and its pt2/executorch "
-            "files do not hold; use flow='fx' (the default) for dynamic mode, or mode='static' with flow='pt2e'"
+            f"mode={mode.value!r} ({MODE_MEANINGS[mode]}) runs on flow={spelled(able)}: set flow={able[0]!r}; "
+            f"flow={spec.flow.value!r} runs mode={spelled(spec.modes)}"
         )
     types = check_dynamic_options(dtype, module_types)
     given = [
@@ -202,11 +201,11 @@ def check_mode_options(
         for name, changed in (("dtype", dtype != "qint8"), ("module_types", types != DEFAULT_DYNAMIC_TYPES))
         if changed
     ]
-    if given and flow is Flow.TORCHAO:
+    if given and "module_types" not in spec.options:
         raise ValueError(
-            f"{given} are options of torch.ao's dynamic mode (flow='fx'); flow='torchao' quantizes Linear layers "
-            "(and embeddings named in layers=) in its scheme: say int4/int8/float per layer with layers=, or leave "
-            "them out"
+            f"{given} are options of torch.ao's dynamic mode (flow={spelled(flows_with('module_types'))}); "
+            f"flow={spec.flow.value!r} quantizes Linear layers (and embeddings named in layers=) in its scheme: say "
+            "int4/int8/float per layer with layers=, or leave them out"
         )
     if given and mode is Mode.STATIC:
         raise ValueError(
@@ -224,8 +223,9 @@ def check_layers(
     Raises:
         ValueError: a key the model lacks, or a precision/dtype/option the mode or flow cannot run.
     """
-    if config.flow is Flow.TORCHAO:
-        get_flow(config.flow).check_model(model, config)  # type: ignore[attr-defined]
+    checker = capable(config.flow, ChecksModel)
+    if checker is not None:
+        checker.check_model(model, config)
         return
     if mode is Mode.DYNAMIC:
         dynamic_spec(model, config, module_types, dtype)
@@ -264,7 +264,9 @@ def builder(
     """A function to the int8 model from layers to keep in float (a list, added to ``skip``) or
     from ``{layer: precision}`` (added to ``layers``); static mode recalibrates each time."""
     types = (
-        check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC and config.flow is not Flow.TORCHAO else ()
+        check_dynamic_options(dtype, module_types)
+        if mode is Mode.DYNAMIC and "module_types" in spec_of(config.flow).options
+        else ()
     )
 
     def build(extra: Sequence[str] | Mapping[str, str]) -> nn.Module:
@@ -273,7 +275,7 @@ def builder(
             skipped = dataclasses.replace(config, layers=rules, export=())
         else:
             skipped = dataclasses.replace(config, skip=tuple(config.skip) + tuple(extra), export=())
-        if skipped.flow is Flow.TORCHAO:
+        if not spec_of(skipped.flow).calibrates:
             return torchao_copy(model, skipped, allow_float=bool(extra))
         if mode is Mode.DYNAMIC:
             return quantize_dynamic_copy(model, skipped, types, dtype)
@@ -529,11 +531,13 @@ def _fastest(
         raise ValueError('mode="static" needs calibration_data: an iterable of representative batches')
     example, batches = first_example(calibration_data, batch_to_input)
     prepared = prepare_and_calibrate(model, batches, config, calibration_batches, batch_to_input, example, progress)
-    search = search_fastest(prepared, model, example, config.engine)
-    return convert_copy(prepared, Flow.FX, config.engine, search.kept_float)
+    search = search_fastest(prepared, model, example, config.engine, config.flow)
+    return convert_copy(prepared, config.flow, config.engine, search.kept_float)
 
 
-def search_fastest(prepared: nn.Module, float_model: nn.Module, example: ExampleInputs, engine: str) -> LatencySearch:
+def search_fastest(
+    prepared: nn.Module, float_model: nn.Module, example: ExampleInputs, engine: str, flow: Flow | str = DEFAULT_FLOW
+) -> LatencySearch:
     """:func:`latency_search` of a calibrated fx model: which of its boundary layers to keep float
     (their savings measured layer by layer, :func:`~lightning_quant.quantization.flows.fx.float_savings`),
     each model made by converting ``prepared`` again (no recalibration), timed on ``example``; logged."""
@@ -543,7 +547,7 @@ def search_fastest(prepared: nn.Module, float_model: nn.Module, example: Example
         return latency_of(module, example, engine)
 
     def convert(names: list[str]) -> nn.Module:
-        return convert_copy(prepared, Flow.FX, engine, names)
+        return convert_copy(prepared, flow, engine, names)
 
     with quantized_engine(engine):
         int8 = convert([])
@@ -572,10 +576,11 @@ def check_search_latency(search_latency: Any, mode: Mode, flow: Flow) -> bool:
         ValueError: asked outside static mode on the fx flow.
     """
     wanted = check_bool(search_latency, "search_latency")
-    if wanted and (mode is not Mode.STATIC or flow is not Flow.FX):
+    if wanted and (mode is not Mode.STATIC or not spec_of(flow).keeps_float):
+        able = [s.flow.value for s in SPECS.values() if s.keeps_float]
         raise ValueError(
-            "search_latency=True needs mode='static' and flow='fx' (whose conversion can leave layers float without "
-            f"recalibrating), got mode={mode.value!r}, flow={flow.value!r}"
+            f"search_latency=True needs mode='static' and flow={spelled(able)} (whose conversion can leave layers "
+            f"float without recalibrating), got mode={mode.value!r}, flow={Flow(flow).value!r}"
         )
     return wanted
 
@@ -608,14 +613,11 @@ def search_targets(batches: Sequence[Any], score: str) -> Any:
     return targets
 
 
-#: what a torchao search may give a layer, cheapest first
-TORCHAO_SEARCH_PRECISIONS = (Precision.INT4, Precision.INT8, Precision.FLOAT)
-
-
-def search_precisions_of(mode: Mode, flow: Flow = Flow.FX) -> tuple[str, ...]:
+def search_precisions_of(mode: Mode, flow: Flow | str = DEFAULT_FLOW) -> tuple[str, ...]:
     """What a search may give a layer in ``mode`` on ``flow``."""
-    if flow is Flow.TORCHAO:
-        return tuple(p.value for p in TORCHAO_SEARCH_PRECISIONS)
+    declared = spec_of(flow).search_precisions
+    if declared is not None:
+        return tuple(p.value for p in declared)
     return tuple(p.value for p in (DYNAMIC_PRECISIONS if mode is Mode.DYNAMIC else STATIC_PRECISIONS))
 
 
@@ -623,7 +625,7 @@ def search_candidates(
     model: nn.Module, config: QuantizationConfig, mode: Mode, module_types: Sequence[str | type], dtype: str
 ) -> list[str]:
     """The layers a search may change: what the mode quantizes, less those ``skip`` or ``layers`` name."""
-    if config.flow is Flow.TORCHAO:
+    if "scheme" in spec_of(config.flow).options:  # a scheme quantizes Linear layers
         types: tuple[type, ...] = (nn.Linear,)
     else:
         types = check_dynamic_options(dtype, module_types) if mode is Mode.DYNAMIC else STATIC_LAYER_TYPES

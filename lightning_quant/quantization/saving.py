@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from lightning_quant.quantization import flows
-from lightning_quant.quantization.config import ExportTarget, Flow
+from lightning_quant.quantization.config import ExportTarget
 from lightning_quant.quantization.convert import convert_prepared, for_inference, quantized_engine
 from lightning_quant.quantization.recipe import config_of, example_of, recipe_of
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
@@ -64,12 +64,12 @@ def save_int8(model: nn.Module, path: str | os.PathLike) -> Path:
         >>> load_int8(torch.nn.Linear(64, 8), "linear_int8.pt")  # doctest: +SKIP
     """
     flow = flows.flow_of(model)
-    if flow is not None and flow is flows.get_flow(Flow.TORCHAO) and flows.int8_layers(model):
-        torchao = flows.get_flow(Flow.TORCHAO)
-        return atomic_write(path, torchao.weights_bytes(model, _torchao_target(path)))  # type: ignore[attr-defined]
+    writer = flows.capable(flow, flows.WritesWeights)
+    if writer is not None and flows.int8_layers(model):
+        return atomic_write(path, writer.weights_bytes(model, _torchao_target(path)))
     if flow is None or not flows.int8_layers(model):
         raise ValueError(f"save_int8 writes int8 models; {type(model).__name__} has no int8 layer")
-    if flow is flows.get_flow(Flow.PT2E):
+    if flow.spec.int8_file == "program":
         raise ValueError(
             "a pt2e int8 model is a program: write it with export='pt2' (torch.export.save) and load it with "
             "lightning_quant.load_pt2(path)"
@@ -160,8 +160,12 @@ def load_int8(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 def _load_torchao(
     model: nn.Module, data: bytes, target: ExportTarget, path: str | os.PathLike, state: Any = None
 ) -> nn.Module:
-    require_module("torchao", "'lightning-quant[torchao]'", "loading torchao int8 weights")
-    return flows.get_flow(Flow.TORCHAO).load_weights(model, data, target, path, state)  # type: ignore[attr-defined]
+    writers = [flow for flow in flows.registered() if isinstance(flow, flows.WritesWeights)]
+    assert len(writers) == 1, "one flow writes tensor-subclass weight files: a file does not say which"
+    package = writers[0].spec.package
+    if package is not None:
+        require_module(package[0], f"'{package[1]}'", "loading torchao int8 weights")
+    return writers[0].load_weights(model, data, target, path, state)
 
 
 def _recipe_for(model: nn.Module, recipe: Any, path: str | os.PathLike) -> dict[str, Any]:

@@ -41,3 +41,8 @@ def prediction_of(value: Any) -> torch.Tensor:
     if not tensors:
         raise ValueError(f"the model's output ({type(value).__name__}) holds no tensor to compare")
     return tensors[0]
+
+
+def largest_abs(value: Any) -> float:
+    """The largest magnitude over every tensor of a nested output (0.0 for none)."""
+    return max((float(t.float().abs().max()) for t in flat_tensors(value) if t.numel()), default=0.0)

@@ -174,7 +174,10 @@ def test_static_mode_refuses_dynamic_options_in_the_callback_and_in_quantize(opt
 
 @requires_torchao
 def test_dynamic_mode_is_refused_with_the_pt2e_flow():
-    match = r"mode='dynamic' swaps in torch.ao's dynamic int8 modules, which flow='pt2e' and its pt2/executorch"
+    match = (
+        r"mode='dynamic' \(activations quantized at run time\) runs on flow='fx'/'eager'/'torchao': set flow='fx'; "
+        r"flow='pt2e' runs mode='static'"
+    )
     with pytest.raises(ValueError, match=match):
         PostTrainingQuantization(mode="dynamic", flow="pt2e")
     with pytest.raises(ValueError, match=match):

@@ -269,7 +269,9 @@ def test_a_torchao_config_this_flow_cannot_run_is_refused_at_construction():
         QuantizationAwareTraining(
             recipe=QATConfig(activation_config=None, weight_config=_fake_weight(), step="prepare")
         )
-    with pytest.raises(ValueError, match=r"is a torchao config: leave flow out \(or flow='torchao'\), got flow='pt2e'"):
+    with pytest.raises(
+        ValueError, match=r"runs on flow='torchao': leave flow out \(or flow='torchao'\), got flow='pt2e'"
+    ):
         QuantizationAwareTraining(recipe=_int4_weights(), flow="pt2e")
     with pytest.raises(ValueError, match=r"layers=\['fc1'\] may only keep layers 'float'"):
         QuantizationAwareTraining(recipe=_int4_weights(), layers={"fc1": "int8"})

@@ -34,6 +34,7 @@ from torch.ao.quantization.fuse_modules import fuse_modules, fuse_modules_qat
 
 from lightning_quant.quantization.config import Precision, QuantizationConfig
 from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
+from lightning_quant.quantization.flows.spec import SPECS
 from lightning_quant.quantization.flows.torch_ao import (
     TorchAoModels,
     convert_with_trained_qparams,
@@ -43,6 +44,7 @@ from lightning_quant.quantization.flows.torch_ao import (
 from lightning_quant.quantization.fusion import fusable_groups as find_fusable_groups
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_layers
+from lightning_quant.quantization.options import Flow
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.modules import within
 
@@ -277,6 +279,8 @@ def check_float_inputs(model: nn.Module, example: ExampleInputs) -> None:
 
 class EagerFlow(TorchAoModels):
     """Quantize through ``torch.ao.quantization`` eager mode (fuse, stubs, prepare, convert)."""
+
+    spec = SPECS[Flow.EAGER]
 
     def prepare(self, model: nn.Module, config: QuantizationConfig, example: ExampleInputs, qat: bool) -> nn.Module:
         own_stubs = _has_own_stubs(model)

@@ -14,6 +14,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qa
 
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
+from lightning_quant.quantization.flows.spec import SPECS
 from lightning_quant.quantization.flows.torch_ao import (
     TorchAoModels,
     convert_with_trained_qparams,
@@ -22,6 +23,7 @@ from lightning_quant.quantization.flows.torch_ao import (
 )
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_skip
+from lightning_quant.quantization.options import Flow
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.timing import median_ms
 
@@ -36,6 +38,8 @@ class FxFlow(TorchAoModels):
     Skipped modules are also made non-traceable, so ``skip`` is the way around a submodule
     that FX cannot trace (data-dependent control flow, say).
     """
+
+    spec = SPECS[Flow.FX]
 
     def prepare(self, model: nn.Module, config: QuantizationConfig, example: ExampleInputs, qat: bool) -> nn.Module:
         mapping = build_qconfig_mapping(config, model, qat)

@@ -34,9 +34,11 @@ import torch.fx
 import torch.nn as nn
 
 from lightning_quant.quantization.config import Backend, Observer, Precision, QuantizationConfig
+from lightning_quant.quantization.flows.spec import SPECS
 from lightning_quant.quantization.flows.torch_ao import convert_with_trained_qparams, fake_quantize_in_float32
 from lightning_quant.quantization.inputs import ExampleInputs, export_program, forward_signature, inference_inputs
 from lightning_quant.quantization.layers import LayerRules, resolve_layers
+from lightning_quant.quantization.options import Flow
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.integrity import check_pt2_archive, read_checked
 
@@ -558,6 +560,7 @@ class Pt2eFlow:
     """Quantize through ``torch.export`` and torchao's pt2e (see the module docstring)."""
 
     stack = "torchao.quantization.pt2e"
+    spec = SPECS[Flow.PT2E]
 
     def check(self, config: QuantizationConfig) -> None:
         """Raises ``ValueError`` on per-layer settings pt2e cannot honour."""
@@ -697,9 +700,6 @@ class Pt2eFlow:
         for module in _pt2e_modules(model):
             module.set_bn_frozen(frozen)
 
-    def fused_layers(self, model: nn.Module) -> list[str]:
-        return []
-
     def int8_layers(self, model: nn.Module) -> dict[str, str]:
         """Every compute node (conv, linear) of a converted graph: ``int8`` when its input and weight
         come through dequantize nodes, else ``float``."""
@@ -735,7 +735,7 @@ class Pt2eFlow:
         fused into its output (an activation, a pooling or add that goes straight to quantize) into
         int8 kernels, so those are not counted as float; an op between a dequantize and a float
         consumer stays a pass in float."""
-        from lightning_quant.quantization.flows import graph_boundaries
+        from lightning_quant.quantization.flows.common import graph_boundaries
 
         quantize, dequantize = _quant_ops()
 

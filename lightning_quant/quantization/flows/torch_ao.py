@@ -203,7 +203,7 @@ class TorchAoModels:
         """FX: the graph's ``quantize_per_tensor`` calls and ``dequantize`` methods, and the float ops
         between; eager: the ``Quantize``/``DeQuantize`` modules and the float layers (what forward
         calls in between is not visible). Dynamic models quantize inside each layer: empty."""
-        from lightning_quant.quantization.flows import graph_boundaries
+        from lightning_quant.quantization.flows.common import graph_boundaries
 
         graph = getattr(model, "graph", None)
         if isinstance(graph, torch.fx.Graph):
@@ -237,6 +237,6 @@ class TorchAoModels:
         """Module hooks. A prepared model's layer output is taken after what fake-quantizes it (the
         int8 model requantizes it there): in eager mode the layer's own hook applies it already; in
         an FX graph it is the observer module the output goes to next."""
-        from lightning_quant.quantization.flows import module_layer_outputs
+        from lightning_quant.quantization.flows.common import module_layer_outputs
 
         return module_layer_outputs(model, inputs, names, _output_quantizers(model))

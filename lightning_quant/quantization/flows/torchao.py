@@ -43,8 +43,10 @@ from lightning_quant.quantization.config import (
     QuantizationConfig,
     Scheme,
 )
+from lightning_quant.quantization.flows.spec import SPECS
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_layers
+from lightning_quant.quantization.options import Flow
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.integrity import (
     SAFETENSORS_SHA_KEY,
@@ -284,6 +286,7 @@ class TorchaoFlow:
     """Quantize through torchao's ``quantize_`` and ``QATConfig`` (see the module docstring)."""
 
     stack = "torchao.quantization"
+    spec = SPECS[Flow.TORCHAO]
 
     def check(self, config: QuantizationConfig) -> None:
         """Raises ``ValueError`` on settings the torchao flow cannot honour."""
@@ -383,9 +386,6 @@ class TorchaoFlow:
     def owns(self, model: nn.Module) -> bool:
         return any(plan_of(m) is not None or _subclass_weight(m) is not None for m in model.modules())
 
-    def boundaries(self, model: nn.Module) -> dict[str, Any]:
-        return {}  # activations are quantized inside each layer at run time (dynamic) or not at all
-
     def served_by(self, model: nn.Module) -> str:
         """x86: ``torch.compile`` fuses the run-time quantization of activations with the int8 kernels
         (eager runs them op by op); xnnpack: the ExecuTorch program. A prepared model: eager."""
@@ -398,21 +398,6 @@ class TorchaoFlow:
         if not _SWITCHABLE:
             return []
         return [(name, m) for name, m in model.named_modules() if isinstance(m, _SWITCHABLE[0])]
-
-    def observers(self, model: nn.Module) -> list[tuple[str, Any]]:
-        return []  # every range is computed from the tensor being quantized
-
-    def optional_observers(self, model: nn.Module) -> list[str]:
-        return []
-
-    def is_histogram(self, observer: nn.Module) -> bool:
-        return False
-
-    def set_bn_frozen(self, model: nn.Module, frozen: bool) -> None:
-        return None  # BatchNorm layers stay plain modules: torch.ao's flows freeze those
-
-    def fused_layers(self, model: nn.Module) -> list[str]:
-        return []
 
     def int8_layers(self, model: nn.Module) -> dict[str, str]:
         """Layers holding torchao weights (``int8``/``int4``) and, beside them, the Linear layers kept float."""
@@ -433,13 +418,13 @@ class TorchaoFlow:
         plan = next((p for p in map(plan_of, model.modules()) if p is not None), None)
         if output is None or plan is None or not any(s.dynamic for s in plan.layers.values()):
             return []
-        from lightning_quant.quantization.outputs import largest_abs
+        from lightning_quant.utils.tensors import largest_abs
 
         largest = largest_abs(output)
         return [largest / 127] if largest else []
 
     def layer_outputs(self, model: nn.Module, inputs: ExampleInputs, names: list[str]) -> dict[str, tuple[Any, Any]]:
-        from lightning_quant.quantization.flows import module_layer_outputs
+        from lightning_quant.quantization.flows.common import module_layer_outputs
 
         return module_layer_outputs(model, inputs, names)
 

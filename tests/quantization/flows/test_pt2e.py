@@ -299,7 +299,7 @@ def test_a_recipe_that_cannot_work_is_refused_at_construction():
 
     with pytest.raises(TypeError, match=r"recipe must be a pt2e Quantizer .* got int"):
         QuantizationConfig(recipe=5)
-    with pytest.raises(ValueError, match=r"is a pt2e quantizer: leave flow out \(or flow='pt2e'\), got flow='eager'"):
+    with pytest.raises(ValueError, match=r"runs on flow='pt2e': leave flow out \(or flow='pt2e'\), got flow='eager'"):
         QuantizationConfig(flow="eager", recipe=_user_x86_quantizer(qat=False))
     with pytest.raises(ValueError, match=r"quantizes for backend='x86', got backend='xnnpack': leave backend out"):
         QuantizationConfig(backend="xnnpack", recipe=_user_x86_quantizer(qat=False))

@@ -203,9 +203,13 @@ def test_quantize_modes_and_their_default_schemes(mode, scheme, precision, min_c
     [
         (
             {"flow": "torchao"},
-            r"flow='torchao' quantizes weights \(mode='weight_only'\) or weights and per-token activations",
+            r"mode='static' \(int8 activations with ranges calibrated ahead of time\) runs on "
+            r"flow='fx'/'eager'/'pt2e': set flow='fx'; flow='torchao' runs mode='weight_only'/'dynamic'",
         ),
-        ({"mode": "weight_only"}, r"mode='weight_only' .* runs on torchao's schemes: set flow='torchao'"),
+        (
+            {"mode": "weight_only"},
+            r"mode='weight_only' \(int8/int4 weights, float activations\) runs on flow='torchao': set flow='torchao'",
+        ),
         (
             {"flow": "torchao", "mode": "weight_only", "scheme": "int8_dyn_int8_weight"},
             r"scheme='int8_dyn_int8_weight' is not a weight_only scheme; "
@@ -213,7 +217,7 @@ def test_quantize_modes_and_their_default_schemes(mode, scheme, precision, min_c
         ),
         (
             {"flow": "torchao", "mode": "dynamic", "dtype": "float16"},
-            r"\['dtype'\] are options of torch.ao's dynamic mode \(flow='fx'\); flow='torchao'",
+            r"\['dtype'\] are options of torch.ao's dynamic mode \(flow='fx'/'eager'\); flow='torchao'",
         ),
     ],
 )
@@ -283,7 +287,9 @@ def test_exports_reload_and_agree(backend, targets, scheme, tmp_path):
 def test_state_dict_export_names_the_flow_it_needs(tmp_path):
     from lightning_quant.export import _SERIALIZERS
 
-    with pytest.raises(ValueError, match=r"export 'state_dict' writes torchao models \(flow='torchao'\)"):
+    with pytest.raises(
+        ValueError, match=r"export 'state_dict' writes models whose weights are their own files \(flow='torchao'\)"
+    ):
         _SERIALIZERS[ExportTarget.STATE_DICT](nn.Linear(2, 2), ExampleInputs((torch.randn(1, 2),)), Backend.X86)
 
 
