@@ -27,7 +27,7 @@ import lightning.pytorch as pl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _common import trainer  # noqa: E402
 
-from lightning_quant import KnowledgeDistillation, QuantizationAwareTraining  # noqa: E402
+from lightning_quant import KnowledgeDistillation, QATSchedule, QuantizationAwareTraining  # noqa: E402
 from lightning_quant.demos import (  # noqa: E402
     Classifier,
     DigitsCNN,
@@ -48,7 +48,7 @@ def qat_run(start: Classifier, datamodule, epochs: int, seed: int, teacher) -> f
     pl.seed_everything(seed)
     model = copy.deepcopy(start)
     model.hparams.lr = 1e-3
-    callbacks = [QuantizationAwareTraining(freeze_bn_epoch=epochs - 1, export=None)]
+    callbacks = [QuantizationAwareTraining(schedule=QATSchedule(freeze_bn_epoch=epochs - 1), export=None)]
     if teacher is not False:
         callbacks.append(KnowledgeDistillation(teacher=teacher, alpha=0.7, temperature=4.0))
     trainer(epochs, callbacks).fit(model, datamodule=datamodule)

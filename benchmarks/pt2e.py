@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from lightning_quant import QuantizationAwareTraining
+from lightning_quant import QATSchedule, QuantizationAwareTraining, recipe_for
 from lightning_quant.demos import Classifier, DigitsCNN, DigitsDataModule
 from lightning_quant.evaluation import latency_ms
 from lightning_quant.evaluation.metrics import classification_accuracy, compiled_latency_ms, median_ms
@@ -95,11 +95,8 @@ def main() -> None:
         student.hparams.lr = args.qat_lr  # fine-tuning from trained weights
         student.hparams.cosine_schedule = True
         qat = QuantizationAwareTraining(
-            flow=flow,
-            backend=backend,
-            quant_start_epoch=0,
-            freeze_bn_epoch=args.qat_epochs - 2,
-            freeze_observers_epoch=args.qat_epochs - 1,
+            recipe_for(flow, backend=backend),
+            QATSchedule(freeze_bn_epoch=args.qat_epochs - 2, freeze_observers_epoch=args.qat_epochs - 1),
             export_dir=out / f"{flow}_{backend}",
         )
         trainer(args.qat_epochs, [qat]).fit(student, datamodule=datamodule)

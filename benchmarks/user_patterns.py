@@ -29,6 +29,7 @@ from lightning_quant import (  # noqa: E402
     PostTrainingQuantization,
     QuantizationAwareTraining,
     QuantizationReport,
+    recipe_for,
 )
 from lightning_quant.evaluation.analysis import fake_quant_reference  # noqa: E402
 from lightning_quant.quantization.convert import quantized_engine  # noqa: E402
@@ -46,10 +47,11 @@ def vision_cell(pattern: str, flow: str, kind: str) -> str:
     report = QuantizationReport(batch_sizes=(2,), report_dir=folder)
     if kind == "ptq":
         mode = "dynamic" if flow == "torchao" else "static"  # torchao has no calibrated mode
-        callback: Any = PostTrainingQuantization(mode=mode, flow=flow, module=module, export_dir=folder, progress=False)
+        recipe = recipe_for(flow, mode=mode)
+        callback: Any = PostTrainingQuantization(recipe, module=module, export_dir=folder, progress=False)
         callbacks = [callback, report]
     else:
-        callback = QuantizationAwareTraining(flow=flow, module=module, export_dir=folder)
+        callback = QuantizationAwareTraining(recipe_for(flow), module=module, export_dir=folder)
         callbacks = [callback, KnowledgeDistillation(module=module, alpha=0.3), report]
     quiet_trainer(callbacks=callbacks, max_epochs=2, default_root_dir=folder).fit(pl_module)
     x, y = images(64, 1)
@@ -68,12 +70,12 @@ def hf_cell(kind: str, flow: str, callback_kind: str) -> str:
     folder = tempfile.mkdtemp(prefix="patterns_")
     inputs = hf._prediction_inputs(kind)
     if callback_kind == "qat":
-        callback: Any = QuantizationAwareTraining(flow=flow, export_dir=folder)
+        callback: Any = QuantizationAwareTraining(recipe_for(flow), export_dir=folder)
         quiet_trainer(callbacks=[callback, KnowledgeDistillation(alpha=0.3)], default_root_dir=folder).fit(module)
         reference = fake_quant_reference(callback.target(module))
     else:
-        mode = {"mode": "dynamic"} if flow == "torchao" else {"calibration_batches": 4}
-        callback = PostTrainingQuantization(flow=flow, export_dir=folder, progress=False, **mode)
+        recipe, batches = (recipe_for(flow, mode="dynamic"), 32) if flow == "torchao" else (recipe_for(flow), 4)
+        callback = PostTrainingQuantization(recipe, calibration_batches=batches, export_dir=folder, progress=False)
         quiet_trainer(callbacks=[callback], default_root_dir=folder).validate(module, verbose=False)
         reference = module.model.eval()
     with torch.no_grad():

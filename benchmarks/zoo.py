@@ -120,7 +120,7 @@ def geffnet_models() -> dict[str, tuple[Callable[[], nn.Module], str]]:
 
 
 def run_vision_case(factory: Callable[[], nn.Module], flow: str, steps: int, repeats: int) -> dict[str, Any]:
-    from lightning_quant import quantize
+    from lightning_quant import Search, quantize, recipe_for
     from lightning_quant.evaluation.analysis import conversion_fidelity, fake_quant_reference
     from lightning_quant.evaluation.metrics import median_ms
     from lightning_quant.export import export_int8
@@ -169,7 +169,7 @@ def run_vision_case(factory: Callable[[], nn.Module], flow: str, steps: int, rep
     result["export_diff"] = records["torchscript"].max_abs_diff
     # PTQ
     calibration = [_images(16, 200 + i) for i in range(8)]
-    ptq = quantize(float_model, calibration, flow=flow, progress=False)
+    ptq = quantize(float_model, calibration, recipe_for(flow), progress=False)
     with torch.no_grad(), quantized_engine("x86"):
         result["ptq_cosine"] = cosine(ptq(x), float_model(x))
         fp32_ms = median_ms(lambda: float_model(x), repeats, 1)
@@ -177,7 +177,7 @@ def run_vision_case(factory: Callable[[], nn.Module], flow: str, steps: int, rep
     result["speedup"] = fp32_ms / int8_ms
     result["latency_search"] = ""
     if result["speedup"] < 1.5 and flow == "fx":  # int8 barely faster or slower: what the latency search keeps float
-        fast = quantize(float_model, calibration, flow=flow, progress=False, search_latency=True)
+        fast = quantize(float_model, calibration, recipe_for(flow), progress=False, search=Search(latency=True))
         with torch.no_grad(), quantized_engine("x86"):
             fast_ms = median_ms(lambda: fast(x), repeats, 1)
             kept = sum(1 for p in int8_layers(fast).values() if p == "float") - sum(
@@ -230,7 +230,7 @@ def run_text_case(factory: Callable[[], nn.Module], steps: int, repeats: int) ->
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
 
-    from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining
+    from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining, recipe_for
     from lightning_quant.evaluation.analysis import fake_quant_reference
     from lightning_quant.quantization.convert import quantized_engine
 
@@ -279,7 +279,7 @@ def run_text_case(factory: Callable[[], nn.Module], steps: int, repeats: int) ->
     inputs = batch(1)
     with tempdir() as folder:
         module = TextModule()
-        qat = QuantizationAwareTraining(flow="pt2e", export_dir=folder)
+        qat = QuantizationAwareTraining("pt2e", export_dir=folder)
         try:
             trainer(qat).fit(module)
         except Exception as err:  # pt2e refuses the model: use the flow its message names first
@@ -288,7 +288,7 @@ def run_text_case(factory: Callable[[], nn.Module], steps: int, repeats: int) ->
                 raise
             result["flow"] = named.group(1)
             module = TextModule()
-            qat = QuantizationAwareTraining(flow=result["flow"], export_dir=folder)
+            qat = QuantizationAwareTraining(recipe_for(result["flow"]), export_dir=folder)
             trainer(qat).fit(module)
         result["qat_fidelity"] = cosine(
             prediction(qat.quantized_model, inputs), prediction(fake_quant_reference(qat.target(module)), inputs)
@@ -296,8 +296,9 @@ def run_text_case(factory: Callable[[], nn.Module], steps: int, repeats: int) ->
         result["export_diff"] = max(r.max_abs_diff for r in qat.export_records.values())
         result["exports"] = sorted(qat.export_paths)
         float_module = TextModule()
-        ptq_mode = {"mode": "dynamic"} if result["flow"] == "torchao" else {"calibration_batches": steps}
-        ptq = PostTrainingQuantization(flow=result["flow"], export=None, progress=False, **ptq_mode)
+        dynamic = result["flow"] == "torchao"  # torchao has no calibrated mode
+        recipe = recipe_for(result["flow"], mode="dynamic" if dynamic else None)
+        ptq = PostTrainingQuantization(recipe, calibration_batches=steps, export=None, progress=False)
         trainer(ptq).fit(float_module)
         float_model = float_module.model.eval()
         result["ptq_cosine"] = cosine(prediction(ptq.quantized_model, inputs), prediction(float_model, inputs))

@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report, trainer  # noqa: E402
 
-from lightning_quant import PostTrainingQuantization  # noqa: E402
+from lightning_quant import DynamicRecipe, PostTrainingQuantization  # noqa: E402
 from lightning_quant.demos import (  # noqa: E402
     Classifier,
     ReviewLSTM,
@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = Classifier(ReviewLSTM(vocab_size=args.vocab_size), num_classes=2, lr=2e-3)
     # the embedding holds most of the bytes: quantize it too (int8 rows, weight-only)
     ptq = PostTrainingQuantization(
-        mode="dynamic",
-        module_types=["torch.nn.Embedding", "torch.nn.LSTM", "torch.nn.Linear"],
+        DynamicRecipe(module_types=["torch.nn.Embedding", "torch.nn.LSTM", "torch.nn.Linear"]),
         export_dir=args.export_dir,
     )
     trainer(args.epochs, [ptq], gradient_clip_val=1.0).fit(model, datamodule=datamodule)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_quant import quantize, quantize_within_budget
+from lightning_quant import DynamicRecipe, Search, quantize, quantize_within_budget
 from lightning_quant.demos import RottenTomatoesDataModule, package_data_file
 from lightning_quant.evaluation import state_dict_bytes
 from lightning_quant.utils import format_table
@@ -64,12 +64,10 @@ def searched_islands(model: torch.nn.Module, batches: list[dict[str, torch.Tenso
     """Dynamic int8 with the float islands the sensitivity search picks for a token-level cosine budget."""
     return quantize_within_budget(
         model,
-        mode="dynamic",
-        per_channel=True,
-        module_types=(torch.nn.Linear,),
+        recipe=DynamicRecipe(per_channel=True, module_types=(torch.nn.Linear,)),
         max_metric_drop=max_drop,
         eval_data=batches,
-        eval_batches=len(batches),
+        search=Search(eval_batches=len(batches)),
     )
 
 
@@ -104,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
             int8, search = searched_islands(model, batches[: args.search_batches], args.max_drop)
             print(f"sensitivity search kept {len(search.skipped)} layer(s) in float: {search.skipped}")
         else:
-            int8 = quantize(model, mode="dynamic", **options)
+            int8 = quantize(model, recipe=DynamicRecipe(**options))
         cosine = torch.cat([(embed(int8, b) * r).sum(-1) for b, r in zip(batches, reference)])
         ms = median_ms(int8, batches[0], args.repeats)
         results[name] = {

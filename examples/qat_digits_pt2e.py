@@ -20,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import trainer  # noqa: E402
 
-from lightning_quant import QuantizationAwareTraining, load_pt2, quantization_disabled  # noqa: E402
+from lightning_quant import Pt2eRecipe, QATSchedule, QuantizationAwareTraining, load_pt2, quantization_disabled  # noqa: E402
 from lightning_quant.demos import Classifier, DigitsCNN, DigitsDataModule  # noqa: E402
 from lightning_quant.evaluation import compare, comparison_table  # noqa: E402
 
@@ -38,11 +38,12 @@ def main(argv: list[str] | None = None) -> dict:
     model = Classifier(DigitsCNN(), num_classes=10, cosine_schedule=True)
     float_net = copy.deepcopy(model.net)  # the float architecture, for size and latency
     qat = QuantizationAwareTraining(
-        flow="pt2e",
-        backend=args.backend,
-        quant_start_epoch=max(0, args.epochs // 4),
-        freeze_bn_epoch=max(1, args.epochs - 2),
-        freeze_observers_epoch=max(1, args.epochs - 1),
+        Pt2eRecipe(quantizer=args.backend),
+        QATSchedule(
+            quant_start_epoch=max(0, args.epochs // 4),
+            freeze_bn_epoch=max(1, args.epochs - 2),
+            freeze_observers_epoch=max(1, args.epochs - 1),
+        ),
         export_dir=args.export_dir,
     )
     trainer(args.epochs, [qat]).fit(model, datamodule=datamodule)

@@ -98,10 +98,11 @@ def check_config(node: Any, path: str) -> None:
         except Exception as err:
             raise ValueError(f"{path}._target_={target!r} cannot be imported: {err}") from err
         params = signature.parameters
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        # ``**deprecated`` takes the previous release's names, which configs no longer use: checked as absent
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD and p.name != "deprecated" for p in params.values()):
             for key in map(str, node):
                 if key not in params and key not in _HYDRA_KEYS:
-                    allowed = sorted(k for k in params if k != "self")
+                    allowed = sorted(k for k in params if k not in ("self", "deprecated"))
                     raise ValueError(f"{path}.{key} is not an argument of {target}; it takes {allowed}")
     for key in map(str, node):
         if key != "_target_":
@@ -336,7 +337,7 @@ def search_metrics(search: Any) -> dict[str, Any]:
 
 def search_table(search: Any, metrics: dict[str, Any]) -> str:
     """The search's score (on the validation batches it used) and size: all float, all int8, chosen;
-    then the chosen ``layers`` as YAML, to paste as ``quant.layers``."""
+    then the chosen ``layers`` as YAML, to paste as ``quant.recipe.layers``."""
     rows = [("all float", f"{search.reference:.4f}", metrics["fp32_bytes"])]
     rows.append(("all int8", f"{search.full_int8:.4f}", getattr(search, "full_int8_bytes", "-")))
     rows.append(("chosen", f"{search.final:.4f}", metrics["int8_bytes"]))
@@ -345,7 +346,7 @@ def search_table(search: Any, metrics: dict[str, Any]) -> str:
     return (
         f"\nsensitivity search ({verdict}; score on the validation batches it used):\n"
         f"{format_table(('model', 'score', 'weights (bytes)'), rows)}\n"
-        f"layers (paste as quant.layers):\n{mapping}"
+        f"layers (paste as quant.recipe.layers):\n{mapping}"
     )
 
 

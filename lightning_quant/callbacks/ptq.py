@@ -17,10 +17,19 @@ from typing_extensions import override
 from lightning_quant.callbacks._trainer import first_of, stage_dataloader
 from lightning_quant.callbacks.base import QuantizationCallback
 from lightning_quant.export import engine_for
-from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, LayerSetting, Precision, QuantizationConfig
+from lightning_quant.quantization.arguments import (
+    MODE_OPTIONS,
+    RECIPE_OPTIONS,
+    SEARCH_OPTIONS,
+    Search,
+    resolve,
+    search_options,
+    take_deprecated,
+)
+from lightning_quant.quantization.config import LayerSetting, Precision, QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.distributed import RankReducer
-from lightning_quant.quantization.flows.dynamic import DEFAULT_DYNAMIC_TYPES, FP16_ENGINES, quantize_dynamic_copy
+from lightning_quant.quantization.flows.dynamic import FP16_ENGINES, quantize_dynamic_copy
 from lightning_quant.quantization.flows.spec import spec_of
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.ptq import (
@@ -54,6 +63,11 @@ from lightning_quant.utils.checks import check_bool, check_non_negative, check_p
 CALIBRATION_SOURCES = ("train", "val")
 
 
+#: how the constructor reads, for messages
+PTQ_FORM = "recipe, calibration_data, calibration_batches, module, export, export_dir, batch_to_input, search, "
+PTQ_FORM += "progress"
+
+
 class PostTrainingQuantization(QuantizationCallback):
     """Quantize a trained model without retraining: static (calibrated) or dynamic.
 
@@ -69,40 +83,28 @@ class PostTrainingQuantization(QuantizationCallback):
     ``export_paths``) as :class:`~lightning_quant.QuantizationAwareTraining`.
 
     Args:
-        mode: ``"static"`` (default), ``"dynamic"``, or ``"weight_only"`` (``flow="torchao"``).
+        recipe: how the model is quantized, and on which stack, as for
+            :class:`~lightning_quant.QuantizationAwareTraining`; the recipe also says the mode: static
+            (``FxRecipe``, ``EagerRecipe``, ``Pt2eRecipe``: calibrated activations), dynamic
+            (``DynamicRecipe``: activations quantized at run time, no calibration), or torchao's scheme
+            (``TorchaoRecipe``, an ``AOBaseConfig``: weight-only or dynamic, no calibration). Default:
+            ``FxRecipe()`` with the ``"histogram"`` observer, the best choice for a few calibration batches.
         calibration_data: ``"train"`` (default: the train dataloader), ``"val"``, or any
             iterable of batches (a DataLoader, a list).
         calibration_batches: batches used for calibration (default 32).
-        dtype: dynamic mode: ``"qint8"`` (default) or ``"float16"``.
-        module_types: dynamic mode: module types to quantize (default Linear, LSTM, GRU).
-        backend, flow, module, observer, per_channel, skip, layers, qconfig_mapping, export,
-        export_dir, batch_to_input, group_size: as for ``QuantizationAwareTraining``; ``observer``
-            defaults to ``"histogram"``, the best choice for a few calibration batches.
-        scheme: ``flow="torchao"``: default by mode (``weight_only``: ``"int8_weight_only"``;
-            ``dynamic``: ``"int8_dyn_int8_weight"``); int4 weights with ``"int4_weight_only"`` or
-            ``"int8_dyn_int4_weight"``. No calibration is needed.
+        module, export, export_dir, batch_to_input: as for ``QuantizationAwareTraining``.
+        search: a :class:`~lightning_quant.Search` (or a mapping of its fields): keep the most sensitive
+            layers at a more exact precision until int8 is within ``max_metric_drop`` of float on
+            ``eval_batches`` validation batches, fit a ``max_size_bytes`` budget, or keep float the layers where
+            int8 is slower (``latency``). The outcome is in ``skip_search`` (which layers stayed float, or the
+            precision of each layer as a pasteable ``layers`` mapping; the score after each step; whether the
+            budget was met), ``sensitivity`` (each layer's score when quantized alone) and ``latency_search``.
         progress: show a progress bar while calibrating (rank zero only).
-        max_metric_drop: keep the most sensitive layers in float, greedily, until int8 is within
-            this much of float on ``eval_batches`` validation batches (top-1 accuracy, or mean
-            cosine of outputs when batches have no targets). ``None`` (default): quantize every
-            layer. The outcome is in ``skip_search`` (which layers stayed float, or with
-            ``search_precisions`` the precision of each layer as a pasteable ``layers`` mapping;
-            the score after each step; whether the budget was met) and ``sensitivity`` (each
-            layer's score when quantized alone).
-        search_precisions: what the search may give a layer, cheapest first: ``("int8", "float")``
-            (default), or in dynamic mode ``("int8", "fp16", "float")``.
-        max_size_bytes: a size budget for the search: layers start at the most exact precision
-            and the least sensitive step down until the int8 model fits.
-        search_score: ``"auto"`` (accuracy with targets, else cosine), ``"accuracy"`` or
-            ``"cosine"`` (of int8 to float outputs).
-        search_latency: static mode, fx flow: after calibration (and any accuracy search), keep in
-            float the int8 layers between float ops whose quantize/dequantize steps cost more time
-            than they save, timed on the example inputs (rank zero decides under DDP). The outcome
-            is in ``latency_search``.
-        recipe: a pt2e ``Quantizer`` you configured (``X86InductorQuantizer``, ``XNNPACKQuantizer``, ...),
-            used as it is: the flow (pt2e) and a known quantizer's backend follow from it.
-        config: a :class:`~lightning_quant.QuantizationConfig` holding ``backend`` ... ``export_dir``
-            instead of those keyword arguments (which must then keep their defaults).
+        **deprecated: the previous release's keyword arguments (``mode``, ``backend``, ``flow``, ``observer``,
+            ``per_channel``, ``skip``, ``layers``, ``qconfig_mapping``, ``modules_to_fuse``, ``dtype``,
+            ``module_types``, ``scheme``, ``group_size``, ``config``, ``max_metric_drop``, ``eval_batches``,
+            ``search_precisions``, ``max_size_bytes``, ``search_score``, ``search_latency``): mapped onto a
+            recipe and a search, with a ``DeprecationWarning`` that spells the new form.
 
     Raises:
         ValueError: an argument outside its allowed values; in setup, an empty calibration source.
@@ -118,37 +120,29 @@ class PostTrainingQuantization(QuantizationCallback):
 
     def __init__(
         self,
-        mode: str = "static",
-        backend: str = "x86",
-        flow: str = "fx",
-        module: str | None = None,
-        observer: str = "histogram",
-        per_channel: bool | None = None,
-        skip: Sequence[str | type] = (),
-        layers: Mapping[Any, Any] | None = None,
-        qconfig_mapping: Any = None,
-        modules_to_fuse: Sequence[Sequence[str]] | None = None,
+        recipe: Any = None,
+        *,
         calibration_data: str | Iterable[Any] = "train",
         calibration_batches: int = 32,
-        dtype: str = "qint8",
-        module_types: Sequence[str | type] = DEFAULT_DYNAMIC_TYPES,
+        module: str | None = None,
         export: str | Sequence[str] | None = "default",
         export_dir: str | Path | None = None,
         batch_to_input: Callable[[Any], Any] | None = None,
+        search: Search | Mapping[str, Any] | None = None,
         progress: bool = True,
-        max_metric_drop: float | None = None,
-        eval_batches: int = 16,
-        config: QuantizationConfig | None = None,
-        search_precisions: Sequence[str] = ("int8", "float"),
-        max_size_bytes: int | None = None,
-        search_score: str = "auto",
-        scheme: str | None = None,
-        group_size: int = DEFAULT_GROUP_SIZE,
-        search_latency: bool = False,
-        recipe: Any = None,
+        **deprecated: Any,
     ) -> None:
-        super().__init__(self._config_from(config, locals()), batch_to_input)
-        self.mode = recipe_mode(self.config, parse_enum(Mode, mode, "mode"))
+        owner = type(self).__name__
+        legacy = take_deprecated(owner, deprecated, {**RECIPE_OPTIONS, **MODE_OPTIONS, **SEARCH_OPTIONS}, PTQ_FORM)
+        shared = {"module": module, "export": export, "export_dir": export_dir}
+        resolved = resolve(owner, recipe, legacy, shared, "histogram")
+        super().__init__(resolved.config, batch_to_input)
+        searched = search_options(search, legacy, owner)
+        dtype, module_types = resolved.dtype, resolved.module_types
+        max_metric_drop, eval_batches = searched["max_metric_drop"], searched["eval_batches"]
+        search_precisions, max_size_bytes = searched["search_precisions"], searched["max_size_bytes"]
+        search_score, search_latency = searched["search_score"], searched["search_latency"]
+        self.mode = recipe_mode(self.config, parse_enum(Mode, resolved.mode, "mode"))
         self.config = mode_config(self.config, self.mode)
         self.search_latency = check_search_latency(search_latency, self.mode, self.config.flow)
         self.latency_search: LatencySearch | None = None

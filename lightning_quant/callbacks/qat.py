@@ -20,9 +20,10 @@ from typing_extensions import override
 
 from lightning_quant.callbacks._trainer import first_of, metric_name, module_metric, stage_dataloader
 from lightning_quant.callbacks.base import QuantizationCallback
-from lightning_quant.evaluation.analysis import Fidelity, conversion_fidelity, fake_quant_reference
+from lightning_quant.evaluation.analysis import Fidelity
+from lightning_quant.evaluation.fidelity import check_conversion
+from lightning_quant.quantization.arguments import RECIPE_OPTIONS, SCHEDULE_OPTIONS, resolve, take_deprecated
 from lightning_quant.quantization.calibrate import first_non_finite_layer
-from lightning_quant.quantization.config import DEFAULT_GROUP_SIZE, QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy, unobserved
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.flows import get_flow, inference_view
@@ -54,6 +55,11 @@ log = logging.getLogger(__name__)
 FIDELITY_BATCHES = 4
 
 
+#: how the constructor reads, for messages
+QAT_FORM = "recipe, schedule, module, export, export_dir, batch_to_input, convert_on_fit_end, validate_int8, "
+QAT_FORM += "keep_diverging_float"
+
+
 class QuantizationAwareTraining(QuantizationCallback):
     """Train with fake quantization, then convert to int8 and export, from one callback.
 
@@ -71,58 +77,42 @@ class QuantizationAwareTraining(QuantizationCallback):
     copies the float model then), and after converting and exporting,
     ``on_quantized(trainer, pl_module, callback)`` (``QuantizationReport`` writes its report).
 
-    Schedule (each an epoch index, "from the start of this epoch on"; or in optimizer steps with
-    ``schedule=QATSchedule(quant_start_step=..., ...)``, for fine-tunes of one epoch):
-
-    - ``quant_start_epoch``: fake quantization and observers are off before it (float warm-up);
-    - ``freeze_observers_epoch``: scales and zero points stop moving from it on;
-    - ``freeze_bn_epoch``: BatchNorm running statistics stop updating from it on.
+    Schedule (:class:`~lightning_quant.QATSchedule`, in epochs or in optimizer steps, one unit per run):
+    fake quantization and observers are off before ``quant_start_*`` (float warm-up); scales and zero points
+    stop moving from ``freeze_observers_*`` on; BatchNorm running statistics stop updating from
+    ``freeze_bn_*`` on.
 
     Args:
-        backend: ``"x86"`` (default), ``"fbgemm"``, ``"qnnpack"`` (fx, eager) or ``"xnnpack"`` (pt2e, torchao).
-        flow: ``"fx"`` (default), ``"eager"``, ``"pt2e"`` or ``"torchao"`` (torchao's ``QATConfig`` on the
-            model's Linear layers, for transformers: see ``scheme``).
+        recipe: how the model is quantized, and on which stack (:mod:`~lightning_quant.quantization.flows.recipes`):
+            a recipe (``FxRecipe(backend="qnnpack")``, ``EagerRecipe``, ``Pt2eRecipe``, ``TorchaoRecipe``), a
+            stack's own object (a torchao ``QATConfig`` or ``AOBaseConfig`` such as
+            ``Int8DynamicActivationIntxWeightConfig``; a pt2e ``Quantizer`` built with ``is_qat=True``; a
+            torch.ao ``QConfigMapping``), or a shorthand (``"x86"``, ``"qnnpack"``, ``"xnnpack"``,
+            ``"int8_dyn_int4_weight"``...). Default: ``FxRecipe()`` (fx, x86).
+        schedule: a :class:`~lightning_quant.QATSchedule` (or a mapping of its fields, as YAML gives it);
+            default: fake quantization from the first step, nothing frozen.
         module: dotted path of the submodule of the LightningModule to quantize; ``None`` picks
             its only child with parameters.
-        observer: ``"moving_average"`` (default), ``"minmax"`` or ``"histogram"`` (activations).
-        per_channel: per-channel weights; ``None`` = on for x86/fbgemm, off for qnnpack.
-        skip: module names or types kept in float.
-        layers: per-layer settings, e.g. ``{"head": {"observer": "minmax"}, "features.0": "float"}``:
-            a module name (and what is inside it), an import path or a type, to a precision
-            (``"int8"``, ``"float"``) or a mapping of ``precision``, ``observer``, ``per_channel``,
-            ``dtype``. A name beats a type beats the global options; see ``QuantizationConfig``.
-        qconfig_mapping: a torch ``QConfigMapping`` used as is.
-        modules_to_fuse: eager flow: explicit fusion groups, e.g. ``[["conv", "bn", "relu"]]``.
-        quant_start_epoch: first epoch with fake quantization (default 0).
-        freeze_observers_epoch: first epoch with frozen observers (default ``None``: never).
-        freeze_bn_epoch: first epoch with frozen BatchNorm statistics (default ``None``: never).
-        convert_on_fit_end: convert a copy to int8 and export at the end of fit (default True).
         export: ``"default"`` (the flow's own files), ``None``, or targets of the flow: ``"torchscript"``,
             ``"mobile"``, ``"onnx"`` (fx, eager); ``"pt2"``, ``"executorch"`` (pt2e, torchao);
             ``"state_dict"``, ``"safetensors"`` (torchao's weights).
         export_dir: folder for exported files (default ``<trainer.log_dir>/quantized``).
-        batch_to_input: callable turning a batch into the model's input, for batches whose
-            input is not a tensor, the first item of a tuple, or a mapping of keyword arguments.
+        batch_to_input: callable turning a batch into the model's input, where the call the LightningModule
+            makes cannot be recorded (see :class:`~lightning_quant.QuantizationCallback`).
+        convert_on_fit_end: convert a copy to int8 and export at the end of fit (default True).
         validate_int8: at the end of each validation epoch of fit, convert a CPU copy and run the
             validation data through it, logging ``val/<metric>_int8`` beside the fake-quant
             metrics: the LightningModule's own ``val_*`` torchmetrics attribute when it has one
             (``val_acc`` gives ``val/acc_int8``), else ``val/accuracy_int8`` or ``val/mse_int8``.
             Skipped (with a log line) while quantization has not started.
-        config: a :class:`~lightning_quant.QuantizationConfig` holding ``backend`` ... ``export_dir``
-            instead of those keyword arguments (which must then keep their defaults).
-        scheme: torchao flow: ``"int8_dyn_int4_weight"`` (default), ``"int8_dyn_int8_weight"``,
-            ``"int8_weight_only"`` or ``"int4_weight_only"``; per-layer ``"int8"``/``"int4"``/``"float"``
-            with ``layers=`` (embeddings are quantized only when named there).
-        group_size: torchao flow: input features per int4 weight scale (default 32).
-        schedule: a :class:`~lightning_quant.QATSchedule` (or a mapping of its fields, as YAML gives it)
-            instead of the three epoch arguments, which must then keep their defaults: the form that counts
-            in optimizer steps (``QATSchedule(quant_start_step=200, freeze_observers_step=800)``).
-        recipe: a pt2e ``Quantizer`` you configured for QAT (``is_qat=True``), used as it is: the flow (pt2e)
-            and a known quantizer's backend follow from it; see :class:`~lightning_quant.QuantizationConfig`.
         keep_diverging_float: when the int8 model follows its fake-quant model to a cosine under
             0.98 after fit, convert again with the layers where they part kept float (and export
-            that), if it follows more closely. ``None`` (default): on for fx, the only flow whose
-            conversion can leave layers float after training; the warning names the layers either way.
+            that), if it follows more closely. ``None`` (default): on for the flows whose conversion can leave
+            layers float after training (fx); the warning names the layers either way.
+        **deprecated: the previous release's keyword arguments (``backend``, ``flow``, ``observer``,
+            ``per_channel``, ``skip``, ``layers``, ``qconfig_mapping``, ``modules_to_fuse``, ``scheme``,
+            ``group_size``, ``config``, ``quant_start_epoch``, ``freeze_observers_epoch``, ``freeze_bn_epoch``):
+            mapped onto a recipe and a schedule, with a ``DeprecationWarning`` that spells the new form.
 
     Raises:
         ValueError: an argument outside its allowed values (the message lists them).
@@ -132,7 +122,8 @@ class QuantizationAwareTraining(QuantizationCallback):
     Example::
 
         >>> from lightning.pytorch import Trainer
-        >>> trainer = Trainer(callbacks=[QuantizationAwareTraining(freeze_observers_epoch=3)], logger=False)
+        >>> qat = QuantizationAwareTraining("x86", schedule=QATSchedule(quant_start_epoch=1, freeze_observers_epoch=3))
+        >>> trainer = Trainer(callbacks=[qat], logger=False)
     """
 
     STATE_VERSION = 3  # 2: also observer and per_channel; 3: also scheme and group_size
@@ -140,32 +131,26 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     def __init__(
         self,
-        backend: str = "x86",
-        flow: str = "fx",
+        recipe: Any = None,
+        schedule: QATSchedule | Mapping[str, Any] | None = None,
+        *,
         module: str | None = None,
-        observer: str = "moving_average",
-        per_channel: bool | None = None,
-        skip: Sequence[str | type] = (),
-        layers: Mapping[Any, Any] | None = None,
-        qconfig_mapping: Any = None,
-        modules_to_fuse: Sequence[Sequence[str]] | None = None,
-        quant_start_epoch: int = 0,
-        freeze_observers_epoch: int | None = None,
-        freeze_bn_epoch: int | None = None,
-        convert_on_fit_end: bool = True,
         export: str | Sequence[str] | None = "default",
         export_dir: str | Path | None = None,
         batch_to_input: Callable[[Any], Any] | None = None,
+        convert_on_fit_end: bool = True,
         validate_int8: bool = False,
-        config: QuantizationConfig | None = None,
-        scheme: str | None = None,
-        group_size: int = DEFAULT_GROUP_SIZE,
         keep_diverging_float: bool | None = None,
-        schedule: QATSchedule | Mapping[str, Any] | None = None,
-        recipe: Any = None,
+        **deprecated: Any,
     ) -> None:
-        super().__init__(self._config_from(config, locals()), batch_to_input)
-        self.schedule = _schedule_from(schedule, quant_start_epoch, freeze_observers_epoch, freeze_bn_epoch)
+        owner = type(self).__name__
+        legacy = take_deprecated(owner, deprecated, {**RECIPE_OPTIONS, **SCHEDULE_OPTIONS}, QAT_FORM)
+        shared = {"module": module, "export": export, "export_dir": export_dir}
+        super().__init__(resolve(owner, recipe, legacy, shared, "moving_average").config, batch_to_input)
+        epochs = {**SCHEDULE_OPTIONS, **{k: v for k, v in legacy.items() if k in SCHEDULE_OPTIONS}}
+        self.schedule = _schedule_from(
+            schedule, epochs["quant_start_epoch"], epochs["freeze_observers_epoch"], epochs["freeze_bn_epoch"]
+        )
         spec = spec_of(self.config.flow)
         if self.config.recipe is not None:
             check_qat_native(self.config.recipe)
@@ -183,7 +168,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         if keep_diverging_float and not spec.keeps_float:
             able = [s.flow.value for s in SPECS.values() if s.keeps_float]
             raise ValueError(
-                f"keep_diverging_float=True needs flow={spelled(able)} (whose conversion can leave layers float after "
+                f"keep_diverging_float=True needs flow={spelled(able)} (its conversion can leave layers float after "
                 f"training), got flow={self.config.flow.value!r}: leave it out (the warning still names the layers), "
                 "or train with layers={name: 'float'}"
             )
@@ -632,81 +617,28 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     @override
     def _check_converted(self, trainer: pl.Trainer, pl_module: pl.LightningModule, int8: nn.Module) -> nn.Module:
-        """Compare the int8 model with the fake-quant model it came from, on a few validation
-        batches (the example inputs without a validation set). Below ``FIDELITY_FLOOR``, warn with
-        the layers where they part and, with ``keep_diverging_float``, convert again with those
-        layers float when that follows the fake-quant model more closely (rank zero decides, so
-        every rank holds the same model). Kept in ``callback.fidelity``; logged as ``qat/int8_fidelity``."""
+        """Compare the int8 model with the fake-quant model it came from, on a few validation batches (the
+        example inputs without a validation set), and repair it where it parts when ``keep_diverging_float``
+        (:func:`~lightning_quant.evaluation.fidelity.check_conversion`; rank zero decides, so every rank holds
+        the same model). Kept in ``callback.fidelity``; logged as ``qat/int8_fidelity``."""
         batches, to_input = self._fidelity_batches(trainer, pl_module)
-        target, engine = self.target(pl_module), self.config.engine
-        reference = fake_quant_reference(target) if batches else None
-        fidelity = conversion_fidelity(reference, int8, batches, engine, to_input) if reference is not None else None
-        self.fidelity = fidelity
-        outcome = "to keep layers float, train again with layers={name: 'float'} (or skip=[...])"
-        mine: tuple[list[str], nn.Module | None] = ([], None)
-        if fidelity is not None and not fidelity.ok and self.keep_diverging_float:
-            assert reference is not None
-            mine, outcome = self._layers_to_keep_float(target, reference, int8, batches, to_input)
-        names: list[str] = trainer.strategy.broadcast(mine[0], src=0)
-        if names:
-            self._keep_float = names
-            int8 = (
-                mine[1]
-                if names == mine[0] and mine[1] is not None
-                else convert_copy(target, self.config.flow, engine, names)
-            )
-            self.fidelity = (
-                conversion_fidelity(reference, int8, batches, engine, to_input) if reference is not None else None
-            )
-        if fidelity is None:
-            return int8
-        if not fidelity.ok:
-            where = (
-                ", ".join(f"{name} ({loss:+.1f} dB)" for name, loss in list(fidelity.layers.items())[:5])
-                or "no single layer (it builds up in ops between layers, such as a mean or an add)"
-            )
-            rank_zero_warn(
-                f"[QAT] the int8 model agrees with the fake-quant model it was converted from only to cosine "
-                f"{fidelity.cosine:.4f} (floor {fidelity.floor}) on {len(batches)} batch(es): torch's int8 "
-                "kernels compute some ops differently from fake quantization (ties rounded the other way, an op "
-                f"that keeps its input's scale), and the model amplifies it. Where they part: {where}. {outcome}. "
-                "Validate callback.quantized_model itself (val/*_int8 with validate_int8=True)"
-            )
-        assert self.fidelity is not None
-        for logger in trainer.loggers:
-            logger.log_metrics({"qat/int8_fidelity": self.fidelity.cosine}, step=trainer.global_step)
-        return int8
-
-    def _layers_to_keep_float(
-        self,
-        target: nn.Module,
-        reference: nn.Module,
-        int8: nn.Module,
-        batches: list[Any],
-        to_input: Callable[[Any], Any] | None,
-    ) -> tuple[tuple[list[str], nn.Module | None], str]:
-        """The layers where int8 parts from fake quant, chosen on half the batches, if keeping them
-        float agrees better on the other half, with that model; and what happened, for the warning. Chosen and judged
-        on the same batches they can fit those batches only: a tie rounded the other way spreads
-        chaotically (measured: 0.974 -> 0.981 there, 0.977 -> 0.967 on other images)."""
-        engine = self.config.engine
-        find, judge = (batches[::2], batches[1::2]) if len(batches) > 1 else (batches, batches)
-        # a floor no cosine reaches: the layers are named whatever these batches' agreement
-        names = list(conversion_fidelity(reference, int8, find, engine, to_input, floor=2.0).layers)
-        if not names:
-            return ([], None), "keep_diverging_float found no layer to keep float"
-        before = conversion_fidelity(reference, int8, judge, engine, to_input).cosine
-        candidate = convert_copy(target, self.config.flow, engine, names)
-        after = conversion_fidelity(reference, candidate, judge, engine, to_input).cosine
-        if after > before:
-            return (names, candidate), (
-                f"kept {names[:5]} float in the int8 model (keep_diverging_float): cosine on batches that did not "
-                f"choose them {before:.4f} -> {after:.4f}; keep_diverging_float=False keeps them int8"
-            )
-        return ([], None), (
-            f"keeping {names[:5]} float did not follow the fake-quant model more closely on batches that did not "
-            f"choose them ({before:.4f} -> {after:.4f}), so they stay int8"
+        checked = check_conversion(
+            self.target(pl_module),
+            int8,
+            batches,
+            to_input,
+            self.config.flow,
+            self.config.engine,
+            repair=self.keep_diverging_float,
+            broadcast=lambda names: trainer.strategy.broadcast(names, src=0),
         )
+        self.fidelity, self._keep_float = checked.fidelity, checked.kept_float
+        if checked.warning:
+            rank_zero_warn(checked.warning)
+        if self.fidelity is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({"qat/int8_fidelity": self.fidelity.cosine}, step=trainer.global_step)
+        return checked.model
 
     def _fidelity_batches(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
@@ -772,11 +704,16 @@ def _schedule_from(
 def _saved_recipe(trainer: pl.Trainer) -> dict[str, Any] | None:
     """The quantization settings a checkpoint being loaded was trained with, from its QAT callback state.
 
-    Lightning has read the checkpoint when it loads the weights, but offers no public view of
-    it; this is for an error message only and gives ``None`` when it cannot tell.
+    Lightning loads the weights before the callbacks' state and offers no public view of the checkpoint
+    while it does, so the file at ``trainer.ckpt_path`` is opened again: memory-mapped, weights only (no
+    code runs, tensors are not read). ``None`` when it cannot tell (no local file): the structure check
+    after it still refuses a model of other settings.
     """
-    checkpoint = getattr(getattr(trainer, "_checkpoint_connector", None), "_loaded_checkpoint", None) or {}
-    return qat_recipe(checkpoint)
+    path = trainer.ckpt_path
+    if path is None or not Path(str(path)).is_file():
+        return None
+    checkpoint = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    return qat_recipe(checkpoint) if isinstance(checkpoint, dict) else None
 
 
 def qat_recipe(checkpoint: dict[str, Any]) -> dict[str, Any] | None:

@@ -14,15 +14,23 @@ import torch
 import torch.nn as nn
 
 from lightning_quant.quantization import flows
+from lightning_quant.quantization.arguments import (
+    MODE_OPTIONS,
+    RECIPE_OPTIONS,
+    SEARCH_NAMES,
+    SEARCH_OPTIONS,
+    Search,
+    resolve,
+    search_options,
+    take_deprecated,
+)
 from lightning_quant.quantization.calibrate import calibrate
 from lightning_quant.quantization.config import (
-    DEFAULT_GROUP_SIZE,
     Flow,
     LayerSetting,
     Precision,
     QuantizationConfig,
     Scheme,
-    config_from,
 )
 from lightning_quant.quantization.convert import convert_copy, for_inference, quantized_engine
 from lightning_quant.quantization.distributed import RankReducer, reduce_observers
@@ -315,30 +323,14 @@ def _chain_first(first: Any, rest: Iterable[Any]) -> Iterable[Any]:
 def quantize(
     model: nn.Module,
     calibration_data: Iterable[Any] | None = None,
-    mode: str = "static",
-    backend: str = "x86",
-    flow: str = "fx",
-    observer: str = "histogram",
-    per_channel: bool | None = None,
-    skip: Sequence[str | type] = (),
-    layers: Mapping[Any, Any] | None = None,
-    qconfig_mapping: Any = None,
+    recipe: Any = None,
+    *,
     calibration_batches: int = 32,
     batch_to_input: Callable[[Any], Any] | None = None,
-    dtype: str = "qint8",
-    module_types: Sequence[str | type] = DEFAULT_DYNAMIC_TYPES,
-    progress: bool = True,
-    max_metric_drop: float | None = None,
     eval_data: Iterable[Any] | None = None,
-    eval_batches: int = 16,
-    config: QuantizationConfig | None = None,
-    search_precisions: Sequence[str] = ("int8", "float"),
-    max_size_bytes: int | None = None,
-    search_score: str = "auto",
-    scheme: str | None = None,
-    group_size: int = DEFAULT_GROUP_SIZE,
-    search_latency: bool = False,
-    recipe: Any = None,
+    search: Search | Mapping[str, Any] | None = None,
+    progress: bool = True,
+    **deprecated: Any,
 ) -> nn.Module:
     """Return an int8 copy of ``model``, quantized after training; ``model`` is not modified.
 
@@ -348,45 +340,25 @@ def quantize(
             mode, ignored (may be ``None``) for dynamic mode. The model input is read from each
             batch as Lightning users expect (tensor, first item of a tuple, mapping as keyword
             arguments) or by ``batch_to_input``.
-        mode: ``"static"`` (default: calibrated int8 activations), ``"dynamic"`` (activations quantized
-            at run time), or ``"weight_only"`` (``flow="torchao"``: int8/int4 weights, float activations).
-        backend, flow, observer, per_channel, skip, layers, qconfig_mapping: as for
-            :class:`~lightning_quant.QuantizationAwareTraining`. ``observer`` defaults to
-            ``"histogram"`` here: with a few calibration batches it clips outliers best.
+        recipe: how the model is quantized, on which stack and in which mode, as for
+            :class:`~lightning_quant.PostTrainingQuantization`: a recipe (``FxRecipe``, ``EagerRecipe``,
+            ``Pt2eRecipe``: static; ``DynamicRecipe``; ``TorchaoRecipe``: its scheme's mode), a stack's own
+            object (an ``AOBaseConfig``, a pt2e ``Quantizer``, a ``QConfigMapping``) or a shorthand (``"x86"``,
+            ``"dynamic"``, ``"int8_weight_only"``...). Default: ``FxRecipe()`` with the ``"histogram"`` observer,
+            which clips outliers best with a few calibration batches.
         calibration_batches: batches used for calibration (default 32).
         batch_to_input: callable from a batch to the model input.
-        dtype: dynamic mode: ``"qint8"`` (default) or ``"float16"`` weights.
-        module_types: dynamic mode: module types to quantize (default Linear, LSTM, GRU).
+        eval_data: batches the search scores on (default: the calibration data).
+        search: a :class:`~lightning_quant.Search`: keep the most sensitive layers at a more exact precision
+            until the int8 model is within ``max_metric_drop`` of the float model on ``eval_data`` (top-1
+            accuracy when batches carry targets ``(input, target)``, else mean output cosine), fit
+            ``max_size_bytes``, or keep float the layers where int8 is slower (``latency``, static fx).
+            :func:`quantize_within_budget` does the same and also returns the search.
         progress: show a progress bar while calibrating.
-        max_metric_drop: keep the most sensitive layers in float until the int8 model is within
-            this much of the float model on ``eval_data``: top-1 accuracy when batches carry
-            targets ``(input, target)``, else mean cosine similarity of outputs (float = 1.0).
-            ``None`` (default) quantizes every layer. :func:`quantize_within_budget` does the
-            same and also returns the search.
-        eval_data: batches for that score (default: the calibration data); ``eval_batches`` of them.
-        search_precisions: what the search may give a layer, cheapest first: ``("int8", "float")``
-            (default: float islands), or ``("int8", "fp16", "float")`` in dynamic mode, where
-            sensitive layers step up to fp16 before float. The chosen ``layers`` mapping is in
-            the search (:func:`quantize_within_budget`).
-        max_size_bytes: a size budget for the search, the other way round: layers start at the
-            most exact precision and the least sensitive step down until the model fits.
-        search_score: what the search measures: ``"auto"`` (top-1 accuracy when batches carry
-            targets, else cosine), ``"accuracy"`` or ``"cosine"`` (mean cosine of int8 to float
-            outputs: a finer signal than accuracy on a few batches).
-        scheme, group_size: ``flow="torchao"``: the scheme (default by mode: ``weight_only`` ->
-            ``"int8_weight_only"``, ``dynamic`` -> ``"int8_dyn_int8_weight"``; int4 weights with
-            ``"int4_weight_only"``/``"int8_dyn_int4_weight"``) and the int4 group size (default 32).
-        config: a :class:`~lightning_quant.QuantizationConfig` instead of ``backend``, ``flow``,
-            ``observer``, ``per_channel``, ``skip`` and ``qconfig_mapping`` (which must then keep
-            their defaults).
-        search_latency: static mode, fx flow: after any accuracy or size search, keep in float
-            the int8 layers that cost more time than they save (their kernels and the
-            quantize/dequantize steps around a layer between float ops), each timed on its own
-            input from the first calibration batch, then the whole model
-            (:func:`~lightning_quant.quantization.search.latency_search`; the outcome is logged).
-            Keeping a layer float never costs accuracy.
-        recipe: a pt2e ``Quantizer`` you configured, used as it is (see
-            :class:`~lightning_quant.QuantizationConfig`).
+        **deprecated: the previous release's keyword arguments (``mode``, ``backend``, ``flow``, ``observer``,
+            ``per_channel``, ``skip``, ``layers``, ``qconfig_mapping``, ``dtype``, ``module_types``, ``scheme``,
+            ``group_size``, ``config``, ``max_metric_drop``, ``eval_batches``, ``search_precisions``,
+            ``max_size_bytes``, ``search_score``, ``search_latency``), with a ``DeprecationWarning``.
 
     Raises:
         ValueError: an invalid option, empty calibration data, or nothing to quantize.
@@ -400,8 +372,28 @@ def quantize(
         >>> int8(torch.randn(2, 4)).shape
         torch.Size([2, 4])
     """
-    int8, _ = _quantize(dict(locals()))
+    int8, _ = _quantize(_arguments("quantize", dict(locals())))
     return int8
+
+
+#: how :func:`quantize` reads, for messages
+QUANTIZE_FORM = "model, calibration_data, recipe, calibration_batches, batch_to_input, eval_data, search, progress"
+
+
+def _arguments(owner: str, call: dict[str, Any]) -> dict[str, Any]:
+    """The arguments of :func:`quantize` by the names its body reads: the recipe resolved, the search spread."""
+    deprecated = call.pop("deprecated")
+    legacy = take_deprecated(owner, deprecated, {**RECIPE_OPTIONS, **MODE_OPTIONS, **SEARCH_OPTIONS}, QUANTIZE_FORM)
+    resolved = resolve(owner, call.pop("recipe"), legacy, {}, "histogram")
+    searched = search_options(call.pop("search"), legacy, owner)
+    return {
+        **call,
+        **searched,
+        "config": resolved.config,
+        "mode": resolved.mode,
+        "dtype": resolved.dtype,
+        "module_types": resolved.module_types,
+    }
 
 
 def quantize_within_budget(
@@ -431,18 +423,27 @@ def quantize_within_budget(
 
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
-        >>> int8, search = quantize_within_budget(net, mode="dynamic", max_metric_drop=0.1,
+        >>> int8, search = quantize_within_budget(net, recipe="dynamic", max_metric_drop=0.1,
         ...                                       eval_data=[torch.randn(8, 4)])
         >>> search.met
         True
     """
     if max_metric_drop is None and max_size_bytes is None:
         raise ValueError("quantize_within_budget needs max_metric_drop or max_size_bytes (or both)")
-    arguments = inspect.signature(quantize).bind(
-        model, calibration_data, max_metric_drop=max_metric_drop, max_size_bytes=max_size_bytes, **options
-    )
+    arguments = inspect.signature(quantize).bind(model, calibration_data, **options)
     arguments.apply_defaults()
-    int8, search = _quantize(arguments.arguments)
+    call = dict(arguments.arguments)
+    budget = {"max_metric_drop": max_metric_drop, "max_size_bytes": max_size_bytes}
+    given = call["search"]
+    if given is not None:
+        given = Search(**dict(given)) if isinstance(given, Mapping) else given
+        call["search"] = dataclasses.replace(given, **budget)
+    else:
+        call["deprecated"] = {**call["deprecated"], **budget}  # spread like the previous release's search options
+        searched = search_options(None, call["deprecated"], "quantize_within_budget")
+        call["deprecated"] = {k: v for k, v in call["deprecated"].items() if k not in SEARCH_OPTIONS}
+        call["search"] = Search(**{SEARCH_NAMES[k]: v for k, v in searched.items()})
+    int8, search = _quantize(_arguments("quantize_within_budget", call))
     assert search is not None  # a budget is set, so the search ran
     return int8, search
 
@@ -450,7 +451,7 @@ def quantize_within_budget(
 def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | PrecisionSearch | None]:
     """The body of :func:`quantize`: ``args`` are its arguments by name."""
     mode = parse_enum(Mode, args["mode"], "mode")
-    config = config_from(args["config"], args, inspect.signature(quantize).parameters, "quantize")
+    config = args["config"]
     get_flow(config.flow).check(config)
     config = dataclasses.replace(config, export=())
     mode = recipe_mode(config, mode)

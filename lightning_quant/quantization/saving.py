@@ -59,7 +59,7 @@ def save_int8(model: nn.Module, path: str | os.PathLike) -> Path:
 
         >>> import torch
         >>> from lightning_quant import quantize
-        >>> int8 = quantize(torch.nn.Linear(64, 8), mode="weight_only", flow="torchao")
+        >>> int8 = quantize(torch.nn.Linear(64, 8), recipe="int8_weight_only")
         >>> save_int8(int8, "linear_int8.pt")  # doctest: +SKIP
         >>> load_int8(torch.nn.Linear(64, 8), "linear_int8.pt")  # doctest: +SKIP
     """

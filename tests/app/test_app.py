@@ -45,11 +45,11 @@ def run_app(tmp_path: Path, *overrides: str) -> tuple[str, dict]:
     ],
 )
 def test_app_qat_on_digits_int8_within_one_point_of_float(flow, backend, tmp_path):
-    stdout, metrics = run_app(tmp_path, f"quant.flow={flow}", f"backend={backend}")
+    stdout, metrics = run_app(tmp_path, f"quant.recipe.flow={flow}", f"backend={backend}")
     assert metrics["float_acc"] >= 0.95
     assert metrics["int8_acc"] >= metrics["float_acc"] - 0.01
     assert 3.0 < metrics["fp32_bytes"] / metrics["int8_bytes"] < 4.2
-    assert f"quant.flow={flow}" in metrics["overrides"]
+    assert f"quant.recipe.flow={flow}" in metrics["overrides"]
     compiled = flow == "pt2e" and backend == "x86"  # its int8 kernels come from torch.compile
     latency = (
         ["| latency batch 1 (ms), both compiled", "| compile time batch 1 (s)"] if compiled else ["| latency batch 1"]

@@ -102,7 +102,7 @@ def test_backend_configs(backend, quant, tmp_path):
     if flow == "pt2e":
         if not executorch_usable():
             pytest.skip("needs executorch: pip install 'lightning-quant[executorch]'")
-    overrides = (f"quant={quant}", f"backend={backend}", f"quant.flow={flow}")
+    overrides = (f"quant={quant}", f"backend={backend}", f"quant.recipe.flow={flow}")
     callback = instantiate_all(composed(*overrides, tmp_path=tmp_path))["quant"]
     assert callback.config.backend.value == backend
     assert callback.config.per_channel is (backend != "qnnpack")
@@ -183,10 +183,10 @@ def test_hparams_search_config(tmp_path):
     cfg = composed("hparams_search=optuna", tmp_path=tmp_path)
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert set(cfg.hydra.sweeper.params) == {
-        "quant.freeze_bn_epoch",
-        "quant.freeze_observers_epoch",
-        "quant.observer",
-        "quant.per_channel",
+        "quant.schedule.freeze_bn_epoch",
+        "quant.schedule.freeze_observers_epoch",
+        "quant.recipe.observer",
+        "quant.recipe.per_channel",
         "model.lr",
     }
     get_class(cfg.hydra.sweeper._target_)
@@ -205,7 +205,7 @@ def test_launcher_configs(launcher, tmp_path):
 @pytest.mark.parametrize(
     ("override", "match"),
     [
-        ("quant.freeze_bn_epok=3", r"Could not override 'quant.freeze_bn_epok'"),
+        ("quant.schedule.freeze_bn_epok=3", r"Could not override 'quant.schedule.freeze_bn_epok'"),
         ("sead=3", r"Could not override 'sead'"),
         ("seed=abc", r"Error merging override seed=abc"),
     ],
@@ -224,13 +224,13 @@ def test_unknown_key_in_a_yaml_node_is_named(tmp_path):
     with pytest.raises(
         ValueError,
         match=r"quant.freeze_bn_epok is not an argument of "
-        r"lightning_quant.QuantizationAwareTraining; it takes \['backend', ",
+        r"lightning_quant.QuantizationAwareTraining; it takes \['batch_to_input', 'convert_on_fit_end', ",
     ):
         check_config(cfg.quant, "quant")
 
 
 def test_bad_value_fails_before_training_naming_the_argument(tmp_path):
-    cfg = composed("quant.observer=ema", tmp_path=tmp_path)
+    cfg = composed("quant.recipe.observer=ema", tmp_path=tmp_path)
     with pytest.raises(
         Exception, match=r"observer must be one of \('moving_average', 'minmax', 'histogram'\), got 'ema'"
     ):

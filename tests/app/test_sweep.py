@@ -111,10 +111,10 @@ def test_multirun_of_backends_and_modes_prints_one_table_of_four_rows(tmp_path):
 
 
 def test_multirun_keeps_a_failed_run_in_the_table(tmp_path):
-    result = sweep(tmp_path, "quant.quant_start_epoch=1,9")
+    result = sweep(tmp_path, "quant.schedule.quant_start_epoch=1,9")
     rows = {r[1]: r for r in _table_rows(result.stdout)}
-    assert rows["quant.quant_start_epoch=1"][2] == "ok"
-    failed = rows["quant.quant_start_epoch=9"]
+    assert rows["quant.schedule.quant_start_epoch=1"][2] == "ok"
+    failed = rows["quant.schedule.quant_start_epoch=9"]
     assert failed[2] == "failed" and failed[11].startswith("ValueError: freeze_observers_epoch must be after")
 
 
@@ -129,10 +129,10 @@ def test_optuna_sweep_of_two_trials(tmp_path):
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert 0.9 <= best["best_value"] <= 1.0
     assert set(best["best_params"]) == {
-        "quant.freeze_bn_epoch",
-        "quant.freeze_observers_epoch",
-        "quant.observer",
-        "quant.per_channel",
+        "quant.schedule.freeze_bn_epoch",
+        "quant.schedule.freeze_observers_epoch",
+        "quant.recipe.observer",
+        "quant.recipe.per_channel",
         "model.lr",
     }
     assert len(_table_rows(result.stdout)) == 2
@@ -140,7 +140,7 @@ def test_optuna_sweep_of_two_trials(tmp_path):
 
 def test_multirun_in_which_every_run_failed_exits_non_zero(tmp_path):
     # quant_start_epoch=8, 9: not before max_epochs=3, so each run fails in setup
-    result = sweep(tmp_path, "quant.quant_start_epoch=8,9", succeeds=False)
+    result = sweep(tmp_path, "quant.schedule.quant_start_epoch=8,9", succeeds=False)
     assert "every run of the sweep failed (2)" in result.stderr
     rows = _table_rows(result.stdout)
     assert [r[2] for r in rows] == ["failed", "failed"]

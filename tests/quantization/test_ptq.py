@@ -136,7 +136,7 @@ def test_max_metric_drop_raises():
         quantize_within_budget(TinyNet(), [], max_metric_drop=-1)
     with pytest.raises(ValueError, match=r"max_metric_drop must be a non-negative number or None, got nan"):
         quantize(TinyNet(), mode="dynamic", max_metric_drop=float("nan"))
-    with pytest.raises(TypeError, match=r"got an unexpected keyword argument 'max_drop'"):
+    with pytest.raises(TypeError, match=r"got unexpected keyword arguments \['max_drop'\]"):
         quantize_within_budget(TinyNet(), [], max_metric_drop=0.1, max_drop=0.1)
     with pytest.raises(ValueError, match=r"max_metric_drop needs eval_data \(or calibration_data\)"):
         quantize(TinyNet(), mode="dynamic", max_metric_drop=0.1)

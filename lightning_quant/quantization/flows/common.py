@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from lightning_quant.quantization.flows.spec import FlowSpec
 
 
+@runtime_checkable
 class QuantizationFlow(Protocol):
     """What every flow answers.
 

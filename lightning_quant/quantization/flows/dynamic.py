@@ -198,8 +198,8 @@ def quantize_dynamic_copy(
         found = sorted({type(m).__name__ for m in model.modules()})
         raise ValueError(
             f"nothing to quantize dynamically: {type(model).__name__} has no "
-            f'{[t.__name__ for t in module_types]} outside skip (its module types: {found}); use mode="static" '
-            "for convolutional models"
+            f"{[t.__name__ for t in module_types]} outside skip (its module types: {found}); use a static recipe "
+            "(FxRecipe, Pt2eRecipe) for convolutional models"
         )
     float_model = copy.deepcopy(model).cpu().eval()
     with quantized_engine(engine or config.engine), known_torch_warnings_silenced():

@@ -55,9 +55,9 @@ def test_dynamic_raises_when_nothing_to_quantize():
         ValueError,
         match=r"nothing to quantize dynamically: Sequential has no \['Linear', 'LSTM', 'GRU'\] "
         r"outside skip \(its module types: \['Conv2d', 'ReLU', 'Sequential'\]\); "
-        r"use mode=\"static\"",
+        r"use a static recipe \(FxRecipe, Pt2eRecipe\) for convolutional models",
     ):
-        quantize(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), mode="dynamic")
+        quantize(nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU()), recipe="dynamic")
 
 
 class _PositionsNet(nn.Module):
