@@ -35,7 +35,7 @@ from torch.ao.quantization.fuse_modules import fuse_modules, fuse_modules_qat
 from lightning_quant.quantization.config import Precision, QuantizationConfig
 from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
 from lightning_quant.quantization.flows.spec import SPECS
-from lightning_quant.quantization.flows.torch_ao import (
+from lightning_quant.quantization.flows.torch_ao_quantization import (
     TorchAoModels,
     convert_with_trained_qparams,
     fake_quantize_in_float32,

@@ -15,7 +15,7 @@ from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qa
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
 from lightning_quant.quantization.flows.spec import SPECS
-from lightning_quant.quantization.flows.torch_ao import (
+from lightning_quant.quantization.flows.torch_ao_quantization import (
     TorchAoModels,
     convert_with_trained_qparams,
     fake_quantize_in_float32,

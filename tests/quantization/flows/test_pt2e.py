@@ -126,7 +126,8 @@ def test_a_quantizer_that_annotates_nothing_is_refused_at_prepare(monkeypatch):
 
     import lightning_quant.quantization.flows.pt2e as pt2e
 
-    monkeypatch.setattr(pt2e, "_quantizer", lambda *args: X86InductorQuantizer())  # no global config: annotates nothing
+    # no global config: annotates nothing
+    monkeypatch.setattr(pt2e, "build_quantizer", lambda *args: X86InductorQuantizer())
     with pytest.raises(Pt2eExportError, match=r"the X86InductorQuantizer annotated no layer of TinyNet: nothing would"):
         _prepared(TinyNet())
 
