@@ -24,25 +24,40 @@ def first_of(loaders: Any) -> Any:
     return loaders
 
 
-def _loop_for_stage(trainer: pl.Trainer, stage: str) -> Any:
-    return {
+def stage_dataloader(trainer: pl.Trainer, stage: str) -> Any:
+    """The dataloader the given stage will read, from whichever source the user gave it (a loader passed to
+    ``fit``/``validate``, a LightningModule hook or a DataModule hook), without starting the stage's loop.
+
+    Lightning has no public view of a loader passed to ``fit(model, loader)`` before its loop starts, and
+    asking the loop to set up its data early (``fit_loop.setup_data()``) would keep that loader from taking
+    the state a resumed run restores into it (a stateful loader would restart its epoch). So the loop's
+    data source is read where it is, feature-detected; where a Lightning release has none, the hooks of the
+    DataModule and the LightningModule answer (and, failing those, the callbacks fall back to
+    ``example_input_array`` and say so).
+    """
+    loop = {
         "fit": trainer.fit_loop,
         "validate": trainer.validate_loop,
         "test": trainer.test_loop,
         "predict": trainer.predict_loop,
     }[stage]
+    source = getattr(loop, "_data_source", None)
+    if source is not None and callable(getattr(source, "is_defined", None)) and hasattr(source, "instance"):
+        if source.instance is None or not source.is_defined():
+            return None
+        return first_of(source.dataloader())
+    return _hook_dataloader(trainer, {"fit": "train", "validate": "val"}.get(stage, stage))
 
 
-def stage_dataloader(trainer: pl.Trainer, stage: str) -> Any:
-    """The dataloader the given stage will read, from whichever source the user gave it.
+def _hook_dataloader(trainer: pl.Trainer, prefix: str) -> Any:
+    """``<prefix>_dataloader()`` of the DataModule, else of the LightningModule where it defines one."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
 
-    Lightning exposes no public accessor for this before the loop starts, so the loop's data
-    source is read; it resolves a LightningModule hook, a DataModule hook or a passed loader alike.
-    """
-    source = _loop_for_stage(trainer, stage)._data_source
-    if source.instance is None or not source.is_defined():
-        return None
-    return first_of(source.dataloader())
+    hook = f"{prefix}_dataloader"
+    for owner in (getattr(trainer, "datamodule", None), trainer.lightning_module):
+        if owner is not None and is_overridden(hook, owner):
+            return first_of(getattr(owner, hook)())
+    return None
 
 
 def module_metric(pl_module: pl.LightningModule) -> Any:

@@ -16,6 +16,7 @@ in whatever order the callbacks list holds them.
 from __future__ import annotations
 
 import inspect
+import multiprocessing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -169,10 +170,9 @@ class QuantizationCallback(Callback):
                 f"{type(self).__name__} supports single-device and DDP strategies, got "
                 f'{type(trainer.strategy).__name__}: use strategy="ddp" (or "auto" on one device)'
             )
-        start_method = getattr(trainer.strategy, "_start_method", "popen")
-        if isinstance(trainer.strategy, DDPStrategy) and start_method != "popen":
+        if isinstance(trainer.strategy, DDPStrategy) and multiprocessing.parent_process() is not None:
             raise ValueError(
-                f"{type(self).__name__} does not support DDP with start_method={start_method!r} (ddp_spawn, "
+                f"{type(self).__name__} does not support DDP that starts its processes from this one (ddp_spawn, "
                 "ddp_fork, ddp_notebook): fit runs in child processes there, so the quantized model and the "
                 'prepared weights would not come back to this process; use strategy="ddp"'
             )
