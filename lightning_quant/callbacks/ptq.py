@@ -29,8 +29,7 @@ from lightning_quant.quantization.arguments import (
 from lightning_quant.quantization.config import LayerSetting, Precision, QuantizationConfig
 from lightning_quant.quantization.convert import convert_copy
 from lightning_quant.quantization.distributed import RankReducer
-from lightning_quant.quantization.flows.dynamic import FP16_ENGINES, quantize_dynamic_copy
-from lightning_quant.quantization.flows.spec import spec_of
+from lightning_quant.quantization.flows.dynamic import FP16_ENGINES
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.ptq import (
     Mode,
@@ -48,7 +47,7 @@ from lightning_quant.quantization.ptq import (
     search_fastest,
     search_precisions_of,
     search_targets,
-    torchao_copy,
+    uncalibrated_copy,
 )
 from lightning_quant.quantization.search import (
     LatencySearch,
@@ -279,10 +278,8 @@ class PostTrainingQuantization(QuantizationCallback):
         return dataclasses.replace(self.config, skip=tuple(self.config.skip) + tuple(search.skipped))
 
     def _uncalibrated_conversion(self, target: nn.Module, config: QuantizationConfig) -> Callable[[str], nn.Module]:
-        """``engine -> int8 copy of target`` for the modes that need no calibration (dynamic, torchao)."""
-        if not spec_of(config.flow).calibrates:
-            return lambda engine: torchao_copy(target, config)
-        return lambda engine: quantize_dynamic_copy(target, config, self.module_types, self.dtype, engine)
+        """``engine -> int8 copy of target`` for the modes that need no calibration (dynamic, torchao's schemes)."""
+        return lambda engine: uncalibrated_copy(target, config, self.module_types, self.dtype, engine)
 
     @override
     def _rehearsal_key(self, float_module: nn.Module, example: ExampleInputs) -> str:
@@ -292,7 +289,7 @@ class PostTrainingQuantization(QuantizationCallback):
     def _trial_conversion(self, target: nn.Module) -> Callable[[str], nn.Module]:
         """``engine -> int8 model`` as the end of fit makes it, calibrated on the example inputs alone: for
         the rehearsal before training."""
-        if not spec_of(self.config.flow).calibrates or self.mode is Mode.DYNAMIC:
+        if self.mode is not Mode.STATIC:
             return self._uncalibrated_conversion(target, self.config)
         calibrated: list[nn.Module] = []
 
@@ -374,7 +371,7 @@ class PostTrainingQuantization(QuantizationCallback):
         if self.max_metric_drop is not None or self.max_size_bytes is not None:
             config = self._search_float_islands(trainer, pl_module, target)
         self.calibrated_model = None
-        if not spec_of(config.flow).calibrates or self.mode is Mode.DYNAMIC:
+        if self.mode is not Mode.STATIC:
             convert = self._uncalibrated_conversion(target, config)
         else:
             calibrated = prepare_and_calibrate(

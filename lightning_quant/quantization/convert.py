@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
 
 from lightning_quant.quantization import flows
+from lightning_quant.quantization.engine import for_inference, quantized_engine
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.options import Flow
@@ -21,31 +21,6 @@ from lightning_quant.utils.checks import parse_enum
 from lightning_quant.utils.modules import within
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def quantized_engine(engine: str) -> Iterator[None]:
-    """Run int8 code in the block: select ``engine`` and lift deterministic-algorithms mode.
-
-    Quantized kernels have no deterministic implementation, so under a Trainer with
-    ``deterministic=True`` they raise; the mode is lifted inside the block only. The previous
-    engine and mode are restored on exit.
-    """
-    if engine not in torch.backends.quantized.supported_engines:
-        raise RuntimeError(
-            f"this torch build has no {engine!r} quantized engine; "
-            f"it supports {torch.backends.quantized.supported_engines}"
-        )
-    previous = torch.backends.quantized.engine
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.backends.quantized.engine = engine
-    torch.use_deterministic_algorithms(False)
-    try:
-        yield
-    finally:
-        torch.backends.quantized.engine = previous
-        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
 def compiled_runner(module: nn.Module) -> Callable[[ExampleInputs], Any]:
@@ -78,12 +53,6 @@ def compiled_runner(module: nn.Module) -> Callable[[ExampleInputs], Any]:
             torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
     return run
-
-
-def for_inference(model: nn.Module) -> nn.Module:
-    """An int8 model is an inference artifact: eval mode and no parameter that asks for gradients
-    (layers kept in float included)."""
-    return model.eval().requires_grad_(False)
 
 
 def allow_int8_kernels_under_determinism() -> bool:

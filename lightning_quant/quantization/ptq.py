@@ -34,13 +34,12 @@ from lightning_quant.quantization.config import (
 )
 from lightning_quant.quantization.convert import convert_copy, for_inference, quantized_engine
 from lightning_quant.quantization.distributed import RankReducer, reduce_observers
-from lightning_quant.quantization.flows import ChecksModel, capable, get_flow
+from lightning_quant.quantization.flows import ChecksModel, QuantizesWithoutData, capable, get_flow
 from lightning_quant.quantization.flows.dynamic import (
     DEFAULT_DYNAMIC_TYPES,
     DYNAMIC_PRECISIONS,
     check_dynamic_options,
     dynamic_spec,
-    quantize_dynamic_copy,
 )
 from lightning_quant.quantization.flows.spec import DEFAULT_FLOW, SPECS, flows_with, spec_of, spelled
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, batch_targets
@@ -117,20 +116,25 @@ def mode_config(config: QuantizationConfig, mode: Mode) -> QuantizationConfig:
     return config
 
 
-def torchao_copy(model: nn.Module, config: QuantizationConfig, allow_float: bool = False) -> nn.Module:
-    """A copy of ``model`` with torchao's int8/int4 weights in its Linear layers (weight-only and dynamic
-    schemes need no calibration); ``model`` itself is not modified. ``allow_float``: a config that keeps
-    every layer float (a search's last step) gives a float copy.
+def uncalibrated_copy(
+    model: nn.Module,
+    config: QuantizationConfig,
+    module_types: Sequence[str | type] = (),
+    dtype: str = "qint8",
+    engine: str | None = None,
+    allow_float: bool = False,
+) -> nn.Module:
+    """An int8 copy of ``model`` in a mode that needs no calibration (torch.ao's dynamic int8, torchao's schemes),
+    from the flow that runs it (:class:`~lightning_quant.quantization.flows.QuantizesWithoutData`); ``model``
+    itself is not modified.
 
     Raises:
-        ValueError: nothing to quantize, or an int4 layer ``group_size`` does not divide.
+        ValueError: nothing to quantize, or a setting the model cannot take (see the flow).
     """
-    flow = get_flow(config.flow)
-    checker = capable(flow, ChecksModel)
-    if allow_float and checker is not None and not checker.quantizes_any(model, config):
-        return for_inference(copy.deepcopy(model).cpu())
-    prepared = flow.prepare(copy.deepcopy(model).cpu().eval(), config, ExampleInputs(), qat=False)
-    return for_inference(flow.convert(prepared))
+    flow = capable(config.flow, QuantizesWithoutData)
+    assert flow is not None, f"flow={config.flow.value!r} has no mode without calibration"
+    types = check_dynamic_options(dtype, module_types) if "module_types" in spec_of(config.flow).options else ()
+    return for_inference(flow.quantize_without_data(model, config, types, dtype, engine, allow_float))
 
 
 def prepare_and_calibrate(
@@ -283,10 +287,8 @@ def builder(
             skipped = dataclasses.replace(config, layers=rules, export=())
         else:
             skipped = dataclasses.replace(config, skip=tuple(config.skip) + tuple(extra), export=())
-        if not spec_of(skipped.flow).calibrates:
-            return torchao_copy(model, skipped, allow_float=bool(extra))
-        if mode is Mode.DYNAMIC:
-            return quantize_dynamic_copy(model, skipped, types, dtype)
+        if mode is not Mode.STATIC:  # no calibration: the flow quantizes from the weights alone
+            return uncalibrated_copy(model, skipped, types or module_types, dtype, allow_float=bool(extra))
         if calibration_data is None:
             raise ValueError('mode="static" needs calibration_data: an iterable of representative batches')
         prepared = prepare_and_calibrate(

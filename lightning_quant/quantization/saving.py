@@ -209,10 +209,9 @@ def _rebuild(float_model: nn.Module, recipe: dict[str, Any], state: dict[str, An
     engine = recipe.get("engine", config.engine)
     model = copy.deepcopy(float_model).cpu()
     if recipe["kind"] == "dynamic":
-        from lightning_quant.quantization.flows.dynamic import quantize_dynamic_copy
-
-        types = tuple(recipe["module_types"])
-        int8 = quantize_dynamic_copy(model, config, types, recipe["dtype"], engine)
+        rebuilder = flows.capable(config.flow, flows.QuantizesWithoutData)
+        assert rebuilder is not None, "a dynamic recipe names a torch.ao flow"
+        int8 = rebuilder.quantize_without_data(model, config, tuple(recipe["module_types"]), recipe["dtype"], engine)
     else:
         flow = flows.get_flow(config.flow)
         example = example_of(recipe)

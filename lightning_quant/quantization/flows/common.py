@@ -135,6 +135,25 @@ class ChecksModel(Protocol):
 
 
 @runtime_checkable
+class QuantizesWithoutData(Protocol):
+    """A flow with post-training modes that need no calibration data: torch.ao's dynamic int8 (fx, eager), torchao's
+    weight-only and dynamic schemes."""
+
+    def quantize_without_data(
+        self,
+        model: nn.Module,
+        config: QuantizationConfig,
+        module_types: tuple[type, ...] = (),
+        dtype: str = "qint8",
+        engine: str | None = None,
+        allow_float: bool = False,
+    ) -> nn.Module:
+        """An int8 copy of ``model`` (not modified), in eval mode without gradients. ``module_types`` and ``dtype``:
+        torch.ao's dynamic mode; ``allow_float``: a config that keeps every layer float (a search's last step)
+        gives a float copy instead of a refusal."""
+
+
+@runtime_checkable
 class WritesWeights(Protocol):
     """A flow whose int8 models are written as weight files of its own (tensor subclasses)."""
 

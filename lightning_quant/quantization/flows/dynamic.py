@@ -30,7 +30,7 @@ from torch.ao.quantization import (
 )
 
 from lightning_quant.quantization.config import LayerSetting, Precision, QuantizationConfig
-from lightning_quant.quantization.convert import for_inference, quantized_engine
+from lightning_quant.quantization.engine import for_inference, quantized_engine
 from lightning_quant.quantization.layers import resolve_layers
 from lightning_quant.quantization.recipe import attach, dynamic_recipe
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced

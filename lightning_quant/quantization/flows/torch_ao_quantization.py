@@ -128,6 +128,20 @@ class TorchAoModels:
                 f"got {type(config.qconfig_mapping).__name__}"
             )
 
+    def quantize_without_data(
+        self,
+        model: nn.Module,
+        config: QuantizationConfig,
+        module_types: tuple[type, ...] = (),
+        dtype: str = "qint8",
+        engine: str | None = None,
+        allow_float: bool = False,
+    ) -> nn.Module:
+        """torch.ao's dynamic int8 (:func:`~lightning_quant.quantization.flows.dynamic.quantize_dynamic_copy`)."""
+        from lightning_quant.quantization.flows.dynamic import DEFAULT_DYNAMIC_TYPES, quantize_dynamic_copy
+
+        return quantize_dynamic_copy(model, config, module_types or DEFAULT_DYNAMIC_TYPES, dtype, engine)
+
     def owns(self, model: nn.Module) -> bool:
         return any(_quantizer(m) or is_quantized_module(m) for m in model.modules())
 

@@ -24,6 +24,7 @@ and kept on the model (:data:`PLAN_ATTRIBUTE`), so conversion needs nothing but 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import logging
@@ -321,6 +322,26 @@ class TorchaoFlow:
     def check_model(self, model: nn.Module, config: QuantizationConfig) -> None:
         """Raise before any training on a model this config cannot quantize (see :func:`plan_layers`)."""
         plan_layers(model, config)
+
+    def quantize_without_data(
+        self,
+        model: nn.Module,
+        config: QuantizationConfig,
+        module_types: tuple[type, ...] = (),
+        dtype: str = "qint8",
+        engine: str | None = None,
+        allow_float: bool = False,
+    ) -> nn.Module:
+        """A copy of ``model`` with torchao's int8/int4 weights in its Linear layers (weight-only and dynamic
+        schemes need no calibration; ``module_types``, ``dtype`` and ``engine`` are torch.ao's, unused here).
+
+        Raises:
+            ValueError: nothing to quantize (unless ``allow_float``), or an int4 group size that does not divide.
+        """
+        if allow_float and not self.quantizes_any(model, config):
+            return copy.deepcopy(model).cpu().eval().requires_grad_(False)
+        prepared = self.prepare(copy.deepcopy(model).cpu().eval(), config, ExampleInputs(), qat=False)
+        return self.convert(prepared).eval().requires_grad_(False)
 
     def quantizes_any(self, model: nn.Module, config: QuantizationConfig) -> bool:
         """Whether ``config`` leaves any layer of ``model`` to quantize (a search may keep all float)."""

@@ -20,7 +20,7 @@ from lightning_quant.quantization.convert import convert_prepared, for_inference
 from lightning_quant.quantization.flows.recipes import RECIPES
 from lightning_quant.quantization.flows.spec import SPECS, default_exports
 from lightning_quant.quantization.inputs import ExampleInputs
-from lightning_quant.quantization.options import Flow
+from lightning_quant.quantization.options import Flow, Mode
 from lightning_quant.quantization.outputs import mean_cosine
 
 PACKAGE = Path(lightning_quant.__file__).parent
@@ -67,6 +67,8 @@ def test_a_flow_offers_the_capabilities_its_declaration_says(flow):
     assert isinstance(obj, flows.WritesWeights) is (spec.int8_file == "weights")
     assert isinstance(obj, flows.Observes) is spec.observes
     assert isinstance(obj, flows.FreezesBatchNorm) is spec.observes  # the stacks with observers own their BN
+    uncalibrated = any(mode is not Mode.STATIC for mode in spec.modes)
+    assert isinstance(obj, flows.QuantizesWithoutData) is uncalibrated
     assert default_exports(flow, spec.backends[0]) == spec.exports[:1]  # the server file by default
     assert spec.backends and spec.modes and len(spec.exports) >= 2
 
