@@ -382,7 +382,7 @@ class QuantizationCallback(Callback):
         ``on_quantized`` on every listener.
         """
         config = self.config
-        self.quantized_model = self._check_converted(trainer, pl_module, convert(config.engine))
+        self.quantized_model = self.check_converted(trainer, pl_module, convert(config.engine))
         if allow_int8_kernels_under_determinism():
             rank_zero_warn(
                 "deterministic algorithms are on (Trainer(deterministic=True)), which makes torch's int8 Linear "
@@ -413,9 +413,12 @@ class QuantizationCallback(Callback):
             trainer.strategy.barrier("lightning_quant.export")
         self._notify(trainer, pl_module, "quantized")
 
-    def _check_converted(self, trainer: pl.Trainer, pl_module: pl.LightningModule, int8: nn.Module) -> nn.Module:
-        """The int8 model to publish, given the converted one, before it is exported (QAT compares it
-        with its fake-quant model, and may convert again; ``convert`` then converts the same way)."""
+    def check_converted(self, trainer: pl.Trainer, pl_module: pl.LightningModule, int8: nn.Module) -> nn.Module:
+        """The int8 model to publish, given the converted one, before it is exported: an override point
+        (as ``BaseFinetuning.finetune_function``) to judge or repair the model on your own terms. QAT's
+        compares it with its fake-quant model and may convert again with layers kept float
+        (:func:`~lightning_quant.evaluation.fidelity.check_conversion`); ``convert`` then converts the same
+        way."""
         return int8
 
     def _log_exports(self, trainer: pl.Trainer) -> dict[str, str]:

@@ -616,7 +616,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         pl_module.log(f"val/{key}_int8", value, on_epoch=True)
 
     @override
-    def _check_converted(self, trainer: pl.Trainer, pl_module: pl.LightningModule, int8: nn.Module) -> nn.Module:
+    def check_converted(self, trainer: pl.Trainer, pl_module: pl.LightningModule, int8: nn.Module) -> nn.Module:
         """Compare the int8 model with the fake-quant model it came from, on a few validation batches (the
         example inputs without a validation set), and repair it where it parts when ``keep_diverging_float``
         (:func:`~lightning_quant.evaluation.fidelity.check_conversion`; rank zero decides, so every rank holds
