@@ -142,7 +142,8 @@ def slower_than_float(report: dict[str, Any]) -> str:
             f"{int8_layers} int8 layer(s), each a pass over an activation"
             + (f", and runs in float between them: {floats}" if floats else "")
             + "; int8 pays where layers are large and run back to back. Keep the layers around those float ops "
-            "float (layers={name: 'float'}), or let the search aim at latency (quantize(..., search_latency=True))"
+            "float (layers={name: 'float'}), or let the search aim at latency "
+            "(quantize(..., search=Search(latency=True)))"
         )
     return f"int8 is slower than float at {sizes}: {why}"
 

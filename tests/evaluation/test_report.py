@@ -156,7 +156,7 @@ def test_the_report_says_why_int8_is_slower_from_its_graph():
         "int8 is slower than float at batch 1 (0.05 ms vs 0.02 ms): its graph quantizes 2 times and dequantizes 2 "
         "times around 2 int8 layer(s), each a pass over an activation, and runs in float between them: erf x1; int8 "
         "pays where layers are large and run back to back. Keep the layers around those float ops float "
-        "(layers={name: 'float'}), or let the search aim at latency (quantize(..., search_latency=True))"
+        "(layers={name: 'float'}), or let the search aim at latency (quantize(..., search=Search(latency=True)))"
     )
     report["latency_ms"]["int8"]["1"] = 0.01
     assert slower_than_float(report) == ""
