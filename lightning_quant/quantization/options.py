@@ -194,3 +194,7 @@ def normalise_fuse(modules_to_fuse: Any) -> tuple[tuple[str, ...], ...] | None:
             raise error
         groups.append(tuple(group))
     return tuple(groups)
+
+
+#: the torchao scheme a post-training mode means where none is named
+MODE_SCHEMES = {Mode.WEIGHT_ONLY: Scheme.INT8_WEIGHT_ONLY, Mode.DYNAMIC: Scheme.INT8_DYN_INT8_WEIGHT}

@@ -41,10 +41,10 @@ from lightning_quant.quantization.flows.dynamic import (
     check_dynamic_options,
     dynamic_spec,
 )
-from lightning_quant.quantization.flows.spec import DEFAULT_FLOW, SPECS, flows_with, spec_of, spelled
+from lightning_quant.quantization.flows.spec import DEFAULT_FLOW, SPECS, FlowSpec, flows_with, spec_of, spelled
 from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, batch_targets
 from lightning_quant.quantization.layers import STATIC_PRECISIONS, check_static_setting, resolve_layers
-from lightning_quant.quantization.options import Mode
+from lightning_quant.quantization.options import MODE_SCHEMES, Mode
 from lightning_quant.quantization.recipe import attach, static_recipe
 from lightning_quant.quantization.search import (
     LatencySearch,
@@ -78,7 +78,6 @@ MODE_MEANINGS = {
 }
 
 #: the torchao scheme each post-training mode takes when none is named
-MODE_SCHEMES = {Mode.WEIGHT_ONLY: Scheme.INT8_WEIGHT_ONLY, Mode.DYNAMIC: Scheme.INT8_DYN_INT8_WEIGHT}
 
 
 def recipe_mode(config: QuantizationConfig, mode: Mode) -> Mode:
@@ -89,6 +88,22 @@ def recipe_mode(config: QuantizationConfig, mode: Mode) -> Mode:
     return mode
 
 
+def check_flow_mode(mode: Mode, flow: Flow | str) -> FlowSpec:
+    """The declaration of ``flow``, after checking it runs ``mode``.
+
+    Raises:
+        ValueError: naming the flows that run ``mode`` and the modes ``flow`` runs.
+    """
+    spec = spec_of(flow)
+    if mode not in spec.modes:
+        able = [s.flow.value for s in SPECS.values() if mode in s.modes]
+        raise ValueError(
+            f"mode={mode.value!r} ({MODE_MEANINGS[mode]}) runs on flow={spelled(able)}: set flow={able[0]!r}; "
+            f"flow={spec.flow.value!r} runs mode={spelled(spec.modes)}"
+        )
+    return spec
+
+
 def mode_config(config: QuantizationConfig, mode: Mode) -> QuantizationConfig:
     """``config`` with the torchao scheme ``mode`` implies, after checking that mode, flow and scheme agree.
 
@@ -96,13 +111,7 @@ def mode_config(config: QuantizationConfig, mode: Mode) -> QuantizationConfig:
         ValueError: ``mode="weight_only"`` off the torchao flow, ``mode="static"`` on it, or a scheme of
             the other mode.
     """
-    spec = spec_of(config.flow)
-    if mode not in spec.modes:
-        able = [s.flow.value for s in SPECS.values() if mode in s.modes]
-        raise ValueError(
-            f"mode={mode.value!r} ({MODE_MEANINGS[mode]}) runs on flow={spelled(able)}: set flow={able[0]!r}; "
-            f"flow={config.flow.value!r} runs mode={spelled(spec.modes)}"
-        )
+    spec = check_flow_mode(mode, config.flow)
     if "scheme" not in spec.options:
         return config
     if config.scheme is None:
@@ -200,13 +209,7 @@ def check_mode_options(
         ValueError: an invalid value, a dynamic-mode option set for ``mode="static"``, or
             ``mode="dynamic"`` with ``flow="pt2e"``.
     """
-    spec = spec_of(flow)
-    if mode not in spec.modes:
-        able = [s.flow.value for s in SPECS.values() if mode in s.modes]
-        raise ValueError(
-            f"mode={mode.value!r} ({MODE_MEANINGS[mode]}) runs on flow={spelled(able)}: set flow={able[0]!r}; "
-            f"flow={spec.flow.value!r} runs mode={spelled(spec.modes)}"
-        )
+    spec = check_flow_mode(mode, flow)
     types = check_dynamic_options(dtype, module_types)
     given = [
         name

@@ -39,7 +39,7 @@ from lightning_quant.quantization.flows.spec import (
     torchao_base,
     torchao_scheme,
 )
-from lightning_quant.quantization.options import Backend, Flow, Mode, Scheme
+from lightning_quant.quantization.options import MODE_SCHEMES, Backend, Flow, Mode, Scheme
 
 
 def code_of(value: Any) -> str:
@@ -292,9 +292,6 @@ class DynamicRecipe(Recipe):
         }
 
 
-#: the torchao scheme a post-training mode means where none is named
-_MODE_SCHEMES = {Mode.WEIGHT_ONLY: Scheme.INT8_WEIGHT_ONLY.value, Mode.DYNAMIC: Scheme.INT8_DYN_INT8_WEIGHT.value}
-
 #: the recipe type of each flow (:func:`recipe_for`)
 RECIPES: dict[Flow, type[Recipe]] = {
     Flow.FX: FxRecipe,
@@ -389,7 +386,7 @@ def recipe_for(flow: str = DEFAULT_FLOW.value, **options: Any) -> Recipe:
     if kind is TorchaoRecipe:
         scheme = given.pop("scheme", None)
         if scheme is None and mode is not None:
-            scheme = _MODE_SCHEMES[Mode(mode)]
+            scheme = MODE_SCHEMES[Mode(mode)].value
         if scheme is not None:
             given["config"] = scheme
     if kind is Pt2eRecipe and "backend" in given:
