@@ -28,11 +28,17 @@ Targets and engines:
   (dynamic schemes, xnnpack backend) lowers the same way;
 - ``state_dict`` and ``safetensors`` (torchao flow): the int8 model's state dict with torchao's
   tensor subclasses, written by ``torch.save`` (loaded with ``weights_only=True``) or as safetensors
-  with torchao's metadata; the check loads it into the float structure and must match bit for bit.
+  with torchao's metadata; the check loads it into the float structure and must match bit for bit;
+- ``hf`` (torchao flow, a ``transformers`` model): the folder ``model_int8_hf/`` that
+  ``AutoModelForCausalLM.from_pretrained`` (and vLLM's ``--quantization torchao``) loads: ``config.json`` with
+  the ``quantization_config`` of what each layer holds (``TorchAoConfig`` of a torchao ``FqnToConfig``),
+  ``model.safetensors`` with torchao's tensors, the generation config and the tokenizer files of the folder the
+  model was loaded from; the check loads the folder with ``from_pretrained`` and must match bit for bit.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import os
@@ -65,6 +71,7 @@ SUFFIXES = {
     ExportTarget.EXECUTORCH: ".pte",
     ExportTarget.STATE_DICT: "_state_dict.pt",
     ExportTarget.SAFETENSORS: ".safetensors",
+    ExportTarget.HF: "_hf",
 }
 
 #: the largest batch (and token sequence) an ExecuTorch file takes: its runtime plans memory for it
@@ -87,6 +94,7 @@ RELOAD_STEPS = {
     ExportTarget.EXECUTORCH: 4.0,
     ExportTarget.STATE_DICT: 0.0,
     ExportTarget.SAFETENSORS: 0.0,
+    ExportTarget.HF: 0.0,
 }
 
 
@@ -106,7 +114,13 @@ class ExportRecord:
 
 def engine_for(target: ExportTarget, backend: Backend) -> str:
     """The quantized engine a target's file is converted for (pt2e files use none of torch's)."""
-    if target in (ExportTarget.PT2, ExportTarget.EXECUTORCH, ExportTarget.STATE_DICT, ExportTarget.SAFETENSORS):
+    if target in (
+        ExportTarget.PT2,
+        ExportTarget.EXECUTORCH,
+        ExportTarget.STATE_DICT,
+        ExportTarget.SAFETENSORS,
+        ExportTarget.HF,
+    ):
         return pt2e_engine()
     return Backend.QNNPACK.value if target is ExportTarget.MOBILE else backend.value
 
@@ -327,7 +341,121 @@ def executorch_runner(model: nn.Module, example: ExampleInputs) -> Callable[[Exa
     return load(data)
 
 
-_SERIALIZERS = {
+#: tokenizer files copied into an ``hf`` folder from the folder the model was loaded from
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+)
+
+
+def hf_quantization_config(model: nn.Module, path: str = "") -> Any:
+    """The ``transformers.TorchAoConfig`` of the submodule at ``path`` of a converted torchao model: each quantized
+    layer by name with the torchao config it was converted with (``FqnToConfig``), embeddings included when one
+    is quantized.
+
+    Raises:
+        ValueError: the model holds no torchao weights (another flow, or not converted).
+    """
+    from torchao.quantization import FqnToConfig
+    from transformers import TorchAoConfig
+
+    writer = flows.capable(flows.flow_of(model), flows.WritesHuggingFace)
+    configs = writer.layer_configs(model) if writer is not None else {}
+    if path:
+        configs = {name[len(path) + 1 :]: c for name, c in configs.items() if name.startswith(f"{path}.")}
+        model = model.get_submodule(path)
+    if not configs:
+        able = [spec.flow.value for spec in flows.SPECS.values() if ExportTarget.HF in spec.exports]
+        raise ValueError(
+            f"export 'hf' writes converted models of flow={flows.spelled(able)} (torchao's tensors, which transformers "
+            "loads); this model holds none"
+        )
+    modules = dict(model.named_modules())
+    embeddings = any(isinstance(modules[name], nn.Embedding) for name in configs)
+    return TorchAoConfig(quant_type=FqnToConfig(configs), include_input_output_embeddings=embeddings)
+
+
+def hf_model_path(model: nn.Module) -> str:
+    """Where the ``transformers.PreTrainedModel`` of ``model`` is: ``""`` (itself) or the attribute path of the one
+    outermost model it holds (a LightningModule's ``self.model``).
+
+    Raises:
+        ValueError: no PreTrainedModel in ``model``, or several side by side (``module=`` picks one).
+    """
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return ""
+    found = [name for name, module in model.named_modules() if isinstance(module, PreTrainedModel)]
+    outermost = [name for name in found if not any(name.startswith(f"{other}.") for other in found)]
+    if len(outermost) != 1:
+        held = f"holds {len(outermost)} ({outermost[:4]})" if outermost else "holds none"
+        raise ValueError(
+            f"export 'hf' writes a Hugging Face model folder: the quantized {type(model).__name__} is no transformers "
+            f"PreTrainedModel and {held}; set module= to the attribute of the model to write (module='model')"
+        )
+    return outermost[0]
+
+
+def with_submodule(model: nn.Module, path: str, replacement: nn.Module) -> nn.Module:
+    """``model`` with ``replacement`` at ``path``: shallow copies along the path, ``model`` itself untouched."""
+    if not path:
+        return replacement
+    head, _, rest = path.partition(".")
+    outer = copy.copy(model)
+    outer._modules = dict(model._modules)
+    outer._modules[head] = with_submodule(model.get_submodule(head), rest, replacement)
+    return outer
+
+
+def _hf_files(model: nn.Module, example: ExampleInputs, backend: Backend) -> tuple[dict[str, bytes], Any]:
+    """The files of a Hugging Face folder of ``model`` (a ``transformers.PreTrainedModel`` holding torchao
+    weights), and how to load them back as a user does (``from_pretrained`` of the folder)."""
+    import tempfile
+
+    require_module("transformers", "transformers", "export 'hf'")
+    from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
+
+    outer, path = model, hf_model_path(model)
+    pretrained: Any = outer.get_submodule(path)  # a transformers PreTrainedModel
+    quantization = hf_quantization_config(outer, path)
+    saved = copy.copy(pretrained)  # the same layers, its own config and quantizer: the user's model is not touched
+    saved.config = copy.deepcopy(pretrained.config)
+    saved.config.quantization_config = quantization
+    output_embeddings = pretrained.get_output_embeddings()
+    if output_embeddings is not None and output_embeddings.weight is not pretrained.get_input_embeddings().weight:
+        # two tensors (a tied lm_head quantized apart from its embedding, or never tied): the folder says so
+        saved.config.tie_word_embeddings = False
+    saved.hf_quantizer = TorchAoHfQuantizer(quantization)
+    files: dict[str, bytes] = {}
+    with tempfile.TemporaryDirectory() as folder, known_torch_warnings_silenced():
+        saved.save_pretrained(folder, safe_serialization=True)
+        for written in sorted(Path(folder).iterdir()):
+            files[written.name] = written.read_bytes()
+    source = Path(str(getattr(pretrained.config, "_name_or_path", "") or ""))
+    if source.is_dir():
+        for name in TOKENIZER_FILES:
+            if (source / name).is_file() and name not in files:
+                files[name] = (source / name).read_bytes()
+
+    def load(data: dict[str, bytes]) -> Loaded:
+        with tempfile.TemporaryDirectory() as folder, known_torch_warnings_silenced():
+            for name, content in data.items():
+                (Path(folder) / name).write_bytes(content)
+            loaded = type(pretrained).from_pretrained(folder).eval()
+        return lambda inputs: inputs(with_submodule(outer, path, loaded))
+
+    return files, load
+
+
+_SERIALIZERS: dict[ExportTarget, Callable[..., tuple[Any, Any]]] = {
     ExportTarget.TORCHSCRIPT: _torchscript_bytes,
     ExportTarget.MOBILE: _mobile_bytes,
     ExportTarget.ONNX: _onnx_bytes,
@@ -335,7 +463,11 @@ _SERIALIZERS = {
     ExportTarget.EXECUTORCH: _executorch_bytes,
     ExportTarget.STATE_DICT: _weights_bytes(ExportTarget.STATE_DICT),
     ExportTarget.SAFETENSORS: _weights_bytes(ExportTarget.SAFETENSORS),
+    ExportTarget.HF: _hf_files,
 }
+
+#: targets whose file is a folder of files (``{name: bytes}``), written as ``<basename><suffix>/<name>``
+FOLDER_TARGETS = (ExportTarget.HF,)
 
 
 def other_batch_size(example: ExampleInputs) -> int:
@@ -410,8 +542,9 @@ def serialized(
     example: ExampleInputs,
     backend: Backend,
     compare: bool = True,
-) -> dict[ExportTarget, tuple[str, bytes, float]]:
-    """Each target's file as bytes, checked by reloading it: ``{target: (engine, data, reload max |diff|)}``.
+) -> dict[ExportTarget, tuple[str, bytes | dict[str, bytes], float]]:
+    """Each target's file as bytes, checked by reloading it: ``{target: (engine, data, reload max |diff|)}``
+    (a folder target's data: ``{file name: bytes}``).
     Writes nothing: :func:`export_int8` writes what this gives, and the callbacks rehearse it before
     training on the untrained model, with ``compare=False``: each file is reloaded but not run (running a
     ``.pt2`` compiles it, which the export at the end does).
@@ -420,13 +553,13 @@ def serialized(
         ExportFailedError: a target could not serialise the model, or its file disagrees when reloaded.
     """
     example = example.to("cpu")
-    out: dict[ExportTarget, tuple[str, bytes, float]] = {}
+    out: dict[ExportTarget, tuple[str, bytes | dict[str, bytes], float]] = {}
     for target in targets:
         engine = engine_for(target, backend)
         model = int8_for_engine(engine)
         # a .pt2 program keeps the model's calling convention (keyword inputs of a Hugging Face model
         # stay keywords); TorchScript, ONNX and ExecuTorch's flat inputs take positions
-        inputs = example if target is ExportTarget.PT2 else as_positional(model, example)
+        inputs = example if target in (ExportTarget.PT2, ExportTarget.HF) else as_positional(model, example)
         try:
             with quantized_engine(engine):
                 data, load = _SERIALIZERS[target](model, inputs, backend)
@@ -482,8 +615,14 @@ def export_int8(
     records: dict[str, ExportRecord] = {}
     for target, (engine, data, diff) in serialized(int8_for_engine, targets, example, backend).items():
         name = f"{basename}{SUFFIXES[target]}"
-        staged[name] = data
-        details[name] = {"target": target.value, "engine": engine, "reload_max_abs_diff": diff}
+        detail = {"target": target.value, "engine": engine, "reload_max_abs_diff": diff}
+        if isinstance(data, dict):  # a folder: each of its files is one of the set's
+            for inner, content in data.items():
+                staged[f"{name}/{inner}"] = content
+                details[f"{name}/{inner}"] = detail
+        else:
+            staged[name] = data
+            details[name] = detail
         records[target.value] = ExportRecord(target, directory / name, engine, diff)
     write_file_set(directory, basename, staged, details, family=[f"{basename}{suffix}" for suffix in SUFFIXES.values()])
     for record in records.values():

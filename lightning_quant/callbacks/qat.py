@@ -95,7 +95,8 @@ class QuantizationAwareTraining(QuantizationCallback):
             its only child with parameters.
         export: ``"default"`` (the flow's own files), ``None``, or targets of the flow: ``"torchscript"``,
             ``"mobile"``, ``"onnx"`` (fx, eager); ``"pt2"``, ``"executorch"`` (pt2e, torchao);
-            ``"state_dict"``, ``"safetensors"`` (torchao's weights).
+            ``"state_dict"``, ``"safetensors"`` (torchao's weights), ``"hf"`` (torchao: a folder
+            ``transformers``' ``from_pretrained`` loads).
         export_dir: folder for exported files (default ``<trainer.log_dir>/quantized``).
         batch_to_input: callable turning a batch into the model's input, where the call the LightningModule
             makes cannot be recorded (see :class:`~lightning_quant.QuantizationCallback`).

@@ -55,6 +55,7 @@ PER_CHANNEL_BY_DEFAULT = (Backend.X86, Backend.FBGEMM, Backend.XNNPACK)
 #: the optional packages a backend or target needs (a flow's: its spec): (import name, pip install line)
 NEEDS: dict[str, tuple[str, str]] = {
     ExportTarget.SAFETENSORS: ("safetensors", "safetensors"),
+    ExportTarget.HF: ("transformers", "transformers"),
     Backend.XNNPACK: ("executorch", "lightning-quant[executorch]"),
     ExportTarget.EXECUTORCH: ("executorch", "lightning-quant[executorch]"),
 }

@@ -69,7 +69,9 @@ class Observer(str, Enum):
 class ExportTarget(str, Enum):
     """Where an int8 model is written for. torch.ao flows: TorchScript for servers, lite interpreter
     for phones, ONNX. pt2e flow: a ``torch.export`` program (``.pt2``) and an ExecuTorch program
-    (``.pte``, XNNPACK-delegated)."""
+    (``.pte``, XNNPACK-delegated). torchao flow: its weights (``state_dict``, ``safetensors``) and a Hugging Face
+    folder (``hf``: ``config.json`` with torchao's ``quantization_config`` beside safetensors weights, loaded by
+    ``transformers`` and vLLM)."""
 
     TORCHSCRIPT = "torchscript"
     MOBILE = "mobile"
@@ -78,6 +80,7 @@ class ExportTarget(str, Enum):
     EXECUTORCH = "executorch"
     STATE_DICT = "state_dict"
     SAFETENSORS = "safetensors"
+    HF = "hf"
 
 
 class Precision(str, Enum):

@@ -197,19 +197,25 @@ def write_file_set(
             {**{directory / n: d for n, d in files.items()}, directory / f"{basename}.{MANIFEST}": manifest}
         )
         return {name: path for name, path in zip(files, written)}
-    names = list(dict.fromkeys([*files, *family, f"{basename}.{MANIFEST}"]))
+    tops = list(dict.fromkeys(_top(name) for name in files))  # a file or a folder of files of the set
+    names = list(dict.fromkeys([*tops, *family, f"{basename}.{MANIFEST}"]))
     _remove_leftovers(directory, basename, names)
     _adopt_plain_files(directory, basename, names)
     _stage("start")
     folder = _new_set_folder(sets)
     try:
         for name, data in files.items():
+            if _top(name) != name:
+                (folder / name).parent.mkdir(parents=True, exist_ok=True)
             _write_whole(folder / name, data)
             _stage("written")
         _write_whole(folder / MANIFEST, _manifest(files, details))
+        for top in tops:
+            if (folder / top).is_dir():
+                _fsync_folder(folder / top)
         _fsync_folder(folder)
         _fsync_folder(sets)
-        links = {**{name: name for name in files}, f"{basename}.{MANIFEST}": MANIFEST}
+        links = {**{name: name for name in tops}, f"{basename}.{MANIFEST}": MANIFEST}
         for name, inside in links.items():  # new names point through the link: missing until it switches
             link = directory / name
             if not link.is_symlink():
@@ -224,6 +230,11 @@ def write_file_set(
         raise
     _remove_stale(directory, basename, keep=folder)
     return {name: directory / name for name in files}
+
+
+def _top(name: str) -> str:
+    """The entry of ``directory`` a set's file lies in: itself, or the folder of ``"folder/file"``."""
+    return name.split("/", 1)[0]
 
 
 def _symlinks_work(directory: Path) -> bool:
@@ -364,14 +375,16 @@ def set_entry(path: os.PathLike | str) -> tuple[Path, dict[str, Any]] | None:
         ValueError: the manifest is not valid JSON of a file set (it was damaged).
     """
     real = Path(path).resolve()
-    manifest = real.parent / MANIFEST
+    manifest, key = real.parent / MANIFEST, real.name
+    if not manifest.is_file():  # a file of a folder of the set (``"folder/file"``)
+        manifest, key = real.parent.parent / MANIFEST, f"{real.parent.name}/{real.name}"
     if real.name == MANIFEST or not manifest.is_file():
         return None
     try:
         body = json.loads(manifest.read_bytes())
         if body.get("format") != MANIFEST_FORMAT:
             return None
-        entry = body["files"].get(real.name)
+        entry = body["files"].get(key)
     except (ValueError, AttributeError, KeyError, TypeError) as err:
         raise ValueError(f"the manifest {str(manifest)!r} of {str(path)!r} is damaged: {err}") from None
     return (manifest, entry) if isinstance(entry, dict) else None

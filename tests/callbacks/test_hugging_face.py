@@ -3,6 +3,8 @@ through the pt2e flow, exported and reloaded; FX cannot trace their ``**kwargs``
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +16,9 @@ from lightning_quant import (
     KnowledgeDistillation,
     PostTrainingQuantization,
     QuantizationAwareTraining,
+    TorchaoRecipe,
     load_pt2,
+    verify_export,
 )
 from lightning_quant.evaluation.analysis import fake_quant_reference
 from lightning_quant.quantization.flows import int8_layers, output_steps
@@ -281,3 +285,105 @@ def test_hugging_face_causal_lm_qat_under_bf16_mixed_precision(flow, tmp_path):
     with torch.no_grad():
         reference = fake_quant_reference(qat.target(module))(**inputs).logits
     assert mean_cosine(reference, qat.quantized_model(**inputs).logits) > 0.99
+
+
+# ---------------------------------------------------------------- export="hf": a folder transformers loads
+FRESH_PROCESS = """
+import sys, torch, transformers
+folder, reference = sys.argv[1], torch.load(sys.argv[2])
+model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+with torch.no_grad():
+    logits = model(**reference["inputs"]).logits
+    tokens = model.generate(reference["prompt"], max_new_tokens=6, do_sample=False)
+print(type(model.model.layers[0].mlp.up_proj.weight).__name__, type(model.model.embed_tokens.weight).__name__)
+print(torch.equal(logits, reference["logits"]), torch.equal(tokens, reference["tokens"]))
+"""
+
+
+def _fresh_from_pretrained(folder, model, inputs, tmp_path) -> list[str]:
+    """What a fresh process sees when it loads ``folder`` with ``AutoModelForCausalLM``: its layers' weight classes,
+    whether its logits equal ``model``'s bit for bit, whether its greedy generation equals ``model``'s."""
+    import subprocess
+    import sys
+
+    prompt = inputs["input_ids"][:1, :4]
+    with torch.no_grad():
+        reference = {
+            "inputs": inputs,
+            "logits": model(**inputs).logits,
+            "prompt": prompt,
+            "tokens": model.generate(prompt, max_new_tokens=6, do_sample=False),
+        }
+    assert reference["tokens"].shape == (1, 10)  # generate() runs on the converted model
+    torch.save(reference, tmp_path / "reference.pt")
+    done = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(folder), str(tmp_path / "reference.pt")],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout.split()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_causal_lm_qat_writes_a_folder_transformers_loads_bit_identical(tied, tmp_path):
+    seed_everything(0)
+    module = HFLossModule("llama")
+    if tied:  # the lm_head shares the embedding's weight: quantized, they are two tensors, and the folder says so
+        module.model.lm_head.weight = module.model.model.embed_tokens.weight
+        module.model.config.tie_word_embeddings = True
+    qat = QuantizationAwareTraining(
+        recipe=TorchaoRecipe(layers={"model.embed_tokens": "int8"}), export="hf", export_dir=tmp_path / "out"
+    )
+    quiet_trainer(callbacks=[qat], max_epochs=1).fit(module)
+    folder = tmp_path / "out" / "model_int8_hf"
+    assert qat.export_paths["hf"] == str(folder) and qat.export_records["hf"].max_abs_diff == 0
+    config = json.loads((folder / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "torchao"
+    assert config["quantization_config"]["include_input_output_embeddings"] is True
+    assert config["tie_word_embeddings"] is False
+    manifest = verify_export(tmp_path / "out")  # every file of the folder against its SHA-256
+    assert {"model_int8_hf/config.json", "model_int8_hf/model.safetensors"} <= set(manifest["files"])
+    seen = _fresh_from_pretrained(folder, qat.quantized_model, _prediction_inputs("llama"), tmp_path)
+    assert seen == ["IntxUnpackedToInt8Tensor", "IntxUnpackedToInt8Tensor", "True", "True"]
+
+
+def test_causal_lm_ptq_folder_holds_int8_weights_and_the_tokenizer_files(tmp_path):
+    module = HFLossModule("llama")
+    source = tmp_path / "pretrained"
+    module.model.save_pretrained(source)  # as a user's model comes: from a folder, with its tokenizer beside it
+    (source / "tokenizer.json").write_text('{"version": "1.0"}')
+    module.model = transformers.AutoModelForCausalLM.from_pretrained(source)
+    ptq = PostTrainingQuantization(recipe="int8_weight_only", export="hf", export_dir=tmp_path / "out", progress=False)
+    quiet_trainer(callbacks=[ptq]).validate(module, verbose=False)
+    folder = tmp_path / "out" / "model_int8_hf"
+    assert (folder / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    seen = _fresh_from_pretrained(folder, ptq.quantized_model, _prediction_inputs("llama"), tmp_path)
+    assert seen == ["Int8Tensor", "Parameter", "True", "True"]
+    weights = (folder / "model.safetensors").stat().st_size
+    # int8 Linear weights (a quarter of their float bytes) beside the float embedding and norms: under half
+    assert weights < 0.5 * (source / "model.safetensors").stat().st_size
+
+
+def test_export_hf_of_a_model_holding_no_transformers_model_is_refused_before_training(tmp_path):
+    class Plain(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def train_dataloader(self):
+            return DataLoader(torch.utils.data.TensorDataset(torch.randn(16, 32)), batch_size=8)
+
+    module = Plain()
+    trainer = quiet_trainer(callbacks=[QuantizationAwareTraining(recipe="torchao", export="hf", export_dir=tmp_path)])
+    with pytest.raises(Exception, match=r"export 'hf' writes a Hugging Face model folder: .* set module="):
+        trainer.fit(module)
+    assert trainer.global_step == 0
+    assert not list(tmp_path.iterdir())

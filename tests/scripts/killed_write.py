@@ -3,6 +3,8 @@
 Run as ``python tests/scripts/killed_write.py DIR MODE POINT N``:
 
 - MODE ``files``: write the set ``{model.pt, model.ptl}`` (new contents) with ``write_file_set``;
+- MODE ``folder``: write the set ``{model.pt, model_hf/config.json, model_hf/model.safetensors}`` (a folder
+  target's files beside a file's);
 - MODE ``export``: export a small int8 model to torchscript + mobile with ``export_int8``;
 - POINT: ``start``, ``written``, ``linked``, ``switched`` (stages of ``write_file_set``), ``mid-file`` (inside
   a file's bytes), ``serialising`` (export: after the first target is serialised), or ``none``; N: the
@@ -19,6 +21,11 @@ sys.path.insert(0, str(ROOT))
 
 #: large enough that writing takes a while (a kill at a random moment lands inside it), small enough to be quick
 NEW = {"model.pt": b"new pt " * 1_200_000, "model.ptl": b"new ptl " * 1_200_000}
+NEW_FOLDER = {
+    "model.pt": b"new pt " * 1_200_000,
+    "model_hf/config.json": b'{"new": true}',
+    "model_hf/model.safetensors": b"new weights " * 1_200_000,
+}
 
 
 def _files_module():
@@ -36,7 +43,7 @@ def die() -> None:
 
 
 def main(directory: str, mode: str, point: str, n: int) -> None:
-    if mode == "files":
+    if mode in ("files", "folder"):
         files = _files_module()
     else:
         from lightning_quant.utils import files
@@ -60,6 +67,9 @@ def main(directory: str, mode: str, point: str, n: int) -> None:
         files._write = half_then_die
     if mode == "files":
         files.write_file_set(directory, "model", NEW, family=["model.onnx"])  # as export_int8 names its targets
+        return
+    if mode == "folder":
+        files.write_file_set(directory, "model", NEW_FOLDER, family=["model.onnx"])
         return
     import torch
 

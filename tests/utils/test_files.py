@@ -160,6 +160,41 @@ def test_files_of_an_older_release_are_taken_into_a_set_before_they_are_replaced
     assert _assert_one_whole_set(tmp_path) == "new"
 
 
+OLD_FOLDER = {"model.pt": b"old pt " * 1000, "model_hf/config.json": b'{"old": true}', "model_hf/vocab.txt": b"a b"}
+
+
+@pytest.mark.parametrize(
+    ("point", "n", "expected"), [("mid-file", 3, "old"), ("linked", 1, "old"), ("switched", 1, "new")]
+)
+def test_a_folder_of_a_set_switches_with_the_rest_when_the_process_is_killed(tmp_path, point, n, expected):
+    """A folder target (export='hf') is files of the set under one folder name: every file of it reads the old set
+    or every one the new, never a mix, and the old set's file the new one lacks is gone with it."""
+    from tests.scripts.killed_write import NEW_FOLDER
+
+    write_file_set(tmp_path, "model", OLD_FOLDER)
+    assert (tmp_path / "model_hf").is_symlink() and (tmp_path / "model_hf" / "vocab.txt").read_bytes() == b"a b"
+    assert _kill_child(tmp_path, "folder", point, n) == -signal.SIGKILL
+    names = sorted({*OLD_FOLDER, *NEW_FOLDER})
+    seen = _names_read(tmp_path, names)
+    sets = {"old": {n: OLD_FOLDER.get(n) for n in names}, "new": {n: NEW_FOLDER.get(n) for n in names}}
+    assert seen == sets[expected], {n: (v[:8] if v else v) for n, v in seen.items()}
+    manifest = json.loads((tmp_path / "model.manifest.json").read_bytes())
+    assert sorted(manifest["files"]) == sorted(n for n, v in sets[expected].items() if v)
+    for name in manifest["files"]:
+        read_checked(tmp_path / name, "file")  # through the folder's link, against the manifest
+    assert _kill_child(tmp_path, "folder", "none", 0) == 0
+    assert _names_read(tmp_path, names) == sets["new"]
+    assert len(list((tmp_path / ".model.sets").iterdir())) == 1
+
+
+def test_a_changed_byte_in_a_folder_of_a_set_is_found(tmp_path):
+    write_file_set(tmp_path, "model", OLD_FOLDER)
+    target = (tmp_path / "model_hf" / "config.json").resolve()
+    target.write_bytes(b'{"odd": true}')
+    with pytest.raises(CorruptFileError, match="SHA-256|size"):
+        read_checked(tmp_path / "model_hf" / "config.json", "file")
+
+
 def test_an_export_killed_at_each_stage_keeps_one_whole_set(tmp_path):
     from lightning_quant.export import verify_export
 

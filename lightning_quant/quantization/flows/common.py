@@ -170,6 +170,14 @@ class WritesWeights(Protocol):
 
 
 @runtime_checkable
+class WritesHuggingFace(Protocol):
+    """A flow whose int8 models ``transformers`` loads: it says, as a torchao config, what each layer holds."""
+
+    def layer_configs(self, model: nn.Module) -> dict[str, Any]:
+        """``{module name: the torchao config its weight was converted with}`` of a converted model."""
+
+
+@runtime_checkable
 class HasInferenceView(Protocol):
     """A flow whose QAT model trained on a call with training-only inputs (labels) and predicts with another."""
 

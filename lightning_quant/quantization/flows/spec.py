@@ -95,7 +95,13 @@ SPECS: dict[Flow, FlowSpec] = {
     Flow.TORCHAO: FlowSpec(
         Flow.TORCHAO,
         backends=(Backend.X86, Backend.XNNPACK),
-        exports=(ExportTarget.STATE_DICT, ExportTarget.EXECUTORCH, ExportTarget.PT2, ExportTarget.SAFETENSORS),
+        exports=(
+            ExportTarget.STATE_DICT,
+            ExportTarget.EXECUTORCH,
+            ExportTarget.PT2,
+            ExportTarget.SAFETENSORS,
+            ExportTarget.HF,
+        ),
         modes=(Mode.WEIGHT_ONLY, Mode.DYNAMIC),
         package=("torchao", "lightning-quant[torchao]"),
         options=frozenset({"scheme", "group_size"}),

@@ -404,6 +404,28 @@ class TorchaoFlow:
         setattr(prepared, PLAN_ATTRIBUTE, dataclasses.replace(plan, converted=True))
         return prepared
 
+    def layer_configs(self, model: nn.Module) -> dict[str, Any]:
+        """``{module name: torchao config}`` each quantized layer of a converted ``model`` was converted with (what
+        a Hugging Face ``TorchAoConfig`` records, so that ``transformers`` rebuilds the same tensors); names are
+        relative to ``model``."""
+        from torchao.quantization.qat import QATConfig
+
+        configs: dict[str, Any] = {}
+        for prefix, module in model.named_modules():
+            plan = plan_of(module)
+            if plan is None or not plan.converted:
+                continue
+            modules = dict(module.named_modules())
+            for name, scheme in plan.layers.items():
+                if plan.recipe is not None:
+                    recipe = plan.recipe
+                    config = recipe.base_config if isinstance(recipe, QATConfig) else recipe
+                else:
+                    embedding = isinstance(modules[name], nn.Embedding)
+                    config = convert_config(scheme, plan.group_size, plan.backend, embedding)
+                configs[f"{prefix}.{name}" if prefix else name] = config
+        return configs
+
     def owns(self, model: nn.Module) -> bool:
         return any(plan_of(m) is not None or _subclass_weight(m) is not None for m in model.modules())
 

@@ -20,7 +20,7 @@ from lightning_quant.quantization.convert import convert_prepared, for_inference
 from lightning_quant.quantization.flows.recipes import RECIPES
 from lightning_quant.quantization.flows.spec import SPECS, default_exports
 from lightning_quant.quantization.inputs import ExampleInputs
-from lightning_quant.quantization.options import Flow, Mode
+from lightning_quant.quantization.options import ExportTarget, Flow, Mode
 from lightning_quant.quantization.outputs import mean_cosine
 
 PACKAGE = Path(lightning_quant.__file__).parent
@@ -65,6 +65,7 @@ def test_a_flow_offers_the_capabilities_its_declaration_says(flow):
     assert isinstance(obj, flows.QuantizationFlow)
     assert isinstance(obj, flows.KeepsFloat) is spec.keeps_float
     assert isinstance(obj, flows.WritesWeights) is (spec.int8_file == "weights")
+    assert isinstance(obj, flows.WritesHuggingFace) is (ExportTarget.HF in spec.exports)
     assert isinstance(obj, flows.Observes) is spec.observes
     assert isinstance(obj, flows.FreezesBatchNorm) is spec.observes  # the stacks with observers own their BN
     uncalibrated = any(mode is not Mode.STATIC for mode in spec.modes)
