@@ -50,11 +50,13 @@ from lightning_quant.quantization import (
     recipe_for,
     save_int8,
 )
+from lightning_quant.quantization.options import Algorithm
 from lightning_quant.utils.integrity import CorruptFileError, UnsafeFileError
 
 __version__ = "0.2.0"
 
 __all__ = [
+    "Algorithm",
     "Backend",
     "CorruptFileError",
     "DynamicRecipe",

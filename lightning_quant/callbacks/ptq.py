@@ -34,6 +34,7 @@ from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.ptq import (
     Mode,
     builder,
+    calibrates,
     check_calibration_data,
     check_layers,
     check_mode_options,
@@ -86,7 +87,8 @@ class PostTrainingQuantization(QuantizationCallback):
             :class:`~lightning_quant.QuantizationAwareTraining`; the recipe also says the mode: static
             (``FxRecipe``, ``EagerRecipe``, ``Pt2eRecipe``: calibrated activations), dynamic
             (``DynamicRecipe``: activations quantized at run time, no calibration), or torchao's scheme
-            (``TorchaoRecipe``, an ``AOBaseConfig``: weight-only or dynamic, no calibration). Default:
+            (``TorchaoRecipe``, an ``AOBaseConfig``: weight-only or dynamic, no calibration unless the recipe names
+            torchao's ``algorithm="awq"|"smoothquant"``, which runs on the calibration batches). Default:
             ``FxRecipe()`` with the ``"histogram"`` observer, the best choice for a few calibration batches.
         calibration_data: ``"train"`` (default: the train dataloader), ``"val"``, or any
             iterable of batches (a DataLoader, a list).
@@ -193,7 +195,7 @@ class PostTrainingQuantization(QuantizationCallback):
         self.example_inputs = self._take_example_inputs(trainer, pl_module, stage)
         self._check_export_dir(trainer)
         self._rehearse(target, self._trial_conversion(target))
-        if self.mode is Mode.STATIC:
+        if self._calibrates:
             source = self._calibration_batches_source(trainer)
             if source is None:
                 raise ValueError(
@@ -238,7 +240,7 @@ class PostTrainingQuantization(QuantizationCallback):
             target,
             self.config,
             self.mode,
-            self._calibration_source(trainer) if self.mode is Mode.STATIC else None,
+            self._calibration_source(trainer) if self._calibrates else None,
             self.calibration_batches,
             self.inputs_reader(pl_module, self._calibration_stage),
             self.dtype,
@@ -289,7 +291,7 @@ class PostTrainingQuantization(QuantizationCallback):
     def _trial_conversion(self, target: nn.Module) -> Callable[[str], nn.Module]:
         """``engine -> int8 model`` as the end of fit makes it, calibrated on the example inputs alone: for
         the rehearsal before training."""
-        if self.mode is not Mode.STATIC:
+        if not self._calibrates:
             return self._uncalibrated_conversion(target, self.config)
         calibrated: list[nn.Module] = []
 
@@ -317,7 +319,16 @@ class PostTrainingQuantization(QuantizationCallback):
     @property
     @override
     def calibration_batches_used(self) -> int | None:
-        return self.calibration_batches if self.mode is Mode.STATIC else None
+        return self.calibration_batches if self._calibrates else None
+
+    @property
+    def _algorithm_said(self) -> str:
+        return f" ({self.config.algorithm.value})" if self.config.algorithm is not None else ""
+
+    @property
+    def _calibrates(self) -> bool:
+        """Static ranges, or a torchao algorithm that chooses the weights from calibration batches."""
+        return calibrates(self.mode, self.config)
 
     def _check_fp16_engines(self) -> None:
         """fp16 (the dtype, a layer setting, a step of the search) needs x86/fbgemm for every engine converted for."""
@@ -371,7 +382,7 @@ class PostTrainingQuantization(QuantizationCallback):
         if self.max_metric_drop is not None or self.max_size_bytes is not None:
             config = self._search_float_islands(trainer, pl_module, target)
         self.calibrated_model = None
-        if self.mode is not Mode.STATIC:
+        if not self._calibrates:
             convert = self._uncalibrated_conversion(target, config)
         else:
             calibrated = prepare_and_calibrate(
@@ -405,5 +416,5 @@ class PostTrainingQuantization(QuantizationCallback):
             trainer,
             pl_module,
             convert,
-            f"{self.mode.value} int8 model of {self._target_path!r} for {self.config.engine}",
+            f"{self.mode.value} int8 model{self._algorithm_said} of {self._target_path!r} for {self.config.engine}",
         )

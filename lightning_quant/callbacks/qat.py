@@ -147,7 +147,14 @@ class QuantizationAwareTraining(QuantizationCallback):
         owner = type(self).__name__
         legacy = take_deprecated(owner, deprecated, {**RECIPE_OPTIONS, **SCHEDULE_OPTIONS}, QAT_FORM)
         shared = {"module": module, "export": export, "export_dir": export_dir}
-        super().__init__(resolve(owner, recipe, legacy, shared, "moving_average").config, batch_to_input)
+        config = resolve(owner, recipe, legacy, shared, "moving_average").config
+        if config.algorithm is not None:
+            raise ValueError(
+                f"algorithm={config.algorithm.value!r} is a post-training algorithm (torchao's, run on calibration "
+                "batches): use it with PostTrainingQuantization or quantize(); QAT learns the weights itself, so leave "
+                "algorithm out of the recipe"
+            )
+        super().__init__(config, batch_to_input)
         epochs = {**SCHEDULE_OPTIONS, **{k: v for k, v in legacy.items() if k in SCHEDULE_OPTIONS}}
         self.schedule = _schedule_from(
             schedule, epochs["quant_start_epoch"], epochs["freeze_observers_epoch"], epochs["freeze_bn_epoch"]

@@ -30,6 +30,9 @@ from lightning_quant.quantization.flows.spec import (
     torchao_scheme,
 )
 from lightning_quant.quantization.options import (
+    ALGORITHM_LIMITS,
+    ALGORITHM_SCHEMES,
+    Algorithm,
     Backend,
     ExportTarget,
     Flow,
@@ -37,6 +40,7 @@ from lightning_quant.quantization.options import (
     Observer,
     Precision,
     Scheme,
+    check_algorithm_scheme,
     normalise_fuse,
     normalise_layers,
     normalise_skip,
@@ -139,6 +143,9 @@ class QuantizationConfig:
             own, so ``layers``/``skip`` are refused with it. Or a torchao config (:data:`TORCHAO_RECIPES`, or a
             ``QATConfig`` of one): the flow is torchao, ``scheme``/``group_size`` are read off it, and it
             quantizes every planned Linear as it is (``layers`` may only keep layers float).
+        algorithm: torchao flow, post-training: ``"awq"`` or ``"smoothquant"`` (:class:`Algorithm`), torchao's
+            algorithms run on the calibration batches before the Linear layers are converted; each runs with
+            the schemes of :data:`ALGORITHM_SCHEMES` (a pair that does not exist is refused with the reason).
 
     Strings are accepted wherever an enum is expected (``backend="qnnpack"``, as YAML gives them)
     and sequences wherever a tuple is; both are normalised at construction.
@@ -169,6 +176,7 @@ class QuantizationConfig:
     scheme: Scheme | None = None
     group_size: int = DEFAULT_GROUP_SIZE
     recipe: Any = None
+    algorithm: Algorithm | None = None
 
     def __post_init__(self) -> None:
         self.backend = parse_enum(Backend, self.backend, "backend", _other_field_hint)
@@ -265,6 +273,26 @@ class QuantizationConfig:
     def _check_torchao_options(self) -> None:
         if self.scheme is not None:
             self.scheme = parse_enum(Scheme, self.scheme, "scheme", _other_field_hint)
+        if self.algorithm is not None:
+            self.algorithm = parse_enum(Algorithm, self.algorithm, "algorithm")
+            if "algorithm" not in spec_of(self.flow).options:
+                owners = flows_with("algorithm")
+                raise ValueError(
+                    f"algorithm={self.algorithm.value!r} is torchao's (flow={spelled(owners)}), but "
+                    f"flow={self.flow.value!r}: write "
+                    f"recipe=TorchaoRecipe(config=..., algorithm={self.algorithm.value!r})"
+                )
+            if not ALGORITHM_SCHEMES[self.algorithm]:
+                raise ValueError(
+                    f"algorithm={self.algorithm.value!r} does not run here: {ALGORITHM_LIMITS[self.algorithm]}"
+                )
+            if self.backend is Backend.XNNPACK:
+                raise ValueError(
+                    f"algorithm={self.algorithm.value!r} keeps its scales in torchao's int8 tensors of backend='x86'; "
+                    "backend='xnnpack' converts to intx tensors, which take none: use backend='x86'"
+                )
+            if self.scheme is not None:
+                check_algorithm_scheme(self.algorithm, self.scheme)
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(
                 f"group_size must be a positive int (input features per int4 scale), got {self.group_size!r}"

@@ -201,3 +201,51 @@ def normalise_fuse(modules_to_fuse: Any) -> tuple[tuple[str, ...], ...] | None:
 
 #: the torchao scheme a post-training mode means where none is named
 MODE_SCHEMES = {Mode.WEIGHT_ONLY: Scheme.INT8_WEIGHT_ONLY, Mode.DYNAMIC: Scheme.INT8_DYN_INT8_WEIGHT}
+
+
+class Algorithm(str, Enum):
+    """torchao's post-training algorithms, which choose what the scheme's weights hold from calibration batches:
+    AWQ (per-input-channel scales that protect the weights the activations weigh most), SmoothQuant (activation
+    outliers moved into the weights before int8 activations) and GPTQ (weights rounded against the layer's
+    input statistics)."""
+
+    AWQ = "awq"
+    SMOOTHQUANT = "smoothquant"
+    GPTQ = "gptq"
+
+
+#: the schemes each algorithm runs with here (converted on CPU with torchao 0.18), its default first
+ALGORITHM_SCHEMES: dict[Algorithm, tuple[Scheme, ...]] = {
+    Algorithm.AWQ: (Scheme.INT8_WEIGHT_ONLY, Scheme.INT8_DYN_INT8_WEIGHT),
+    Algorithm.SMOOTHQUANT: (Scheme.INT8_DYN_INT8_WEIGHT,),
+    Algorithm.GPTQ: (),
+}
+
+#: why a pair of algorithm and scheme does not exist here
+ALGORITHM_LIMITS: dict[Algorithm, str] = {
+    Algorithm.AWQ: (
+        "AWQ keeps its scales in the weight tensor, which torchao 0.18's int8 tensors do; its int4 tensors that take "
+        "them (Int4Tensor) run on CUDA only, and the int4 tensors that run on CPU (intx) take none: for int4 weights, "
+        "train them (QuantizationAwareTraining)"
+    ),
+    Algorithm.SMOOTHQUANT: (
+        "SmoothQuant moves activation outliers into the weights so that int8 activations lose less: it needs a "
+        "scheme with int8 activations"
+    ),
+    Algorithm.GPTQ: (
+        "torchao 0.18's GPTQ rounds on CUDA only ('GPTQ only supports CUDA currently'), and int8/int4 models are "
+        "converted on CPU here: use algorithm='awq', or QAT for int4 weights"
+    ),
+}
+
+
+def check_algorithm_scheme(algorithm: Algorithm, scheme: Scheme) -> None:
+    """Raise ``ValueError`` for a pair of algorithm and scheme that does not exist, with the reason and the pairs
+    that do."""
+    allowed = ALGORITHM_SCHEMES[algorithm]
+    if scheme not in allowed:
+        pairs = [f"{a.value}: {[s.value for s in schemes]}" for a, schemes in ALGORITHM_SCHEMES.items() if schemes]
+        raise ValueError(
+            f"algorithm={algorithm.value!r} with scheme={scheme.value!r} does not exist here: "
+            f"{ALGORITHM_LIMITS[algorithm]}. The pairs that run: {'; '.join(pairs)}"
+        )

@@ -125,6 +125,17 @@ def mode_config(config: QuantizationConfig, mode: Mode) -> QuantizationConfig:
     return config
 
 
+def calibrates(mode: Mode, config: QuantizationConfig) -> bool:
+    """Whether a post-training run of ``mode`` and ``config`` reads calibration batches: static ranges, or a
+    torchao algorithm (AWQ, SmoothQuant) that chooses the weights from the activations it sees."""
+    return mode is Mode.STATIC or config.algorithm is not None
+
+
+def calibrated_by(mode: Mode, config: QuantizationConfig) -> str:
+    """What reads the calibration batches, for messages: ``mode="static"`` or ``algorithm='awq'``."""
+    return f"algorithm={config.algorithm.value!r}" if config.algorithm is not None else f'mode="{mode.value}"'
+
+
 def uncalibrated_copy(
     model: nn.Module,
     config: QuantizationConfig,
@@ -290,10 +301,12 @@ def builder(
             skipped = dataclasses.replace(config, layers=rules, export=())
         else:
             skipped = dataclasses.replace(config, skip=tuple(config.skip) + tuple(extra), export=())
-        if mode is not Mode.STATIC:  # no calibration: the flow quantizes from the weights alone
+        if not calibrates(mode, config):  # no calibration: the flow quantizes from the weights alone
             return uncalibrated_copy(model, skipped, types or module_types, dtype, allow_float=bool(extra))
         if calibration_data is None:
-            raise ValueError('mode="static" needs calibration_data: an iterable of representative batches')
+            raise ValueError(
+                f"{calibrated_by(mode, config)} needs calibration_data: an iterable of representative batches"
+            )
         prepared = prepare_and_calibrate(
             model, calibration_data, skipped, calibration_batches, batch_to_input, progress=progress, reducer=reducer
         )

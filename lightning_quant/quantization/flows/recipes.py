@@ -39,7 +39,8 @@ from lightning_quant.quantization.flows.spec import (
     torchao_base,
     torchao_scheme,
 )
-from lightning_quant.quantization.options import MODE_SCHEMES, Backend, Flow, Mode, Scheme
+from lightning_quant.quantization.options import ALGORITHM_SCHEMES, MODE_SCHEMES, Algorithm, Backend, Flow, Mode, Scheme
+from lightning_quant.utils.checks import parse_enum
 
 
 def code_of(value: Any) -> str:
@@ -209,6 +210,15 @@ class TorchaoRecipe(Recipe):
         group_size: with a scheme name, input features per int4 weight scale (default 32); a config says its own.
         layers: per layer ``"int8"``, ``"int4"`` or ``"float"`` (a config object: ``"float"`` only).
         skip: module names or types kept in float.
+        algorithm: post-training only: ``"awq"`` (with ``int8_weight_only``, its default, or
+            ``int8_dyn_int8_weight``) or ``"smoothquant"`` (``int8_dyn_int8_weight``): torchao's AWQ/SmoothQuant
+            run on the calibration batches before conversion. ``"gptq"`` is refused: torchao 0.18 runs it on
+            CUDA only.
+
+    Example::
+
+        >>> TorchaoRecipe(algorithm="smoothquant").mode
+        <Mode.DYNAMIC: 'dynamic'>
     """
 
     flow: ClassVar[Flow] = Flow.TORCHAO
@@ -217,6 +227,7 @@ class TorchaoRecipe(Recipe):
     group_size: int | None = None
     layers: Mapping[Any, Any] | None = None
     skip: Sequence[Any] = ()
+    algorithm: str | None = None
 
     @property
     def native(self) -> Any:
@@ -227,6 +238,9 @@ class TorchaoRecipe(Recipe):
     def mode(self) -> Mode:
         """Weight-only or dynamic, as the scheme says (``None``: weight-only, the post-training default)."""
         scheme = self.scheme
+        if scheme is None and self.algorithm is not None:  # the algorithm's default scheme
+            defaults = ALGORITHM_SCHEMES[parse_enum(Algorithm, self.algorithm, "algorithm")]
+            scheme = defaults[0] if defaults else None
         return Mode.DYNAMIC if scheme is not None and scheme.dynamic else Mode.WEIGHT_ONLY
 
     @property
@@ -239,6 +253,8 @@ class TorchaoRecipe(Recipe):
 
     def settings(self) -> dict[str, Any]:
         shared = {"flow": self.flow, "backend": self.backend, "layers": _layers(self.layers), "skip": self.skip}
+        if self.algorithm is not None:
+            shared["algorithm"] = self.algorithm
         if self.native is not None:
             if self.group_size is not None:
                 raise ValueError(

@@ -104,7 +104,7 @@ SPECS: dict[Flow, FlowSpec] = {
         ),
         modes=(Mode.WEIGHT_ONLY, Mode.DYNAMIC),
         package=("torchao", "lightning-quant[torchao]"),
-        options=frozenset({"scheme", "group_size"}),
+        options=frozenset({"scheme", "group_size", "algorithm"}),
         per_channel_only=True,
         observes=False,
         calibrates=False,

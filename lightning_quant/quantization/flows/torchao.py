@@ -47,7 +47,13 @@ from lightning_quant.quantization.config import (
 from lightning_quant.quantization.flows.spec import SPECS
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_layers
-from lightning_quant.quantization.options import Flow
+from lightning_quant.quantization.options import (
+    ALGORITHM_LIMITS,
+    ALGORITHM_SCHEMES,
+    Algorithm,
+    Flow,
+    check_algorithm_scheme,
+)
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.integrity import (
     SAFETENSORS_SHA_KEY,
@@ -80,6 +86,8 @@ class TorchaoPlan:
     converted: bool = False
     #: the user's torchao config (``recipe=``), used as it is for every planned layer; else the schemes' own
     recipe: Any = None
+    #: torchao's post-training algorithm run on the calibration batches (AWQ, SmoothQuant), or none
+    algorithm: Algorithm | None = None
 
 
 def scheme_of(config: QuantizationConfig) -> Scheme:
@@ -150,6 +158,14 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, require: bool = Tr
             else:
                 misfits.append(f"{name} ({features})")
         plan[name] = chosen
+    tied = _tied_to_embeddings(model, plan)
+    if tied:
+        log.info(
+            "%s share their weight with an embedding (tied): quantized, each becomes a tensor of its own (the "
+            "embedding keeps its float weight unless layers= gives it int8/int4); an export='hf' folder says they "
+            "are untied",
+            tied,
+        )
     if fallbacks:
         log.info(
             "int8 weights for %s: the default group_size=%d does not divide their input size (int4 groups need it "
@@ -171,6 +187,17 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, require: bool = Tr
             "layers=); use flow='fx' or 'pt2e' for convolutional models"
         )
     return plan
+
+
+def _tied_to_embeddings(model: nn.Module, plan: dict[str, Scheme]) -> list[str]:
+    """Planned Linear layers (a language model's ``lm_head``) whose weight is an embedding's."""
+    embedded = {id(m.weight): name for name, m in model.named_modules() if isinstance(m, nn.Embedding)}
+    modules = dict(model.named_modules())
+    return [
+        f"{name} ~ {embedded[id(modules[name].weight)]}"
+        for name in plan
+        if isinstance(modules[name], nn.Linear) and id(modules[name].weight) in embedded
+    ]
 
 
 def _granularity(scheme: Scheme, group_size: int) -> Any:
@@ -201,6 +228,20 @@ def convert_config(scheme: Scheme, group_size: int, backend: Backend, embedding:
             return Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC)
         return Int8WeightOnlyConfig()
     return fake_quant_config(scheme, group_size)
+
+
+def with_algorithm(config: Any, algorithm: Algorithm | None, step: str) -> Any:
+    """``config`` inside torchao's config of ``algorithm`` for ``step`` (``"prepare"``: its observers into the Linear
+    layers; ``"convert"``: the weights it chose), or ``config`` itself without an algorithm."""
+    if algorithm is None:
+        return config
+    if algorithm is Algorithm.AWQ:
+        from torchao.prototype.awq import AWQConfig
+
+        return AWQConfig(config, step=step)
+    from torchao.prototype.smoothquant import SmoothQuantConfig
+
+    return SmoothQuantConfig(config, step=step)
 
 
 def _fake_quantizer_class() -> type:
@@ -313,6 +354,16 @@ class TorchaoFlow:
                     f"{[p.value for p in TORCHAO_PRECISIONS]}"
                 )
         scheme = scheme_of(config)
+        if config.algorithm is not None:
+            if config.scheme is not None:
+                check_algorithm_scheme(config.algorithm, scheme)
+            for key, setting in config.layers:
+                layer = layer_scheme(scheme, setting.precision)
+                if layer is not None and layer not in ALGORITHM_SCHEMES[config.algorithm]:
+                    raise ValueError(
+                        f"layers[{key!r}] asks for {setting.precision.value!r} weights, which "
+                        f"algorithm={config.algorithm.value!r} cannot give: {ALGORITHM_LIMITS[config.algorithm]}"
+                    )
         if ExportTarget.EXECUTORCH in config.export and not scheme.dynamic:
             raise ValueError(
                 f"export 'executorch' needs a dynamic scheme ('int8_dyn_int8_weight' or 'int8_dyn_int4_weight'), got "
@@ -354,8 +405,19 @@ class TorchaoFlow:
         from torchao.quantization.qat import QATConfig
 
         plan = TorchaoPlan(
-            plan_layers(model, config), config.group_size, Backend(config.backend), qat, recipe=config.recipe
+            plan_layers(model, config),
+            config.group_size,
+            Backend(config.backend),
+            qat,
+            recipe=config.recipe,
+            algorithm=None if qat else config.algorithm,
         )
+        if plan.algorithm is not None:  # its observers into the Linear layers; the calibration batches feed them
+            with known_torch_warnings_silenced():
+                for (scheme, embedding), layers in _groups(plan, model).items():
+                    if not embedding:
+                        config_ = self._layer_config(plan, scheme, embedding)
+                        quantize_(model, with_algorithm(config_, plan.algorithm, "prepare"), _by_name(layers))
         if qat:
             with known_torch_warnings_silenced():
                 if plan.recipe is not None:
@@ -395,14 +457,27 @@ class TorchaoFlow:
         plan = plan_of(prepared)
         assert plan is not None, "the torchao flow converts what it prepared"
         with known_torch_warnings_silenced():
-            if plan.recipe is not None:  # the user's config, as it is
+            if plan.algorithm is not None:  # the weights the algorithm chose, from what its observers saw
+                for (scheme, embedding), layers in _groups(plan, prepared).items():
+                    config = self._layer_config(plan, scheme, embedding)
+                    step = config if embedding else with_algorithm(config, plan.algorithm, "convert")
+                    quantize_(prepared, step, _by_name(layers))
+            elif plan.recipe is not None:  # the user's config, as it is
                 config = QATConfig(plan.recipe, step="convert") if plan.qat else plan.recipe
                 quantize_(prepared, config, _by_name(plan.layers))
-            for (scheme, embedding), layers in _groups(plan, prepared).items() if plan.recipe is None else ():
-                config = convert_config(scheme, plan.group_size, plan.backend, embedding)
-                quantize_(prepared, QATConfig(config, step="convert") if plan.qat else config, _by_name(layers))
+            else:
+                for (scheme, embedding), layers in _groups(plan, prepared).items():
+                    config = convert_config(scheme, plan.group_size, plan.backend, embedding)
+                    quantize_(prepared, QATConfig(config, step="convert") if plan.qat else config, _by_name(layers))
         setattr(prepared, PLAN_ATTRIBUTE, dataclasses.replace(plan, converted=True))
         return prepared
+
+    @staticmethod
+    def _layer_config(plan: TorchaoPlan, scheme: Scheme, embedding: bool) -> Any:
+        """The torchao config a planned layer is converted with: the user's, else its scheme's for the backend."""
+        if plan.recipe is not None and not embedding:
+            return plan.recipe
+        return convert_config(scheme, plan.group_size, plan.backend, embedding)
 
     def layer_configs(self, model: nn.Module) -> dict[str, Any]:
         """``{module name: torchao config}`` each quantized layer of a converted ``model`` was converted with (what

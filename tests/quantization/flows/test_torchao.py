@@ -350,3 +350,82 @@ def test_weights_files_and_pt2_reload_bit_identical_in_a_fresh_process(tmp_path)
     root = Path(__file__).resolve().parents[3]
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=root)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- torchao's post-training algorithms
+class OutlierNet(nn.Module):
+    """Two Linear layers fed activations with a few outlier channels: what AWQ and SmoothQuant are for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(128, 64)
+        self.fc2 = nn.Linear(64, 32)
+        self.gain = nn.Parameter(torch.ones(128), requires_grad=False)
+        self.gain.data[:4] = 30.0  # four channels 30x the rest, as in LLM activations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x * self.gain)))
+
+
+def _relative_error(model: nn.Module, int8: nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        reference = model(x)
+        return float((int8(x) - reference).abs().mean() / reference.abs().mean())
+
+
+@pytest.mark.parametrize(("algorithm", "scheme"), [("awq", "int8_dyn_int8_weight"), ("smoothquant", None)])
+def test_an_algorithm_runs_on_the_calibration_batches_and_beats_round_to_nearest(algorithm, scheme):
+    from lightning_quant import TorchaoRecipe
+
+    model = OutlierNet().eval()
+    g = torch.Generator().manual_seed(1)
+    calibration = [torch.randn(16, 128, generator=g) for _ in range(4)]
+    x = torch.randn(64, 128, generator=g)
+    rtn = quantize(model, recipe=TorchaoRecipe("int8_dyn_int8_weight"))
+    tuned = quantize(model, calibration, recipe=TorchaoRecipe(scheme, algorithm=algorithm), progress=False)
+    weight = tuned.fc1.weight
+    assert type(weight).__name__ == "Int8Tensor" and weight.act_pre_scale is not None  # the algorithm's scales
+    assert _relative_error(model, tuned, x) < 0.7 * _relative_error(model, rtn, x)  # measured: about half
+    assert _relative_error(model, tuned, x) < 0.02
+    with pytest.raises(ValueError, match=f"algorithm='{algorithm}' needs calibration_data"):
+        quantize(model, recipe=TorchaoRecipe(scheme, algorithm=algorithm))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"algorithm": "gptq"}, r"algorithm='gptq' does not run here: torchao 0.18's GPTQ rounds on CUDA only"),
+        (
+            {"config": "int4_weight_only", "algorithm": "awq"},
+            r"algorithm='awq' with scheme='int4_weight_only' does not exist here: .* run on CUDA only.* The pairs "
+            r"that run: awq: \['int8_weight_only', 'int8_dyn_int8_weight'\]; smoothquant: \['int8_dyn_int8_weight'\]",
+        ),
+        (
+            {"config": "int8_weight_only", "algorithm": "smoothquant"},
+            r"algorithm='smoothquant' with scheme='int8_weight_only' does not exist here: .* needs a scheme with "
+            "int8 activations",
+        ),
+        ({"algorithm": "awq", "backend": "xnnpack"}, r"backend='xnnpack' converts to intx tensors, which take none"),
+        ({"algorithm": "rtn"}, r"algorithm must be one of \('awq', 'smoothquant', 'gptq'\), got 'rtn'"),
+        (
+            {"algorithm": "awq", "layers": {"fc1": "int4"}},
+            r"layers\['fc1'\] asks for 'int4' weights, which algorithm='awq' cannot give",
+        ),
+    ],
+)
+def test_an_algorithm_and_scheme_pair_that_does_not_exist_is_refused_with_the_reason(options, message):
+    from lightning_quant import TorchaoRecipe
+
+    with pytest.raises(ValueError, match=message):
+        recipe = TorchaoRecipe(**options)
+        quantize(OutlierNet(), [torch.randn(4, 128)], recipe=recipe)
+
+
+def test_an_algorithm_is_refused_by_qat_and_off_the_torchao_flow():
+    from lightning_quant import QuantizationAwareTraining, TorchaoRecipe
+
+    with pytest.raises(ValueError, match=r"algorithm='awq' is a post-training algorithm .* PostTrainingQuantization"):
+        QuantizationAwareTraining(TorchaoRecipe(algorithm="awq"))
+    with pytest.raises(ValueError, match=r"algorithm='smoothquant' is torchao's \(flow='torchao'\), but flow='fx'"):
+        QuantizationConfig(flow="fx", algorithm="smoothquant")
