@@ -434,6 +434,9 @@ def _hf_files(model: nn.Module, example: ExampleInputs, backend: Backend) -> tup
         # two tensors (a tied lm_head quantized apart from its embedding, or never tied): the folder says so
         saved.config.tie_word_embeddings = False
     saved.hf_quantizer = TorchAoHfQuantizer(quantization)
+    # serialised in memory on every rank (the rehearsal before training runs on each): transformers writes on rank 0
+    # only when a process group exists; which rank writes the files is the callbacks' business
+    saved.should_save_on_this_rank = lambda is_main_process: True
     files: dict[str, bytes] = {}
     with tempfile.TemporaryDirectory() as folder, known_torch_warnings_silenced():
         saved.save_pretrained(folder, safe_serialization=True)

@@ -25,7 +25,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn as nn
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_quant.callbacks._calls import StepCalls, step_name
@@ -34,6 +34,7 @@ from lightning_quant.export import ExportCheckError, ExportFailedError, ExportRe
 from lightning_quant.quantization.config import QuantizationConfig, config_from
 from lightning_quant.quantization.convert import allow_int8_kernels_under_determinism, quantized_engine
 from lightning_quant.quantization.flows import get_flow
+from lightning_quant.quantization.flows.spec import spec_of
 from lightning_quant.quantization.inputs import (
     ExampleInputs,
     batch_inputs,
@@ -109,6 +110,8 @@ class QuantizationCallback(Callback):
 
     #: the name in log lines and logged metrics ("QAT", "PTQ")
     label: ClassVar[str] = "quant"
+    #: whether FSDP2 may shard the prepared model (``ModelParallelStrategy``): QAT's torchao models
+    shards_with_fsdp2: ClassVar[bool] = False
 
     def __init__(self, config: QuantizationConfig, batch_to_input: Callable[[Any], Any] | None = None) -> None:
         get_flow(config.flow).check(config)
@@ -164,11 +167,34 @@ class QuantizationCallback(Callback):
 
     # ------------------------------------------------------------------ shared steps
     def _check_strategy(self, trainer: pl.Trainer) -> None:
-        """Raise for strategies that shard or replace modules (FSDP, DeepSpeed): quantized layers must be whole."""
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        """Raise for strategies this callback cannot run under, before any training: FSDP1 and DeepSpeed replace
+        modules; FSDP2 (``ModelParallelStrategy``) is taken by QAT on the torchao flow, data parallel only."""
+        strategy = trainer.strategy
+        if isinstance(strategy, ModelParallelStrategy):
+            if not self.shards_with_fsdp2 or not spec_of(self.config.flow).shards:
+                raise ValueError(
+                    f"{type(self).__name__} with flow={self.config.flow.value!r} does not run under "
+                    "ModelParallelStrategy: FSDP2 shards QuantizationAwareTraining models of flow='torchao' (prepared "
+                    'whole, then sharded by your configure_model); use strategy="ddp" here'
+                )
+            tensor_parallel = getattr(strategy, "_tensor_parallel_size", 1)
+            if tensor_parallel not in (1, "auto"):
+                raise ValueError(
+                    f"ModelParallelStrategy(tensor_parallel_size={tensor_parallel}): quantized layers are sharded by "
+                    "FSDP2 (data parallel) only; set tensor_parallel_size=1"
+                )
+            return
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            fsdp2 = (
+                " or, for QAT of a torchao model too large for one process, "
+                "ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1) with fully_shard in your "
+                "configure_model (FSDP2; FSDPStrategy is FSDP1, which replaces modules and refuses CPU)"
+                if self.shards_with_fsdp2
+                else ""
+            )
             raise ValueError(
                 f"{type(self).__name__} supports single-device and DDP strategies, got "
-                f'{type(trainer.strategy).__name__}: use strategy="ddp" (or "auto" on one device)'
+                f'{type(strategy).__name__}: use strategy="ddp" (or "auto" on one device){fsdp2}'
             )
         if isinstance(trainer.strategy, DDPStrategy) and multiprocessing.parent_process() is not None:
             raise ValueError(

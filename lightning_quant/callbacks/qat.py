@@ -15,6 +15,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn as nn
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
@@ -46,6 +47,7 @@ from lightning_quant.quantization.schedule import (
     set_fake_quant,
     set_observers,
 )
+from lightning_quant.quantization.sharding import keep_skeleton, whole_copy
 from lightning_quant.quantization.target import replace_target, resolve_target
 from lightning_quant.utils.checks import check_bool
 
@@ -129,6 +131,7 @@ class QuantizationAwareTraining(QuantizationCallback):
 
     STATE_VERSION = 3  # 2: also observer and per_channel; 3: also scheme and group_size
     label = "QAT"
+    shards_with_fsdp2 = True
 
     def __init__(
         self,
@@ -330,7 +333,7 @@ class QuantizationAwareTraining(QuantizationCallback):
     @override
     def float_reference(self, pl_module: pl.LightningModule) -> nn.Module:
         """A CPU copy of the QAT model with quantization switched off: float outputs, int8 module names."""
-        reference = copy.deepcopy(inference_view(self.target(pl_module))).cpu().eval()
+        reference = whole_copy(inference_view(self.target(pl_module))).cpu().eval()
         set_fake_quant(reference, False)
         set_observers(reference, False)
         return reference
@@ -547,6 +550,8 @@ class QuantizationAwareTraining(QuantizationCallback):
         with torch.random.fork_rng(devices=[]):  # fused QAT layers initialise weights: training draws as without us
             prepared = get_flow(self.config.flow).prepare(target, self.config, call, qat=True)
         attach(prepared, static_recipe(self.config, self.example_inputs, qat=True))  # for save_int8
+        if isinstance(trainer.strategy, ModelParallelStrategy):  # configure_model shards it next: keep its structure
+            keep_skeleton(prepared)
         replace_target(pl_module, path, prepared)
         prepared.train(training)
         self._apply_schedule(pl_module, trainer.current_epoch, trainer.global_step)

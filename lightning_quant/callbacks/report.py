@@ -20,6 +20,7 @@ from lightning_quant.evaluation.analysis import next_steps
 from lightning_quant.evaluation.report import build_report, write_report
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.inputs import batch_targets
+from lightning_quant.quantization.sharding import whole_copy
 from lightning_quant.quantization.target import resolve_target
 from lightning_quant.utils.checks import check_non_negative, check_positive_int
 from lightning_quant.utils.files import check_writable_folder
@@ -132,7 +133,7 @@ class QuantizationReport(QuantizationListener, Callback):
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, callback: QuantizationCallback) -> None:
         batches = self._batches(trainer)
         config = callback.config
-        fp32 = self._fp32 if self._fp32 is not None else copy.deepcopy(callback.target(pl_module)).cpu().eval()
+        fp32 = self._fp32 if self._fp32 is not None else whole_copy(callback.target(pl_module)).cpu().eval()
         example = callback.example_inputs
         if example is None or callback.quantized_model is None:
             raise RuntimeError(f"{type(callback).__name__} announced a model it has not quantized")

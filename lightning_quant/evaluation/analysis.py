@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.inputs import batch_inputs
 from lightning_quant.quantization.outputs import collect_outputs, flat_tensors, mean_cosine, prediction_of, sqnr_db
 from lightning_quant.quantization.schedule import set_observers
+from lightning_quant.quantization.sharding import whole_copy
 from lightning_quant.utils.modules import within
 
 #: SQNR (dB) above which a layer's error counts as nil when measuring what each layer adds
@@ -67,7 +67,7 @@ def per_layer_sqnr(
     graph nodes for pt2e); batches are concatenated per layer before the ratio. ``reference``
     is run on a copy, so its observers (if any) keep their ranges.
     """
-    reference = copy.deepcopy(reference).cpu()
+    reference = whole_copy(reference).cpu()
     precisions = flows.int8_layers(int8)
     names = list(precisions)
     captured: dict[tuple[str, str, str], list[torch.Tensor]] = {}
@@ -203,7 +203,7 @@ class Fidelity:
 def fake_quant_reference(prepared: nn.Module) -> nn.Module:
     """A CPU, eval-mode copy of a QAT model with its observers stopped: the fake-quant model as
     validation runs it, which :func:`conversion_fidelity` compares int8 models with."""
-    reference = copy.deepcopy(flows.inference_view(prepared)).cpu().eval()
+    reference = whole_copy(flows.inference_view(prepared)).cpu().eval()
     set_observers(reference, False)
     return reference
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,6 +15,7 @@ from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.options import Flow
 from lightning_quant.quantization.recipe import attach, recipe_of
+from lightning_quant.quantization.sharding import whole_copy
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.checks import parse_enum
 from lightning_quant.utils.modules import within
@@ -136,7 +136,7 @@ def convert_copy(prepared: nn.Module, flow: Flow | str, engine: str, keep_float:
             f"keep_float={keep_float[:3]} needs flow={flows.spelled(able)} (whose conversion can leave layers float "
             f"after preparation), got flow={flow.value!r}: prepare with layers={{name: 'float'}} instead"
         )
-    model = copy.deepcopy(prepared).cpu().eval()
+    model = whole_copy(prepared).cpu().eval()  # (of an FSDP2-sharded model: its full state dict, gathered)
     recipe = recipe_of(prepared)
     with quantized_engine(engine):
         int8 = for_inference(convert_prepared(model, flow, keep_float))

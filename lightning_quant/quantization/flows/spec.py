@@ -42,6 +42,8 @@ class FlowSpec:
             program is written with ``export='pt2'``).
         torch_engine: its int8 kernels are torch's quantized engines (``torch.backends.quantized.engine``).
         search_precisions: what a precision search may give a layer, cheapest first (``None``: by mode).
+        shards: its QAT models train sharded by FSDP2 (Lightning's ``ModelParallelStrategy``): prepared whole, its
+            layers keep their module structure for ``fully_shard``.
     """
 
     flow: Flow
@@ -57,6 +59,7 @@ class FlowSpec:
     int8_file: str
     torch_engine: bool
     search_precisions: tuple[Precision, ...] | None = None
+    shards: bool = False
 
 
 _FX = FlowSpec(
@@ -112,6 +115,7 @@ SPECS: dict[Flow, FlowSpec] = {
         int8_file="weights",
         torch_engine=False,
         search_precisions=(Precision.INT4, Precision.INT8, Precision.FLOAT),
+        shards=True,
     ),
 }
 

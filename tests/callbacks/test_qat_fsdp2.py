@@ -1,0 +1,72 @@
+"""QAT of a causal LM sharded by FSDP2 (Lightning's ModelParallelStrategy) on 2 CPU processes (gloo)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import requires_torchao, visible_files
+
+transformers = pytest.importorskip("transformers")
+pytestmark = requires_torchao
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fsdp2_qat.py"
+
+
+def _run(out: Path, kind: str) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(out), kind], capture_output=True, text=True, env=env, timeout=400
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_fsdp2_qat_converts_the_model_ddp_trains_and_writes_one_folder(tmp_path):
+    """Prepared whole, sharded by the user's configure_model, trained; converted from the full state dict gathered
+    from the shards: the int8 model of every rank equals DDP's on the same data bit for bit (two ranks: a
+    reduce-scatter and an all-reduce both add the same two gradients; measured 0.0)."""
+    _run(tmp_path / "fsdp2", "fsdp2")
+    _run(tmp_path / "ddp", "ddp")
+    fsdp = [torch.load(tmp_path / "fsdp2" / f"rank{r}_logits.pt") for r in (0, 1)]
+    ddp = torch.load(tmp_path / "ddp" / "rank0_logits.pt")
+    assert torch.equal(fsdp[0]["logits"], fsdp[1]["logits"])  # every rank converted the same model
+    assert torch.equal(fsdp[0]["logits"], ddp["logits"])
+    # one set of files, written by rank 0, that transformers loads into the same model
+    assert visible_files(tmp_path / "fsdp2") == [
+        "model_int8.manifest.json",
+        "model_int8_hf",
+        "rank0_logits.pt",
+        "rank1_logits.pt",
+    ]
+    assert visible_files(tmp_path / "fsdp2" / "model_int8_hf") == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp2" / "model_int8_hf").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=fsdp[0]["input_ids"]).logits, fsdp[0]["logits"])
+
+
+def test_model_parallel_is_refused_for_other_flows_and_for_ptq_before_training():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining
+    from tests.helpers import BoringClassifier, quiet_trainer
+
+    environment = dict(os.environ)
+    try:
+        for callback in (QuantizationAwareTraining(recipe="fx", export=None), PostTrainingQuantization(export=None)):
+            strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
+            trainer = quiet_trainer(callbacks=[callback], strategy=strategy, accelerator="cpu", devices=1)
+            with pytest.raises(ValueError, match=r"does not run under ModelParallelStrategy: FSDP2 shards"):
+                trainer.fit(BoringClassifier())
+            assert trainer.global_step == 0
+    finally:  # the strategy made this process a process group of one: later multi-process tests start clean
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environment)

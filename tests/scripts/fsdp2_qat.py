@@ -1,0 +1,100 @@
+"""QAT of a small Llama on 2 CPU processes, sharded by FSDP2 or replicated by DDP; rank 0 saves its logits.
+
+Run as ``python tests/scripts/fsdp2_qat.py OUT_DIR fsdp2|ddp``; Lightning relaunches this script for rank 1. The
+LightningModule is written as the Lightning docs write one for ``ModelParallelStrategy``: ``configure_model`` shards
+each decoder layer and the model with ``fully_shard``.
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from lightning_quant import QATSchedule, QuantizationAwareTraining, TorchaoRecipe  # noqa: E402
+
+VOCAB = 64
+
+
+def batches(n: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (4, 16), generator=g)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    return out
+
+
+class CausalLM(LightningModule):
+    def __init__(self, shard: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=64,
+        )
+        self.model = transformers.LlamaForCausalLM(config)
+        self.shard = shard
+
+    def configure_model(self) -> None:
+        if not self.shard:
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self):
+        # one batch per rank and step: each rank reads its own, as a DistributedSampler would give them
+        return DataLoader(batches(4, 10 + self.global_rank), batch_size=None)
+
+
+def main(out: Path, kind: str) -> None:
+    seed_everything(0)
+    if kind == "fsdp2":
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    else:
+        strategy = "ddp"
+    qat = QuantizationAwareTraining(
+        TorchaoRecipe("int8_dyn_int8_weight"), schedule=QATSchedule(quant_start_step=1), export="hf", export_dir=out
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        callbacks=[qat],
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+    )
+    module = CausalLM(shard=kind == "fsdp2")
+    trainer.fit(module)
+    inputs = batches(1, 99)[0]
+    with torch.no_grad():
+        logits = qat.quantized_model(input_ids=inputs["input_ids"]).logits
+    torch.save({"input_ids": inputs["input_ids"], "logits": logits}, out / f"rank{trainer.global_rank}_logits.pt")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2])
