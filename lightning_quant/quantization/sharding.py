@@ -31,9 +31,7 @@ class Skeleton:
             for name in module._non_persistent_buffers_set
             if module._buffers.get(name) is not None
         }
-        structure = copy.copy(model)
-        structure.__dict__ = {k: v for k, v in model.__dict__.items() if k != SKELETON_ATTRIBUTE}
-        self.structure = copy.deepcopy(structure).to("meta")
+        self.structure = copy.deepcopy(model).to("meta")
 
 
 def keep_skeleton(model: nn.Module) -> None:
@@ -71,14 +69,8 @@ def whole_copy(model: nn.Module) -> nn.Module:
     for name, buffer in skeleton.buffers.items():
         prefix, _, leaf = name.rpartition(".")
         whole.get_submodule(prefix)._buffers[leaf] = buffer.clone()
-    object.__setattr__(whole, SKELETON_ATTRIBUTE, skeleton)
     whole.train(model.training)
     return whole
 
 
-def gathered(model: nn.Module) -> nn.Module:
-    """``model`` itself when it is whole; a whole copy when FSDP2 shards it (for reading, not training)."""
-    return whole_copy(model) if is_sharded(model) else model
-
-
-__all__ = ["SKELETON_ATTRIBUTE", "Skeleton", "gathered", "is_sharded", "keep_skeleton", "whole_copy"]
+__all__ = ["SKELETON_ATTRIBUTE", "Skeleton", "is_sharded", "keep_skeleton", "whole_copy"]

@@ -52,7 +52,6 @@ from lightning_quant.quantization.options import (
     ALGORITHM_SCHEMES,
     Algorithm,
     Flow,
-    check_algorithm_scheme,
 )
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.integrity import (
@@ -230,11 +229,9 @@ def convert_config(scheme: Scheme, group_size: int, backend: Backend, embedding:
     return fake_quant_config(scheme, group_size)
 
 
-def with_algorithm(config: Any, algorithm: Algorithm | None, step: str) -> Any:
+def with_algorithm(config: Any, algorithm: Algorithm, step: str) -> Any:
     """``config`` inside torchao's config of ``algorithm`` for ``step`` (``"prepare"``: its observers into the Linear
-    layers; ``"convert"``: the weights it chose), or ``config`` itself without an algorithm."""
-    if algorithm is None:
-        return config
+    layers; ``"convert"``: the weights it chose)."""
     if algorithm is Algorithm.AWQ:
         from torchao.prototype.awq import AWQConfig
 
@@ -354,9 +351,7 @@ class TorchaoFlow:
                     f"{[p.value for p in TORCHAO_PRECISIONS]}"
                 )
         scheme = scheme_of(config)
-        if config.algorithm is not None:
-            if config.scheme is not None:
-                check_algorithm_scheme(config.algorithm, scheme)
+        if config.algorithm is not None:  # (the global scheme's pair is checked by the config itself)
             for key, setting in config.layers:
                 layer = layer_scheme(scheme, setting.precision)
                 if layer is not None and layer not in ALGORITHM_SCHEMES[config.algorithm]:
@@ -457,18 +452,17 @@ class TorchaoFlow:
         plan = plan_of(prepared)
         assert plan is not None, "the torchao flow converts what it prepared"
         with known_torch_warnings_silenced():
-            if plan.algorithm is not None:  # the weights the algorithm chose, from what its observers saw
-                for (scheme, embedding), layers in _groups(plan, prepared).items():
-                    config = self._layer_config(plan, scheme, embedding)
-                    step = config if embedding else with_algorithm(config, plan.algorithm, "convert")
-                    quantize_(prepared, step, _by_name(layers))
-            elif plan.recipe is not None:  # the user's config, as it is
+            if plan.recipe is not None and plan.algorithm is None:  # the user's config, as it is
                 config = QATConfig(plan.recipe, step="convert") if plan.qat else plan.recipe
                 quantize_(prepared, config, _by_name(plan.layers))
             else:
                 for (scheme, embedding), layers in _groups(plan, prepared).items():
-                    config = convert_config(scheme, plan.group_size, plan.backend, embedding)
-                    quantize_(prepared, QATConfig(config, step="convert") if plan.qat else config, _by_name(layers))
+                    config = self._layer_config(plan, scheme, embedding)
+                    if plan.algorithm is not None and not embedding:  # the weights the algorithm chose
+                        config = with_algorithm(config, plan.algorithm, "convert")
+                    elif plan.qat:
+                        config = QATConfig(config, step="convert")
+                    quantize_(prepared, config, _by_name(layers))
         setattr(prepared, PLAN_ATTRIBUTE, dataclasses.replace(plan, converted=True))
         return prepared
 
@@ -483,8 +477,6 @@ class TorchaoFlow:
         """``{module name: torchao config}`` each quantized layer of a converted ``model`` was converted with (what
         a Hugging Face ``TorchAoConfig`` records, so that ``transformers`` rebuilds the same tensors); names are
         relative to ``model``."""
-        from torchao.quantization.qat import QATConfig
-
         configs: dict[str, Any] = {}
         for prefix, module in model.named_modules():
             plan = plan_of(module)
@@ -492,13 +484,8 @@ class TorchaoFlow:
                 continue
             modules = dict(module.named_modules())
             for name, scheme in plan.layers.items():
-                if plan.recipe is not None:
-                    recipe = plan.recipe
-                    config = recipe.base_config if isinstance(recipe, QATConfig) else recipe
-                else:
-                    embedding = isinstance(modules[name], nn.Embedding)
-                    config = convert_config(scheme, plan.group_size, plan.backend, embedding)
-                configs[f"{prefix}.{name}" if prefix else name] = config
+                embedding = isinstance(modules[name], nn.Embedding)
+                configs[f"{prefix}.{name}" if prefix else name] = self._layer_config(plan, scheme, embedding)
         return configs
 
     def owns(self, model: nn.Module) -> bool:
