@@ -1,0 +1,24 @@
+from lightning_quant.utils.timing import SPEED_FLAGS, machine_description, median_ms
+
+
+def test_machine_description_names_the_cpu_and_the_flags_that_decide_int8_speed(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8488C\n"
+        "flags\t\t: fpu sse2 avx2 avx512f avx512_vnni amx_tile amx_int8 amx_bf16\n\nprocessor\t: 1\n"
+    )
+    line = machine_description(str(cpuinfo))
+    assert line.startswith("Intel(R) Xeon(R) Platinum 8488C (avx2, avx512f, avx512_vnni, amx_tile, amx_int8, amx_bf16)")
+    assert "threads, torch " in line
+
+
+def test_machine_description_says_when_no_speed_flag_is_present(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: Old CPU\nflags\t\t: fpu sse2\n")
+    assert machine_description(str(cpuinfo)).startswith(f"Old CPU (none of {'/'.join(SPEED_FLAGS)})")
+
+
+def test_median_ms_is_the_median_of_the_timed_calls():
+    calls = []
+    assert median_ms(lambda: calls.append(1), repeats=5, warmup=2) >= 0
+    assert len(calls) == 7
