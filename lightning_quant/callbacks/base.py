@@ -183,6 +183,12 @@ class QuantizationCallback(Callback):
                     f"ModelParallelStrategy(tensor_parallel_size={tensor_parallel}): quantized layers are sharded by "
                     "FSDP2 (data parallel) only; set tensor_parallel_size=1"
                 )
+            if self.config.range_learning:
+                raise ValueError(
+                    "range_learning=True under ModelParallelStrategy: learned ranges are parameters inside the "
+                    "fake quantizers, and sharding them with FSDP2 has not been verified here; train with "
+                    'range_learning under strategy="ddp", or leave it out under FSDP2 (ranges from each weight)'
+                )
             return
         if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
             fsdp2 = (

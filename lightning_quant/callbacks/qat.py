@@ -586,7 +586,11 @@ class QuantizationAwareTraining(QuantizationCallback):
         if phase != self._phase:
             when = f"step {step}" if self.schedule.unit == "step" else f"epoch {epoch}"
             observers = (
-                "ranges from each tensor"  # torchao: no observers
+                (
+                    "weight ranges learned, activation ranges from each tensor"
+                    if self.config.range_learning
+                    else "ranges from each tensor"
+                )  # torchao: no observers
                 if not spec_of(self.config.flow).observes
                 else f"observers {'on' if phase.observers else 'off'}"
             )

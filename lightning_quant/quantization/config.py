@@ -146,6 +146,10 @@ class QuantizationConfig:
         algorithm: torchao flow, post-training: ``"awq"`` or ``"smoothquant"`` (:class:`Algorithm`), torchao's
             algorithms run on the calibration batches before the Linear layers are converted; each runs with
             the schemes of :data:`ALGORITHM_SCHEMES` (a pair that does not exist is refused with the reason).
+        range_learning: torchao flow, QAT: each weight's scales and zero points become parameters the optimizer
+            trains (torchao's ``range_learning``), set from the weights when fake quantization starts and
+            converted with them; for the layers whose int8 model takes given scales (int4 weights, embeddings,
+            ``backend="xnnpack"``).
 
     Strings are accepted wherever an enum is expected (``backend="qnnpack"``, as YAML gives them)
     and sequences wherever a tuple is; both are normalised at construction.
@@ -177,6 +181,7 @@ class QuantizationConfig:
     group_size: int = DEFAULT_GROUP_SIZE
     recipe: Any = None
     algorithm: Algorithm | None = None
+    range_learning: bool = False
 
     def __post_init__(self) -> None:
         self.backend = parse_enum(Backend, self.backend, "backend", _other_field_hint)
@@ -293,6 +298,20 @@ class QuantizationConfig:
                 )
             if self.scheme is not None:
                 check_algorithm_scheme(self.algorithm, self.scheme)
+        if not isinstance(self.range_learning, bool):
+            raise TypeError(f"range_learning must be True or False, got {self.range_learning!r}")
+        if self.range_learning:
+            if "range_learning" not in spec_of(self.flow).options:
+                raise ValueError(
+                    f"range_learning=True is torchao's QAT (flow={spelled(flows_with('range_learning'))}), but "
+                    f"flow={self.flow.value!r}: write recipe=TorchaoRecipe('int8_dyn_int4_weight', range_learning=True)"
+                )
+            if self.recipe is not None:
+                raise ValueError(
+                    f"range_learning=True with recipe={type(self.recipe).__name__}(...): a torchao config object says "
+                    "its own fake quantization; name the scheme instead: "
+                    "TorchaoRecipe('int8_dyn_int4_weight', range_learning=True)"
+                )
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(
                 f"group_size must be a positive int (input features per int4 scale), got {self.group_size!r}"

@@ -108,10 +108,16 @@ def mode_config(config: QuantizationConfig, mode: Mode) -> QuantizationConfig:
     """``config`` with the torchao scheme ``mode`` implies, after checking that mode, flow and scheme agree.
 
     Raises:
-        ValueError: ``mode="weight_only"`` off the torchao flow, ``mode="static"`` on it, or a scheme of
-            the other mode.
+        ValueError: ``mode="weight_only"`` off the torchao flow, ``mode="static"`` on it, a scheme of
+            the other mode, or ``range_learning`` (trained ranges need training).
     """
     spec = check_flow_mode(mode, config.flow)
+    if config.range_learning:
+        raise ValueError(
+            "range_learning=True trains each weight's scales with the optimizer during QAT; after training there is "
+            "nothing to learn them with: use it with QuantizationAwareTraining, or leave it out (post-training "
+            "scales come from each weight; algorithm='awq' chooses them from calibration batches)"
+        )
     if "scheme" not in spec.options:
         return config
     if config.scheme is None:

@@ -54,15 +54,20 @@ def test_fsdp2_qat_converts_the_model_ddp_trains_and_writes_one_folder(tmp_path)
 def test_model_parallel_is_refused_for_other_flows_and_for_ptq_before_training():
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining
+    from lightning_quant import PostTrainingQuantization, QuantizationAwareTraining, TorchaoRecipe
     from tests.helpers import BoringClassifier, quiet_trainer
 
     environment = dict(os.environ)
     try:
-        for callback in (QuantizationAwareTraining(recipe="fx", export=None), PostTrainingQuantization(export=None)):
+        learned = TorchaoRecipe("int8_dyn_int4_weight", group_size=4, range_learning=True)
+        for callback, message in (
+            (QuantizationAwareTraining(recipe="fx", export=None), r"does not run under ModelParallelStrategy: FSDP2"),
+            (PostTrainingQuantization(export=None), r"does not run under ModelParallelStrategy: FSDP2 shards"),
+            (QuantizationAwareTraining(learned, export=None), r"range_learning=True under ModelParallelStrategy"),
+        ):
             strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1)
             trainer = quiet_trainer(callbacks=[callback], strategy=strategy, accelerator="cpu", devices=1)
-            with pytest.raises(ValueError, match=r"does not run under ModelParallelStrategy: FSDP2 shards"):
+            with pytest.raises(ValueError, match=message):
                 trainer.fit(BoringClassifier())
             assert trainer.global_step == 0
     finally:  # the strategy made this process a process group of one: later multi-process tests start clean

@@ -147,8 +147,14 @@ class _CrashAt(Callback):
             raise RuntimeError("simulated crash")
 
 
-def test_torchao_qat_crash_then_resume_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("range_learning", [False, True])
+def test_torchao_qat_crash_then_resume_matches_an_uninterrupted_run(range_learning, tmp_path):
+    from lightning_quant import QATSchedule, TorchaoRecipe
+
     def callback():
+        if range_learning:  # the learned scales and their pending flag come back from the checkpoint
+            recipe = TorchaoRecipe("int8_dyn_int4_weight", group_size=4, range_learning=True)
+            return QuantizationAwareTraining(recipe, QATSchedule(quant_start_epoch=1, freeze_bn_epoch=2), export=None)
         return _qat(quant_start_epoch=1, freeze_bn_epoch=2)
 
     seed_everything(0)
@@ -285,3 +291,85 @@ def _fake_weight():
     from torchao.quantization.qat import IntxFakeQuantizeConfig
 
     return IntxFakeQuantizeConfig(torch.int4, group_size=4)
+
+
+# ---------------------------------------------------------------- learned ranges (torchao's range_learning)
+def _learned(**schedule) -> QuantizationAwareTraining:
+    from lightning_quant import TorchaoRecipe
+
+    return QuantizationAwareTraining(
+        TorchaoRecipe("int8_dyn_int4_weight", group_size=4, range_learning=True), schedule or None, export=None
+    )
+
+
+class _RangeSpy(Callback):
+    """At the step fake quantization starts: fc1's weight before the step, and its quantizer's scale after the
+    forward (before the optimizer moves it)."""
+
+    def __init__(self, start: int) -> None:
+        self.start, self.seen = start, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.start:
+            self.seen["weight"] = pl_module.net.fc1.weight.detach().clone()
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if trainer.global_step == self.start:
+            self.seen["scale"] = pl_module.net.fc1.weight_fake_quantizer.scale.detach().clone()
+
+
+def test_range_learning_trains_the_scales_and_converts_with_them():
+    from torchao.quantization.qat.fake_quantizer import IntxFakeQuantizer
+
+    seed_everything(0)
+    model = _model()
+    qat = _learned(quant_start_step=3)
+    spy = _RangeSpy(3)
+    trainer = quiet_trainer(callbacks=[qat, spy], max_epochs=3)
+    trainer.fit(model)
+    quantizer = model.net.fc1.weight_fake_quantizer
+    assert isinstance(quantizer.scale, nn.Parameter) and quantizer.scale.requires_grad
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert id(quantizer.scale) in optimized  # there before configure_optimizers: the user's optimizer trains it
+    # set from the weights as they were when fake quantization started (step 3), then moved by the optimizer
+    fresh = IntxFakeQuantizer(
+        type(quantizer.config)(dtype=quantizer.config.dtype, granularity=quantizer.config.granularity)
+    )
+    fresh(spy.seen["weight"])
+    torch.testing.assert_close(spy.seen["scale"], fresh.scale, rtol=0, atol=1e-7)
+    assert (quantizer.scale.detach() - spy.seen["scale"]).abs().max() > 1e-3
+    # the int8 model holds the learned scales, and gives the fake-quantized model's outputs
+    int8_weight = qat.quantized_model.fc1.weight
+    torch.testing.assert_close(int8_weight.scale.float().reshape(-1), quantizer.scale.detach().reshape(-1))
+    x = torch.randn(8, 1, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(qat.quantized_model(x), model.net.eval()(x), rtol=0, atol=1e-4)
+    assert "fc1.weight_fake_quantizer.scale" in model.net.state_dict()  # checkpoints and resume carry them
+
+
+def test_range_learning_with_no_layer_that_takes_learned_ranges_is_refused_before_training():
+    from lightning_quant import TorchaoRecipe
+
+    qat = QuantizationAwareTraining(TorchaoRecipe("int8_dyn_int8_weight", range_learning=True), export=None)
+    model = _model()
+    before = _state(model.net)
+    with pytest.raises(ValueError, match=r"range_learning=True, but no layer can take learned ranges"):
+        quiet_trainer(callbacks=[qat], max_epochs=1).fit(model)
+    assert all(torch.equal(before[k], v) for k, v in model.net.state_dict().items() if k in before)
+
+
+def test_range_learning_is_refused_after_training_and_off_torchao():
+    from lightning_quant import FxRecipe, TorchaoRecipe
+    from lightning_quant.quantization.config import QuantizationConfig
+
+    with pytest.raises(ValueError, match=r"range_learning=True trains each weight's scales with the optimizer"):
+        PostTrainingQuantization(TorchaoRecipe("int8_dyn_int4_weight", range_learning=True))
+    with pytest.raises(ValueError, match=r"range_learning=True is torchao's QAT \(flow='torchao'\), but flow='fx'"):
+        QuantizationConfig(flow="fx", range_learning=True)
+    with pytest.raises(TypeError, match=r"range_learning must be True or False, got 'yes'"):
+        QuantizationConfig(flow="torchao", range_learning="yes")
+    assert not hasattr(FxRecipe(), "range_learning")
+    from torchao.quantization import IntxWeightOnlyConfig
+
+    with pytest.raises(ValueError, match=r"range_learning=True with recipe=IntxWeightOnlyConfig\(...\): a torchao"):
+        QuantizationConfig(flow="torchao", recipe=IntxWeightOnlyConfig(), range_learning=True)

@@ -214,6 +214,9 @@ class TorchaoRecipe(Recipe):
             ``int8_dyn_int8_weight``) or ``"smoothquant"`` (``int8_dyn_int8_weight``): torchao's AWQ/SmoothQuant
             run on the calibration batches before conversion. ``"gptq"`` is refused: torchao 0.18 runs it on
             CUDA only.
+        range_learning: QAT only: the weights' scales and zero points are trained as parameters (torchao's
+            learned ranges), set from the weights when fake quantization starts; for the layers converted to
+            torchao's intx tensors (int4 weights, embeddings, ``backend="xnnpack"``), which take them.
 
     Example::
 
@@ -228,6 +231,7 @@ class TorchaoRecipe(Recipe):
     layers: Mapping[Any, Any] | None = None
     skip: Sequence[Any] = ()
     algorithm: str | None = None
+    range_learning: bool = False
 
     @property
     def native(self) -> Any:
@@ -255,6 +259,8 @@ class TorchaoRecipe(Recipe):
         shared = {"flow": self.flow, "backend": self.backend, "layers": _layers(self.layers), "skip": self.skip}
         if self.algorithm is not None:
             shared["algorithm"] = self.algorithm
+        if self.range_learning:
+            shared["range_learning"] = self.range_learning
         if self.native is not None:
             if self.group_size is not None:
                 raise ValueError(

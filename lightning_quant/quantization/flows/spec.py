@@ -107,7 +107,7 @@ SPECS: dict[Flow, FlowSpec] = {
         ),
         modes=(Mode.WEIGHT_ONLY, Mode.DYNAMIC),
         package=("torchao", "lightning-quant[torchao]"),
-        options=frozenset({"scheme", "group_size", "algorithm"}),
+        options=frozenset({"scheme", "group_size", "algorithm", "range_learning"}),
         per_channel_only=True,
         observes=False,
         calibrates=False,

@@ -217,6 +217,27 @@ def fake_quant_config(scheme: Scheme, group_size: int) -> Any:
     return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=_granularity(scheme, group_size))
 
 
+def learns_ranges(scheme: Scheme, backend: Backend, embedding: bool) -> bool:
+    """Whether a layer's int8 model takes learned scales: torchao's intx tensors do (int4 weights, embeddings,
+    xnnpack); the x86 int8 tensors of :func:`convert_config` choose their own."""
+    return not (backend is Backend.X86 and not embedding and scheme.weight_bits == 8)
+
+
+def qat_prepare_config(scheme: Scheme, group_size: int, range_learning: bool) -> Any:
+    """torchao's ``QATConfig(step="prepare")`` of a scheme; with ``range_learning``, its weight fake quantization
+    learns its scales and zero points (torchao's ``IntxFakeQuantizeConfig(range_learning=True)``)."""
+    from torchao.quantization.qat import QATConfig
+    from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
+
+    base = fake_quant_config(scheme, group_size)
+    if not range_learning:
+        return QATConfig(base, step="prepare")
+    activation, weight = _infer_fake_quantize_configs(base)
+    weight = copy.copy(weight)
+    weight.is_dynamic, weight.range_learning = False, True
+    return QATConfig(activation_config=activation, weight_config=weight, step="prepare")
+
+
 def convert_config(scheme: Scheme, group_size: int, backend: Backend, embedding: bool) -> Any:
     """The config a layer is converted with: x86 int8 schemes take the tensors with x86 int8 kernels,
     with the activation quantization QAT trained with (asymmetric per token)."""
@@ -256,18 +277,45 @@ def _fake_quantizer_class() -> type:
             self.register_buffer("fake_quant_enabled", torch.tensor([1], dtype=torch.uint8))
             self.register_buffer("observer_enabled", torch.tensor([1], dtype=torch.uint8))
 
+        @property
+        def learns_ranges(self) -> bool:
+            return bool(getattr(self.config, "range_learning", False))
+
         def enable_fake_quant(self, enabled: bool = True) -> SwitchableFakeQuantizer:
             self.fake_quant_enabled[0] = 1 if enabled else 0
             return self
 
-        def enable_observer(self, enabled: bool = True) -> SwitchableFakeQuantizer:
-            self.observer_enabled[0] = 1 if enabled else 0
-            return self
+        @torch.no_grad()
+        def initialize_ranges(self, weight: torch.Tensor) -> None:
+            """Learned ranges: scales and zero points from ``weight``, as parameters; set again from the weight
+            at the first training call with fake quantization on (the schedule may start it later)."""
+            self._initialized = True
+            self.scale = self.zero_point = None
+            enabled = int(self.fake_quant_enabled[0])
+            self.fake_quant_enabled[0] = 1
+            IntxFakeQuantizer.forward(self, weight.detach())  # torchao turns them into parameters
+            self.fake_quant_enabled[0] = enabled
+            self.register_buffer("ranges_pending", torch.tensor([1], dtype=torch.uint8))
+
+        @torch.no_grad()
+        def _reset_ranges(self, weight: torch.Tensor) -> None:
+            fresh = type(self)(copy.copy(self.config))
+            fresh.config.range_learning = False
+            fresh(weight.detach())
+            self.scale.copy_(fresh.scale.clamp(min=self._scale_eps))
+            self.zero_point.copy_(fresh.zero_point.to(self.zero_point.dtype))
+            self.ranges_pending[0] = 0
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             if not self.fake_quant_enabled[0]:
                 return x
+            if self.training and self.learns_ranges and self.ranges_pending[0]:
+                self._reset_ranges(x)
             return super().forward(x)
+
+        def enable_observer(self, enabled: bool = True) -> SwitchableFakeQuantizer:
+            self.observer_enabled[0] = 1 if enabled else 0
+            return self
 
     return SwitchableFakeQuantizer
 
@@ -418,13 +466,12 @@ class TorchaoFlow:
                 if plan.recipe is not None:
                     quantize_(model, QATConfig(plan.recipe, step="prepare"), _by_name(plan.layers))
                 else:
-                    for (scheme, _), layers in _groups(plan, model).items():
-                        quantize_(
-                            model,
-                            QATConfig(fake_quant_config(scheme, plan.group_size), step="prepare"),
-                            _by_name(layers),
-                        )
+                    for (scheme, embedding), layers in _groups(plan, model).items():
+                        learns = config.range_learning and learns_ranges(scheme, plan.backend, embedding)
+                        quantize_(model, qat_prepare_config(scheme, plan.group_size, learns), _by_name(layers))
             self._make_switchable(model)
+            if config.range_learning:
+                self._initialize_ranges(model, plan)
             if plan.recipe is not None and not self.fake_quantizers(model):
                 raise ValueError(
                     f"recipe={type(plan.recipe).__name__}(...): torchao's QAT for it has fake quantizers the schedule "
@@ -433,6 +480,28 @@ class TorchaoFlow:
                 )
         setattr(model, PLAN_ATTRIBUTE, plan)
         return model
+
+    @staticmethod
+    def _initialize_ranges(model: nn.Module, plan: TorchaoPlan) -> None:
+        """Each learning weight quantizer's scales and zero points as parameters, from the weights now, so that the
+        optimizer (built after prepare) holds them; refused when no planned layer can take learned ranges."""
+        learning = [
+            name
+            for name, module in model.named_modules()
+            if getattr(getattr(module, "weight_fake_quantizer", None), "learns_ranges", False)
+        ]
+        if not learning:
+            kinds = sorted({f"{s.value}" for s in plan.layers.values()})
+            raise ValueError(
+                f"range_learning=True, but no layer can take learned ranges: the planned layers ({kinds}, "
+                f"backend={plan.backend.value!r}) convert to torchao's x86 int8 tensors, which choose their own "
+                "scales. Learned ranges go into int4 weights (scheme 'int8_dyn_int4_weight' or 'int4_weight_only', "
+                "or layers={name: 'int4'}), embeddings named in layers=, or backend='xnnpack'"
+            )
+        for name in learning:
+            module = model.get_submodule(name)
+            module.weight_fake_quantizer.initialize_ranges(module.weight)
+        log.info("range_learning: the scales and zero points of %d layer(s) are parameters", len(learning))
 
     @staticmethod
     def _make_switchable(model: nn.Module) -> None:
