@@ -3,6 +3,7 @@ through the pt2e flow, exported and reloaded; FX cannot trace their ``**kwargs``
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -23,7 +24,7 @@ from lightning_quant import (
 from lightning_quant.evaluation.analysis import fake_quant_reference
 from lightning_quant.quantization.flows import int8_layers, output_steps
 from lightning_quant.quantization.outputs import mean_cosine
-from tests.helpers import quiet_trainer, requires_torchao
+from tests.helpers import quiet_trainer, requires_executorch, requires_torchao
 
 transformers = pytest.importorskip("transformers")
 pytestmark = requires_torchao
@@ -394,3 +395,40 @@ def test_export_hf_of_a_model_holding_no_transformers_model_is_refused_before_tr
         trainer.fit(module)
     assert trainer.global_step == 0
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------- export="executorch": an 8da4w decoder on a phone
+def _runtime_greedy(pte: str, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy generation in ExecuTorch's runtime, as an app runs the ``.pte``: the program maps the ids so far (and
+    their attention mask, when it was exported with one) to logits (no KV cache: each step runs the whole
+    sequence), and the next id is the last position's argmax."""
+    from executorch.runtime import Runtime
+
+    with open(pte, "rb") as handle:
+        data = handle.read()
+    program = Runtime.get().load_program(data)
+    method = program.load_method("forward")
+    with_mask = method.metadata.num_inputs() == 2
+    ids = prompt
+    for _ in range(new_tokens):
+        logits = method.execute([ids, torch.ones_like(ids)] if with_mask else [ids])[0]
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+@requires_executorch
+def test_causal_lm_8da4w_pte_generates_in_the_executorch_runtime_as_eager_does(tmp_path):
+    module = HFLossModule("llama")
+    config = copy.deepcopy(module.model.config)
+    config.num_hidden_layers = 1  # lowering to XNNPACK is most of this test's time (twice: rehearsal, then export)
+    torch.manual_seed(0)
+    module.model = transformers.LlamaForCausalLM(config)
+    recipe = TorchaoRecipe("int8_dyn_int4_weight", group_size=32, backend="xnnpack")
+    ptq = PostTrainingQuantization(recipe, export="executorch", export_dir=tmp_path, progress=False)
+    quiet_trainer(callbacks=[ptq]).validate(module, verbose=False)
+    assert ptq.export_records["executorch"].max_abs_diff < 0.05  # its reload check: one forward in the runtime
+    prompt = _prediction_inputs("llama")["input_ids"][:1, :4]
+    eager = ptq.quantized_model.generate(
+        input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, min_new_tokens=8, do_sample=False
+    )
+    assert torch.equal(_runtime_greedy(ptq.export_paths["executorch"], prompt, 8), eager)  # token for token
