@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test test-slow lint test-gpu test-compat bench bench-pt2e bench-torchao bench-patterns zoo examples clean
+.PHONY: run test test-slow lint test-gpu test-compat bench bench-pt2e bench-torchao bench-llm bench-patterns zoo examples clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,13 @@ bench-pt2e: $(INSTALLED)
 # torch.ao's dynamic int8: accuracy, size, latency in one table. About 15 minutes on 2 cores; outside CI.
 bench-torchao: $(INSTALLED)
 	$(BIN)/python examples/minilm_torchao.py
+
+# `make bench-llm`: an 11M-parameter Llama trained on text from a wheel, then quantized every way the torchao flow
+# offers (8da4w RTN, AWQ/SmoothQuant where they run on a CPU, QAT, QAT + KD): held-out perplexity, the share of
+# round-to-nearest's loss each recovers, weight bytes, greedy tokens/s. About 40 minutes on 2 cores; outside CI.
+# Options: benchmarks/conf/llm.yaml (Hydra), e.g. `make bench-llm ARGS="qat.steps=600"`.
+bench-llm: $(INSTALLED)
+	$(BIN)/python benchmarks/llm.py $(ARGS)
 
 # `make bench-patterns`: LightningModules written as users write them (dict batches read in the step,
 # preprocessing and uint8 casts in the step, keyword inputs, siamese, nested, Hugging Face **batch with

@@ -1,6 +1,8 @@
 """QAT of a small Llama on 2 CPU processes, sharded by FSDP2 or replicated by DDP; rank 0 saves its logits.
 
-Run as ``python tests/scripts/fsdp2_qat.py OUT_DIR fsdp2|ddp``; Lightning relaunches this script for rank 1. The
+Run as ``python tests/scripts/fsdp2_qat.py OUT_DIR fsdp2|ddp|crash|resume``; Lightning relaunches this script for
+rank 1. Two epochs of two steps. ``crash`` is ``fsdp2`` saving a distributed checkpoint at the end of epoch 0 (step 2)
+and failing at the first step of epoch 1; ``resume`` goes on from that checkpoint (``OUT_DIR/../crash/checkpoints/last.ckpt``) to the end. The
 LightningModule is written as the Lightning docs write one for ``ModelParallelStrategy``: ``configure_model`` shards
 each decoder layer and the model with ``fully_shard``.
 """
@@ -10,7 +12,8 @@ from pathlib import Path
 
 import torch
 import transformers
-from lightning.pytorch import LightningModule, Trainer, seed_everything
+from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.utils.data import DataLoader
 
@@ -64,12 +67,24 @@ class CausalLM(LightningModule):
 
     def train_dataloader(self):
         # one batch per rank and step: each rank reads its own, as a DistributedSampler would give them
-        return DataLoader(batches(4, 10 + self.global_rank), batch_size=None)
+        return DataLoader(batches(2, 10 + self.global_rank), batch_size=None)
+
+
+class CrashAtStep(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            raise RuntimeError("simulated crash at step 2")
 
 
 def main(out: Path, kind: str) -> None:
     seed_everything(0)
-    if kind == "fsdp2":
+    callbacks: list[Callback] = []
+    checkpointing = kind in ("crash", "resume")
+    if kind == "crash":
+        # at an epoch's end: Lightning resumes a list of batches mid-epoch from its first batch again
+        checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", every_n_epochs=1, save_last=True)
+        callbacks += [checkpoint, CrashAtStep()]
+    if kind != "ddp":
         strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     else:
         strategy = "ddp"
@@ -80,16 +95,17 @@ def main(out: Path, kind: str) -> None:
         accelerator="cpu",
         devices=2,
         strategy=strategy,
-        callbacks=[qat],
-        max_epochs=1,
+        callbacks=[qat, *callbacks],
+        max_epochs=2,
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=checkpointing,
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
     )
-    module = CausalLM(shard=kind == "fsdp2")
-    trainer.fit(module)
+    module = CausalLM(shard=kind != "ddp")
+    resume = out.parent / "crash" / "checkpoints" / "last.ckpt" if kind == "resume" else None
+    trainer.fit(module, ckpt_path=resume)
     inputs = batches(1, 99)[0]
     with torch.no_grad():
         logits = qat.quantized_model(input_ids=inputs["input_ids"]).logits

@@ -1,0 +1,51 @@
+"""The benchmarks run end to end at a tiny size (the full runs are `make bench-*`, outside CI)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import requires_torchao
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@requires_torchao
+def test_bench_llm_writes_its_table_and_figures_at_a_tiny_size(tmp_path):
+    pytest.importorskip("transformers")
+    overrides = [
+        "float.steps=20",
+        "qat.steps=4",
+        "model.num_hidden_layers=1",
+        "data.eval_windows=32",
+        "ptq.calibration_batches=2",
+        "generation.prompts=1",
+        "generation.new_tokens=4",
+        "generation.rounds=1",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "llm.py"), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["rows"]
+    assert results["machine"] in (tmp_path / "table.md").read_text()
+    assert "CUDA only" in rows["8da4w, AWQ"]["skipped"] and "CUDA only" in rows["8da4w, GPTQ"]["skipped"]
+    measured = {name: row for name, row in rows.items() if "skipped" not in row}
+    assert len(measured) == 11 and all(math.isfinite(row["perplexity"]) for row in measured.values())
+    # int8 weights only is close to lossless; every quantized row is well under the float bytes
+    assert abs(rows["int8 weights only, RTN"]["perplexity"] / rows["float"]["perplexity"] - 1) < 0.01
+    float_bytes = rows["float"]["bytes"]
+    assert all(row["bytes"] < 0.6 * float_bytes for name, row in measured.items() if not name.startswith("float"))
+    assert all(row["tokens_per_s"] > 0 for row in measured.values())
