@@ -52,6 +52,21 @@ def test_fsdp2_qat_converts_the_model_ddp_trains_and_writes_one_folder(tmp_path)
         assert torch.equal(loaded(input_ids=fsdp[0]["input_ids"]).logits, fsdp[0]["logits"])
 
 
+def test_fsdp2_qat_killed_after_a_distributed_checkpoint_resumes_to_the_same_int8_model(tmp_path):
+    """Crash at step 2 after a distributed checkpoint (a folder of shards) at the end of epoch 0, then
+    fit(ckpt_path=) from it:
+    the fake quantizers' switches and the schedule come back with the sharded weights and the optimizer, and the
+    int8 model equals the uninterrupted run's."""
+    _run(tmp_path / "fsdp2", "fsdp2")
+    assert "simulated crash at step 2" in _run(tmp_path / "crash", "crash", fails=True)
+    assert (tmp_path / "crash" / "checkpoints" / "last.ckpt").is_dir()  # FSDP2 writes a distributed checkpoint
+    _run(tmp_path / "resume", "resume")
+    whole = torch.load(tmp_path / "fsdp2" / "rank0_logits.pt")
+    for rank in (0, 1):
+        resumed = torch.load(tmp_path / "resume" / f"rank{rank}_logits.pt")
+        torch.testing.assert_close(resumed["logits"], whole["logits"], rtol=0, atol=1e-5)
+
+
 def test_model_parallel_is_refused_for_other_flows_and_for_ptq_before_training():
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -76,18 +91,3 @@ def test_model_parallel_is_refused_for_other_flows_and_for_ptq_before_training()
             torch.distributed.destroy_process_group()
         os.environ.clear()
         os.environ.update(environment)
-
-
-def test_fsdp2_qat_killed_after_a_distributed_checkpoint_resumes_to_the_same_int8_model(tmp_path):
-    """Crash at step 2 after a distributed checkpoint (a folder of shards) at the end of epoch 0, then
-    fit(ckpt_path=) from it:
-    the fake quantizers' switches and the schedule come back with the sharded weights and the optimizer, and the
-    int8 model equals the uninterrupted run's."""
-    _run(tmp_path / "fsdp2", "fsdp2")
-    assert "simulated crash at step 2" in _run(tmp_path / "crash", "crash", fails=True)
-    assert (tmp_path / "crash" / "checkpoints" / "last.ckpt").is_dir()  # FSDP2 writes a distributed checkpoint
-    _run(tmp_path / "resume", "resume")
-    whole = torch.load(tmp_path / "fsdp2" / "rank0_logits.pt")
-    for rank in (0, 1):
-        resumed = torch.load(tmp_path / "resume" / f"rank{rank}_logits.pt")
-        torch.testing.assert_close(resumed["logits"], whole["logits"], rtol=0, atol=1e-5)
