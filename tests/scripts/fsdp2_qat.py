@@ -1,10 +1,10 @@
 """QAT of a small Llama on 2 CPU processes, sharded by FSDP2 or replicated by DDP; rank 0 saves its logits.
 
 Run as ``python tests/scripts/fsdp2_qat.py OUT_DIR fsdp2|ddp|crash|resume``; Lightning relaunches this script for
-rank 1. Two epochs of two steps. ``crash`` is ``fsdp2`` saving a distributed checkpoint at the end of epoch 0 (step 2)
-and failing at the first step of epoch 1; ``resume`` goes on from that checkpoint (``OUT_DIR/../crash/checkpoints/last.ckpt``) to the end. The
-LightningModule is written as the Lightning docs write one for ``ModelParallelStrategy``: ``configure_model`` shards
-each decoder layer and the model with ``fully_shard``.
+rank 1. Two epochs of two steps. ``crash`` is ``fsdp2`` saving a distributed checkpoint at the end of epoch 0
+(step 2) and failing at the first step of epoch 1; ``resume`` goes on from that checkpoint
+(``OUT_DIR/../crash/checkpoints/last.ckpt``) to the end. The LightningModule is written as the Lightning docs write
+one for ``ModelParallelStrategy``: ``configure_model`` shards each decoder layer and the model with ``fully_shard``.
 """
 
 import sys

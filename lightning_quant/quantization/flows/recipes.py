@@ -256,7 +256,12 @@ class TorchaoRecipe(Recipe):
         return Scheme(self.config)
 
     def settings(self) -> dict[str, Any]:
-        shared = {"flow": self.flow, "backend": self.backend, "layers": _layers(self.layers), "skip": self.skip}
+        shared: dict[str, Any] = {
+            "flow": self.flow,
+            "backend": self.backend,
+            "layers": _layers(self.layers),
+            "skip": self.skip,
+        }
         if self.algorithm is not None:
             shared["algorithm"] = self.algorithm
         if self.range_learning:
