@@ -217,10 +217,16 @@ def fake_quant_config(scheme: Scheme, group_size: int) -> Any:
     return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=_granularity(scheme, group_size))
 
 
+def _x86_int8_tensors(scheme: Scheme, backend: Backend, embedding: bool) -> bool:
+    """Whether a layer converts to torchao's x86 int8 tensors (which choose their own scales) rather than to the intx
+    tensors QAT fake-quantizes with (which take given ones)."""
+    return backend is Backend.X86 and not embedding and scheme.weight_bits == 8
+
+
 def learns_ranges(scheme: Scheme, backend: Backend, embedding: bool) -> bool:
     """Whether a layer's int8 model takes learned scales: torchao's intx tensors do (int4 weights, embeddings,
     xnnpack); the x86 int8 tensors of :func:`convert_config` choose their own."""
-    return not (backend is Backend.X86 and not embedding and scheme.weight_bits == 8)
+    return not _x86_int8_tensors(scheme, backend, embedding)
 
 
 def qat_prepare_config(scheme: Scheme, group_size: int, range_learning: bool) -> Any:
@@ -243,7 +249,7 @@ def convert_config(scheme: Scheme, group_size: int, backend: Backend, embedding:
     with the activation quantization QAT trained with (asymmetric per token)."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, MappingType
 
-    if backend is Backend.X86 and not embedding and scheme.weight_bits == 8:
+    if _x86_int8_tensors(scheme, backend, embedding):
         if scheme.dynamic:
             return Int8DynamicActivationInt8WeightConfig(act_mapping_type=MappingType.ASYMMETRIC)
         return Int8WeightOnlyConfig()
@@ -299,11 +305,14 @@ def _fake_quantizer_class() -> type:
 
         @torch.no_grad()
         def _reset_ranges(self, weight: torch.Tensor) -> None:
-            fresh = type(self)(copy.copy(self.config))
-            fresh.config.range_learning = False
+            """The learned ranges set again from ``weight``, in place (the optimizer holds these parameters)."""
+            fresh = IntxFakeQuantizer(copy.copy(self.config))
+            fresh.config.range_learning = False  # torchao's own qparams of the weight, as plain tensors
             fresh(weight.detach())
-            self.scale.copy_(fresh.scale.clamp(min=self._scale_eps))
-            self.zero_point.copy_(fresh.zero_point.to(self.zero_point.dtype))
+            scale, zero_point = self.scale, self.zero_point
+            assert scale is not None and zero_point is not None  # made parameters by initialize_ranges
+            scale.copy_(fresh.scale.clamp(min=self._scale_eps))
+            zero_point.copy_(fresh.zero_point.to(zero_point.dtype))
             self.ranges_pending[0] = 0
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -500,7 +509,8 @@ class TorchaoFlow:
             )
         for name in learning:
             module = model.get_submodule(name)
-            module.weight_fake_quantizer.initialize_ranges(module.weight)
+            quantizer: Any = module.weight_fake_quantizer
+            quantizer.initialize_ranges(module.weight)
         log.info("range_learning: the scales and zero points of %d layer(s) are parameters", len(learning))
 
     @staticmethod
