@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 
 import torch
 
@@ -17,14 +15,7 @@ from lightning_quant.demos import DigitsCNN
 from lightning_quant.evaluation import latency_ms, state_dict_bytes
 from lightning_quant.quantization import ExampleInputs, QuantizationConfig, convert_copy, get_flow
 from lightning_quant.utils import format_table
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
+from lightning_quant.utils.timing import machine_description
 
 
 def main() -> None:
@@ -52,10 +43,7 @@ def main() -> None:
                 q = latency_ms(int8, example, batch, args.repeats, engine=config.engine)
                 row += [f"{fp32:.3f}", f"{q:.3f}", f"{fp32 / q:.2f}x"]
             rows.append(row)
-    print(
-        f"DigitsCNN(width={args.width}) on {args.image_size}x{args.image_size} inputs; {cpu_name()}, "
-        f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
+    print(f"DigitsCNN(width={args.width}) on {args.image_size}x{args.image_size} inputs; {machine_description()}")
     print(
         format_table(
             (

@@ -32,6 +32,7 @@ from lightning_quant.evaluation import latency_ms
 from lightning_quant.evaluation.metrics import classification_accuracy, compiled_latency_ms, median_ms
 from lightning_quant.quantization import ExampleInputs
 from lightning_quant.utils import format_table
+from lightning_quant.utils.timing import machine_description
 
 ROWS = (("fx", "x86"), ("pt2e", "x86"), ("pt2e", "xnnpack"))
 
@@ -134,7 +135,7 @@ def main() -> None:
         )
     print(
         f"DigitsCNN(width={args.width}), digits 8x8; float {args.float_epochs} epochs, QAT {args.qat_epochs} epochs; "
-        f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"{machine_description()}"
     )
     print(
         format_table(("model", "file", "test accuracy", "file bytes", "b1 ms", "b32 ms", "compile s (b1 / b32)"), rows)

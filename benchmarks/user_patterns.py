@@ -12,7 +12,6 @@ report's accuracy equals the accuracy computed on those inputs. A refused cell s
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from lightning_quant.evaluation.analysis import fake_quant_reference  # noqa: E4
 from lightning_quant.quantization.convert import quantized_engine  # noqa: E402
 from lightning_quant.quantization.outputs import mean_cosine  # noqa: E402
 from lightning_quant.utils import format_table  # noqa: E402
+from lightning_quant.utils.timing import machine_description  # noqa: E402
 from tests.callbacks import test_hugging_face as hf  # noqa: E402
 from tests.callbacks.test_user_patterns import PATTERNS, _accuracy, _module_of, images  # noqa: E402
 from tests.helpers import quiet_trainer  # noqa: E402
@@ -88,8 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--flows", nargs="*", default=["fx", "eager", "pt2e", "torchao"])
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    print(f"machine: {cpu or platform.processor()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"machine: {machine_description()}")
     rows = []
     start = time.perf_counter()
 
