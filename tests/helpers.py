@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -275,3 +281,33 @@ class ResumableClassifier(BoringClassifier):
 
     def train_dataloader(self):
         return ResumableLoader(random_images(self.n), batch_size=self.batch_size)
+
+
+def launch_ranks(script: Path, *args: Any, fails: bool = False, timeout: float = 300) -> str:
+    """Run a multi-process script (rank 0; Lightning starts the other ranks from it) and return its output.
+
+    The output goes to a file and only rank 0 is waited for: when rank 0 fails, a rank left waiting in a collective
+    would otherwise hold the pipes open until the timeout and hide rank 0's error. Whatever is left of the run
+    (its process group) is killed after it.
+    """
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    with tempfile.TemporaryFile("w+") as handle:
+        process = subprocess.Popen(
+            [sys.executable, str(script), *map(str, args)],
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            returncode: int | None = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            returncode = None
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+        handle.seek(0)
+        output = handle.read()
+    assert returncode is not None, f"{script.name} {args} timed out after {timeout} s:\n{output[-3000:]}"
+    assert (returncode != 0) is fails, output[-3000:]
+    return output

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,18 +12,14 @@ from torch.utils.data import DataLoader
 from lightning_quant import QuantizationConfig
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.ptq import convert_calibrated, prepare_and_calibrate
-from tests.helpers import TinyNet
+from tests.helpers import TinyNet, launch_ranks
 from tests.scripts.ddp_ptq import shard
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_ptq.py"
 
 
 def run_ranks(tmp_path: Path, case: str) -> tuple[dict, dict]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), case], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_ranks(SCRIPT, tmp_path, case)
     return torch.load(tmp_path / "rank0.pt", weights_only=False), torch.load(tmp_path / "rank1.pt", weights_only=False)
 
 

@@ -1,14 +1,11 @@
 """QAT under DDP on two CPU processes (a subprocess, as Lightning relaunches the script per rank)."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import requires_torchao, visible_files
+from tests.helpers import launch_ranks, requires_torchao, visible_files
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_qat.py"
 
@@ -17,11 +14,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "ddp_qat.py"
     ("flow", "file"), [("fx", "model_int8.pt"), pytest.param("pt2e", "model_int8.pt2", marks=requires_torchao)]
 )
 def test_qat_ddp_two_cpu_processes_end_with_identical_quantization_state(flow, file, tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), flow], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_ranks(SCRIPT, tmp_path, flow)
     _check_ranks_agree(tmp_path, file)
     rank0 = torch.load(tmp_path / "rank0.pt")
     assert any(k.endswith("scale") for k in rank0)
@@ -30,11 +23,7 @@ def test_qat_ddp_two_cpu_processes_end_with_identical_quantization_state(flow, f
 
 @requires_torchao
 def test_torchao_qat_ddp_two_cpu_processes_train_and_export_as_one(tmp_path):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), "torchao"], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_ranks(SCRIPT, tmp_path, "torchao")
     _check_ranks_agree(tmp_path, "model_int8_state_dict.pt")
     rank0 = torch.load(tmp_path / "rank0.pt")
     assert any(k.endswith("fake_quant_enabled") for k in rank0)

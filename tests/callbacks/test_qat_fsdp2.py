@@ -1,14 +1,12 @@
 """QAT of a causal LM sharded by FSDP2 (Lightning's ModelParallelStrategy) on 2 CPU processes (gloo)."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.helpers import requires_torchao, visible_files
+from tests.helpers import launch_ranks, requires_torchao, visible_files
 
 transformers = pytest.importorskip("transformers")
 pytestmark = requires_torchao
@@ -17,12 +15,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fsdp2_qat.py"
 
 
 def _run(out: Path, kind: str, fails: bool = False) -> str:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run(
-        [sys.executable, str(SCRIPT), str(out), kind], capture_output=True, text=True, env=env, timeout=400
-    )
-    assert (done.returncode != 0) is fails, done.stderr[-3000:]
-    return done.stderr
+    return launch_ranks(SCRIPT, out, kind, fails=fails, timeout=400)
 
 
 def test_fsdp2_qat_converts_the_model_ddp_trains_and_writes_one_folder(tmp_path):
