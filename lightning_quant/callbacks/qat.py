@@ -42,6 +42,7 @@ from lightning_quant.quantization.schedule import (
     QATSchedule,
     is_prepared,
     observer_states,
+    project_learned_ranges,
     restore_observer_states,
     set_bn_frozen,
     set_fake_quant,
@@ -240,6 +241,13 @@ class QuantizationAwareTraining(QuantizationCallback):
             self._apply_schedule(pl_module, trainer.current_epoch, trainer.global_step)
         if self._phase is not None and self._phase.bn_frozen:
             set_bn_frozen(self.target(pl_module), True)  # Lightning's model.train() after validation unfreezes plain BN
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.config.range_learning:  # after the step: learned scales stay positive
+            project_learned_ranges(self.target(pl_module))
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

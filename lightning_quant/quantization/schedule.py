@@ -47,6 +47,15 @@ def set_fake_quant(module: nn.Module, enabled: bool) -> None:
         fq.enable_fake_quant(enabled)
 
 
+def project_learned_ranges(module: nn.Module) -> None:
+    """After an optimizer step: fake quantizers whose ranges are parameters put them back where they are valid
+    (those that have a ``project`` method: torchao's with ``range_learning``)."""
+    for fq in fake_quantizers(module):
+        project = getattr(fq, "project", None)
+        if project is not None:
+            project()
+
+
 def set_observers(module: nn.Module, enabled: bool) -> None:
     for fq in fake_quantizers(module):
         fq.enable_observer(enabled)

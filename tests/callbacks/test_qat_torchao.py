@@ -347,6 +347,18 @@ def test_range_learning_trains_the_scales_and_converts_with_them():
     assert "fc1.weight_fake_quantizer.scale" in model.net.state_dict()  # checkpoints and resume carry them
 
 
+def test_learned_scales_stay_positive_under_a_learning_rate_that_would_push_them_past_zero():
+    seed_everything(0)
+    model = BoringClassifier(net=TinyMLP(), lr=2.0)  # SGD steps far larger than the scales (about 0.02)
+    qat = _learned()
+    quiet_trainer(callbacks=[qat], max_epochs=2).fit(model)
+    scales = [m.weight_fake_quantizer.scale.detach() for m in (model.net.fc1, model.net.head)]
+    assert all(float(s.min()) > 0 for s in scales)
+    x = torch.randn(8, 1, 6, 6)
+    with torch.no_grad():  # the converted model holds the same (positive) scales the fake-quantized model trained
+        torch.testing.assert_close(qat.quantized_model(x), model.net.eval()(x), rtol=0, atol=1e-4)
+
+
 def test_range_learning_with_no_layer_that_takes_learned_ranges_is_refused_before_training():
     from lightning_quant import TorchaoRecipe
 

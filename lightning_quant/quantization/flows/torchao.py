@@ -125,7 +125,8 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, require: bool = Tr
     Raises:
         ValueError: a layers/skip key the model lacks, a setting torchao cannot run, an int4 layer
             whose input size ``group_size`` does not divide (under the default group size, a layer of the
-            global scheme gets int8 weights instead, logged), or (``require``) no layer to quantize.
+            global scheme gets int8 weights instead, logged), a quantized embedding with export 'executorch',
+            or (``require``) no layer to quantize.
     """
     TorchaoFlow().check(config)
     scheme = scheme_of(config)
@@ -178,6 +179,16 @@ def plan_layers(model: nn.Module, config: QuantizationConfig, require: bool = Tr
             f"{' ...' if len(misfits) > 5 else ''}: pick a group_size that divides them, or give them "
             f"layers={{name: 'int8'}} (or 'float')"
         )
+    if ExportTarget.EXECUTORCH in config.export:
+        modules = dict(model.named_modules())
+        embeddings = sorted(name for name in plan if isinstance(modules[name], nn.Embedding))
+        if embeddings:
+            raise ValueError(
+                f"export 'executorch' with quantized embeddings {embeddings}: XNNPACK runs the quantized Linear "
+                "layers, and a quantized embedding lowers to torchao::dequantize_affine, which ExecuTorch's "
+                "runtime here has no kernel for. Keep the embeddings float for this export (leave them out of "
+                "layers=), or write int8 embeddings to 'hf' or 'state_dict'"
+            )
     if not plan and require:
         found = sorted({type(m).__name__ for m in model.modules()})
         raise ValueError(
@@ -321,6 +332,14 @@ def _fake_quantizer_class() -> type:
             if self.training and self.learns_ranges and self.ranges_pending[0]:
                 self._reset_ranges(x)
             return super().forward(x)
+
+        @torch.no_grad()
+        def project(self) -> None:
+            """After an optimizer step: learned scales back to at least torchao's epsilon. A step can move a scale
+            past zero (a learning rate that suits the weights moves a scale of 0.01 by more than itself); negative
+            scales fake-quantize as sign flips in torch, but XNNPACK's kernels refuse them."""
+            if self.learns_ranges and isinstance(self.scale, nn.Parameter):
+                self.scale.clamp_(min=self._scale_eps)
 
         def enable_observer(self, enabled: bool = True) -> SwitchableFakeQuantizer:
             self.observer_enabled[0] = 1 if enabled else 0
