@@ -142,6 +142,15 @@ def test_executorch_export_refuses_weight_only_schemes():
         get_flow("torchao").check(config)
 
 
+@requires_executorch
+def test_executorch_export_of_quantized_embeddings_is_refused_naming_them():
+    config = QuantizationConfig(
+        flow="torchao", backend="xnnpack", scheme="int8_dyn_int4_weight", layers={"emb": "int8"}, export="executorch"
+    )
+    with pytest.raises(ValueError, match=r"export 'executorch' with quantized embeddings \['emb'\]: XNNPACK runs"):
+        get_flow("torchao").check_model(_model(), config)
+
+
 def test_missing_torchao_raises_with_the_install_line(monkeypatch):
     import lightning_quant.utils.checks as checks
 
