@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from _common import trainer  # noqa: E402
+from publish import publish  # noqa: E402
 
 from lightning_quant import KnowledgeDistillation, QATSchedule, QuantizationAwareTraining  # noqa: E402
 from lightning_quant.demos import (  # noqa: E402
@@ -35,6 +36,7 @@ from lightning_quant.demos import (  # noqa: E402
 )
 from lightning_quant.evaluation import classification_accuracy  # noqa: E402
 from lightning_quant.utils import format_table  # noqa: E402
+from lightning_quant.utils.timing import machine_description  # noqa: E402
 
 
 def float_model(datamodule, width: int, epochs: int, seed: int) -> Classifier:
@@ -59,6 +61,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--qat-epochs", type=int, default=3)
+    parser.add_argument("--publish", help="also write the table to this Markdown file (make bench-distillation does)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", module="lightning")
 
@@ -89,10 +92,14 @@ def main() -> None:
                 f"{wins}/{args.seeds}",
             )
         )
-    print(f"\nint8 test accuracy, {args.seeds} seeds, {args.qat_epochs} QAT epochs (mean ± stdev)")
-    print(
-        format_table(("setting", "teacher float acc", "QAT alone", "QAT + KD", "difference", "seeds KD >= alone"), rows)
+    heading = (
+        f"int8 test accuracy, {args.seeds} seeds, {args.qat_epochs} QAT epochs (mean ± stdev); {machine_description()}"
     )
+    table = format_table(
+        ("setting", "teacher float acc", "QAT alone", "QAT + KD", "difference", "seeds KD >= alone"), rows
+    )
+    print(f"\n{heading}\n{table}")
+    publish(args.publish, f"{heading}\n\n{table}", "make bench-distillation")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import argparse
 import copy
 
 import torch
+from publish import publish
 
 from lightning_quant.demos import DigitsCNN
 from lightning_quant.evaluation import latency_ms, state_dict_bytes
@@ -23,6 +24,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=8, help="8 for digits, 28 for MNIST")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--publish", help="also write the table to this Markdown file (make bench does)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -43,23 +45,23 @@ def main() -> None:
                 q = latency_ms(int8, example, batch, args.repeats, engine=config.engine)
                 row += [f"{fp32:.3f}", f"{q:.3f}", f"{fp32 / q:.2f}x"]
             rows.append(row)
-    print(f"DigitsCNN(width={args.width}) on {args.image_size}x{args.image_size} inputs; {machine_description()}")
-    print(
-        format_table(
-            (
-                "flow",
-                "backend",
-                "size fp32/int8",
-                "fp32 b1 ms",
-                "int8 b1 ms",
-                "speed-up b1",
-                "fp32 b32 ms",
-                "int8 b32 ms",
-                "speed-up b32",
-            ),
-            rows,
-        )
+    headers = (
+        "flow",
+        "backend",
+        "size fp32/int8",
+        "fp32 b1 ms",
+        "int8 b1 ms",
+        "speed-up b1",
+        "fp32 b32 ms",
+        "int8 b32 ms",
+        "speed-up b32",
     )
+    heading = f"DigitsCNN(width={args.width}) on {args.image_size}x{args.image_size} inputs; {machine_description()}"
+    table = format_table(headers, rows)
+    print(heading)
+    print(table)
+    command = "make bench" if args.image_size == 8 else f"python benchmarks/latency.py --image-size {args.image_size}"
+    publish(args.publish, f"{heading}\n\n{table}", command)
 
 
 if __name__ == "__main__":

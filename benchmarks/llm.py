@@ -42,6 +42,7 @@ import hydra
 import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from publish import publish
 from torch.utils.data import DataLoader
 
 from lightning_quant import (
@@ -210,7 +211,7 @@ def generation_speed(models: dict[str, torch.nn.Module], prompts: list[list[int]
 
 
 # ---------------------------------------------------------------------------------------------------- the run
-def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+def run(cfg: DictConfig, out_dir: Path, command: str = "python benchmarks/llm.py") -> dict[str, Any]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if cfg.threads:
@@ -361,6 +362,7 @@ def run(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     text = "\n".join(lines)
     print(text, flush=True)
     (out_dir / "table.md").write_text(text + "\n")
+    publish(cfg.get("publish"), "\n\n".join(lines), command)
     results = {"machine": machine_description(), "parameters": parameters, "rows": figures, "train_seconds": timings}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return results
@@ -371,7 +373,9 @@ def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    overrides = " ".join(o for o in HydraConfig.get().overrides.task if not o.startswith("publish="))
+    command = "make bench-llm" + (f' ARGS="{overrides}"' if overrides else "")
+    run(cfg, Path(HydraConfig.get().runtime.output_dir), command)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
+from publish import publish
 
 from lightning_quant import QATSchedule, QuantizationAwareTraining, recipe_for
 from lightning_quant.demos import Classifier, DigitsCNN, DigitsDataModule
@@ -67,6 +68,7 @@ def main() -> None:
     parser.add_argument("--qat-lr", type=float, default=1e-3)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=100)
+    parser.add_argument("--publish", help="also write the table to this Markdown file (make bench-pt2e does)")
     args = parser.parse_args()
 
     seed_everything(0)
@@ -133,14 +135,18 @@ def main() -> None:
                 compile_s,
             ]
         )
-    print(
+    heading = (
         f"DigitsCNN(width={args.width}), digits 8x8; float {args.float_epochs} epochs, QAT {args.qat_epochs} epochs; "
         f"{machine_description()}"
     )
-    print(
-        format_table(("model", "file", "test accuracy", "file bytes", "b1 ms", "b32 ms", "compile s (b1 / b32)"), rows)
+    table = format_table(
+        ("model", "file", "test accuracy", "file bytes", "b1 ms", "b32 ms", "compile s (b1 / b32)"), rows
     )
-    print("fp32 latency: eager / compiled. fx: eager int8 modules; pt2e/x86: compiled; pt2e/xnnpack: ExecuTorch.")
+    note = "fp32 latency: eager / compiled. fx: eager int8 modules; pt2e/x86: compiled; pt2e/xnnpack: ExecuTorch."
+    print(heading)
+    print(table)
+    print(note)
+    publish(args.publish, f"{heading}\n\n{table}\n\n{note}", "make bench-pt2e")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from publish import publish  # noqa: E402
+
 from lightning_quant import (  # noqa: E402
     KnowledgeDistillation,
     PostTrainingQuantization,
@@ -86,6 +88,7 @@ def hf_cell(kind: str, flow: str, callback_kind: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--flows", nargs="*", default=["fx", "eager", "pt2e", "torchao"])
+    parser.add_argument("--publish", help="also write the table to this Markdown file (make bench-patterns does)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     print(f"machine: {machine_description()}")
@@ -113,8 +116,12 @@ def main(argv: list[str] | None = None) -> None:
                 )
             rows.append(tuple(row))
             print(" | ".join(rows[-1]), flush=True)
-    print(format_table(("pattern", "callbacks", *args.flows), rows))
-    print(f"{time.perf_counter() - start:.0f} s")
+    table = format_table(("pattern", "callbacks", *args.flows), rows)
+    seconds = f"{time.perf_counter() - start:.0f} s"
+    print(table)
+    print(seconds)
+    heading = f"machine: {machine_description()}"
+    publish(args.publish, f"{heading}\n\n{table}\n\nwhole run: {seconds}", "make bench-patterns")
 
 
 if __name__ == "__main__":

@@ -324,9 +324,13 @@ def main(argv: list[str] | None = None) -> list[tuple[str, ...]]:
     parser.add_argument("--steps", type=int, default=3, help="QAT training steps per model")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--only", nargs="*", default=None, help="names of the cases to run")
+    parser.add_argument("--publish", help="also write the table to this Markdown file (make zoo does)")
     args = parser.parse_args(argv)
     stand_in_torchvision_ops()
+    from publish import publish
+
     from lightning_quant.utils import format_table
+    from lightning_quant.utils.timing import machine_description
 
     cases: dict[str, Callable[[], dict[str, Any]]] = {}
     vision: dict[str, tuple[Callable[[], nn.Module], str]] = {}
@@ -372,7 +376,11 @@ def main(argv: list[str] | None = None) -> list[tuple[str, ...]]:
         "with search_latency",
         "s",
     )
-    print(format_table(headers, rows))
+    table = format_table(headers, rows)
+    print(table)
+    heading = f"{args.steps} QAT steps per model, 3x64x64 images (text: their own inputs); {machine_description()}"
+    command = "make zoo" + (" ARGS='--only " + " ".join(f'"{n}"' for n in args.only) + "'" if args.only else "")
+    publish(args.publish, f"{heading}\n\n{table}", command)
     return rows
 
 

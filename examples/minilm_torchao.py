@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import json
 import os
 import tempfile
@@ -40,6 +41,7 @@ from lightning_quant.evaluation import latency_ms, state_dict_bytes
 from lightning_quant.evaluation.metrics import classification_accuracy, compiled_latency_ms
 from lightning_quant.quantization import ExampleInputs
 from lightning_quant.utils import format_table
+from lightning_quant.utils.timing import machine_description
 
 SCHEME = "int8_dyn_int4_weight"
 #: the word embeddings are half of MiniLM's bytes: int8 rows in every quantized model
@@ -87,6 +89,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--publish", type=Path, default=None, help="also write the table here (make bench-torchao does)"
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: few batches, one epoch each")
     parser.add_argument("--no-latency", action="store_true", help="skip the timings (and their compiles)")
     args = parser.parse_args(argv)
@@ -140,13 +145,24 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         if "eager_ms_b1" in fp32
         else ""
     )
-    print(f"\nall-MiniLM-L6-v2 sentiment, {len(test) * 32} test snippets at most; torchao models compiled{eager}")
-    print(format_table(("model", "test accuracy", "state dict bytes", "batch 1 (ms)", "batch 32 (ms)"), rows))
+    heading = (
+        f"all-MiniLM-L6-v2 sentiment, {len(test) * 32} test snippets at most; torchao models compiled{eager}; "
+        f"{machine_description()}"
+    )
+    table = format_table(("model", "test accuracy", "state dict bytes", "batch 1 (ms)", "batch 32 (ms)"), rows)
+    print(f"\n{heading}\n{table}")
     lost = fp32["accuracy"] - results["PTQ int8-dyn/int4-weight"]["accuracy"]
+    notes = []
     for name in ("QAT int8-dyn/int4-weight", "QAT int8-dyn/int4-weight + KD"):
         recovered = results[name]["accuracy"] - results["PTQ int8-dyn/int4-weight"]["accuracy"]
         share = recovered / lost if lost > 0 else float("nan")
-        print(f"{name}: recovers {recovered:+.4f} of the {lost:.4f} int4 PTQ loses ({share:.0%})")
+        notes.append(f"{name}: recovers {recovered:+.4f} of the {lost:.4f} int4 PTQ loses ({share:.0%})")
+        print(notes[-1])
+    if args.publish is not None:  # whole or not at all: written aside, then renamed
+        partial = args.publish.with_name(f".{args.publish.name}.tmp")
+        header = f"<!-- written by `make bench-torchao` on {datetime.date.today().isoformat()}; not edited by hand -->"
+        partial.write_text("\n\n".join([header, "Command: `make bench-torchao`", heading, table, *notes]) + "\n")
+        os.replace(partial, args.publish)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
     return results
