@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test test-slow lint test-gpu test-compat bench bench-pt2e bench-torchao bench-llm bench-patterns zoo examples clean
+.PHONY: run test test-slow lint docs test-gpu test-compat bench bench-pt2e bench-torchao bench-llm bench-distillation bench-patterns zoo examples clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,33 +39,46 @@ lint: $(INSTALLED)
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# `make docs`: the documentation site (docs/, Sphinx with MyST Markdown and autodoc) into docs/_build/html,
+# warnings as errors, offline (no inventory is fetched). Its generated pages (benchmark tables from
+# benchmarks/results/, every error message) are written into docs/_generated at the start of the build.
+docs: $(INSTALLED)
+	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
+
 bench: $(INSTALLED)
-	$(BIN)/python benchmarks/latency.py
+	$(BIN)/python benchmarks/latency.py --publish benchmarks/results/latency.md
 
 # `make bench-pt2e`: one digits QAT run per flow/backend (fx/x86, pt2e/x86 compiled, pt2e/xnnpack in
 # ExecuTorch): accuracy, file size, latency. A few minutes on 2 cores; outside CI.
 bench-pt2e: $(INSTALLED)
-	$(BIN)/python benchmarks/pt2e.py
+	$(BIN)/python benchmarks/pt2e.py --publish benchmarks/results/pt2e.md
 
 # `make bench-torchao`: the pretrained MiniLM sentiment classifier fine-tuned, then quantized with
 # torchao's schemes (PTQ int8 weight-only, int8-dyn/int8, int8-dyn/int4; QAT int4; QAT int4 + KD) and
 # torch.ao's dynamic int8: accuracy, size, latency in one table. About 15 minutes on 2 cores; outside CI.
 bench-torchao: $(INSTALLED)
-	$(BIN)/python examples/minilm_torchao.py
+	$(BIN)/python examples/minilm_torchao.py --publish benchmarks/results/torchao.md
 
 # `make bench-llm`: an 11M-parameter Llama trained on text from a wheel, then quantized every way the torchao flow
 # offers (8da4w RTN, AWQ/SmoothQuant where they run on a CPU, QAT, QAT + KD): held-out perplexity, the share of
 # round-to-nearest's loss each recovers, weight bytes, greedy tokens/s. About 40 minutes on 2 cores; outside CI.
-# Options: benchmarks/conf/llm.yaml (Hydra), e.g. `make bench-llm ARGS="qat.steps=600"`.
+# Options: benchmarks/conf/llm.yaml (Hydra), e.g. `make bench-llm ARGS="qat.steps=600"`. The table goes to
+# benchmarks/results/llm.md (the docs include it); another run's: `PUBLISH=benchmarks/results/llm_g32.md`.
+PUBLISH ?= benchmarks/results/llm.md
 bench-llm: $(INSTALLED)
-	$(BIN)/python benchmarks/llm.py $(ARGS)
+	$(BIN)/python benchmarks/llm.py publish=$(PUBLISH) $(ARGS)
+
+# `make bench-distillation`: QAT with and without KD on digits, 5 seeds each (benchmarks/distillation.py). About 10
+# minutes on 2 cores; outside CI.
+bench-distillation: $(INSTALLED)
+	$(BIN)/python benchmarks/distillation.py --publish benchmarks/results/distillation.md
 
 # `make bench-patterns`: LightningModules written as users write them (dict batches read in the step,
 # preprocessing and uint8 casts in the step, keyword inputs, siamese, nested, Hugging Face **batch with
 # labels) x flows x callbacks, one figure per cell. About 5 minutes on 2 cores; outside CI (make test
 # asserts the same cells).
 bench-patterns: $(INSTALLED)
-	$(BIN)/python benchmarks/user_patterns.py
+	$(BIN)/python benchmarks/user_patterns.py --publish benchmarks/results/user_patterns.md
 
 examples: $(INSTALLED)
 	for example in ptq_digits ptq_mnist5k qat_digits_pt2e dynamic_lstm_reviews dynamic_minilm; do \
@@ -110,4 +123,4 @@ $(ZOO)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 zoo: $(ZOO)/.installed
-	$(ZOO)/bin/python benchmarks/zoo.py
+	$(ZOO)/bin/python benchmarks/zoo.py --publish benchmarks/results/zoo.md $(ARGS)

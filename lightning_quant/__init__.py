@@ -12,6 +12,8 @@ The package follows a model through quantization, and imports run one way, from 
 library and are not part of it.
 """
 
+from importlib import metadata as _metadata
+
 from lightning_quant.callbacks import (
     KnowledgeDistillation,
     PostTrainingQuantization,
@@ -53,7 +55,10 @@ from lightning_quant.quantization import (
 from lightning_quant.quantization.options import Algorithm
 from lightning_quant.utils.integrity import CorruptFileError, UnsafeFileError
 
-__version__ = "0.2.0"
+try:  # one source for the version: pyproject.toml, through the installed package's metadata
+    __version__ = _metadata.version("lightning-quant")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Algorithm",

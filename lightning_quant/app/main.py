@@ -7,7 +7,7 @@ runs from any folder once the project is installed (editable or from a wheel).
 The default experiment trains a small CNN on
 scikit-learn's digits with a float warm-up and QAT, converts it to int8, exports it and
 prints float vs int8 accuracy, size and latency. ``-m`` sweeps end with one results table
-(:mod:`lightning_quant.sweep`); ``hparams_search=optuna`` optimises the returned objective.
+(:mod:`lightning_quant.app.sweep`); ``hparams_search=optuna`` optimises the returned objective.
 """
 
 from __future__ import annotations
