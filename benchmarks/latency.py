@@ -1,4 +1,4 @@
-"""Latency and size of fp32 vs int8 for each backend and flow: the numbers the README quotes.
+"""Latency and size of fp32 vs int8 for each backend and flow: `make bench`, whose table the docs include.
 
 Run with ``make bench``. Prints one Markdown table; timings are medians of repeated forward
 passes after a warm-up, with torch's default thread count on this machine.
