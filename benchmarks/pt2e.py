@@ -31,6 +31,7 @@ from lightning_quant import QATSchedule, QuantizationAwareTraining, recipe_for
 from lightning_quant.demos import Classifier, DigitsCNN, DigitsDataModule
 from lightning_quant.evaluation import latency_ms
 from lightning_quant.evaluation.metrics import classification_accuracy, compiled_latency_ms, median_ms
+from lightning_quant.export import ExportFailedError
 from lightning_quant.quantization import ExampleInputs
 from lightning_quant.utils import format_table
 from lightning_quant.utils.timing import machine_description
@@ -102,7 +103,12 @@ def main() -> None:
             QATSchedule(freeze_bn_epoch=args.qat_epochs - 2, freeze_observers_epoch=args.qat_epochs - 1),
             export_dir=out / f"{flow}_{backend}",
         )
-        trainer(args.qat_epochs, [qat]).fit(student, datamodule=datamodule)
+        try:
+            trainer(args.qat_epochs, [qat]).fit(student, datamodule=datamodule)
+        except ExportFailedError as refused:  # a refused file is a row too: the check is the result
+            reason = " ".join(str(refused).split(";")[0].split())
+            rows.append([f"{flow}/{backend}", "refused", reason, "-", "-", "-", "-"])
+            continue
         int8 = qat.quantized_model
         files = {target: Path(path) for target, path in qat.export_paths.items()}
         compile_s = "-"
