@@ -356,7 +356,7 @@ def main(argv: list[str] | None = None) -> list[tuple[str, ...]]:
                 r["kept_float"] or "-",
                 f"{r['export_diff']:.3g}",
                 f"{r['ptq_cosine']:.4f}",
-                f"{r['speedup']:.2f}x",
+                f"{r['speedup']:.2f}x" if r["speedup"] == r["speedup"] else "-",  # text rows: not timed
                 r["latency_search"] or "-",
                 f"{time.perf_counter() - start:.0f}",
             )
