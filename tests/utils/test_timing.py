@@ -1,4 +1,4 @@
-from lightning_quant.utils.timing import SPEED_FLAGS, machine_description, median_ms
+from lightning_quant.utils.timing import SPEED_FLAGS, has_int8_dot_product, machine_description, median_ms
 
 
 def test_machine_description_names_the_cpu_and_the_flags_that_decide_int8_speed(tmp_path):
@@ -22,3 +22,12 @@ def test_median_ms_is_the_median_of_the_timed_calls():
     calls = []
     assert median_ms(lambda: calls.append(1), repeats=5, warmup=2) >= 0
     assert len(calls) == 7
+
+
+def test_int8_dot_products_are_read_off_the_cpu_flags(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2\n")
+    assert has_int8_dot_product(str(cpuinfo)) is False
+    cpuinfo.write_text("model name\t: Xeon\nflags\t\t: avx2 avx512f avx512_vnni\n")
+    assert has_int8_dot_product(str(cpuinfo)) is True
+    assert has_int8_dot_product(str(tmp_path / "missing")) is None

@@ -132,6 +132,26 @@ def test_a_quantizer_that_annotates_nothing_is_refused_at_prepare(monkeypatch):
         _prepared(TinyNet())
 
 
+@pytest.mark.parametrize(
+    ("dot_product", "qat", "warned"), [(False, True, True), (True, True, False), (False, False, False)]
+)
+def test_qat_for_x86_warns_on_a_cpu_without_int8_dot_products(monkeypatch, dot_product, qat, warned):
+    """Measured on an AVX2-only EPYC: trained x86 programs compiled as served left the int8 model's outputs far
+    behind, and the export check refused them after training; the warning says so before training."""
+    import warnings
+
+    import lightning_quant.quantization.flows.pt2e as pt2e
+
+    monkeypatch.setattr(pt2e, "has_int8_dot_product", lambda: dot_product)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _prepared(TinyNet(), qat=qat)
+    said = [w for w in caught if "no VNNI or AMX int8 instructions" in str(w.message)]
+    assert bool(said) is warned
+    if warned:
+        assert "FxRecipe('x86')" in str(said[0].message) and "Pt2eRecipe('xnnpack')" in str(said[0].message)
+
+
 def test_a_model_whose_code_fixes_the_batch_size_is_refused_at_prepare():
     class FixedBatch(nn.Module):
         def __init__(self) -> None:

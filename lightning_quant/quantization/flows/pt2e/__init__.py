@@ -22,6 +22,7 @@ import copy
 import io
 import logging
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -55,11 +56,21 @@ from lightning_quant.quantization.layers import resolve_layers
 from lightning_quant.quantization.options import Flow
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.integrity import check_pt2_archive, read_checked
+from lightning_quant.utils.timing import has_int8_dot_product
 
 __all__ = ["PT2E_PRECISIONS", "Pt2eExportError", "Pt2eFlow", "Pt2eGraphModule", "capture", "import_pt2e", "load_pt2"]
 
 log = logging.getLogger(__name__)
 _aten = torch.ops.aten
+
+#: QAT for x86 on a CPU without VNNI/AMX: measured on an AVX2-only AMD EPYC, the trained program compiled as it
+#: is served computed outputs many quantization steps from the int8 model, and the export check refused the file
+NO_INT8_DOT_PRODUCT = (
+    "this CPU has no VNNI or AMX int8 instructions: on such a CPU (an AVX2-only AMD EPYC), QAT models of "
+    "Pt2eRecipe('x86') compiled as they are served were measured many quantization steps away from the int8 model, "
+    "and the export check refuses such a .pt2 at the end of fit (quantized_model and checkpoints are kept). Train "
+    "and export on a CPU with VNNI or AMX, or use FxRecipe('x86') (TorchScript) or Pt2eRecipe('xnnpack') (ExecuTorch)"
+)
 
 #: what pt2e layers may compute in
 PT2E_PRECISIONS = (Precision.INT8, Precision.FLOAT)
@@ -121,6 +132,8 @@ class Pt2eFlow:
             if config.recipe is not None
             else build_quantizer(model, config, resolve_layers(model, config), qat)
         )
+        if qat and config.backend == Backend.X86 and has_int8_dot_product() is False:
+            warnings.warn(NO_INT8_DOT_PRODUCT, stacklevel=2)
         model.train(qat)
         inference = inference_inputs(forward_signature(model), example)
         if not qat:  # a post-training model is captured as it is called for a prediction
