@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from lightning_quant.utils.files import atomic_write
 
 
 def publish(path: str | os.PathLike | None, text: str, command: str) -> Path | None:
@@ -22,15 +22,8 @@ def publish(path: str | os.PathLike | None, text: str, command: str) -> Path | N
     """
     if path is None:
         return None
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     header = f"<!-- written by `{command}` on {datetime.date.today().isoformat()}; not edited by hand -->\n"
-    body = header + f"Command: `{command}`\n\n" + text.rstrip() + "\n"
-    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(body)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, target)
+    target = atomic_write(path, header + f"Command: `{command}`\n\n" + text.rstrip() + "\n")
     print(f"published to {target}", file=sys.stderr)
     return target

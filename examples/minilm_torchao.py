@@ -41,6 +41,7 @@ from lightning_quant.evaluation import latency_ms, state_dict_bytes
 from lightning_quant.evaluation.metrics import classification_accuracy, compiled_latency_ms
 from lightning_quant.quantization import ExampleInputs
 from lightning_quant.utils import format_table
+from lightning_quant.utils.files import atomic_write
 from lightning_quant.utils.timing import machine_description
 
 SCHEME = "int8_dyn_int4_weight"
@@ -158,11 +159,11 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         share = recovered / lost if lost > 0 else float("nan")
         notes.append(f"{name}: recovers {recovered:+.4f} of the {lost:.4f} int4 PTQ loses ({share:.0%})")
         print(notes[-1])
-    if args.publish is not None:  # whole or not at all: written aside, then renamed
-        partial = args.publish.with_name(f".{args.publish.name}.tmp")
+    if args.publish is not None:  # whole or not at all
         header = f"<!-- written by `make bench-torchao` on {datetime.date.today().isoformat()}; not edited by hand -->"
-        partial.write_text("\n\n".join([header, "Command: `make bench-torchao`", heading, table, *notes]) + "\n")
-        os.replace(partial, args.publish)
+        atomic_write(
+            args.publish, "\n\n".join([header, "Command: `make bench-torchao`", heading, table, *notes]) + "\n"
+        )
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
     return results

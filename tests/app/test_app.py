@@ -59,8 +59,9 @@ def test_app_qat_on_digits_int8_within_one_point_of_float(flow, backend, tmp_pat
             assert "the reloaded pt2 file differs from the int8 model" in result.stderr, result.stderr[-4000:]
             assert not list(tmp_path.rglob("*.pt2"))
             return
-        assert result.returncode == 0, result.stderr[-4000:]
-    stdout, metrics = run_app(tmp_path, *overrides)
+        stdout, metrics = result.stdout, json.loads((tmp_path / "metrics.json").read_text())  # the run is not repeated
+    else:
+        stdout, metrics = run_app(tmp_path, *overrides)
     assert metrics["float_acc"] >= 0.95
     assert metrics["int8_acc"] >= metrics["float_acc"] - 0.01
     assert 3.0 < metrics["fp32_bytes"] / metrics["int8_bytes"] < 4.2
