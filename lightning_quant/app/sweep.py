@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from typing_extensions import override
 
 from lightning_quant.utils.files import atomic_write_files
-from lightning_quant.utils.tables import format_table
+from lightning_quant.utils.tables import format_table, speed_change
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,14 @@ def results_rows(
     return rows
 
 
+def _markdown_cell(row: dict[str, Any], column: str) -> str:
+    # results.csv keeps the ratio fp32 / int8 (a number to sort by); the table says it in words, so a
+    # slower int8 model reads "2.10x slower", not "0.48x"
+    if column == "speedup_b32" and row[column] is not None:
+        return speed_change(row[column], 1.0)
+    return _cell(row[column])
+
+
 def _cell(value: Any) -> str:
     if value is None:
         return "-"
@@ -136,7 +144,7 @@ def write_results(sweep_dir: Path, metric: str = "int8_acc", latency: str = "int
     writer = csv.DictWriter(csv_text, fieldnames=COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-    table = format_table(COLUMNS, [[_cell(row[c]) for c in COLUMNS] for row in rows])
+    table = format_table(COLUMNS, [[_markdown_cell(row, c) for c in COLUMNS] for row in rows])
     note = f"Sorted by {metric}; * = Pareto front of {metric} (higher) vs {latency} (lower)."
     shared = common_overrides(runs)
     if shared:

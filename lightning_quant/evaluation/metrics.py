@@ -16,7 +16,7 @@ from lightning_quant.quantization.convert import compiled_runner, quantized_engi
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.outputs import collect_outputs
 from lightning_quant.utils.modules import state_dict_bytes
-from lightning_quant.utils.tables import format_table
+from lightning_quant.utils.tables import format_table, speed_change
 from lightning_quant.utils.timing import median_ms
 
 
@@ -169,17 +169,15 @@ def comparison_table(metrics: dict[str, Any], batch_sizes: Sequence[int] = (1, 3
         compiled = metrics.get(f"fp32_compiled_ms_b{bs}")
         if compiled is None:
             where = ", int8 in ExecuTorch" if metrics.get("int8_served_by") == "executorch" else ""
-            rows.append((f"latency batch {bs} (ms){where}", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster"))
+            rows.append((f"latency batch {bs} (ms){where}", f"{fp32:.3f}", f"{int8:.3f}", speed_change(fp32, int8)))
             continue
-        rows.append(
-            (f"latency batch {bs} (ms), float eager", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster")
-        )
+        rows.append((f"latency batch {bs} (ms), float eager", f"{fp32:.3f}", f"{int8:.3f}", speed_change(fp32, int8)))
         rows.append(
             (
                 f"latency batch {bs} (ms), both compiled",
                 f"{compiled:.3f}",
                 f"{int8:.3f}",
-                f"{compiled / int8:.2f}x faster",
+                speed_change(compiled, int8),
             )
         )
         rows.append((f"compile time batch {bs} (s)", "", f"{metrics[f'int8_compile_s_b{bs}']:.1f}", ""))

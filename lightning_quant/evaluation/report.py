@@ -21,7 +21,7 @@ from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.outputs import collect_outputs, higher_is_better, sqnr_db, task_metric
 from lightning_quant.utils.files import write_file_set
-from lightning_quant.utils.tables import format_table
+from lightning_quant.utils.tables import format_table, speed_change
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     )
     for bs, fp32 in report["latency_ms"]["fp32"].items():
         int8 = report["latency_ms"]["int8"][bs]
-        rows.append((f"latency batch {bs} (ms{how})", f"{fp32:.3f}", f"{int8:.3f}", f"{fp32 / int8:.2f}x faster"))
+        rows.append((f"latency batch {bs} (ms{how})", f"{fp32:.3f}", f"{int8:.3f}", speed_change(fp32, int8)))
     rows.append(
         ("output SQNR (dB)", "", f"{report['output_sqnr_db']:.1f}", "finite" if report["output_finite"] else "NaN/Inf")
     )

@@ -15,6 +15,17 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def speed_change(before_ms: float, after_ms: float) -> str:
+    """How ``after_ms`` compares with ``before_ms``, in the direction it went: ``"2.49x faster"`` or
+    ``"2.10x slower"`` (never ``"0.48x faster"``); ``"same speed"`` when both round to the same 1%."""
+    if before_ms <= 0 or after_ms <= 0 or not (before_ms < float("inf") and after_ms < float("inf")):
+        raise ValueError(f"speed_change needs two positive finite times, got {before_ms!r} and {after_ms!r}")
+    ratio = before_ms / after_ms
+    if round(ratio, 2) == 1.0:
+        return "same speed"
+    return f"{ratio:.2f}x faster" if ratio > 1 else f"{1 / ratio:.2f}x slower"
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from lightning_quant.app.sweep import common_overrides, pareto_front, results_rows, write_results
@@ -67,6 +68,16 @@ def test_write_results_files(tmp_path):
     with open(tmp_path / "results.csv") as handle:
         assert [row["run"] for row in csv.DictReader(handle)] == ["1", "0"]
     assert (tmp_path / "results.md").read_text().startswith("| run")
+
+
+def test_the_table_says_a_slower_int8_model_is_slower_and_the_csv_keeps_the_ratio(tmp_path):
+    (tmp_path / "0").mkdir()
+    slower = _run("0", 0.9, 1.0, ["x=0"], fp32_ms_b32=0.305, int8_ms_b32=0.638)
+    (tmp_path / "0" / "metrics.json").write_text(json.dumps(slower))
+    table = write_results(tmp_path)
+    assert "| 2.09x slower |" in table and "faster" not in table
+    with open(tmp_path / "results.csv") as handle:
+        assert float(next(csv.DictReader(handle))["speedup_b32"]) == pytest.approx(0.305 / 0.638)
 
 
 def sweep(tmp_path: Path, *overrides: str, succeeds: bool = True) -> subprocess.CompletedProcess:

@@ -55,3 +55,12 @@ def test_latency_is_the_median_of_the_timed_calls_after_warmup(monkeypatch):
     example = ExampleInputs((torch.randn(1, 4),))
     assert latency_ms(_Timed(clock), example, 8, repeats=5, warmup=2) == pytest.approx(3.0)
     assert clock.durations == []  # exactly warmup + repeats forward passes
+
+
+def test_comparison_table_writes_a_slower_int8_model_as_slower():
+    from lightning_quant.evaluation.metrics import comparison_table
+
+    metrics = {"float_acc": 0.9, "int8_acc": 0.89, "fp32_bytes": 400, "int8_bytes": 100}
+    metrics |= {"fp32_ms_b1": 0.305, "int8_ms_b1": 0.638, "fp32_ms_b32": 1.80, "int8_ms_b32": 0.72}
+    rows = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in comparison_table(metrics).splitlines()}
+    assert rows["latency batch 1 (ms)"] == "2.09x slower" and rows["latency batch 32 (ms)"] == "2.50x faster"
