@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test test-slow lint docs test-gpu test-compat bench bench-pt2e bench-torchao bench-llm bench-distillation bench-patterns zoo examples clean
+.PHONY: run test test-slow lint docs test-gpu test-compat bench bench-backends bench-pt2e bench-torchao bench-llm bench-distillation bench-patterns zoo examples clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,7 +45,26 @@ lint: $(INSTALLED)
 docs: $(INSTALLED)
 	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
-bench: $(INSTALLED)
+# `make bench`: every int8 file this library writes, run where it is served, beside torch fp32 (eager, compiled),
+# ONNX Runtime (fp32, quantize_static int8) and OpenVINO (fp32, NNCF int8), for the digits CNN and a 1M-parameter
+# CNN: batch 1 and 32, 1 thread and all, interleaved rounds, the CPU's flags above the table
+# (benchmarks/runtimes.py). The peers live in their own virtualenv (.venv-bench), never in .venv. About 10 minutes
+# on 2 cores; outside CI. Time it on a quiet machine: nothing else running.
+BENCH := .venv-bench
+
+$(BENCH)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(BENCH)
+	$(BENCH)/bin/python -m pip install --quiet -c constraints.txt torch==2.13.0
+	$(BENCH)/bin/python -m pip install --quiet -c constraints.txt -e ".[pt2e,onnx]"
+	$(BENCH)/bin/python -m pip install --quiet -c constraints.txt openvino==2026.4.0 nncf==3.4.0
+	touch $@
+
+bench: $(BENCH)/.installed
+	$(BENCH)/bin/python benchmarks/runtimes.py --publish benchmarks/results/runtimes.md $(ARGS)
+
+# `make bench-backends`: the digits CNN in fp32 and static int8 for each torch.ao flow and backend (x86, fbgemm,
+# qnnpack), in process: size and latency at batch 1 and 32 (benchmarks/latency.py). A minute; outside CI.
+bench-backends: $(INSTALLED)
 	$(BIN)/python benchmarks/latency.py --publish benchmarks/results/latency.md
 
 # `make bench-pt2e`: one digits QAT run per flow/backend (fx/x86, pt2e/x86 compiled, pt2e/xnnpack in
@@ -85,7 +104,7 @@ examples: $(INSTALLED)
 		$(BIN)/python examples/$$example.py || exit 1; done
 
 clean:
-	rm -rf $(VENV) outputs multirun lightning_logs
+	rm -rf $(VENV) $(BENCH) outputs multirun lightning_logs
 
 # `make test-compat TORCH=2.15.0`: the whole suite against another torch release, in its own
 # virtualenv (.venv-torch<version>). Releases other than 2.13.0 come only as the registry's CUDA

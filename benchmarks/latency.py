@@ -1,6 +1,7 @@
-"""Latency and size of fp32 vs int8 for each backend and flow: `make bench`, whose table the docs include.
+"""Latency and size of fp32 vs int8 for each torch.ao backend and flow: `make bench-backends`, whose table the docs
+include.
 
-Run with ``make bench``. Prints one Markdown table; timings are medians of repeated forward
+Run with ``make bench-backends``. Prints one Markdown table; timings are medians of repeated forward
 passes after a warm-up, with torch's default thread count on this machine.
 """
 
@@ -24,7 +25,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=8, help="8 for digits, 28 for MNIST")
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--publish", help="also write the table to this Markdown file (make bench does)")
+    parser.add_argument("--publish", help="also write the table to this Markdown file (make bench-backends does)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -60,7 +61,11 @@ def main() -> None:
     table = format_table(headers, rows)
     print(heading)
     print(table)
-    command = "make bench" if args.image_size == 8 else f"python benchmarks/latency.py --image-size {args.image_size}"
+    command = (
+        "make bench-backends"
+        if args.image_size == 8
+        else f"python benchmarks/latency.py --image-size {args.image_size}"
+    )
     publish(args.publish, f"{heading}\n\n{table}", command)
 
 

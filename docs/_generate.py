@@ -21,7 +21,8 @@ PACKAGE = ROOT / "lightning_quant"
 
 # (result file, the make target that writes it)
 BENCHMARKS = {
-    "latency": "make bench",
+    "runtimes": "make bench",
+    "latency": "make bench-backends",
     "pt2e": "make bench-pt2e",
     "torchao": "make bench-torchao",
     "llm": "make bench-llm",

@@ -49,3 +49,22 @@ def test_bench_llm_writes_its_table_and_figures_at_a_tiny_size(tmp_path):
     float_bytes = rows["float"]["bytes"]
     assert all(row["bytes"] < 0.6 * float_bytes for name, row in measured.items() if not name.startswith("float"))
     assert all(row["tokens_per_s"] > 0 for row in measured.values())
+
+
+@pytest.mark.slow
+@requires_torchao
+def test_bench_runtimes_times_every_path_and_names_our_fastest(tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "runtimes.md"
+    command = [sys.executable, str(ROOT / "benchmarks" / "runtimes.py"), "--models", "digits", "--rounds", "1"]
+    command += ["--repeats", "1", "--threads", "1", "--publish", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    rows = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines() if line.startswith("| ")}
+    ours = [name for name in rows if name.startswith("ours:")]
+    assert len(ours) == 6 and "ONNX Runtime int8 (quantize_static)" in rows and "torch fp32 compiled" in rows
+    # every int8 path agrees with fp32 on nearly every held-out input, and every time is a positive number
+    assert all(float(rows[name][3]) > 0.9 for name in ours)
+    assert all(float(cell) > 0 for name in ours for cell in rows[name][4:6])
+    assert "- 1 thread(s), batch 1: our fastest is ours:" in text and "than the fastest true fp32" in text

@@ -21,7 +21,7 @@ def median_ms(run: Callable[[], Any], repeats: int, warmup: int) -> float:
 
 
 #: the /proc/cpuinfo flags that decide which int8 and bf16 kernels run
-SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+SPEED_FLAGS = ("avx2", "avx_vnni", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
 
 #: the flags of an int8 dot-product instruction (VPDPBUSD, AMX): without them, x86 int8 kernels multiply uint8 by

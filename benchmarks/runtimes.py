@@ -1,0 +1,386 @@
+"""Every int8 file this library writes, run where it is served, beside torch, ONNX Runtime and OpenVINO: `make bench`.
+
+One run, on this machine, for each model (the digits CNN; a 1M-parameter CNN on 3x32x32 inputs with BatchNorm
+statistics of its data):
+
+- the float model in torch (eager; compiled with freezing), in ONNX Runtime (its fp32 file) and in OpenVINO
+  (that file at f32 precision, and at OpenVINO's default precision, which is bf16 on CPUs with AMX);
+- the peers' int8: ONNX Runtime's ``quantize_static`` (QDQ, per channel) and OpenVINO's int8 from NNCF's ``quantize``,
+  both calibrated on the batches ours are;
+- ours: the fx int8 model in process; the TorchScript file (``export="torchscript"``) at one batch size and with
+  batch sizes alternating as a server's do; the ONNX file (``export="onnx"``) in ONNX Runtime; the pt2e/x86 program
+  compiled as served; and its AOTInductor package (``export="aoti"``).
+
+Each path is timed at batch 1 and 32, with 1 thread and with all of them, in interleaved rounds (every round
+times every path once, in a shuffled order; a path's figure is the median of its rounds' medians), so a
+machine that slows down mid-run slows every path alike. The CPU's name and its AVX2/AVX-512/VNNI/AMX flags are
+printed above the table. "agree" is the share of a held-out batch whose top-1 class equals fp32 eager's.
+
+The peers come from the benchmark's own virtualenv (``.venv-bench``: ``openvino``, ``nncf``, ``onnxruntime``), never
+from ``.venv``; ``make bench`` creates it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import random
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from publish import publish
+
+from lightning_quant import Pt2eRecipe, quantize
+from lightning_quant.demos import DigitsCNN
+from lightning_quant.export import export_int8
+from lightning_quant.quantization import ExampleInputs, QuantizationConfig, convert_copy, get_flow
+from lightning_quant.quantization.config import Backend, ExportTarget
+from lightning_quant.utils import format_table, speed_change
+from lightning_quant.utils.timing import machine_description
+
+Timed = Callable[[], float]  # one call, returning the seconds of the part that is timed
+
+
+class PerfCNN(nn.Sequential):
+    """About 1M parameters on 3x32x32 inputs: four conv-BN-ReLU blocks, two max-pools, a linear head."""
+
+    def __init__(self, classes: int = 10) -> None:
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        super().__init__(
+            *block(3, 64),
+            *block(64, 128),
+            nn.MaxPool2d(2),
+            *block(128, 256),
+            nn.MaxPool2d(2),
+            *block(256, 256),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(256, classes),
+        )
+
+
+@dataclass
+class Case:
+    name: str
+    float_model: nn.Module
+    calibration: list[torch.Tensor]  # batches of 32
+    held_out: torch.Tensor
+    # path -> a runner (x -> output), ("ort", file) or ("ov", model, config): sessions made per thread count
+    paths: dict[str, Any] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)  # path -> "fp32" | "peer int8" | "ours"
+    alternating: set[str] = field(default_factory=set)  # paths called with batch sizes alternating
+
+
+def make_case(name: str, seed: int = 0) -> Case:
+    torch.manual_seed(seed)
+    if name == "digits":
+        model: nn.Module = DigitsCNN(width=32)
+        data = torch.rand(512, 1, 8, 8)
+    elif name == "perf":
+        model = PerfCNN()
+        data = torch.randn(512, 3, 32, 32)
+    else:
+        raise ValueError(f"unknown model {name!r}; the models are digits, perf")
+    # BatchNorm statistics of the data (a trained model's are of its data too)
+    model.train()
+    with torch.no_grad():
+        for batch in data[:256].split(32):
+            model(batch)
+    model.eval()
+    return Case(name, model, list(data[:256].split(32)), data[256:])
+
+
+def as_numpy(batch: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(batch.numpy())
+
+
+# ---- torch and the library ------------------------------------------------------------------------------------
+
+
+def torch_runner(module: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tensor], Any]:
+    def run(x: torch.Tensor) -> Any:
+        with torch.inference_mode():
+            return module(x)
+
+    return run
+
+
+def compiled(module: nn.Module) -> Callable[[torch.Tensor], Any]:
+    """``module`` compiled as a server compiles it: freezing on, without gradients, one graph per batch size."""
+    import torch._inductor.config as inductor_config
+
+    program = torch.compile(module, dynamic=False)
+
+    def run(x: torch.Tensor) -> Any:
+        with inductor_config.patch(freezing=True), torch.no_grad():
+            return program(x)
+
+    return run
+
+
+def add_torch_paths(case: Case, folder: Path) -> None:
+    torch.backends.quantized.engine = "x86"
+    example = ExampleInputs((case.calibration[0],))
+    float_model = case.float_model
+    case.paths["torch fp32 eager"] = torch_runner(float_model)
+    case.paths["torch fp32 compiled"] = compiled(copy.deepcopy(float_model))
+    case.kinds |= {"torch fp32 eager": "fp32", "torch fp32 compiled": "fp32"}
+
+    # ours, fx/x86 static int8: the in-process model and the files the callbacks write
+    config = QuantizationConfig(backend="x86", flow="fx")
+    prepared = get_flow("fx").prepare(copy.deepcopy(float_model), config, example, qat=False)
+    with torch.no_grad():
+        for batch in case.calibration:
+            prepared(batch)
+    int8 = convert_copy(prepared, "fx", config.engine)
+    export_int8(
+        lambda engine: convert_copy(prepared, "fx", engine),
+        [ExportTarget.TORCHSCRIPT, ExportTarget.ONNX],
+        folder,
+        example,
+        Backend.X86,
+    )
+    case.paths["ours: fx int8 in process"] = torch_runner(int8)
+    scripted = torch.jit.load(str(folder / "model_int8.pt"))
+    case.paths["ours: TorchScript file"] = torch_runner(scripted)
+    # a second load, so its specialisations are its own: called with batch sizes alternating
+    alternating = torch.jit.load(str(folder / "model_int8.pt"))
+    case.paths["ours: TorchScript file, batch sizes alternating"] = torch_runner(alternating)
+    case.alternating.add("ours: TorchScript file, batch sizes alternating")
+    case.paths["ours: ONNX file in ONNX Runtime"] = ("ort", str(folder / "model_int8.onnx"))
+
+    # ours, pt2e/x86: the program compiled as served, and its AOTInductor package
+    program = quantize(float_model, [(b,) for b in case.calibration], Pt2eRecipe("x86"), progress=False)
+    case.paths["ours: pt2e/x86 compiled"] = compiled(program)
+    case.paths["ours: pt2e/x86 AOTInductor package"] = aoti_runner(program, example, folder)
+    for name in case.paths:
+        case.kinds.setdefault(name, "ours")
+
+
+def aoti_runner(program: nn.Module, example: ExampleInputs, folder: Path) -> Callable[[torch.Tensor], Any]:
+    import torch._inductor.config as inductor_config
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    exported = torch.export.export(program, example.args, dynamic_shapes=({0: batch},))
+    # freezing applies only to a graph compiled without gradients: with them, Inductor keeps the dequantized fp32
+    # convolutions instead of choosing its int8 kernels (slower than fp32)
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        path = torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / "model_int8_aoti.pt2"))
+    loaded = torch._inductor.aoti_load_package(path)
+    return torch_runner(loaded)
+
+
+# ---- the peers ------------------------------------------------------------------------------------------------
+
+
+def float_onnx(case: Case, folder: Path) -> str:
+    path = str(folder / "model_fp32.onnx")
+    torch.onnx.export(
+        case.float_model,
+        (case.calibration[0],),
+        path,
+        dynamo=False,
+        opset_version=17,
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+    )
+    return path
+
+
+def add_peer_paths(case: Case, folder: Path) -> None:
+    fp32 = float_onnx(case, folder)
+    case.paths["ONNX Runtime fp32"] = ("ort", fp32)
+    case.kinds["ONNX Runtime fp32"] = "fp32"
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": as_numpy(b)} for b in case.calibration])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    ort_int8 = str(folder / "model_ort_int8.onnx")
+    quantize_static(fp32, ort_int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+    case.paths["ONNX Runtime int8 (quantize_static)"] = ("ort", ort_int8)
+    case.kinds["ONNX Runtime int8 (quantize_static)"] = "peer int8"
+
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError:  # outside .venv-bench: the table says so, the other rows stand
+        print("OpenVINO/NNCF are not installed here: their rows are left out (make bench installs them)")
+        return
+    ov_model = ov.Core().read_model(fp32)
+    ov_int8 = nncf.quantize(
+        ov_model, nncf.Dataset([as_numpy(b) for b in case.calibration]), subset_size=len(case.calibration)
+    )
+    case.paths["OpenVINO fp32 (f32 precision)"] = ("ov", ov_model, {"INFERENCE_PRECISION_HINT": "f32"})
+    case.paths["OpenVINO fp32 (its default precision)"] = ("ov", ov_model, {})
+    case.paths["OpenVINO int8 (NNCF quantize)"] = ("ov", ov_int8, {})
+    case.kinds |= {
+        "OpenVINO fp32 (f32 precision)": "fp32",
+        "OpenVINO fp32 (its default precision)": "bf16 where the CPU has it",
+        "OpenVINO int8 (NNCF quantize)": "peer int8",
+    }
+
+
+def ort_runner(path: str, threads: int) -> Callable[[torch.Tensor], Any]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: as_numpy(x)})[0]
+
+
+def ov_runner(model: Any, config: dict[str, str], threads: int) -> Callable[[torch.Tensor], Any]:
+    import openvino as ov
+
+    settings = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": str(threads), **config}
+    request = ov.Core().compile_model(model, "CPU", settings).create_infer_request()
+
+    def run(x: torch.Tensor) -> Any:
+        request.infer({0: as_numpy(x)}, share_inputs=True)
+        return request.get_output_tensor(0).data
+
+    return run
+
+
+def runner_for(spec: Any, threads: int) -> Callable[[torch.Tensor], Any]:
+    if isinstance(spec, tuple) and spec[0] == "ort":
+        return ort_runner(spec[1], threads)
+    if isinstance(spec, tuple) and spec[0] == "ov":
+        return ov_runner(spec[1], spec[2], threads)
+    return spec
+
+
+# ---- timing ---------------------------------------------------------------------------------------------------
+
+
+def timed(run: Callable[[torch.Tensor], Any], x: torch.Tensor, before: torch.Tensor | None = None) -> Timed:
+    def call() -> float:
+        if before is not None:  # a call with another batch size, untimed, as a server's traffic alternates
+            run(before)
+        start = time.perf_counter()
+        run(x)
+        return time.perf_counter() - start
+
+    return call
+
+
+def top1_agreement(run: Callable[[torch.Tensor], Any], case: Case, reference: torch.Tensor) -> float:
+    out = run(case.held_out)
+    out = torch.as_tensor(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
+    return (out.argmax(-1) == reference).float().mean().item()
+
+
+def measure(case: Case, threads: int, batches: tuple[int, ...], rounds: int, repeats: int) -> dict[tuple, float]:
+    torch.set_num_threads(threads)
+    inputs = {bs: case.held_out[:bs].contiguous() for bs in batches}
+    calls: dict[tuple[str, int], Timed] = {}
+    for name, spec in case.paths.items():
+        run = runner_for(spec, threads)
+        for bs in batches:
+            other = inputs[max(batches) if bs != max(batches) else min(batches)] if name in case.alternating else None
+            calls[(name, bs)] = timed(run, inputs[bs], other)
+    for call in calls.values():  # compile, plan memory, specialise
+        for _ in range(3):
+            call()
+    rounds_ms: dict[tuple[str, int], list[float]] = {key: [] for key in calls}
+    for r in range(rounds):
+        order = list(calls)
+        random.Random(r).shuffle(order)
+        for key in order:
+            rounds_ms[key].append(statistics.median(calls[key]() for _ in range(repeats)) * 1e3)
+    return {key: statistics.median(values) for key, values in rounds_ms.items()}
+
+
+def summary(case: Case, results: dict[int, dict[tuple, float]], batches: tuple[int, ...]) -> list[str]:
+    lines = []
+    ours = [name for name, kind in case.kinds.items() if kind == "ours"]
+    true_fp32 = [name for name, kind in case.kinds.items() if kind == "fp32"]
+    ov = "OpenVINO int8 (NNCF quantize)"
+    for threads, ms in results.items():
+        for bs in batches:
+            best = min(ours, key=lambda name: ms[(name, bs)])
+            fp32 = min(true_fp32, key=lambda name: ms[(name, bs)])
+            against = (
+                f"{speed_change(ms[(ov, bs)], ms[(best, bs)])} than OpenVINO int8 ({ms[(ov, bs)]:.3f} ms)"
+                if ov in case.paths
+                else "OpenVINO not installed"
+            )
+            lines.append(
+                f"- {threads} thread(s), batch {bs}: our fastest is {best} ({ms[(best, bs)]:.3f} ms): {against}, "
+                f"{speed_change(ms[(fp32, bs)], ms[(best, bs)])} than the fastest true fp32, {fp32} "
+                f"({ms[(fp32, bs)]:.3f} ms)"
+            )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="digits,perf", help="comma-separated: digits, perf")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15, help="timed calls per path per round")
+    parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma-separated thread counts")
+    parser.add_argument("--publish", help="also write the tables to this Markdown file (make bench does)")
+    args = parser.parse_args()
+
+    warnings.filterwarnings("ignore")  # torch's export and the peers' advice, once per model: not the benchmark's
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs its advice on the root logger
+    heading = machine_description()
+    print(heading, flush=True)
+    batches = (1, 32)
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    sections = [heading]
+    for model in args.models.split(","):
+        started = time.perf_counter()
+        case = make_case(model)
+        with tempfile.TemporaryDirectory() as tmp:
+            add_torch_paths(case, Path(tmp))
+            add_peer_paths(case, Path(tmp))
+            reference = case.float_model(case.held_out).argmax(-1)
+            agree = {
+                n: top1_agreement(runner_for(s, thread_counts[-1]), case, reference) for n, s in case.paths.items()
+            }
+            results = {t: measure(case, t, batches, args.rounds, args.repeats) for t in thread_counts}
+        headers = ["path", "kind", "agree"] + [f"{t}t b{bs} ms" for t in thread_counts for bs in batches]
+        rows = [
+            [n, case.kinds[n], f"{agree[n]:.3f}"]
+            + [f"{results[t][(n, bs)]:.3f}" for t in thread_counts for bs in batches]
+            for n in case.paths
+        ]
+        params = sum(p.numel() for p in case.float_model.parameters())
+        title = (
+            f"### {model}: {type(case.float_model).__name__}, {params / 1e6:.2f}M parameters, input "
+            f"{tuple(case.held_out.shape[1:])}"
+        )
+        table = format_table(headers, rows)
+        lines = summary(case, results, batches)
+        took = f"({args.rounds} rounds x {args.repeats} calls per path; {time.perf_counter() - started:.0f} s)"
+        section = "\n".join([title, "", table, "", *lines, "", took])
+        print(f"\n{section}", flush=True)
+        sections.append(section)
+    publish(args.publish, "\n\n".join(sections), "make bench")
+
+
+if __name__ == "__main__":
+    main()
