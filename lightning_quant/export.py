@@ -157,20 +157,18 @@ def _torchscript_bytes(
     buffer = io.BytesIO()
     with known_torch_warnings_silenced():
         torch.jit.save(scripted, buffer)
+    return buffer.getvalue(), _load_torchscript
 
-    def load(data: bytes) -> Loaded:
-        with known_torch_warnings_silenced():
-            loaded = torch.jit.load(io.BytesIO(data))
-        return lambda inputs: inputs(loaded)
 
-    return buffer.getvalue(), load
+def _load_torchscript(data: bytes) -> Loaded:
+    with known_torch_warnings_silenced():
+        loaded = torch.jit.load(io.BytesIO(data))
+    return lambda inputs: inputs(loaded)
 
 
 def _mobile_bytes(
     model: nn.Module, example: ExampleInputs, backend: Backend
 ) -> tuple[bytes, Callable[[bytes], Loaded]]:
-    from torch.jit.mobile import _load_for_lite_interpreter
-
     scripted = to_torchscript(model, example)
     if torch._C._is_xnnpack_enabled():
         from torch.utils.mobile_optimizer import optimize_for_mobile
@@ -180,13 +178,15 @@ def _mobile_bytes(
         log.info("this torch build has no XNNPACK: the lite-interpreter file is saved without optimize_for_mobile")
     with known_torch_warnings_silenced():
         data = scripted._save_to_buffer_for_lite_interpreter()
+    return bytes(data), _load_mobile
 
-    def load(data: bytes) -> Loaded:
-        with known_torch_warnings_silenced():
-            loaded = _load_for_lite_interpreter(io.BytesIO(data))
-        return lambda inputs: inputs(loaded)
 
-    return bytes(data), load
+def _load_mobile(data: bytes) -> Loaded:
+    from torch.jit.mobile import _load_for_lite_interpreter
+
+    with known_torch_warnings_silenced():
+        loaded = _load_for_lite_interpreter(io.BytesIO(data))
+    return lambda inputs: inputs(loaded)
 
 
 def _onnx_axes(model: nn.Module, example: ExampleInputs) -> tuple[list[str], list[str], dict[str, dict[int, str]]]:
@@ -233,22 +233,24 @@ def _onnx_bytes(
     data = buffer.getvalue()
     onnx.checker.check_model(onnx.load_from_string(data))
     try:
-        import onnxruntime
+        import onnxruntime  # noqa: F401
     except ImportError:
         log.info("onnxruntime is not installed: the ONNX file is checked with onnx.checker only")
         return data, None
+    return data, _load_onnx
 
-    def load(data: bytes) -> Loaded:
-        session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
 
-        def run(inputs: ExampleInputs) -> Any:
-            values = [*inputs.args, *inputs.kwargs.values()]
-            feeds = {inp.name: v.numpy() for inp, v in zip(session.get_inputs(), values)}
-            return [torch.from_numpy(o) for o in session.run(None, feeds)]
+def _load_onnx(data: bytes) -> Loaded:
+    import onnxruntime
 
-        return run
+    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
 
-    return data, load
+    def run(inputs: ExampleInputs) -> Any:
+        values = [*inputs.args, *inputs.kwargs.values()]
+        feeds = {inp.name: v.numpy() for inp, v in zip(session.get_inputs(), values)}
+        return [torch.from_numpy(o) for o in session.run(None, feeds)]
+
+    return run
 
 
 def _pt2_bytes(model: nn.Module, example: ExampleInputs, backend: Backend) -> tuple[bytes, Callable[[bytes], Loaded]]:
@@ -266,11 +268,15 @@ def _pt2_bytes(model: nn.Module, example: ExampleInputs, backend: Backend) -> tu
     def load(data: bytes) -> Loaded:
         with known_torch_warnings_silenced():
             loaded = torch.export.load(io.BytesIO(data)).module()
-        if compile_check:
-            return compiled_runner(loaded)
-        return lambda inputs: inputs(loaded)
+        return _pt2_served(loaded, compile_check)
 
     return buffer.getvalue(), load
+
+
+def _pt2_served(loaded: nn.Module, compiled: bool) -> Loaded:
+    if compiled:
+        return compiled_runner(loaded)
+    return lambda inputs: inputs(loaded)
 
 
 def _weights_bytes(
@@ -312,26 +318,28 @@ def _executorch_bytes(
     with known_torch_warnings_silenced():
         lowered = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch()
     in_spec = program.call_spec.in_spec
+    return bytes(lowered.buffer), lambda data: _load_executorch(data, in_spec)
 
-    def load(data: bytes) -> Loaded:
-        from executorch.runtime import Runtime
 
-        # the method runs on memory its program (and the program's bytes) own: keep both alive with
-        # it, or the runtime reads freed memory once they are collected (a crash, not an error)
-        program = Runtime.get().load_program(data)
-        method = program.load_method("forward")
-        keep = (data, program)
+def _load_executorch(data: bytes, in_spec: Any = None) -> Loaded:
+    """An ExecuTorch program run in its runtime; its inputs flattened by the exported program's ``in_spec``
+    (a file read back without it takes its inputs by position)."""
+    from executorch.runtime import Runtime
 
-        def run(inputs: ExampleInputs) -> Any:
-            import torch.fx._pytree as fx_pytree
+    # the method runs on memory its program (and the program's bytes) own: keep both alive with
+    # it, or the runtime reads freed memory once they are collected (a crash, not an error)
+    program = Runtime.get().load_program(data)
+    method = program.load_method("forward")
+    keep = (data, program)
 
-            assert keep
-            flat = fx_pytree.tree_flatten_spec((inputs.args, inputs.kwargs), in_spec) if in_spec else inputs.args
-            return list(method.execute(list(flat)))
+    def run(inputs: ExampleInputs) -> Any:
+        import torch.fx._pytree as fx_pytree
 
-        return run
+        assert keep
+        flat = fx_pytree.tree_flatten_spec((inputs.args, inputs.kwargs), in_spec) if in_spec else inputs.args
+        return list(method.execute(list(flat)))
 
-    return bytes(lowered.buffer), load
+    return run
 
 
 def executorch_runner(model: nn.Module, example: ExampleInputs) -> Callable[[ExampleInputs], Any]:
@@ -471,6 +479,53 @@ _SERIALIZERS: dict[ExportTarget, Callable[..., tuple[Any, Any]]] = {
 
 #: targets whose file is a folder of files (``{name: bytes}``), written as ``<basename><suffix>/<name>``
 FOLDER_TARGETS = (ExportTarget.HF,)
+
+
+#: the targets whose file is a program a server runs (the others hold weights for the model's own code)
+SERVED_TARGETS = (
+    ExportTarget.TORCHSCRIPT,
+    ExportTarget.MOBILE,
+    ExportTarget.ONNX,
+    ExportTarget.PT2,
+    ExportTarget.EXECUTORCH,
+)
+
+
+def file_runner(target: ExportTarget | str, path: os.PathLike | str, backend: Backend | str) -> Loaded | None:
+    """A written file loaded the way it is served, as a callable on :class:`ExampleInputs`: TorchScript by
+    ``torch.jit.load``, the lite-interpreter file by its loader, ONNX in ONNX Runtime, a ``.pt2`` by
+    :func:`~lightning_quant.load_pt2` (an x86 program compiled, as served), a ``.pte`` in ExecuTorch's runtime.
+    ``None`` where the file holds weights (``state_dict``, ``safetensors``, ``hf``) or its runtime is not installed.
+
+    Each file is read once and checked against its set's manifest before its loader sees it.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CorruptFileError: the file differs from its manifest, or is empty or damaged.
+    """
+    target, backend = ExportTarget(target), Backend(backend)
+    if target not in SERVED_TARGETS:
+        return None
+    if target is ExportTarget.PT2:
+        from lightning_quant.quantization.flows.pt2e import load_pt2
+
+        loaded = load_pt2(path)
+        compiled = backend is Backend.X86 and flows.served_by(loaded) == "compiled"
+        return _pt2_served(loaded, compiled)
+    runtime = {ExportTarget.ONNX: "onnxruntime", ExportTarget.EXECUTORCH: "executorch"}.get(target)
+    if runtime is not None:
+        try:
+            __import__(runtime)
+        except ImportError:
+            return None
+    data = read_checked(path, f"{target.value} file", zip_format=target is ExportTarget.TORCHSCRIPT)
+    loaders: dict[ExportTarget, Callable[[bytes], Loaded]] = {
+        ExportTarget.TORCHSCRIPT: _load_torchscript,
+        ExportTarget.MOBILE: _load_mobile,
+        ExportTarget.ONNX: _load_onnx,
+        ExportTarget.EXECUTORCH: _load_executorch,
+    }
+    return loaders[target](data)
 
 
 def other_batch_size(example: ExampleInputs) -> int:

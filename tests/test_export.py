@@ -16,6 +16,7 @@ from lightning_quant.quantization import flows
 from lightning_quant.quantization.config import Backend, ExportTarget
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.outputs import max_abs_diff
+from lightning_quant.utils.integrity import CorruptFileError
 from tests.helpers import BoringClassifier, quiet_trainer, requires_executorch, visible_files
 
 RELOAD = textwrap.dedent(
@@ -253,3 +254,32 @@ def test_full_disk_during_export_raises_cleanly_and_keeps_the_previous_set(tmp_p
     assert visible_files(tmp_path) == ["model_int8.pt"]
     assert (tmp_path / "model_int8.pt").read_bytes() == b"old pt"
     assert len(list((tmp_path / ".model_int8.sets").iterdir())) == 1
+
+
+def test_each_written_program_is_timed_where_it_is_served_and_a_changed_file_is_refused(exported, tmp_path):
+    from lightning_quant.evaluation.metrics import file_latency_ms
+    from lightning_quant.export import file_runner
+
+    callback, _ = exported
+    example = callback.example_inputs
+    times = file_latency_ms(callback.export_paths, callback.quantized_model, example, "x86", (1, 16), 3, 1)
+    assert set(times) == {"torchscript", "mobile", "onnx"}
+    assert all(set(t) == {"1", "16"} and min(t.values()) > 0 for t in times.values())
+    # the loaded file computes what the int8 model does
+    run = file_runner("onnx", callback.export_paths["onnx"], "x86")
+    with torch.no_grad(), quantized_engine("x86"):
+        expected = callback.quantized_model(*example.args)
+    assert max_abs_diff(expected, run(example)) < 0.05
+    # a copy with one byte changed no longer matches the set's manifest: refused before any loader sees it
+    original = Path(callback.export_paths["torchscript"])
+    data = bytearray(original.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    with pytest.raises(CorruptFileError, match="differs from what was written"):
+        tampered = original.resolve()
+        saved = tampered.read_bytes()
+        try:
+            tampered.write_bytes(bytes(data))
+            file_runner("torchscript", original, "x86")
+        finally:
+            tampered.write_bytes(saved)
+    assert file_runner("state_dict", tmp_path / "absent.pt", "x86") is None  # weights, not a program

@@ -180,6 +180,8 @@ def measure(
             bench.repeats,
             bench.warmup,
             float_eval_model=trained,
+            files=callback.export_paths,
+            backend=callback.config.backend.value,
         )
     metrics["export_paths"] = dict(callback.export_paths)
     return metrics

@@ -160,6 +160,7 @@ class QuantizationReport(QuantizationListener, Callback):
             next_steps=steps,
             batch_to_input=callback.inputs_reader(pl_module, self.data if isinstance(self.data, str) else "val"),
             reducer=RankReducer.current(trainer.strategy.root_device),
+            backend=config.backend.value,
         )
         if trainer.is_global_zero:
             directory = Path(self.report_dir) if self.report_dir is not None else callback.export_dir(trainer)

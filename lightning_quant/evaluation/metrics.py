@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
 import time
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -82,6 +83,65 @@ def compiled_latency_ms(
     return median_ms(lambda: run(inputs), repeats, warmup), compile_s
 
 
+def file_latency_ms(
+    files: Mapping[str, str | os.PathLike],
+    model: nn.Module,
+    example: ExampleInputs,
+    backend: str,
+    batch_sizes: Sequence[int] = (1, 32),
+    repeats: int = 50,
+    warmup: int = 10,
+) -> dict[str, dict[str, float]]:
+    """Median ms of one call of each exported file where it is served, ``{target: {batch size: ms}}``
+    (:func:`lightning_quant.export.file_runner`: TorchScript and lite-interpreter files by torch's loaders, ONNX in
+    ONNX Runtime, a ``.pt2`` as served, a ``.pte`` in ExecuTorch's runtime). Files that hold weights, or whose runtime
+    is not installed, are left out; a ``.pte`` is timed up to the batch its memory was planned for.
+
+    Args:
+        files: ``{target: path}``, as ``callback.export_paths``.
+        model: the int8 model the files were written from (its signature orders keyword inputs).
+        example: the inputs, tiled or cut to each batch size.
+        backend: the backend of the run (decides how a ``.pt2`` is served and the engine TorchScript runs on).
+    """
+    from lightning_quant.export import EXECUTORCH_MAX_BATCH, engine_for, file_runner
+    from lightning_quant.quantization.config import Backend, ExportTarget
+
+    example = example.to("cpu")
+    positional = inputs.as_positional(model, example)
+    out: dict[str, dict[str, float]] = {}
+    for target, path in files.items():
+        run = file_runner(target, path, backend)
+        if run is None:
+            continue
+        kind = ExportTarget(target)
+        times: dict[str, float] = {}
+        for bs in batch_sizes:
+            if kind is ExportTarget.EXECUTORCH and bs > EXECUTORCH_MAX_BATCH:
+                continue
+            batch = (example if kind is ExportTarget.PT2 else positional).with_batch_size(bs)
+            with quantized_engine(engine_for(kind, Backend(backend))), torch.no_grad():
+                times[str(bs)] = median_ms(lambda: run(batch), repeats, warmup)  # noqa: B023  # called here
+        out[kind.value] = times
+    return out
+
+
+def what_to_serve(
+    fp32_ms: Mapping[str, float], in_process_ms: Mapping[str, float], files_ms: Mapping[str, Mapping[str, float]]
+) -> dict[str, str]:
+    """For each batch size, the fastest way to run the int8 model (the model in process, or one of its files) in
+    words, with how it compares with the other int8 ways and with fp32: ``{batch size: sentence}``."""
+    out = {}
+    for bs, fp32 in fp32_ms.items():
+        ways = {"the int8 model in process": in_process_ms[bs]} if bs in in_process_ms else {}
+        ways |= {f"the {target} file": times[bs] for target, times in files_ms.items() if bs in times}
+        if not ways:
+            continue
+        best = min(ways, key=ways.__getitem__)
+        others = [f"{speed_change(ms, ways[best])} than {way}" for way, ms in ways.items() if way != best]
+        out[bs] = ", ".join([f"{best} ({ways[best]:.3f} ms)", *others, f"{speed_change(fp32, ways[best])} than fp32"])
+    return out
+
+
 def classification_accuracy(
     module: nn.Module,
     batches: Iterable[Any],
@@ -109,8 +169,11 @@ def compare(
     warmup: int = 10,
     float_eval_model: nn.Module | None = None,
     batch_to_input: Callable[[Any], Any] | None = None,
+    files: Mapping[str, str | os.PathLike] | None = None,
+    backend: str = "x86",
 ) -> dict[str, Any]:
-    """Float vs int8: test accuracy, weight bytes and median latency at each batch size.
+    """Float vs int8: test accuracy, weight bytes and median latency at each batch size; with ``files``, each
+    exported file timed where it is served too, and the fastest way to serve named (``serve_b<bs>``).
 
     Args:
         float_model: the fp32 model timed and sized.
@@ -125,6 +188,9 @@ def compare(
     xnnpack). Uncompiled, a pt2e model would run its quantize/dequantize pairs in float.
         float_eval_model: the model whose accuracy counts as "float" when it is not
             ``float_model`` (a QAT model with quantization switched off, say).
+        files: ``{target: path}`` of the int8 model's exported files (``callback.export_paths``), each timed as
+            :func:`file_latency_ms` does (``file_ms``).
+        backend: the backend the files were written for.
     """
     metrics: dict[str, Any] = {
         "float_acc": classification_accuracy(
@@ -145,6 +211,12 @@ def compare(
         metrics[f"int8_ms_b{bs}"], compile_s = int8_latency(int8_model, example, bs, repeats, warmup, engine)
         if compile_s is not None:
             metrics[f"int8_compile_s_b{bs}"] = compile_s
+    if int8_model is not None and files:
+        metrics["file_ms"] = file_latency_ms(files, int8_model, example, backend, batch_sizes, repeats, warmup)
+        fp32_ms = {str(bs): metrics.get(f"fp32_compiled_ms_b{bs}", metrics[f"fp32_ms_b{bs}"]) for bs in batch_sizes}
+        int8_ms = {str(bs): metrics[f"int8_ms_b{bs}"] for bs in batch_sizes}
+        for size, sentence in what_to_serve(fp32_ms, int8_ms, metrics["file_ms"]).items():
+            metrics[f"serve_b{size}"] = sentence
     return metrics
 
 
@@ -181,4 +253,12 @@ def comparison_table(metrics: dict[str, Any], batch_sizes: Sequence[int] = (1, 3
             )
         )
         rows.append((f"compile time batch {bs} (s)", "", f"{metrics[f'int8_compile_s_b{bs}']:.1f}", ""))
-    return format_table(("", "float", "int8", "change"), rows)
+    fp32_of = {bs: metrics.get(f"fp32_compiled_ms_b{bs}", metrics[f"fp32_ms_b{bs}"]) for bs in batch_sizes}
+    for target, times in metrics.get("file_ms", {}).items():
+        for bs in batch_sizes:
+            if str(bs) in times:
+                ms = times[str(bs)]
+                rows.append((f"latency batch {bs} (ms), {target} file", "", f"{ms:.3f}", speed_change(fp32_of[bs], ms)))
+    table = format_table(("", "float", "int8", "change"), rows)
+    serve = [f"serve at batch {bs}: {metrics[f'serve_b{bs}']}" for bs in batch_sizes if f"serve_b{bs}" in metrics]
+    return "\n".join([table, *serve])

@@ -15,7 +15,14 @@ import torch
 import torch.nn as nn
 
 from lightning_quant.evaluation.analysis import observer_ranges, per_layer_sqnr
-from lightning_quant.evaluation.metrics import compiled_latency_ms, int8_latency, latency_ms, state_dict_bytes
+from lightning_quant.evaluation.metrics import (
+    compiled_latency_ms,
+    file_latency_ms,
+    int8_latency,
+    latency_ms,
+    state_dict_bytes,
+    what_to_serve,
+)
 from lightning_quant.quantization import flows
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.inputs import ExampleInputs
@@ -44,6 +51,7 @@ def build_report(
     batch_to_input: Callable[[Any], Any] | None = None,
     repeats: int = 30,
     reducer: RankReducer | None = None,
+    backend: str | None = None,
 ) -> dict[str, Any]:
     """Everything the report says, as plain data (see :func:`write_report`).
 
@@ -64,6 +72,8 @@ def build_report(
         next_steps: remedies to name when the threshold is missed.
         reducer: under DDP, the task metric is over every rank's batches (the same on every rank);
             the SQNR figures, sizes and latencies are this rank's.
+        backend: the backend ``export_paths`` were written for: each file that is a program is timed where it
+            is served (``latency_ms["files"]``) and the fastest way to serve the int8 model is named (``serve``).
     """
     float_out = collect_outputs(reference, batches, batch_to_input=batch_to_input)
     int8_out = collect_outputs(int8_model, batches, engine, batch_to_input)
@@ -101,6 +111,10 @@ def build_report(
         report["latency_ms"]["int8"][str(bs)] = ms
         if compile_s is not None:
             report["latency_ms"].setdefault("compile_s", {})[str(bs)] = compile_s
+    if export_paths and backend is not None:
+        files_ms = file_latency_ms(export_paths, int8_model, example, backend, batch_sizes, repeats, 5)
+        report["latency_ms"]["files"] = files_ms
+        report["serve"] = what_to_serve(report["latency_ms"]["fp32"], report["latency_ms"]["int8"], files_ms)
     report["slower_than_float"] = slower_than_float(report)
     worst_names = ", ".join(
         f"{n} (adds {v['loss_db']:.1f} dB of error, output {v['sqnr_db']:.1f} dB)" for n, v in worst[:3]
@@ -165,10 +179,17 @@ def report_markdown(report: dict[str, Any]) -> str:
     for bs, fp32 in report["latency_ms"]["fp32"].items():
         int8 = report["latency_ms"]["int8"][bs]
         rows.append((f"latency batch {bs} (ms{how})", f"{fp32:.3f}", f"{int8:.3f}", speed_change(fp32, int8)))
+    for target, times in report["latency_ms"].get("files", {}).items():
+        for bs, ms in times.items():
+            fp32 = report["latency_ms"]["fp32"][bs]
+            rows.append((f"latency batch {bs} (ms), {target} file", "", f"{ms:.3f}", speed_change(fp32, ms)))
     rows.append(
         ("output SQNR (dB)", "", f"{report['output_sqnr_db']:.1f}", "finite" if report["output_finite"] else "NaN/Inf")
     )
     lines += [format_table(("", "float", "int8", ""), rows), ""]
+    if report.get("serve"):
+        lines += ["What to serve, on this machine:", ""]
+        lines += [f"- batch {bs}: {sentence}" for bs, sentence in report["serve"].items()] + [""]
     if sizes["files"]:
         lines += ["Exported files: " + ", ".join(f"{t} {b} bytes" for t, b in sizes["files"].items()), ""]
     graph = report.get("int8_graph") or {}

@@ -61,6 +61,11 @@ def test_report_after_quantization_in_either_order(quant, report_first, flow, tm
     server_file = "pt2" if flow == "pt2e" else "torchscript"
     assert saved["metric"]["name"] == "accuracy" and saved["sizes"]["files"][server_file] > 0
     assert set(saved["latency_ms"]["fp32"]) == {"1", "16"}  # 1 and the training batch size
+    # the file a server runs is timed where it is served, and the fastest way to serve is named at each size
+    assert set(saved["latency_ms"]["files"]) == {server_file}
+    assert all(ms > 0 for ms in saved["latency_ms"]["files"][server_file].values())
+    assert set(saved["serve"]) == {"1", "16"} and all(s.endswith("than fp32") for s in saved["serve"].values())
+    assert "What to serve, on this machine:" in (tmp_path / "report.md").read_text()
     assert [l["name"] for l in saved["layers"]] == ["features.0", "head"]
     if quant == "qat":  # the fp32 reference is the float architecture kept before preparation
         assert saved["sizes"]["fp32_state_dict"] < 4 * saved["sizes"]["int8_state_dict"] + 2000

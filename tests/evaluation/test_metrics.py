@@ -64,3 +64,24 @@ def test_comparison_table_writes_a_slower_int8_model_as_slower():
     metrics |= {"fp32_ms_b1": 0.305, "int8_ms_b1": 0.638, "fp32_ms_b32": 1.80, "int8_ms_b32": 0.72}
     rows = {line.split("|")[1].strip(): line.split("|")[4].strip() for line in comparison_table(metrics).splitlines()}
     assert rows["latency batch 1 (ms)"] == "2.09x slower" and rows["latency batch 32 (ms)"] == "2.50x faster"
+
+
+def test_what_to_serve_names_the_fastest_way_and_says_slower_as_slower():
+    from lightning_quant.evaluation.metrics import what_to_serve
+
+    serve = what_to_serve(
+        {"1": 0.30, "32": 2.0},
+        {"1": 0.60, "32": 0.40},
+        {"torchscript": {"1": 0.20, "32": 0.50}, "executorch": {"1": 0.25}},
+    )
+    assert serve["1"] == (
+        "the torchscript file (0.200 ms), 3.00x faster than the int8 model in process, "
+        "1.25x faster than the executorch file, 1.50x faster than fp32"
+    )
+    assert serve["32"] == (
+        "the int8 model in process (0.400 ms), 1.25x faster than the torchscript file, 5.00x faster than fp32"
+    )
+    # an int8 model slower than fp32 at every size is still named, as slower
+    assert (
+        what_to_serve({"1": 0.1}, {"1": 0.3}, {})["1"] == "the int8 model in process (0.300 ms), 3.00x slower than fp32"
+    )
