@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import io
 import logging
 import os
 import random
@@ -82,6 +83,7 @@ class Case:
     paths: dict[str, Any] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)  # path -> "fp32" | "peer int8" | "ours"
     alternating: set[str] = field(default_factory=set)  # paths called with batch sizes alternating
+    sizes: dict[str, int] = field(default_factory=dict)  # file -> bytes
 
 
 def make_case(name: str, seed: int = 0) -> Case:
@@ -153,6 +155,13 @@ def add_torch_paths(case: Case, folder: Path) -> None:
         example,
         Backend.X86,
     )
+    fp32_file = io.BytesIO()
+    torch.save(float_model.state_dict(), fp32_file)
+    case.sizes = {"fp32 state dict": len(fp32_file.getvalue())}
+    case.sizes |= {
+        f"our {n} file": (folder / f"model_int8{s}").stat().st_size
+        for n, s in (("TorchScript", ".pt"), ("ONNX", ".onnx"))
+    }
     case.paths["ours: fx int8 in process"] = torch_runner(int8)
     scripted = torch.jit.load(str(folder / "model_int8.pt"))
     case.paths["ours: TorchScript file"] = torch_runner(scripted)
@@ -375,6 +384,13 @@ def main() -> None:
         )
         table = format_table(headers, rows)
         lines = summary(case, results, batches)
+        fp32_bytes = case.sizes["fp32 state dict"]
+        lines.append(
+            f"- sizes: fp32 state dict {fp32_bytes:,} bytes; "
+            + "; ".join(
+                f"{n} {b:,} bytes ({fp32_bytes / b:.2f}x smaller)" for n, b in case.sizes.items() if b != fp32_bytes
+            )
+        )
         took = f"({args.rounds} rounds x {args.repeats} calls per path; {time.perf_counter() - started:.0f} s)"
         section = "\n".join([title, "", table, "", *lines, "", took])
         print(f"\n{section}", flush=True)

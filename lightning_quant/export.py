@@ -157,7 +157,34 @@ def _torchscript_bytes(
     buffer = io.BytesIO()
     with known_torch_warnings_silenced():
         torch.jit.save(scripted, buffer)
-    return buffer.getvalue(), _load_torchscript
+    return compact_torchscript(buffer.getvalue()), _load_torchscript
+
+
+#: records of a TorchScript archive at least this large (the weights) are kept as torch stored them
+COMPACT_STORED_BYTES = 64 * 1024
+
+
+def compact_torchscript(data: bytes) -> bytes:
+    """A TorchScript archive without its ``*.debug_pkl`` records and with its small records deflated.
+
+    The debug records map the file's code back to the Python source lines it was scripted from. They are used only
+    in the message of an error raised inside the file. The small records are the code, the constants, and each
+    layer's per-channel scales, zero points and float bias. Together these were about 4% of a 1M-parameter CNN's
+    int8 file (3.86x smaller than fp32; 3.96x without them). Records of ``COMPACT_STORED_BYTES`` or more, the int8
+    weights, are stored as torch wrote them. ``torch.jit.load`` reads the result as it reads torch's own file; the
+    export check reloads exactly these bytes.
+    """
+    import zipfile
+
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as source, zipfile.ZipFile(out, "w") as compact:
+        for info in source.infolist():
+            if info.filename.endswith(".debug_pkl"):
+                continue
+            body = source.read(info)
+            method = zipfile.ZIP_STORED if len(body) >= COMPACT_STORED_BYTES else zipfile.ZIP_DEFLATED
+            compact.writestr(info.filename, body, compress_type=method)
+    return out.getvalue()
 
 
 def _load_torchscript(data: bytes) -> Loaded:

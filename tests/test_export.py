@@ -283,3 +283,25 @@ def test_each_written_program_is_timed_where_it_is_served_and_a_changed_file_is_
         finally:
             tampered.write_bytes(saved)
     assert file_runner("state_dict", tmp_path / "absent.pt", "x86") is None  # weights, not a program
+
+
+def test_torchscript_files_carry_no_debug_records_and_load_as_torch_wrote_them(exported):
+    import io
+    import zipfile
+
+    from lightning_quant.export import COMPACT_STORED_BYTES, compact_torchscript
+
+    callback, _ = exported
+    written = Path(callback.export_paths["torchscript"]).read_bytes()
+    names = zipfile.ZipFile(io.BytesIO(written)).namelist()
+    assert names and not [n for n in names if n.endswith(".debug_pkl")]
+    # a larger model: its weights stay stored, the rest is deflated; the archive loads and computes the same
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10)).eval()
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(model), buffer)
+    compact = compact_torchscript(buffer.getvalue())
+    assert len(compact) < len(buffer.getvalue())
+    methods = {i.filename: (i.compress_type, i.file_size) for i in zipfile.ZipFile(io.BytesIO(compact)).infolist()}
+    assert all((kind == zipfile.ZIP_STORED) == (size >= COMPACT_STORED_BYTES) for kind, size in methods.values())
+    x = torch.randn(3, 256)
+    assert torch.equal(torch.jit.load(io.BytesIO(compact))(x), model(x))
