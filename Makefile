@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test test-slow lint docs test-gpu test-compat bench bench-backends bench-pt2e bench-torchao bench-llm bench-distillation bench-patterns zoo examples clean
+.PHONY: run test test-slow lint docs test-gpu test-compat bench bench-backends bench-fit bench-pt2e bench-torchao bench-llm bench-distillation bench-patterns zoo examples clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,8 +24,9 @@ run: $(INSTALLED)
 test: $(INSTALLED)
 	$(BIN)/python -m pytest
 
-# `make test-slow`: the matrix cells marked slow (pt2e on every user pattern, a Llama through pt2e, the app on
-# pt2e/xnnpack), whose mechanism a fast cell of `make test` already covers. About 4 minutes on 2 cores; outside CI.
+# `make test-slow`: the tests marked slow (pt2e on every user pattern, a Llama through pt2e, the app on pt2e, the
+# four-run sweep, the examples on MNIST and MiniLM, the runtimes benchmark at a tiny size), whose mechanism a fast
+# test of `make test` already covers. About 10 minutes on 2 cores; outside CI.
 test-slow: $(INSTALLED)
 	$(BIN)/python -m pytest -m slow
 
@@ -61,6 +62,11 @@ $(BENCH)/.installed: pyproject.toml constraints.txt
 
 bench: $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/runtimes.py --publish benchmarks/results/runtimes.md $(ARGS)
+
+# `make bench-fit`: what QAT costs a fit of the 1M-parameter CNN (the callback, torch.ao's QAT by hand, float),
+# interleaved rounds, and a profile of a QAT step (benchmarks/fit_cost.py). A few minutes; outside CI.
+bench-fit: $(INSTALLED)
+	$(BIN)/python benchmarks/fit_cost.py --publish benchmarks/results/fit_cost.md
 
 # `make bench-backends`: the digits CNN in fp32 and static int8 for each torch.ao flow and backend (x86, fbgemm,
 # qnnpack), in process: size and latency at batch 1 and 32 (benchmarks/latency.py). A minute; outside CI.

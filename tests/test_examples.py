@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import requires_executorch, requires_torchao, visible_files
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -25,6 +27,7 @@ def test_ptq_digits_example(tmp_path):
 
 
 @requires_executorch
+@pytest.mark.slow  # 28 s; a .pte in ExecuTorch's runtime is also run by tests/test_export.py and the phones quickstart
 def test_qat_digits_pt2e_example_runs_its_pte_in_executorch(tmp_path):
     metrics = load("qat_digits_pt2e").main(["--epochs", "4", "--limit", "800", "--export-dir", str(tmp_path)])
     assert metrics["float_acc"] >= 0.85
@@ -35,6 +38,7 @@ def test_qat_digits_pt2e_example_runs_its_pte_in_executorch(tmp_path):
     assert visible_files(tmp_path) == ["model_int8.manifest.json", "model_int8.pt2", "model_int8.pte"]
 
 
+@pytest.mark.slow  # 25 s; the same script's path on digits is test_ptq_digits_example
 def test_ptq_mnist5k_example(tmp_path):
     metrics = load("ptq_mnist5k").main(["--epochs", "4", "--limit", "2000", "--export-dir", str(tmp_path)])
     assert metrics["float_acc"] >= 0.9
@@ -51,6 +55,7 @@ def test_dynamic_lstm_reviews_example(tmp_path):
     assert metrics["fp32_bytes"] / metrics["int8_bytes"] > 3.0
 
 
+@pytest.mark.slow  # 31 s; the dynamic flow and the search: tests/quantization/flows/test_dynamic.py, test_search.py
 def test_dynamic_minilm_example():
     results = load("dynamic_minilm").main(
         ["--sentences", "32", "--batch-size", "16", "--repeats", "1", "--search-batches", "1"]
@@ -70,6 +75,7 @@ def test_dynamic_minilm_example():
 
 
 @requires_torchao
+@pytest.mark.slow  # 53 s; torchao on MiniLM: the Hugging Face quickstart (tests/test_docs.py); full run: bench-torchao
 def test_minilm_torchao_example_quantizes_five_ways():
     results = load("minilm_torchao").main(["--quick", "--snippets", "400", "--no-latency"])
     assert len(results) == 7

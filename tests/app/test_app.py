@@ -44,7 +44,9 @@ def app_process(tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess:
     [
         ("fx", "x86"),
         ("eager", "x86"),
-        pytest.param("pt2e", "x86", marks=requires_torchao),
+        # 110 s (Inductor compiles the program for each check and timing); pt2e/x86 QAT to a .pt2 is also run by
+        # the report's, the schedule's and the user patterns' pt2e cells, and the app's path by fx and eager
+        pytest.param("pt2e", "x86", marks=[requires_torchao, pytest.mark.slow]),
         # the slowest cell of the fast suite (50 s); its .pte round trip is also run by the pt2e digits example
         pytest.param("pt2e", "xnnpack", marks=[requires_executorch, pytest.mark.slow]),
     ],

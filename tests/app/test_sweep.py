@@ -104,6 +104,7 @@ def _table_rows(stdout: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[3:] if line.startswith("| ")]
 
 
+@pytest.mark.slow  # 90 s, four app runs; a multirun's table is also checked by the joblib, Optuna, failed-run sweeps
 def test_multirun_of_backends_and_modes_prints_one_table_of_four_rows(tmp_path):
     result = sweep(tmp_path, "quant=qat,ptq", "backend=x86,qnnpack")
     rows = _table_rows(result.stdout)
