@@ -239,6 +239,10 @@ def add_peer_paths(case: Case, folder: Path) -> None:
     ov_int8 = nncf.quantize(
         ov_model, nncf.Dataset([as_numpy(b) for b in case.calibration]), subset_size=len(case.calibration)
     )
+    # our ONNX file (its QuantizeLinear/DequantizeLinear pairs hold our calibrated or QAT-trained scales) served by
+    # OpenVINO, which runs such pairs as its own int8
+    case.paths["ours: ONNX file in OpenVINO"] = ("ov", ov.Core().read_model(str(folder / "model_int8.onnx")), {})
+    case.kinds["ours: ONNX file in OpenVINO"] = "ours"
     case.paths["OpenVINO fp32 (f32 precision)"] = ("ov", ov_model, {"INFERENCE_PRECISION_HINT": "f32"})
     case.paths["OpenVINO fp32 (its default precision)"] = ("ov", ov_model, {})
     case.paths["OpenVINO int8 (NNCF quantize)"] = ("ov", ov_int8, {})

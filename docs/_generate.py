@@ -23,6 +23,7 @@ PACKAGE = ROOT / "lightning_quant"
 BENCHMARKS = {
     "runtimes": "make bench",
     "latency": "make bench-backends",
+    "fit_cost": "make bench-fit",
     "pt2e": "make bench-pt2e",
     "torchao": "make bench-torchao",
     "llm": "make bench-llm",

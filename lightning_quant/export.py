@@ -72,6 +72,7 @@ SUFFIXES = {
     ExportTarget.STATE_DICT: "_state_dict.pt",
     ExportTarget.SAFETENSORS: ".safetensors",
     ExportTarget.HF: "_hf",
+    ExportTarget.AOTI: "_aoti.pt2",
 }
 
 #: the largest batch (and token sequence) an ExecuTorch file takes: its runtime plans memory for it
@@ -95,6 +96,7 @@ RELOAD_STEPS = {
     ExportTarget.STATE_DICT: 0.0,
     ExportTarget.SAFETENSORS: 0.0,
     ExportTarget.HF: 0.0,
+    ExportTarget.AOTI: 4.0,
 }
 
 
@@ -120,6 +122,7 @@ def engine_for(target: ExportTarget, backend: Backend) -> str:
         ExportTarget.STATE_DICT,
         ExportTarget.SAFETENSORS,
         ExportTarget.HF,
+        ExportTarget.AOTI,
     ):
         return pt2e_engine()
     return Backend.QNNPACK.value if target is ExportTarget.MOBILE else backend.value
@@ -304,6 +307,40 @@ def _pt2_served(loaded: nn.Module, compiled: bool) -> Loaded:
     if compiled:
         return compiled_runner(loaded)
     return lambda inputs: inputs(loaded)
+
+
+def _aoti_bytes(model: nn.Module, example: ExampleInputs, backend: Backend) -> tuple[bytes, Callable[[bytes], Loaded]]:
+    """The program compiled ahead of time by Inductor into a package (``aoti_compile_and_package``): a shared
+    library with Inductor's x86 int8 kernels and the frozen weights, dynamic batch (and sequence) axes.
+
+    It is compiled without gradients and with freezing on: only then does Inductor fold the weights and replace the
+    quantize/dequantize pairs around each convolution and linear layer by its int8 kernels (with gradients on it
+    keeps them as float convolutions, slower than fp32)."""
+    import tempfile
+
+    import torch._inductor.config as inductor_config
+
+    program = export_program(model, example)
+    with tempfile.TemporaryDirectory() as folder:
+        with inductor_config.patch(freezing=True), torch.no_grad(), known_torch_warnings_silenced():
+            path = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(folder, "model.pt2"))
+        return Path(path).read_bytes(), _load_aoti
+
+
+def _load_aoti(data: bytes) -> Loaded:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:  # the loader unpacks the library into a folder of its own
+        path = Path(folder) / "model_aoti.pt2"
+        path.write_bytes(data)
+        with known_torch_warnings_silenced():
+            loaded = torch._inductor.aoti_load_package(str(path))
+
+    def run(inputs: ExampleInputs) -> Any:
+        with torch.no_grad():
+            return inputs(loaded)  # type: ignore[arg-type]  # a callable on the program's inputs
+
+    return run
 
 
 def _weights_bytes(
@@ -502,6 +539,7 @@ _SERIALIZERS: dict[ExportTarget, Callable[..., tuple[Any, Any]]] = {
     ExportTarget.STATE_DICT: _weights_bytes(ExportTarget.STATE_DICT),
     ExportTarget.SAFETENSORS: _weights_bytes(ExportTarget.SAFETENSORS),
     ExportTarget.HF: _hf_files,
+    ExportTarget.AOTI: _aoti_bytes,
 }
 
 #: targets whose file is a folder of files (``{name: bytes}``), written as ``<basename><suffix>/<name>``
@@ -515,6 +553,7 @@ SERVED_TARGETS = (
     ExportTarget.ONNX,
     ExportTarget.PT2,
     ExportTarget.EXECUTORCH,
+    ExportTarget.AOTI,
 )
 
 
@@ -545,8 +584,10 @@ def file_runner(target: ExportTarget | str, path: os.PathLike | str, backend: Ba
             __import__(runtime)
         except ImportError:
             return None
-    data = read_checked(path, f"{target.value} file", zip_format=target is ExportTarget.TORCHSCRIPT)
+    zipped = target in (ExportTarget.TORCHSCRIPT, ExportTarget.AOTI)
+    data = read_checked(path, f"{target.value} file", zip_format=zipped)
     loaders: dict[ExportTarget, Callable[[bytes], Loaded]] = {
+        ExportTarget.AOTI: _load_aoti,
         ExportTarget.TORCHSCRIPT: _load_torchscript,
         ExportTarget.MOBILE: _load_mobile,
         ExportTarget.ONNX: _load_onnx,
@@ -644,7 +685,8 @@ def serialized(
         model = int8_for_engine(engine)
         # a .pt2 program keeps the model's calling convention (keyword inputs of a Hugging Face model
         # stay keywords); TorchScript, ONNX and ExecuTorch's flat inputs take positions
-        inputs = example if target in (ExportTarget.PT2, ExportTarget.HF) else as_positional(model, example)
+        keeps_keywords = target in (ExportTarget.PT2, ExportTarget.HF, ExportTarget.AOTI)
+        inputs = example if keeps_keywords else as_positional(model, example)
         try:
             with quantized_engine(engine):
                 data, load = _SERIALIZERS[target](model, inputs, backend)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -17,7 +18,7 @@ from lightning_quant.quantization.config import Backend, ExportTarget
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.outputs import max_abs_diff
 from lightning_quant.utils.integrity import CorruptFileError
-from tests.helpers import BoringClassifier, quiet_trainer, requires_executorch, visible_files
+from tests.helpers import BoringClassifier, TinyNet, quiet_trainer, requires_executorch, visible_files
 
 RELOAD = textwrap.dedent(
     """
@@ -28,6 +29,9 @@ RELOAD = textwrap.dedent(
     if path.endswith(".ptl"):
         from torch.jit.mobile import _load_for_lite_interpreter
         y = _load_for_lite_interpreter(path)(x)
+    elif path.endswith("_aoti.pt2"):
+        import torchao.quantization.pt2e  # noqa: F401  # the package's kernels are torch's; nothing else is needed
+        y = torch._inductor.aoti_load_package(path)(x)
     elif path.endswith(".pt2"):
         from lightning_quant import load_pt2
         y = load_pt2(path).eval()(x)
@@ -305,3 +309,69 @@ def test_torchscript_files_carry_no_debug_records_and_load_as_torch_wrote_them(e
     assert all((kind == zipfile.ZIP_STORED) == (size >= COMPACT_STORED_BYTES) for kind, size in methods.values())
     x = torch.randn(3, 256)
     assert torch.equal(torch.jit.load(io.BytesIO(compact))(x), model(x))
+
+
+class _GreyToRGBNet(torch.nn.Module):
+    """A grey image repeated into three channels for a conv/BN/ReLU, pooled, then a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1)
+        )
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(torch.flatten(self.features(x.repeat(1, 3, 1, 1)), 1))
+
+
+def _aoti_fit(net, tmp_path):
+    from lightning_quant import PostTrainingQuantization, Pt2eRecipe
+
+    callback = PostTrainingQuantization(Pt2eRecipe("x86"), export=("pt2", "aoti"), export_dir=tmp_path, progress=False)
+    model = BoringClassifier(net)
+    quiet_trainer(callbacks=[callback], max_epochs=1).fit(model)
+    return callback, model
+
+
+requires_torchao_here = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="pt2e needs torchao")
+
+
+@requires_torchao_here
+def test_aoti_package_holds_inductors_int8_kernels_and_agrees_in_a_fresh_process(tmp_path):
+    import io
+    import zipfile
+
+    from lightning_quant.export import ExportFailedError
+    from lightning_quant.utils.timing import has_int8_dot_product
+
+    if has_int8_dot_product() is False:  # Inductor's x86 int8 kernels are written for VNNI/AMX (see test_contract)
+        with pytest.raises(ExportFailedError, match="differs from the int8 model"):
+            _aoti_fit(_GreyToRGBNet(), tmp_path)
+        return
+    callback, model = _aoti_fit(_GreyToRGBNet(), tmp_path)
+    record = callback.export_records["aoti"]
+    assert record.path.name == "model_int8_aoti.pt2" and record.path.is_file()
+    # compiled without gradients and with freezing: Inductor's int8 convolution, not a dequantized float one
+    package = zipfile.ZipFile(io.BytesIO(record.path.read_bytes()))
+    wrapper = "".join(package.read(n).decode(errors="ignore") for n in package.namelist() if n.endswith(".cpp"))
+    assert "qconv" in wrapper and "aoti_torch_cpu_convolution(" not in wrapper
+    step = max(flows.output_steps(callback.quantized_model))
+    for batch in (1, 5):
+        x = torch.cat([b[0] for b in model.val_dataloader()])[:batch]
+        with torch.inference_mode():
+            expected = callback.quantized_model(x)
+        assert max_abs_diff(expected, _reload_in_fresh_process(record.path, x, "x86", tmp_path)) <= 4 * step
+    assert record.max_abs_diff <= 4 * step
+
+
+@requires_torchao_here
+def test_an_aoti_package_that_computes_something_else_is_never_written(tmp_path):
+    """torch 2.13's Inductor, with a dynamic batch, compiles a one-channel int8 convolution whose int8 output is read
+    by the next layer into a package that reads that output in the wrong memory order (torch.compile with
+    dynamic=True fails there on a stride assertion). The reload check catches it before any file is written."""
+    from lightning_quant.export import ExportFailedError
+
+    with pytest.raises(ExportFailedError, match=r"the reloaded aoti file differs from the int8 model by"):
+        _aoti_fit(TinyNet(), tmp_path)
+    assert visible_files(tmp_path) == []

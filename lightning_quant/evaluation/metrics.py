@@ -118,7 +118,8 @@ def file_latency_ms(
         for bs in batch_sizes:
             if kind is ExportTarget.EXECUTORCH and bs > EXECUTORCH_MAX_BATCH:
                 continue
-            batch = (example if kind is ExportTarget.PT2 else positional).with_batch_size(bs)
+            keywords = kind in (ExportTarget.PT2, ExportTarget.AOTI)
+            batch = (example if keywords else positional).with_batch_size(bs)
             with quantized_engine(engine_for(kind, Backend(backend))), torch.no_grad():
                 times[str(bs)] = median_ms(lambda: run(batch), repeats, warmup)  # noqa: B023  # called here
         out[kind.value] = times

@@ -71,7 +71,8 @@ class ExportTarget(str, Enum):
     for phones, ONNX. pt2e flow: a ``torch.export`` program (``.pt2``) and an ExecuTorch program
     (``.pte``, XNNPACK-delegated). torchao flow: its weights (``state_dict``, ``safetensors``) and a Hugging Face
     folder (``hf``: ``config.json`` with torchao's ``quantization_config`` beside safetensors weights, loaded by
-    ``transformers`` and vLLM)."""
+    ``transformers`` and vLLM). pt2e flow on x86: an AOTInductor package (``aoti``: the program compiled ahead of time
+    into a shared library with Inductor's int8 kernels, run without Python between kernels)."""
 
     TORCHSCRIPT = "torchscript"
     MOBILE = "mobile"
@@ -81,6 +82,7 @@ class ExportTarget(str, Enum):
     STATE_DICT = "state_dict"
     SAFETENSORS = "safetensors"
     HF = "hf"
+    AOTI = "aoti"
 
 
 class Precision(str, Enum):

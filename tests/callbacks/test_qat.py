@@ -69,7 +69,7 @@ from tests.helpers import (
             {"export": "tflite"},
             ValueError,
             r"each export target must be one of \('torchscript', 'mobile', 'onnx', 'pt2', 'executorch', "
-            r"'state_dict', 'safetensors', 'hf'\), got 'tflite'",
+            r"'state_dict', 'safetensors', 'hf', 'aoti'\), got 'tflite'",
         ),
     ],
 )

@@ -89,7 +89,7 @@ def test_single_strings_become_tuples():
             {"export": 5},
             TypeError,
             r"export must be 'default', a target or a sequence of \('torchscript', 'mobile', 'onnx', 'pt2', "
-            r"'executorch', 'state_dict', 'safetensors', 'hf'\), got 5",
+            r"'executorch', 'state_dict', 'safetensors', 'hf', 'aoti'\), got 5",
         ),
         ({"export": ["mobile", "mobile"]}, ValueError, r"export lists a target twice: \['mobile', 'mobile'\]"),
         ({"export_dir": 5}, TypeError, r"export_dir must be a path or None, got 5"),

@@ -84,7 +84,7 @@ SPECS: dict[Flow, FlowSpec] = {
     Flow.PT2E: FlowSpec(
         Flow.PT2E,
         backends=(Backend.X86, Backend.XNNPACK),
-        exports=(ExportTarget.PT2, ExportTarget.EXECUTORCH),
+        exports=(ExportTarget.PT2, ExportTarget.EXECUTORCH, ExportTarget.AOTI),
         modes=(Mode.STATIC,),
         package=("torchao", "lightning-quant[pt2e]"),
         options=frozenset(),
@@ -147,7 +147,10 @@ def default_exports(flow: Flow, backend: Backend) -> tuple[ExportTarget, ...]:
 
 
 #: export targets that need one backend
-TARGET_BACKENDS: dict[ExportTarget, Backend] = {ExportTarget.EXECUTORCH: Backend.XNNPACK}
+TARGET_BACKENDS: dict[ExportTarget, Backend] = {
+    ExportTarget.EXECUTORCH: Backend.XNNPACK,
+    ExportTarget.AOTI: Backend.X86,
+}
 
 
 def check_flow_pairs(flow: Flow, backend: Backend, export: tuple[ExportTarget, ...]) -> None:
