@@ -84,6 +84,7 @@ class Case:
     kinds: dict[str, str] = field(default_factory=dict)  # path -> "fp32" | "peer int8" | "ours"
     alternating: set[str] = field(default_factory=set)  # paths called with batch sizes alternating
     sizes: dict[str, int] = field(default_factory=dict)  # file -> bytes
+    notes: list[str] = field(default_factory=list)
 
 
 def make_case(name: str, seed: int = 0) -> Case:
@@ -174,22 +175,29 @@ def add_torch_paths(case: Case, folder: Path) -> None:
     # ours, pt2e/x86: the program compiled as served, and its AOTInductor package
     program = quantize(float_model, [(b,) for b in case.calibration], Pt2eRecipe("x86"), progress=False)
     case.paths["ours: pt2e/x86 compiled"] = compiled(program)
-    case.paths["ours: pt2e/x86 AOTInductor package"] = aoti_runner(program, example, folder)
+    aoti = aoti_runner(program, example, folder)
+    if aoti is not None:
+        case.paths["ours: pt2e/x86 AOTInductor package"] = aoti
+    else:
+        case.notes.append(
+            "our AOTInductor package of this model was refused by the export check (see the exports page)"
+        )
     for name in case.paths:
         case.kinds.setdefault(name, "ours")
 
 
-def aoti_runner(program: nn.Module, example: ExampleInputs, folder: Path) -> Callable[[torch.Tensor], Any]:
-    import torch._inductor.config as inductor_config
+def aoti_runner(program: nn.Module, example: ExampleInputs, folder: Path) -> Callable[[torch.Tensor], Any] | None:
+    """The package ``export="aoti"`` writes (checked against the int8 model like every target), loaded as a server
+    loads it; ``None`` where the export check refused it."""
+    from lightning_quant.export import ExportCheckError, ExportFailedError
 
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    exported = torch.export.export(program, example.args, dynamic_shapes=({0: batch},))
-    # freezing applies only to a graph compiled without gradients: with them, Inductor keeps the dequantized fp32
-    # convolutions instead of choosing its int8 kernels (slower than fp32)
-    with inductor_config.patch(freezing=True), torch.no_grad():
-        path = torch._inductor.aoti_compile_and_package(exported, package_path=str(folder / "model_int8_aoti.pt2"))
-    loaded = torch._inductor.aoti_load_package(path)
-    return torch_runner(loaded)
+    aoti_folder = folder / "aoti"
+    try:
+        export_int8(lambda engine: program, [ExportTarget.AOTI], aoti_folder, example, Backend.X86)
+    except (ExportCheckError, ExportFailedError) as err:
+        print(f"export='aoti' refused: {err}")
+        return None
+    return torch_runner(torch._inductor.aoti_load_package(str(aoti_folder / "model_int8_aoti.pt2")))
 
 
 # ---- the peers ------------------------------------------------------------------------------------------------
@@ -387,7 +395,7 @@ def main() -> None:
             f"{tuple(case.held_out.shape[1:])}"
         )
         table = format_table(headers, rows)
-        lines = summary(case, results, batches)
+        lines = summary(case, results, batches) + [f"- {note}" for note in case.notes]
         fp32_bytes = case.sizes["fp32 state dict"]
         lines.append(
             f"- sizes: fp32 state dict {fp32_bytes:,} bytes; "

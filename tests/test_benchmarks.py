@@ -63,7 +63,16 @@ def test_bench_runtimes_times_every_path_and_names_our_fastest(tmp_path):
     text = out.read_text()
     rows = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines() if line.startswith("| ")}
     ours = [name for name in rows if name.startswith("ours:")]
-    assert len(ours) == 6 and "ONNX Runtime int8 (quantize_static)" in rows and "torch fp32 compiled" in rows
+    assert "ONNX Runtime int8 (quantize_static)" in rows and "torch fp32 compiled" in rows
+    files = [
+        "fx int8 in process",
+        "TorchScript file",
+        "TorchScript file, batch sizes alternating",
+        "ONNX file in ONNX Runtime",
+    ]
+    assert set(ours) - {"ours: pt2e/x86 AOTInductor package"} == {f"ours: {p}" for p in [*files, "pt2e/x86 compiled"]}
+    # the package is timed, or the export check's refusal is said (torch 2.13 miscompiles the digits CNN's)
+    assert "ours: pt2e/x86 AOTInductor package" in rows or "AOTInductor package of this model was refused" in text
     # every int8 path agrees with fp32 on nearly every held-out input, and every time is a positive number
     assert all(float(rows[name][3]) > 0.9 for name in ours)
     assert all(float(cell) > 0 for name in ours for cell in rows[name][4:6])
