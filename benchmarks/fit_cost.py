@@ -145,8 +145,8 @@ def profile_qat_step(net: nn.Module, rows: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40, help="training steps per fit (the first is not timed)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=30, help="training steps per fit (the first is not timed)")
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--profile-rows", type=int, default=12)
     parser.add_argument("--publish", help="also write the tables to this Markdown file (make bench-fit does)")
     args = parser.parse_args()

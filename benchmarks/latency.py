@@ -16,7 +16,7 @@ from publish import publish
 from lightning_quant.demos import DigitsCNN
 from lightning_quant.evaluation import latency_ms, state_dict_bytes
 from lightning_quant.quantization import ExampleInputs, QuantizationConfig, convert_copy, get_flow
-from lightning_quant.utils import format_table
+from lightning_quant.utils import format_table, speed_change
 from lightning_quant.utils.timing import machine_description
 
 
@@ -44,7 +44,7 @@ def main() -> None:
             for batch in (1, 32):
                 fp32 = latency_ms(float_net, example, batch, args.repeats)
                 q = latency_ms(int8, example, batch, args.repeats, engine=config.engine)
-                row += [f"{fp32:.3f}", f"{q:.3f}", f"{fp32 / q:.2f}x"]
+                row += [f"{fp32:.3f}", f"{q:.3f}", speed_change(fp32, q)]
             rows.append(row)
     headers = (
         "flow",
@@ -52,10 +52,10 @@ def main() -> None:
         "size fp32/int8",
         "fp32 b1 ms",
         "int8 b1 ms",
-        "speed-up b1",
+        "int8 vs fp32 b1",
         "fp32 b32 ms",
         "int8 b32 ms",
-        "speed-up b32",
+        "int8 vs fp32 b32",
     )
     heading = f"DigitsCNN(width={args.width}) on {args.image_size}x{args.image_size} inputs; {machine_description()}"
     table = format_table(headers, rows)

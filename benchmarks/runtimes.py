@@ -47,7 +47,8 @@ from lightning_quant.demos import DigitsCNN
 from lightning_quant.export import export_int8
 from lightning_quant.quantization import ExampleInputs, QuantizationConfig, convert_copy, get_flow
 from lightning_quant.quantization.config import Backend, ExportTarget
-from lightning_quant.utils import format_table, speed_change
+from lightning_quant.utils import format_table
+from lightning_quant.utils.tables import speed_against
 from lightning_quant.utils.timing import machine_description
 
 Timed = Callable[[], float]  # one call, returning the seconds of the part that is timed
@@ -344,14 +345,17 @@ def summary(case: Case, results: dict[int, dict[tuple, float]], batches: tuple[i
             best = min(ours, key=lambda name: ms[(name, bs)])
             fp32 = min(true_fp32, key=lambda name: ms[(name, bs)])
             against = (
-                f"{speed_change(ms[(ov, bs)], ms[(best, bs)])} than OpenVINO int8 ({ms[(ov, bs)]:.3f} ms)"
+                speed_against(ms[(ov, bs)], ms[(best, bs)], f"OpenVINO int8 ({ms[(ov, bs)]:.3f} ms)")
                 if ov in case.paths
-                else "OpenVINO not installed"
+                else "not compared with OpenVINO (not installed here)"
             )
             lines.append(
-                f"- {threads} thread(s), batch {bs}: our fastest is {best} ({ms[(best, bs)]:.3f} ms): {against}, "
-                f"{speed_change(ms[(fp32, bs)], ms[(best, bs)])} than the fastest true fp32, {fp32} "
-                f"({ms[(fp32, bs)]:.3f} ms)"
+                f"- {threads} thread(s), batch {bs}: our fastest, {best.removeprefix('ours: ')} "
+                f"({ms[(best, bs)]:.3f} ms), "
+                f"is {against}, "
+                + speed_against(
+                    ms[(fp32, bs)], ms[(best, bs)], f"the fastest true fp32, {fp32} ({ms[(fp32, bs)]:.3f} ms)"
+                )
             )
     return lines
 

@@ -250,6 +250,17 @@ def test_the_readme_is_short_and_the_front_page_leads_to_hugging_face_in_one_cli
     assert "(quickstart/huggingface.md)" in front and "Quantize a Hugging Face model" in front
 
 
+def test_the_readmes_speed_table_is_the_benchmarks_own_output_with_its_machine():
+    """The README's table is copied from `make bench`'s file: every row, and the machine line, are found there."""
+    readme = README.read_text()
+    section = readme[readme.index("## Speed") :].split("\n## ")[0]
+    results = (ROOT / "benchmarks" / "results" / "runtimes.md").read_text()
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert len(rows) > 10 and all(row in results for row in rows)
+    machine = results.splitlines()[3]  # the line under the command: the CPU, its flags, cores, threads, torch
+    assert machine.split(" (")[0] in section and "threads" in machine
+
+
 def test_the_version_has_one_source_and_the_changelog_names_it():
     import lightning_quant
 

@@ -17,7 +17,7 @@ from lightning_quant.quantization.convert import compiled_runner, quantized_engi
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.outputs import collect_outputs
 from lightning_quant.utils.modules import state_dict_bytes
-from lightning_quant.utils.tables import format_table, speed_change
+from lightning_quant.utils.tables import format_table, speed_against, speed_change
 from lightning_quant.utils.timing import median_ms
 
 
@@ -138,8 +138,8 @@ def what_to_serve(
         if not ways:
             continue
         best = min(ways, key=ways.__getitem__)
-        others = [f"{speed_change(ms, ways[best])} than {way}" for way, ms in ways.items() if way != best]
-        out[bs] = ", ".join([f"{best} ({ways[best]:.3f} ms)", *others, f"{speed_change(fp32, ways[best])} than fp32"])
+        others = [speed_against(ms, ways[best], way) for way, ms in ways.items() if way != best]
+        out[bs] = ", ".join([f"{best} ({ways[best]:.3f} ms)", *others, speed_against(fp32, ways[best], "fp32")])
     return out
 
 
