@@ -1,7 +1,7 @@
 """Every int8 file this library writes, run where it is served, beside torch, ONNX Runtime and OpenVINO: `make bench`.
 
 One run, on this machine, for each model (the digits CNN; a 1M-parameter CNN on 3x32x32 inputs with BatchNorm
-statistics of its data):
+statistics of its data; the pretrained all-MiniLM-L6-v2 encoder on 48 word-piece ids, its own int8 ways below):
 
 - the float model in torch (eager; compiled with freezing), in ONNX Runtime (its fp32 file) and in OpenVINO
   (that file at f32 precision, and at OpenVINO's default precision, which is bf16 on CPUs with AMX);
@@ -9,12 +9,15 @@ statistics of its data):
   both calibrated on the batches ours are;
 - ours: the fx int8 model in process; the TorchScript file (``export="torchscript"``) at one batch size and with
   batch sizes alternating as a server's do; the ONNX file (``export="onnx"``) in ONNX Runtime; the pt2e/x86 program
-  compiled as served; and its AOTInductor package (``export="aoti"``).
+  compiled as served; and its AOTInductor package (``export="aoti"``). For MiniLM: torch.ao's dynamic int8 in
+  process and its TorchScript file, and torchao's int8 dynamic-activation/int8-weight model compiled; its peers are
+  ONNX Runtime's ``quantize_dynamic`` and NNCF's transformer int8.
 
 Each path is timed at batch 1 and 32, with 1 thread and with all of them, in interleaved rounds (every round
 times every path once, in a shuffled order; a path's figure is the median of its rounds' medians), so a
 machine that slows down mid-run slows every path alike. The CPU's name and its AVX2/AVX-512/VNNI/AMX flags are
-printed above the table. "agree" is the share of a held-out batch whose top-1 class equals fp32 eager's.
+printed above the table. "agree" is the share of a held-out batch whose top-1 class equals fp32 eager's (for
+MiniLM: the mean cosine of its sentence embeddings with fp32 eager's).
 
 The peers come from the benchmark's own virtualenv (``.venv-bench``: ``openvino``, ``nncf``, ``onnxruntime``), never
 from ``.venv``; ``make bench`` creates it.
@@ -42,7 +45,7 @@ import torch
 import torch.nn as nn
 from publish import publish
 
-from lightning_quant import Pt2eRecipe, quantize
+from lightning_quant import DynamicRecipe, Pt2eRecipe, quantize
 from lightning_quant.demos import DigitsCNN
 from lightning_quant.export import export_int8
 from lightning_quant.quantization import ExampleInputs, QuantizationConfig, convert_copy, get_flow
@@ -86,6 +89,23 @@ class Case:
     alternating: set[str] = field(default_factory=set)  # paths called with batch sizes alternating
     sizes: dict[str, int] = field(default_factory=dict)  # file -> bytes
     notes: list[str] = field(default_factory=list)
+    encoder: bool = False  # outputs are sentence embeddings ("agree": mean cosine with fp32's), not class logits
+
+
+class MiniLMEncoder(nn.Module):
+    """all-MiniLM-L6-v2 (from its wheel): token ids in, the mean of the last hidden states out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        from lightning_quant.demos.assets import minilm_dir
+
+        self.bert = AutoModel.from_pretrained(minilm_dir())
+        self.eval()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=input_ids).last_hidden_state.mean(1)
 
 
 def make_case(name: str, seed: int = 0) -> Case:
@@ -96,8 +116,14 @@ def make_case(name: str, seed: int = 0) -> Case:
     elif name == "perf":
         model = PerfCNN()
         data = torch.randn(512, 3, 32, 32)
+    elif name == "minilm":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        encoder = MiniLMEncoder()
+        # word-piece ids of the vocabulary's words (past its special and unused ids), 48 tokens a sequence
+        ids = torch.randint(1996, encoder.bert.config.vocab_size, (512, 48))
+        return Case(name, encoder, list(ids[:256].split(32)), ids[256:], encoder=True)
     else:
-        raise ValueError(f"unknown model {name!r}; the models are digits, perf")
+        raise ValueError(f"unknown model {name!r}; the models are digits, perf, minilm")
     # BatchNorm statistics of the data (a trained model's are of its data too)
     model.train()
     with torch.no_grad():
@@ -142,7 +168,36 @@ def add_torch_paths(case: Case, folder: Path) -> None:
     case.paths["torch fp32 eager"] = torch_runner(float_model)
     case.paths["torch fp32 compiled"] = compiled(copy.deepcopy(float_model))
     case.kinds |= {"torch fp32 eager": "fp32", "torch fp32 compiled": "fp32"}
+    fp32_file = io.BytesIO()
+    torch.save(float_model.state_dict(), fp32_file)
+    case.sizes = {"fp32 state dict": len(fp32_file.getvalue())}
+    if case.encoder:
+        add_encoder_paths(case, folder, example)
+    else:
+        add_cnn_paths(case, folder, example)
+    for name in case.paths:
+        case.kinds.setdefault(name, "ours")
 
+
+def add_encoder_paths(case: Case, folder: Path, example: ExampleInputs) -> None:
+    """A transformer encoder's int8 ways here: torch.ao's dynamic int8 Linear (in process, and its TorchScript file)
+    and torchao's int8 dynamic-activation/int8-weight tensors compiled."""
+    int8 = quantize(case.float_model, recipe=DynamicRecipe(per_channel=True), progress=False)
+    export_int8(lambda engine: int8, [ExportTarget.TORCHSCRIPT], folder, example, Backend.X86)
+    case.sizes["our TorchScript file"] = (folder / "model_int8.pt").stat().st_size
+    case.paths["ours: torch.ao dynamic int8 in process"] = torch_runner(int8)
+    case.paths["ours: TorchScript file (dynamic int8)"] = torch_runner(torch.jit.load(str(folder / "model_int8.pt")))
+    torchao_int8 = quantize(case.float_model, recipe="int8_dyn_int8_weight", progress=False)
+    case.paths["ours: torchao int8-dyn/int8 compiled"] = compiled(torchao_int8)
+    # static int8 activations, as NNCF's, would be pt2e/x86: torchao 0.18's X86InductorQuantizer raises an IndexError
+    # annotating this graph's Linear-GELU pairs (_annotate_linear_unary), so there is no such row
+    case.notes.append(
+        "no pt2e/x86 (static int8) row: torchao 0.18's X86InductorQuantizer fails annotating MiniLM's Linear-GELU pairs"
+    )
+
+
+def add_cnn_paths(case: Case, folder: Path, example: ExampleInputs) -> None:
+    float_model = case.float_model
     # ours, fx/x86 static int8: the in-process model and the files the callbacks write
     config = QuantizationConfig(backend="x86", flow="fx")
     prepared = get_flow("fx").prepare(copy.deepcopy(float_model), config, example, qat=False)
@@ -157,9 +212,6 @@ def add_torch_paths(case: Case, folder: Path) -> None:
         example,
         Backend.X86,
     )
-    fp32_file = io.BytesIO()
-    torch.save(float_model.state_dict(), fp32_file)
-    case.sizes = {"fp32 state dict": len(fp32_file.getvalue())}
     case.sizes |= {
         f"our {n} file": (folder / f"model_int8{s}").stat().st_size
         for n, s in (("TorchScript", ".pt"), ("ONNX", ".onnx"))
@@ -183,8 +235,6 @@ def add_torch_paths(case: Case, folder: Path) -> None:
         case.notes.append(
             "our AOTInductor package of this model was refused by the export check (see the exports page)"
         )
-    for name in case.paths:
-        case.kinds.setdefault(name, "ours")
 
 
 def aoti_runner(program: nn.Module, example: ExampleInputs, folder: Path) -> Callable[[torch.Tensor], Any] | None:
@@ -224,7 +274,19 @@ def add_peer_paths(case: Case, folder: Path) -> None:
     case.paths["ONNX Runtime fp32"] = ("ort", fp32)
     case.kinds["ONNX Runtime fp32"] = "fp32"
 
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
+
+    if case.encoder:  # ONNX Runtime's int8 for transformers: dynamic, as ours
+        ort_int8 = str(folder / "model_ort_int8.onnx")
+        quantize_dynamic(fp32, ort_int8, weight_type=QuantType.QInt8, per_channel=True)
+        case.paths["ONNX Runtime int8 (quantize_dynamic)"] = ("ort", ort_int8)
+        case.kinds["ONNX Runtime int8 (quantize_dynamic)"] = "peer int8"
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -233,10 +295,11 @@ def add_peer_paths(case: Case, folder: Path) -> None:
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
-    ort_int8 = str(folder / "model_ort_int8.onnx")
-    quantize_static(fp32, ort_int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
-    case.paths["ONNX Runtime int8 (quantize_static)"] = ("ort", ort_int8)
-    case.kinds["ONNX Runtime int8 (quantize_static)"] = "peer int8"
+    if not case.encoder:
+        ort_int8 = str(folder / "model_ort_int8.onnx")
+        quantize_static(fp32, ort_int8, Reader(), quant_format=QuantFormat.QDQ, per_channel=True)
+        case.paths["ONNX Runtime int8 (quantize_static)"] = ("ort", ort_int8)
+        case.kinds["ONNX Runtime int8 (quantize_static)"] = "peer int8"
 
     try:
         import nncf
@@ -246,12 +309,16 @@ def add_peer_paths(case: Case, folder: Path) -> None:
         return
     ov_model = ov.Core().read_model(fp32)
     ov_int8 = nncf.quantize(
-        ov_model, nncf.Dataset([as_numpy(b) for b in case.calibration]), subset_size=len(case.calibration)
+        ov_model,
+        nncf.Dataset([as_numpy(b) for b in case.calibration]),
+        subset_size=len(case.calibration),
+        model_type=nncf.ModelType.TRANSFORMER if case.encoder else None,
     )
     # our ONNX file (its QuantizeLinear/DequantizeLinear pairs hold our calibrated or QAT-trained scales) served by
     # OpenVINO, which runs such pairs as its own int8
-    case.paths["ours: ONNX file in OpenVINO"] = ("ov", ov.Core().read_model(str(folder / "model_int8.onnx")), {})
-    case.kinds["ours: ONNX file in OpenVINO"] = "ours"
+    if (folder / "model_int8.onnx").exists():
+        case.paths["ours: ONNX file in OpenVINO"] = ("ov", ov.Core().read_model(str(folder / "model_int8.onnx")), {})
+        case.kinds["ours: ONNX file in OpenVINO"] = "ours"
     case.paths["OpenVINO fp32 (f32 precision)"] = ("ov", ov_model, {"INFERENCE_PRECISION_HINT": "f32"})
     case.paths["OpenVINO fp32 (its default precision)"] = ("ov", ov_model, {})
     case.paths["OpenVINO int8 (NNCF quantize)"] = ("ov", ov_int8, {})
@@ -308,10 +375,13 @@ def timed(run: Callable[[torch.Tensor], Any], x: torch.Tensor, before: torch.Ten
     return call
 
 
-def top1_agreement(run: Callable[[torch.Tensor], Any], case: Case, reference: torch.Tensor) -> float:
+def agreement(run: Callable[[torch.Tensor], Any], case: Case, reference: torch.Tensor) -> float:
+    """The share of held-out inputs whose top-1 class is fp32's; for an encoder, the mean cosine of the embeddings."""
     out = run(case.held_out)
     out = torch.as_tensor(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
-    return (out.argmax(-1) == reference).float().mean().item()
+    if case.encoder:
+        return torch.nn.functional.cosine_similarity(out.float(), reference, dim=-1).mean().item()
+    return (out.argmax(-1) == reference.argmax(-1)).float().mean().item()
 
 
 def measure(case: Case, threads: int, batches: tuple[int, ...], rounds: int, repeats: int) -> dict[tuple, float]:
@@ -362,7 +432,7 @@ def summary(case: Case, results: dict[int, dict[tuple, float]], batches: tuple[i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="digits,perf", help="comma-separated: digits, perf")
+    parser.add_argument("--models", default="digits,perf,minilm", help="comma-separated: digits, perf, minilm")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per path per round")
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma-separated thread counts")
@@ -382,10 +452,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             add_torch_paths(case, Path(tmp))
             add_peer_paths(case, Path(tmp))
-            reference = case.float_model(case.held_out).argmax(-1)
-            agree = {
-                n: top1_agreement(runner_for(s, thread_counts[-1]), case, reference) for n, s in case.paths.items()
-            }
+            with torch.inference_mode():
+                reference = case.float_model(case.held_out)
+            agree = {n: agreement(runner_for(s, thread_counts[-1]), case, reference) for n, s in case.paths.items()}
             results = {t: measure(case, t, batches, args.rounds, args.repeats) for t in thread_counts}
         headers = ["path", "kind", "agree"] + [f"{t}t b{bs} ms" for t in thread_counts for bs in batches]
         rows = [

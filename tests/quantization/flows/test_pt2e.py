@@ -343,3 +343,19 @@ def test_qat_with_a_quantizer_configured_for_ptq_is_refused_before_training():
         r"quantizer configured for QAT",
         callbacks=[QuantizationAwareTraining(recipe=_user_x86_quantizer(qat=False), export=None)],
     )
+
+
+def test_a_quantizer_that_fails_on_the_graph_is_named_with_where_and_the_ways_out():
+    from lightning_quant import Pt2eExportError, quantize
+
+    class Broken(type(_user_x86_quantizer(qat=False))):
+        def annotate(self, model):
+            return [][0]  # as torchao's X86InductorQuantizer does on MiniLM's Linear-GELU pairs
+
+    broken = Broken()
+    broken.set_global(_user_x86_quantizer(qat=False).global_config)
+    x = torch.randn(8, 1, 6, 6)
+    with pytest.raises(
+        Pt2eExportError, match=r"Broken failed annotating the graph of TinyNet \(IndexError: list index"
+    ):
+        quantize(TinyNet().eval(), [(x,)], broken, progress=False)

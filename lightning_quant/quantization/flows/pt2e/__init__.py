@@ -22,6 +22,7 @@ import copy
 import io
 import logging
 import os
+import traceback
 import warnings
 from typing import Any
 
@@ -142,7 +143,19 @@ class Pt2eFlow:
         def prepared_graph(call: ExampleInputs) -> torch.fx.GraphModule:
             graph_module = capture(model, call)
             with known_torch_warnings_silenced(), quicker_conv_bn_folding():
-                graph = (prepare_qat_pt2e if qat else prepare_pt2e)(graph_module, quantizer)
+                try:
+                    graph = (prepare_qat_pt2e if qat else prepare_pt2e)(graph_module, quantizer)
+                except (IndexError, KeyError, AttributeError, AssertionError, TypeError) as err:
+                    # the quantizer's own failure on this graph (torchao 0.18's X86InductorQuantizer raises an
+                    # IndexError on MiniLM's Linear-GELU pairs): say whose, where, and the ways out
+                    frame = traceback.extract_tb(err.__traceback__)[-1]
+                    raise Pt2eExportError(
+                        f"{type(quantizer).__name__} failed annotating the graph of {type(model).__name__} "
+                        f"({type(err).__name__}: {err or 'no message'}, in {frame.name} of "
+                        f"{os.path.basename(frame.filename)}): the quantizer cannot handle a pattern of this model. "
+                        "For Linear-heavy models (transformers) use TorchaoRecipe('int8_dyn_int8_weight') or "
+                        "DynamicRecipe(); or keep the layers around the failing pattern float (layers={name: 'float'})"
+                    ) from err
             restore_integer_constants(graph)
             fake_quantize_in_float32(graph, quantizer_classes()[0])
             return graph
