@@ -45,6 +45,21 @@ def test_fsdp2_qat_converts_the_model_ddp_trains_and_writes_one_folder(tmp_path)
         assert torch.equal(loaded(input_ids=fsdp[0]["input_ids"]).logits, fsdp[0]["logits"])
 
 
+@pytest.mark.slow  # three 2-process runs, about 90 s
+def test_distillation_with_an_fsdp2_sharded_student_equals_ddps_and_changes_the_model(tmp_path):
+    """KnowledgeDistillation beside QAT while FSDP2 shards the student: the teacher is a float copy taken in setup,
+    before the user's configure_model shards (a whole copy on each rank). The int8 model equals DDP's bit for bit."""
+    output = _run(tmp_path / "fsdp2-kd", "fsdp2-kd")
+    _run(tmp_path / "ddp-kd", "ddp-kd")
+    _run(tmp_path / "fsdp2", "fsdp2")
+    assert "[KD] teacher: a frozen float copy of 'model'" in output
+    kd = [torch.load(tmp_path / "fsdp2-kd" / f"rank{r}_logits.pt") for r in (0, 1)]
+    assert torch.equal(kd[0]["logits"], kd[1]["logits"])
+    assert torch.equal(kd[0]["logits"], torch.load(tmp_path / "ddp-kd" / "rank0_logits.pt")["logits"])
+    # the teacher's soft targets changed what was learnt
+    assert not torch.equal(kd[0]["logits"], torch.load(tmp_path / "fsdp2" / "rank0_logits.pt")["logits"])
+
+
 def test_fsdp2_qat_killed_after_a_distributed_checkpoint_resumes_to_the_same_int8_model(tmp_path):
     """Crash at step 2 after a distributed checkpoint (a folder of shards) at the end of epoch 0, then
     fit(ckpt_path=) from it:

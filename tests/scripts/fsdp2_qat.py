@@ -1,9 +1,10 @@
 """QAT of a small Llama on 2 CPU processes, sharded by FSDP2 or replicated by DDP; rank 0 saves its logits.
 
-Run as ``python tests/scripts/fsdp2_qat.py OUT_DIR fsdp2|ddp|crash|resume``; Lightning relaunches this script for
+Run as ``python tests/scripts/fsdp2_qat.py OUT_DIR fsdp2|ddp|crash|resume[-kd]``; Lightning relaunches this script for
 rank 1. Two epochs of two steps. ``crash`` is ``fsdp2`` saving a distributed checkpoint at the end of epoch 0
 (step 2) and failing at the first step of epoch 1; ``resume`` goes on from that checkpoint
-(``OUT_DIR/../crash/checkpoints/last.ckpt``) to the end. The LightningModule is written as the Lightning docs write
+(``OUT_DIR/../crash/checkpoints/last.ckpt``) to the end. ``-kd`` adds ``KnowledgeDistillation`` from the float
+model. The LightningModule is written as the Lightning docs write
 one for ``ModelParallelStrategy``: ``configure_model`` shards each decoder layer and the model with ``fully_shard``.
 """
 
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from lightning_quant import QATSchedule, QuantizationAwareTraining, TorchaoRecipe  # noqa: E402
+from lightning_quant import KnowledgeDistillation, QATSchedule, QuantizationAwareTraining, TorchaoRecipe  # noqa: E402
 
 VOCAB = 64
 
@@ -79,6 +80,9 @@ class CrashAtStep(Callback):
 def main(out: Path, kind: str) -> None:
     seed_everything(0)
     callbacks: list[Callback] = []
+    if kind.endswith("-kd"):  # distillation from the float model beside QAT: the student sharded or replicated
+        kind = kind.removesuffix("-kd")
+        callbacks.append(KnowledgeDistillation(alpha=0.5, temperature=2.0))
     checkpointing = kind in ("crash", "resume")
     if kind == "crash":
         # at an epoch's end: Lightning resumes a list of batches mid-epoch from its first batch again
