@@ -47,9 +47,10 @@ from publish import publish
 
 from lightning_quant import DynamicRecipe, Pt2eRecipe, quantize
 from lightning_quant.demos import DigitsCNN
-from lightning_quant.export import export_int8
+from lightning_quant.export import export_int8, file_runner
 from lightning_quant.quantization import ExampleInputs, QuantizationConfig, convert_copy, get_flow
 from lightning_quant.quantization.config import Backend, ExportTarget
+from lightning_quant.quantization.convert import compiled_runner
 from lightning_quant.utils import format_table
 from lightning_quant.utils.tables import speed_against
 from lightning_quant.utils.timing import machine_description
@@ -149,16 +150,10 @@ def torch_runner(module: Callable[[torch.Tensor], Any]) -> Callable[[torch.Tenso
 
 
 def compiled(module: nn.Module) -> Callable[[torch.Tensor], Any]:
-    """``module`` compiled as a server compiles it: freezing on, without gradients, one graph per batch size."""
-    import torch._inductor.config as inductor_config
-
-    program = torch.compile(module, dynamic=False)
-
-    def run(x: torch.Tensor) -> Any:
-        with inductor_config.patch(freezing=True), torch.no_grad():
-            return program(x)
-
-    return run
+    """``module`` compiled as the library serves it (:func:`~lightning_quant.quantization.convert.compiled_runner`:
+    freezing on, without gradients, one graph per batch size)."""
+    run = compiled_runner(module)
+    return lambda x: run(ExampleInputs((x,)))
 
 
 def add_torch_paths(case: Case, folder: Path) -> None:
@@ -248,7 +243,9 @@ def aoti_runner(program: nn.Module, example: ExampleInputs, folder: Path) -> Cal
     except (ExportCheckError, ExportFailedError) as err:
         print(f"export='aoti' refused: {err}")
         return None
-    return torch_runner(torch._inductor.aoti_load_package(str(aoti_folder / "model_int8_aoti.pt2")))
+    run = file_runner(ExportTarget.AOTI, aoti_folder / "model_int8_aoti.pt2", Backend.X86)
+    assert run is not None
+    return lambda x: run(ExampleInputs((x,)))
 
 
 # ---- the peers ------------------------------------------------------------------------------------------------

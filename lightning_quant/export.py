@@ -39,6 +39,7 @@ Targets and engines:
 from __future__ import annotations
 
 import copy
+import importlib.util
 import io
 import logging
 import os
@@ -546,15 +547,22 @@ _SERIALIZERS: dict[ExportTarget, Callable[..., tuple[Any, Any]]] = {
 FOLDER_TARGETS = (ExportTarget.HF,)
 
 
+#: targets whose file takes the model's keyword inputs as keywords (the others take them by position)
+KEYWORD_TARGETS = (ExportTarget.PT2, ExportTarget.HF, ExportTarget.AOTI)
+
+#: how a program file is loaded back from its bytes (a ``.pt2`` is loaded by ``load_pt2``), and the package a
+#: target's runtime needs beyond torch
+_FILE_LOADERS: dict[ExportTarget, Callable[[bytes], Loaded]] = {
+    ExportTarget.TORCHSCRIPT: _load_torchscript,
+    ExportTarget.MOBILE: _load_mobile,
+    ExportTarget.ONNX: _load_onnx,
+    ExportTarget.EXECUTORCH: _load_executorch,
+    ExportTarget.AOTI: _load_aoti,
+}
+_RUNTIMES = {ExportTarget.ONNX: "onnxruntime", ExportTarget.EXECUTORCH: "executorch"}
+
 #: the targets whose file is a program a server runs (the others hold weights for the model's own code)
-SERVED_TARGETS = (
-    ExportTarget.TORCHSCRIPT,
-    ExportTarget.MOBILE,
-    ExportTarget.ONNX,
-    ExportTarget.PT2,
-    ExportTarget.EXECUTORCH,
-    ExportTarget.AOTI,
-)
+SERVED_TARGETS = (ExportTarget.PT2, *_FILE_LOADERS)
 
 
 def file_runner(target: ExportTarget | str, path: os.PathLike | str, backend: Backend | str) -> Loaded | None:
@@ -578,22 +586,10 @@ def file_runner(target: ExportTarget | str, path: os.PathLike | str, backend: Ba
         loaded = load_pt2(path)
         compiled = backend is Backend.X86 and flows.served_by(loaded) == "compiled"
         return _pt2_served(loaded, compiled)
-    runtime = {ExportTarget.ONNX: "onnxruntime", ExportTarget.EXECUTORCH: "executorch"}.get(target)
-    if runtime is not None:
-        try:
-            __import__(runtime)
-        except ImportError:
-            return None
+    if target in _RUNTIMES and importlib.util.find_spec(_RUNTIMES[target]) is None:
+        return None
     zipped = target in (ExportTarget.TORCHSCRIPT, ExportTarget.AOTI)
-    data = read_checked(path, f"{target.value} file", zip_format=zipped)
-    loaders: dict[ExportTarget, Callable[[bytes], Loaded]] = {
-        ExportTarget.AOTI: _load_aoti,
-        ExportTarget.TORCHSCRIPT: _load_torchscript,
-        ExportTarget.MOBILE: _load_mobile,
-        ExportTarget.ONNX: _load_onnx,
-        ExportTarget.EXECUTORCH: _load_executorch,
-    }
-    return loaders[target](data)
+    return _FILE_LOADERS[target](read_checked(path, f"{target.value} file", zip_format=zipped))
 
 
 def other_batch_size(example: ExampleInputs) -> int:
@@ -685,8 +681,7 @@ def serialized(
         model = int8_for_engine(engine)
         # a .pt2 program keeps the model's calling convention (keyword inputs of a Hugging Face model
         # stay keywords); TorchScript, ONNX and ExecuTorch's flat inputs take positions
-        keeps_keywords = target in (ExportTarget.PT2, ExportTarget.HF, ExportTarget.AOTI)
-        inputs = example if keeps_keywords else as_positional(model, example)
+        inputs = example if target in KEYWORD_TARGETS else as_positional(model, example)
         try:
             with quantized_engine(engine):
                 data, load = _SERIALIZERS[target](model, inputs, backend)

@@ -103,7 +103,7 @@ def file_latency_ms(
         example: the inputs, tiled or cut to each batch size.
         backend: the backend of the run (decides how a ``.pt2`` is served and the engine TorchScript runs on).
     """
-    from lightning_quant.export import EXECUTORCH_MAX_BATCH, engine_for, file_runner
+    from lightning_quant.export import EXECUTORCH_MAX_BATCH, KEYWORD_TARGETS, engine_for, file_runner
     from lightning_quant.quantization.config import Backend, ExportTarget
 
     example = example.to("cpu")
@@ -118,8 +118,7 @@ def file_latency_ms(
         for bs in batch_sizes:
             if kind is ExportTarget.EXECUTORCH and bs > EXECUTORCH_MAX_BATCH:
                 continue
-            keywords = kind in (ExportTarget.PT2, ExportTarget.AOTI)
-            batch = (example if keywords else positional).with_batch_size(bs)
+            batch = (example if kind in KEYWORD_TARGETS else positional).with_batch_size(bs)
             with quantized_engine(engine_for(kind, Backend(backend))), torch.no_grad():
                 times[str(bs)] = median_ms(lambda: run(batch), repeats, warmup)  # noqa: B023  # called here
         out[kind.value] = times
