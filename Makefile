@@ -49,7 +49,8 @@ docs: $(INSTALLED)
 # `make bench`: every int8 file this library writes, run where it is served, beside torch fp32 (eager, compiled),
 # ONNX Runtime (fp32, quantize_static int8) and OpenVINO (fp32, NNCF int8), for the digits CNN and a 1M-parameter
 # CNN and the MiniLM encoder: batch 1 and 32, 1 thread and all, interleaved rounds, the CPU's flags above the table
-# (benchmarks/runtimes.py). The peers live in their own virtualenv (.venv-bench), never in .venv. About 12 minutes
+# (benchmarks/runtimes.py), written to benchmarks/results/runtimes_<kind>.md (amx, avx512_vnni, avx_vnni, avx2:
+# one file per kind of CPU). The peers live in their own virtualenv (.venv-bench), never in .venv. About 12 minutes
 # on 2 cores; outside CI. Time it on a quiet machine: nothing else running.
 BENCH := .venv-bench
 
@@ -62,7 +63,7 @@ $(BENCH)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 bench: $(BENCH)/.installed
-	$(BENCH)/bin/python benchmarks/runtimes.py --publish benchmarks/results/runtimes.md $(ARGS)
+	$(BENCH)/bin/python benchmarks/runtimes.py --publish 'benchmarks/results/runtimes_{cpu}.md' $(ARGS)
 
 # `make bench-fit`: what QAT costs a fit of the 1M-parameter CNN (the callback, torch.ao's QAT by hand, float),
 # interleaved rounds, and a profile of a QAT step (benchmarks/fit_cost.py). A few minutes; outside CI.

@@ -53,7 +53,7 @@ from lightning_quant.quantization.config import Backend, ExportTarget
 from lightning_quant.quantization.convert import compiled_runner
 from lightning_quant.utils import format_table
 from lightning_quant.utils.tables import speed_against
-from lightning_quant.utils.timing import machine_description
+from lightning_quant.utils.timing import cpu_kind, machine_description
 
 Timed = Callable[[], float]  # one call, returning the seconds of the part that is timed
 
@@ -433,7 +433,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per path per round")
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma-separated thread counts")
-    parser.add_argument("--publish", help="also write the tables to this Markdown file (make bench does)")
+    parser.add_argument(
+        "--publish",
+        help="also write the tables to this Markdown file (make bench does); {cpu} in it is the kind of CPU "
+        "(amx, avx512_vnni, avx_vnni, avx2, other), so each kind of machine keeps its own table",
+    )
     args = parser.parse_args()
 
     warnings.filterwarnings("ignore")  # torch's export and the peers' advice, once per model: not the benchmark's
@@ -480,7 +484,8 @@ def main() -> None:
         section = "\n".join([title, "", table, "", *lines, "", took])
         print(f"\n{section}", flush=True)
         sections.append(section)
-    publish(args.publish, "\n\n".join(sections), "make bench")
+    target = args.publish.replace("{cpu}", cpu_kind()) if args.publish else None
+    publish(target, "\n\n".join(sections), "make bench")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,8 @@ PACKAGE = ROOT / "lightning_quant"
 
 # (result file, the make target that writes it)
 BENCHMARKS = {
-    "runtimes": "make bench",
+    "runtimes_amx": "make bench (on a CPU with AMX)",
+    "runtimes_avx512_vnni": "make bench (on a CPU with AVX-512 VNNI and no AMX)",
     "latency": "make bench-backends",
     "fit_cost": "make bench-fit",
     "pt2e": "make bench-pt2e",

@@ -250,15 +250,24 @@ def test_the_readme_is_short_and_the_front_page_leads_to_hugging_face_in_one_cli
     assert "(quickstart/huggingface.md)" in front and "Quantize a Hugging Face model" in front
 
 
-def test_the_readmes_speed_table_is_the_benchmarks_own_output_with_its_machine():
-    """The README's table is copied from `make bench`'s file: every row, and the machine line, are found there."""
+def test_the_readmes_speed_tables_are_the_benchmarks_own_output_each_with_its_machine():
+    """Each README table is copied from `make bench`'s file for one kind of CPU: every row is found in that file,
+    and the paragraph above the table names that file's machine (its CPU's maker and its flags)."""
     readme = README.read_text()
     section = readme[readme.index("## Speed") :].split("\n## ")[0]
-    results = (ROOT / "benchmarks" / "results" / "runtimes.md").read_text()
-    rows = [line for line in section.splitlines() if line.startswith("| ")]
-    assert len(rows) > 10 and all(row in results for row in rows)
-    machine = results.splitlines()[3]  # the line under the command: the CPU, its flags, cores, threads, torch
-    assert machine.split(" (")[0] in section and "threads" in machine
+    tables = [t for t in re.split(r"\n(?=\| path )", section)[1:]]
+    intros = re.split(r"\n\| path [^\n]*\n", section)[:-1]
+    assert len(tables) == 2 == len(intros)
+    # kind of CPU: its maker, the flag that makes it that kind, how the README names it
+    machines = {"amx": ("Intel", "amx_int8", "with AMX"), "avx512_vnni": ("AMD EPYC", "avx512_vnni", "and no AMX")}
+    for (kind, (maker, flag, named)), table, intro in zip(machines.items(), tables, intros, strict=True):
+        results = (ROOT / "benchmarks" / "results" / f"runtimes_{kind}.md").read_text()
+        rows = [line for line in table.splitlines() if line.startswith("| ")]
+        assert len(rows) > 10 and all(row in results for row in rows), kind
+        machine = results.splitlines()[3]  # the line under the command: the CPU, its flags, cores, threads, torch
+        line = intro.splitlines()[-1]
+        assert machine.startswith(maker) and flag in machine and maker in line and named in line, (kind, line)
+        assert machine.rsplit("torch ", 1)[1] in line and "2 threads" in machine and "2 threads" in line
 
 
 def test_the_version_has_one_source_and_the_changelog_names_it():

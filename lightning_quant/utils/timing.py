@@ -48,6 +48,16 @@ def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> tuple[str, set[str] | None]:
     return name, flags
 
 
+def cpu_kind(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """Which kind of x86 CPU this is for int8 speed: ``"amx"`` (AMX int8 tiles), ``"avx512_vnni"``, ``"avx_vnni"``,
+    ``"avx2"`` or ``"other"`` (no AVX2, or flags that cannot be read); names a benchmark's file per kind of machine."""
+    flags = cpu_flags(cpuinfo)[1] or set()
+    for kind, flag in (("amx", "amx_int8"), ("avx512_vnni", "avx512_vnni"), ("avx_vnni", "avx_vnni"), ("avx2", "avx2")):
+        if flag in flags:
+            return kind
+    return "other"
+
+
 def has_int8_dot_product(cpuinfo: str = "/proc/cpuinfo") -> bool | None:
     """Whether the CPU has VNNI or AMX int8 instructions; ``None`` when its flags cannot be read (not Linux)."""
     flags = cpu_flags(cpuinfo)[1]
