@@ -28,7 +28,7 @@ from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.outputs import collect_outputs, higher_is_better, sqnr_db, task_metric
 from lightning_quant.utils.files import write_file_set
-from lightning_quant.utils.tables import format_table, speed_change
+from lightning_quant.utils.tables import format_table, speed_against, speed_change
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,36 @@ def slower_than_float(report: dict[str, Any]) -> str:
             "float (layers={name: 'float'}), or let the search aim at latency "
             "(quantize(..., search=Search(latency=True)))"
         )
-    return f"int8 is slower than float at {sizes}: {why}"
+    return f"int8 is slower than float at {sizes}: {why}" + faster_files(latency, slow)
+
+
+def faster_files(latency: dict[str, Any], batch_sizes: list[str]) -> str:
+    """Where the in-process int8 model is slower than float: which written file is faster than float at those
+    batch sizes (the one to serve instead), or that none is; ``""`` where no file was timed."""
+    files = latency.get("files") or {}
+    if not files:
+        return ""
+    words = []
+    for bs in batch_sizes:
+        times = {target: ms[bs] for target, ms in files.items() if bs in ms}
+        if not times:
+            continue
+        best = min(times, key=times.__getitem__)
+        fp32 = latency["fp32"][bs]
+        if times[best] < fp32:
+            words.append(
+                f"at batch {bs} serve the {best} file instead ({times[best]:.3g} ms, "
+                + speed_against(fp32, times[best], "float")
+                + ")"
+            )
+        else:
+            words.append(
+                f"at batch {bs} no written file is faster than float either (the fastest, {best}, "
+                + speed_against(fp32, times[best], "float")
+                + ")"
+            )
+    sentence = "; ".join(words)
+    return f". {sentence[0].upper()}{sentence[1:]}" if words else ""
 
 
 def report_markdown(report: dict[str, Any]) -> str:

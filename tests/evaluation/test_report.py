@@ -162,3 +162,24 @@ def test_the_report_says_why_int8_is_slower_from_its_graph():
     assert slower_than_float(report) == ""
     dynamic = {**report, "int8_graph": {}, "latency_ms": {"fp32": {"1": 0.02}, "int8": {"1": 0.05}}}
     assert "quantizes its activations inside each layer at run time" in slower_than_float(dynamic)
+
+
+def test_the_slower_than_float_warning_names_the_written_file_to_serve_instead():
+    """Where the in-process int8 model is slower than float and a written file is not, the warning names that file
+    with its speed; where no file is faster either, it says so."""
+    from lightning_quant.evaluation.report import slower_than_float
+
+    latency = {
+        "fp32": {"1": 0.305, "32": 1.80},
+        "int8": {"1": 0.638, "32": 3.02},
+        "files": {"torchscript": {"1": 0.20, "32": 2.40}, "onnx": {"1": 0.25, "32": 2.10}},
+    }
+    report = {"latency_ms": latency, "int8_graph": {}, "layers": []}
+    warning = slower_than_float(report)
+    assert warning.startswith("int8 is slower than float at batch 1 (0.638 ms vs 0.305 ms), batch 32 (3.02 ms vs 1.8")
+    assert warning.endswith(
+        ". At batch 1 serve the torchscript file instead (0.2 ms, 1.52x faster than float); at batch 32 no written "
+        "file is faster than float either (the fastest, onnx, 1.17x slower than float)"
+    )
+    del latency["files"]
+    assert "serve the" not in slower_than_float(report) and "written file" not in slower_than_float(report)
