@@ -21,14 +21,19 @@ $(INSTALLED): $(BIN)/python pyproject.toml constraints.txt
 run: $(INSTALLED)
 	$(BIN)/lightning-quant
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist; tests/conftest.py gives each one torch thread, so the
+# workers never outnumber 2 cores): about 8 minutes on 2 cores, against 18-23 in one process. `make test
+# TEST_WORKERS=0` runs it in this process; `.venv/bin/python -m pytest tests/...` runs a part of it in one.
+TEST_WORKERS ?= 2
+
 test: $(INSTALLED)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 # `make test-slow`: the tests marked slow (pt2e on every user pattern, a Llama through pt2e, the app on pt2e, the
 # four-run sweep, the examples on MNIST and MiniLM, the runtimes benchmark at a tiny size), whose mechanism a fast
 # test of `make test` already covers. About 10 minutes on 2 cores; outside CI.
 test-slow: $(INSTALLED)
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow -n $(TEST_WORKERS) --dist worksteal
 
 # `make test-gpu`: the callback suites (QAT, distillation, report) with training on a GPU; the
 # int8 conversion and exports run on CPU copies as always. Needs a CUDA torch; outside CI.

@@ -1,4 +1,15 @@
+import os
+
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on the machine's cores (pytest-xdist): one thread each, and one for the processes
+    # a test starts (DDP ranks, the app), so that the workers' OpenMP threads never outnumber the cores (under
+    # oversubscription torch's OpenMP threads spin and a step runs ~10x slower)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True, scope="session")
