@@ -80,6 +80,46 @@ def test_a_deep_copy_keeps_the_mode_and_the_batch_norm_freeze():
     assert not prepared.training  # the original is untouched
 
 
+class ResidualBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: one ReLU module called twice, after the first conv and after the add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.down = nn.Conv2d(1, 4, 1, bias=False)
+        self.relu = nn.ReLU()
+        self.head = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.head(self.relu(self.bn2(self.conv2(out)) + self.down(x)).flatten(1))
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_a_module_called_twice_is_quantized_for_x86_at_each_call(qat):
+    """torch's source partitions group every call of one module (pytorch/ao#4478): the X86InductorQuantizer raised
+    'Input partition has more than one output node' on torchvision's ResNet block. Each call is annotated on its
+    own, and the module's name is back on every node afterwards."""
+    torch.manual_seed(0)
+    model = ResidualBlock()
+    prepared = _prepared(model, qat=qat)
+    stacks = [n.meta.get("nn_module_stack") or {} for n in prepared.graph.nodes]
+    assert all("@" not in str(fqn) for stack in stacks for fqn, _ in stack.values())
+    # both ReLU calls end an int8 pattern: each has an observer or fake quantizer on its output
+    relus = [n for n in prepared.graph.nodes if n.op == "call_function" and "relu" in str(n.target)]
+    assert len(relus) == 2 and all(any(u.op == "call_module" for u in relu.users) for relu in relus)
+    prepared.eval()
+    for _ in range(4):
+        prepared(torch.randn(8, 1, 6, 6))
+    int8 = convert_copy(prepared, "pt2e", "x86")
+    assert flows.int8_layers(int8) == {"conv1": "int8", "conv2": "int8", "down": "int8", "head": "int8"}
+    x = torch.randn(16, 1, 6, 6)
+    model.eval()
+    with torch.no_grad():
+        assert mean_cosine(int8(x), model(x)) > 0.99
+
+
 def test_prepared_model_takes_other_batch_sizes_and_converts_close_to_its_fake_quant_model():
     torch.manual_seed(0)
     prepared = _prepared(TinyNet(), qat=False)

@@ -46,7 +46,12 @@ from lightning_quant.quantization.flows.pt2e.graph import (
 )
 from lightning_quant.quantization.flows.pt2e.inspection import Recorder, layer_end, layer_name
 from lightning_quant.quantization.flows.pt2e.quantizers import build_quantizer, quantizer_classes
-from lightning_quant.quantization.flows.pt2e.repairs import drop_unused_tensors, restore_integer_constants, state_names
+from lightning_quant.quantization.flows.pt2e.repairs import (
+    drop_unused_tensors,
+    prepare_with_call_sites_apart,
+    restore_integer_constants,
+    state_names,
+)
 from lightning_quant.quantization.flows.spec import SPECS
 from lightning_quant.quantization.flows.torch_ao_quantization import (
     convert_with_trained_qparams,
@@ -144,8 +149,9 @@ class Pt2eFlow:
             graph_module = capture(model, call)
             with known_torch_warnings_silenced(), quicker_conv_bn_folding():
                 try:
-                    graph = (prepare_qat_pt2e if qat else prepare_pt2e)(graph_module, quantizer)
-                except (IndexError, KeyError, AttributeError, AssertionError, TypeError) as err:
+                    prepare = prepare_qat_pt2e if qat else prepare_pt2e
+                    graph = prepare_with_call_sites_apart(prepare, graph_module, quantizer)
+                except (IndexError, KeyError, AttributeError, AssertionError, TypeError, ValueError) as err:
                     # the quantizer's own failure on this graph (torchao 0.18's X86InductorQuantizer raises an
                     # IndexError on MiniLM's Linear-GELU pairs): say whose, where, and the ways out
                     frame = traceback.extract_tb(err.__traceback__)[-1]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.fx
 
@@ -103,3 +106,45 @@ def drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
             owner, _, attr = name.rpartition(".")
             delattr(graph_module.get_submodule(owner) if owner else graph_module, attr)
     graph_module.delete_all_unused_submodules()
+
+
+def _call_site_names(graph_module: torch.fx.GraphModule, apart: bool) -> None:
+    """Name each later call of a module by its call site in ``nn_module_stack`` (``apart``), or put the module's own
+    name back. The stack's key of a second call is ``"...relu@1"``; its value holds the module's name, ``"relu"``."""
+    for node in graph_module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack or not any("@" in key for key in stack):
+            continue
+        named = {}
+        for key, (fqn, cls) in stack.items():
+            site = "@" + key.rsplit("@", 1)[1] if "@" in key else ""
+            if apart and site and not str(fqn).endswith(site):
+                fqn = f"{fqn}{site}"
+            elif not apart and site and str(fqn).endswith(site):
+                fqn = str(fqn)[: -len(site)]
+            named[key] = (fqn, cls)
+        node.meta["nn_module_stack"] = named
+
+
+def prepare_with_call_sites_apart(
+    prepare: Callable[[torch.fx.GraphModule, Any], torch.fx.GraphModule],
+    graph_module: torch.fx.GraphModule,
+    quantizer: Any,
+) -> torch.fx.GraphModule:
+    """``prepare(graph_module, quantizer)`` with each call of a module called more than once annotated on its own.
+
+    In a graph ``torch.export`` captured (non-strict), torch's ``get_source_partitions`` groups the nodes of a module
+    by the module's name, so every call of one module is one partition with one output per call. A module called
+    twice is common: torchvision's ResNet ``BasicBlock`` calls its one ``relu`` after the first convolution and
+    after the residual add. The X86InductorQuantizer's fused patterns (conv-add-ReLU, linear-ReLU) refuse such a
+    partition ("Input partition has more than one output node", pytorch/ao#4478), so ResNet-18 could not be
+    quantized for x86 at all. Each later call gets its call site's name while the quantizer annotates; the module's
+    own name is put back on every node afterwards (layer names and per-layer precision read it).
+    """
+    _call_site_names(graph_module, apart=True)
+    try:
+        prepared = prepare(graph_module, quantizer)
+    finally:
+        _call_site_names(graph_module, apart=False)
+    _call_site_names(prepared, apart=False)
+    return prepared
