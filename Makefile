@@ -52,10 +52,10 @@ docs: $(INSTALLED)
 	$(BIN)/python -m sphinx -W --keep-going -q -b html docs docs/_build/html
 
 # `make bench`: every int8 file this library writes, run where it is served, beside torch fp32 (eager, compiled),
-# ONNX Runtime (fp32, quantize_static int8) and OpenVINO (fp32, NNCF int8), for the digits CNN and a 1M-parameter
-# CNN and the MiniLM encoder: batch 1 and 32, 1 thread and all, interleaved rounds, the CPU's flags above the table
+# ONNX Runtime (fp32, quantize_static int8) and OpenVINO (fp32, NNCF int8), for the digits CNN, a 1M-parameter
+# CNN, torchvision's ResNet-18 architecture and the MiniLM encoder: batch 1 and 32, 1 thread and all, interleaved rounds, the CPU's flags above the table
 # (benchmarks/runtimes.py), written to benchmarks/results/runtimes_<kind>.md (amx, avx512_vnni, avx_vnni, avx2:
-# one file per kind of CPU). The peers live in their own virtualenv (.venv-bench), never in .venv. About 12 minutes
+# one file per kind of CPU). The peers live in their own virtualenv (.venv-bench), never in .venv. About 15 minutes
 # on 2 cores; outside CI. Time it on a quiet machine: nothing else running.
 BENCH := .venv-bench
 

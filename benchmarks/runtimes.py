@@ -1,6 +1,7 @@
 """Every int8 file this library writes, run where it is served, beside torch, ONNX Runtime and OpenVINO: `make bench`.
 
 One run, on this machine, for each model (the digits CNN; a 1M-parameter CNN on 3x32x32 inputs with BatchNorm
+statistics of its data; torchvision's ResNet-18 architecture on 3x112x112 inputs, random weights with BatchNorm
 statistics of its data; the pretrained all-MiniLM-L6-v2 encoder on 48 word-piece ids, its own int8 ways below):
 
 - the float model in torch (eager; compiled with freezing), in ONNX Runtime (its fp32 file) and in OpenVINO
@@ -17,7 +18,8 @@ Each path is timed at batch 1 and 32, with 1 thread and with all of them, in int
 times every path once, in a shuffled order; a path's figure is the median of its rounds' medians), so a
 machine that slows down mid-run slows every path alike. The CPU's name and its AVX2/AVX-512/VNNI/AMX flags are
 printed above the table. "agree" is the share of a held-out batch whose top-1 class equals fp32 eager's (for
-MiniLM: the mean cosine of its sentence embeddings with fp32 eager's).
+MiniLM: the mean cosine of its sentence embeddings with fp32 eager's; for ResNet-18, whose random weights leave
+its 1000 logits too close together for a top-1 class to mean anything, the mean cosine of the logits).
 
 The peers come from the benchmark's own virtualenv (``.venv-bench``: ``openvino``, ``nncf``, ``onnxruntime``), never
 from ``.venv``; ``make bench`` creates it.
@@ -78,6 +80,47 @@ class PerfCNN(nn.Sequential):
         )
 
 
+class BasicBlock(nn.Module):
+    """ResNet's two 3x3 conv-BN pairs with the identity (or a strided 1x1 conv-BN) added before the last ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.downsample(x))
+
+
+class ResNet18(nn.Module):
+    """torchvision's ``resnet18`` layer for layer (11,689,512 parameters, 1000 classes), defined here because
+    torchvision's wheel is a CUDA build of torch that cannot be installed beside the CPU torch the peers run with."""
+
+    def __init__(self, classes: int = 1000) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        widths = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
+        self.layers = nn.Sequential(*(nn.Sequential(BasicBlock(a, b, s), BasicBlock(b, b, 1)) for a, b, s in widths))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.avgpool(self.layers(x)), 1))
+
+
 @dataclass
 class Case:
     name: str
@@ -91,6 +134,10 @@ class Case:
     sizes: dict[str, int] = field(default_factory=dict)  # file -> bytes
     notes: list[str] = field(default_factory=list)
     encoder: bool = False  # outputs are sentence embeddings ("agree": mean cosine with fp32's), not class logits
+    repeats: int | None = None  # timed calls per path per round, where the model is too slow for --repeats
+    # "agree" is the mean cosine with fp32's outputs, not the top-1 share: for embeddings, and for a model with random
+    # weights whose 1000 logits are too close together for its top-1 class to mean anything
+    cosine: bool = False
 
 
 class MiniLMEncoder(nn.Module):
@@ -117,21 +164,25 @@ def make_case(name: str, seed: int = 0) -> Case:
     elif name == "perf":
         model = PerfCNN()
         data = torch.randn(512, 3, 32, 32)
+    elif name == "resnet18":
+        # 112x112 inputs (a quarter of ImageNet's arithmetic) and 5 calls a round keep the model's rows to minutes
+        model, data = ResNet18(), torch.randn(320, 3, 112, 112)
     elif name == "minilm":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         encoder = MiniLMEncoder()
         # word-piece ids of the vocabulary's words (past its special and unused ids), 48 tokens a sequence
         ids = torch.randint(1996, encoder.bert.config.vocab_size, (512, 48))
-        return Case(name, encoder, list(ids[:256].split(32)), ids[256:], encoder=True)
+        return Case(name, encoder, list(ids[:256].split(32)), ids[256:], encoder=True, cosine=True)
     else:
-        raise ValueError(f"unknown model {name!r}; the models are digits, perf, minilm")
+        raise ValueError(f"unknown model {name!r}; the models are digits, perf, resnet18, minilm")
     # BatchNorm statistics of the data (a trained model's are of its data too)
     model.train()
     with torch.no_grad():
         for batch in data[:256].split(32):
             model(batch)
     model.eval()
-    return Case(name, model, list(data[:256].split(32)), data[256:])
+    resnet = name == "resnet18"
+    return Case(name, model, list(data[:256].split(32)), data[256:], repeats=5 if resnet else None, cosine=resnet)
 
 
 def as_numpy(batch: torch.Tensor) -> np.ndarray:
@@ -373,10 +424,10 @@ def timed(run: Callable[[torch.Tensor], Any], x: torch.Tensor, before: torch.Ten
 
 
 def agreement(run: Callable[[torch.Tensor], Any], case: Case, reference: torch.Tensor) -> float:
-    """The share of held-out inputs whose top-1 class is fp32's; for an encoder, the mean cosine of the embeddings."""
+    """The share of held-out inputs whose top-1 class is fp32's (where ``case.cosine``: the outputs' mean cosine)."""
     out = run(case.held_out)
     out = torch.as_tensor(np.asarray(out)) if not isinstance(out, torch.Tensor) else out
-    if case.encoder:
+    if case.cosine:
         return torch.nn.functional.cosine_similarity(out.float(), reference, dim=-1).mean().item()
     return (out.argmax(-1) == reference.argmax(-1)).float().mean().item()
 
@@ -429,7 +480,9 @@ def summary(case: Case, results: dict[int, dict[tuple, float]], batches: tuple[i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="digits,perf,minilm", help="comma-separated: digits, perf, minilm")
+    parser.add_argument(
+        "--models", default="digits,perf,resnet18,minilm", help="comma-separated: digits, perf, resnet18, minilm"
+    )
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--repeats", type=int, default=15, help="timed calls per path per round")
     parser.add_argument("--threads", default=f"1,{os.cpu_count()}", help="comma-separated thread counts")
@@ -459,7 +512,8 @@ def main() -> None:
             with torch.inference_mode():
                 reference = case.float_model(case.held_out)
             agree = {n: agreement(runner_for(s, thread_counts[-1]), case, reference) for n, s in case.paths.items()}
-            results = {t: measure(case, t, batches, args.rounds, args.repeats) for t in thread_counts}
+            repeats = case.repeats or args.repeats
+            results = {t: measure(case, t, batches, args.rounds, repeats) for t in thread_counts}
         headers = ["path", "kind", "agree"] + [f"{t}t b{bs} ms" for t in thread_counts for bs in batches]
         rows = [
             [n, case.kinds[n], f"{agree[n]:.3f}"]
@@ -480,7 +534,7 @@ def main() -> None:
                 f"{n} {b:,} bytes ({fp32_bytes / b:.2f}x smaller)" for n, b in case.sizes.items() if b != fp32_bytes
             )
         )
-        took = f"({args.rounds} rounds x {args.repeats} calls per path; {time.perf_counter() - started:.0f} s)"
+        took = f"({args.rounds} rounds x {repeats} calls per path; {time.perf_counter() - started:.0f} s)"
         section = "\n".join([title, "", table, "", *lines, "", took])
         print(f"\n{section}", flush=True)
         sections.append(section)
