@@ -495,9 +495,8 @@ def main() -> None:
 
     warnings.filterwarnings("ignore")  # torch's export and the peers' advice, once per model: not the benchmark's
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization logs its advice on the root logger
-    # the compiled rows of one model share its classes' forward code with the other compiled rows (fp32 and torchao's
-    # MiniLM are both a BertModel): past dynamo's default of 8 graphs per code object, a row would run eagerly
-    torch._dynamo.config.recompile_limit = 64
+    # the compiled rows of one model share its classes' forward code (fp32 and torchao's MiniLM are both a BertModel):
+    # compiled_runner keeps up to 64 graphs of one forward and raises past them, where dynamo would run it eagerly
     heading = machine_description()
     print(heading, flush=True)
     batches = (1, 32)

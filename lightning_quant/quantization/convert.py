@@ -23,6 +23,10 @@ from lightning_quant.utils.modules import within
 log = logging.getLogger(__name__)
 
 
+#: graphs one compiled forward may keep (one per batch size and input shape) before a call raises
+RECOMPILE_LIMIT = 64
+
+
 def compiled_runner(module: nn.Module) -> Callable[[ExampleInputs], Any]:
     """Run ``module`` the way a pt2e model is served: ``torch.compile`` with freezing (weights
     folded and int8 kernels chosen by Inductor), without gradients. Compiles at the first call.
@@ -30,7 +34,13 @@ def compiled_runner(module: nn.Module) -> Callable[[ExampleInputs], Any]:
     Deterministic-algorithms mode (which ``Trainer(deterministic=True)`` leaves on for the whole
     process) is lifted inside each call: under it Inductor's code for a small CNN ran 200x slower
     here, which is not how the model is served. The previous mode is restored after each call.
+
+    Each batch size is one graph (``dynamic=False``, as Inductor's int8 kernels are chosen for a
+    shape). Past dynamo's ``recompile_limit`` (8 graphs of one forward) torch would run the model
+    eagerly without a word, and a timing would be of eager code under the compiled name: inside
+    each call the limit is :data:`RECOMPILE_LIMIT`, and going past it raises.
     """
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     compiled: list[Any] = []
@@ -44,6 +54,10 @@ def compiled_runner(module: nn.Module) -> Callable[[ExampleInputs], Any]:
                 compiled.append(torch.compile(module, dynamic=False))
             with (
                 inductor_config.patch(freezing=True),
+                dynamo_config.patch(
+                    recompile_limit=max(dynamo_config.recompile_limit, RECOMPILE_LIMIT),
+                    fail_on_recompile_limit_hit=True,
+                ),
                 torch.inference_mode(False),
                 torch.no_grad(),
                 known_torch_warnings_silenced(),

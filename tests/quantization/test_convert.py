@@ -88,6 +88,35 @@ def test_compiled_runner_lifts_deterministic_mode_inside_each_call_and_restores_
     assert seen and not any(seen[:1])  # the compiled call ran (and was traced) with the mode lifted
 
 
+def test_compiled_runner_keeps_a_graph_per_batch_size_and_raises_past_its_limit(monkeypatch):
+    """Past dynamo's recompile limit torch runs the model eagerly without a word; a compiled runner keeps a graph
+    for each of many batch sizes (past dynamo's default of 8) and raises past its own limit."""
+    import torch._dynamo
+
+    from lightning_quant.quantization import convert
+    from lightning_quant.quantization.inputs import ExampleInputs
+
+    from torch._dynamo.utils import counters
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
+    run = convert.compiled_runner(model)
+    torch._dynamo.reset()
+    counters.clear()
+    for bs in range(1, 11):  # ten graphs: more than dynamo's default limit
+        x = torch.randn(bs, 4)
+        torch.testing.assert_close(run(ExampleInputs((x,))), model(x))
+    assert counters["stats"]["unique_graphs"] == 10  # each batch size ran compiled, none eagerly
+    torch._dynamo.reset()
+    monkeypatch.setattr(convert, "RECOMPILE_LIMIT", 2)
+    with torch._dynamo.config.patch(recompile_limit=2):  # the config's own patch: its names are not attributes
+        run = convert.compiled_runner(model)
+        run(ExampleInputs((torch.randn(1, 4),)))
+        run(ExampleInputs((torch.randn(2, 4),)))
+        with pytest.raises(Exception, match="recompile"):
+            run(ExampleInputs((torch.randn(3, 4),)))
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("flow", ["fx", "eager"])
 def test_int8_weights_are_the_weights_qat_trained_with(flow):
     """Conversion quantizes each weight with the scale its fake quantizer last used: torch's own
