@@ -152,8 +152,10 @@ class QuantizationReport(QuantizationListener, Callback):
             example=example,
             engine=config.engine,
             prepared=callback.observed_model(pl_module),
-            export_paths=callback.export_paths,
-            batch_sizes=self.batch_sizes or tuple(dict.fromkeys((1, train_bs))),
+            # timings are of global rank 0 alone, the rank that writes the report: every rank timing at once
+            # would share the machine's cores and time each other; the other ranks join only the metric
+            export_paths=callback.export_paths if trainer.is_global_zero else {},
+            batch_sizes=(self.batch_sizes or tuple(dict.fromkeys((1, train_bs)))) if trainer.is_global_zero else (),
             targets=batch_targets(batches),
             metric=module_metric(pl_module),
             threshold=self.threshold,

@@ -43,6 +43,8 @@ def _check_ranks_agree(tmp_path, file):
     assert (m0["total"], m1["total"]) == (24, 32)
     assert m0["val_int8"] == m1["val_int8"] == pytest.approx(union)
     assert m0["report_int8"] == m1["report_int8"] == pytest.approx(union)
+    # only rank 0, which writes the report, times the model (ranks timing at once would time each other)
+    assert "1" in m0["report_timed"] and m1["report_timed"] == []
     # a torchao model has no observed ranges to plot: its ranges come from each tensor at run time
     plots = ["sqnr.png"] if file.endswith("_state_dict.pt") else ["ranges.png", "sqnr.png"]
     assert visible_files(tmp_path / "report") == sorted(["report.json", "report.manifest.json", "report.md", *plots])

@@ -58,6 +58,7 @@ def main(out_dir: Path, flow: str) -> None:
     metrics = {
         "val_int8": float(trainer.callback_metrics["val/accuracy_int8"]),
         "report_int8": report.report["metric"]["int8"],
+        "report_timed": sorted(report.report["latency_ms"]["int8"]),
         "correct": correct,
         "total": total,
     }
