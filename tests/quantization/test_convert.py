@@ -92,11 +92,10 @@ def test_compiled_runner_keeps_a_graph_per_batch_size_and_raises_past_its_limit(
     """Past dynamo's recompile limit torch runs the model eagerly without a word; a compiled runner keeps a graph
     for each of many batch sizes (past dynamo's default of 8) and raises past its own limit."""
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
     from lightning_quant.quantization import convert
     from lightning_quant.quantization.inputs import ExampleInputs
-
-    from torch._dynamo.utils import counters
 
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU()).eval()
     run = convert.compiled_runner(model)
