@@ -35,7 +35,7 @@ from lightning_quant.quantization.inputs import (
     describe_inputs,
     input_kinds,
 )
-from lightning_quant.quantization.outputs import collect_outputs, task_metric
+from lightning_quant.quantization.outputs import collect_outputs, is_causal_lm, task_metric
 from lightning_quant.quantization.recipe import attach, static_recipe
 from lightning_quant.quantization.schedule import (
     Phase,
@@ -477,9 +477,19 @@ class QuantizationAwareTraining(QuantizationCallback):
             (n, t) for n, t in target.named_parameters() if t.is_floating_point()
         ]
         tensors += [(n, t) for n, t in target.named_buffers() if n.endswith(("running_mean", "running_var"))]
-        if not tensors or bool(torch.stack([torch.isfinite(t.detach()).all() for _, t in tensors]).all()):
+        if not tensors:
             return
-        bad = [n for n, t in tensors if not bool(torch.isfinite(t.detach()).all())]
+        # an FSDP2-sharded weight is checked on this rank's shard (a DTensor's reductions would need placements
+        # torch cannot redistribute to after a validation pass), and every rank takes every shard's verdict
+        sharded = any(hasattr(t, "to_local") for _, t in tensors)  # DTensors
+        local = [t.to_local() if hasattr(t, "to_local") else t for _, t in tensors]
+        finite = torch.stack([torch.isfinite(t.detach()).all() for t in local]).to(torch.int32)
+        reducer = RankReducer.current(local[0].device) if sharded else None
+        if reducer is not None:
+            finite = reducer.min(finite)
+        if bool(finite.all()):
+            return
+        bad = [n for (n, _), ok in zip(tensors, finite.tolist(), strict=True) if not ok]
         raise ValueError(
             f"{len(bad)} weight tensors of {path!r} hold NaN or Inf before the first training step, "
             f"as initialised or loaded (no batch has run yet): {bad[:5]}. Quantization cannot represent them; fix "
@@ -636,7 +646,8 @@ class QuantizationAwareTraining(QuantizationCallback):
         outputs = collect_outputs(self.convert(pl_module), batches, self.config.engine, to_input)
         metric = module_metric(pl_module)
         # over every rank's validation batches: the value of the whole validation set, on every rank
-        name, value = task_metric(outputs, targets, metric, RankReducer.current(trainer.strategy.root_device))
+        reducer = RankReducer.current(trainer.strategy.root_device)
+        name, value = task_metric(outputs, targets, metric, reducer, causal=is_causal_lm(target))
         key = metric_name(pl_module, metric) if metric is not None else name
         pl_module.log(f"val/{key}_int8", value, on_epoch=True)
 

@@ -26,7 +26,13 @@ from lightning_quant.evaluation.metrics import (
 from lightning_quant.quantization import flows
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.inputs import ExampleInputs
-from lightning_quant.quantization.outputs import collect_outputs, higher_is_better, sqnr_db, task_metric
+from lightning_quant.quantization.outputs import (
+    collect_outputs,
+    higher_is_better,
+    is_causal_lm,
+    sqnr_db,
+    task_metric,
+)
 from lightning_quant.utils.files import write_file_set
 from lightning_quant.utils.tables import format_table, speed_against, speed_change
 
@@ -120,8 +126,9 @@ def build_report(
         f"{n} (adds {v['loss_db']:.1f} dB of error, output {v['sqnr_db']:.1f} dB)" for n, v in worst[:3]
     )
     if targets is not None:
-        name, float_value = task_metric(float_out, targets, metric, reducer)
-        _, int8_value = task_metric(int8_out, targets, metric, reducer)
+        causal = is_causal_lm(fp32_model)
+        name, float_value = task_metric(float_out, targets, metric, reducer, causal)
+        _, int8_value = task_metric(int8_out, targets, metric, reducer, causal)
         loss = (float_value - int8_value) if higher_is_better(name) else (int8_value - float_value)
         report["metric"] = {"name": name, "float": float_value, "int8": int8_value, "loss": loss}
         if loss > threshold:

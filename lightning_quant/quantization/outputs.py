@@ -57,11 +57,31 @@ def collect_outputs(
     return torch.cat(outputs)
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face causal language model (``...ForCausalLM``, GPT-2's ``...LMHeadModel``),
+    whose labels are its input ids: its token ``i`` predicts label ``i + 1``. A pt2e graph of one says so in its
+    metadata (the class it was captured from)."""
+    names = [type(model).__name__]
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict):
+        names += [str(v.get("source", "")) for v in meta.values() if isinstance(v, dict)]
+    return any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in names)
+
+
 def task_metric(
-    outputs: torch.Tensor, targets: torch.Tensor, metric: Any = None, reducer: RankReducer | None = None
+    outputs: torch.Tensor,
+    targets: torch.Tensor,
+    metric: Any = None,
+    reducer: RankReducer | None = None,
+    causal: bool = False,
 ) -> tuple[str, float]:
     """``(name, value)`` of the task metric: the given torchmetrics ``Metric`` (cloned), else top-1
     accuracy for integer targets or mean squared error otherwise.
+
+    Token outputs (:func:`collect_outputs` rows, one per token) against per-token labels (``[batch, length]``)
+    are scored per token, labels of -100 left out as Hugging Face's losses leave them: top-1 accuracy, or for a
+    causal language model (``causal``) the next-token cross-entropy ``"loss"`` (token ``i``'s logits against
+    label ``i + 1``, as the model's own loss), so that it reads beside the ``val_loss`` a step logs.
 
     With a ``reducer`` (several processes, each holding a shard of the data), the value is the
     one of the union of every rank's outputs, the same on every rank.
@@ -73,18 +93,37 @@ def task_metric(
         fresh.sync_on_compute = reducer is not None
         fresh.update(outputs.to(device), targets.to(device))
         return type(metric).__name__, float(fresh.compute())
-    if not targets.is_floating_point() and outputs.dim() >= 2:
-        name, total = "accuracy", (outputs.argmax(dim=-1) == targets).sum()
+    tokens = (
+        not targets.is_floating_point()
+        and targets.dim() == 2
+        and outputs.dim() == 2
+        and outputs.shape[0] == targets.numel()
+        and outputs.shape[0] != targets.shape[0]
+    )
+    if tokens:
+        logits, labels = outputs.view(*targets.shape, outputs.shape[-1]), targets
+        if causal:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        valid = labels != -100
+        logits, labels = logits[valid], labels[valid]
+        if causal:
+            name, total = "loss", torch.nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        else:
+            name, total = "accuracy", (logits.argmax(dim=-1) == labels).sum()
+        count = float(labels.numel())
+    elif not targets.is_floating_point() and outputs.dim() >= 2:
+        name, total, count = "accuracy", (outputs.argmax(dim=-1) == targets).sum(), float(targets.numel())
     else:
         name, total = "mse", (outputs.float() - targets.float()).pow(2).sum()
-    stats = torch.stack([total.double(), torch.tensor(float(targets.numel()), dtype=torch.float64)])
+        count = float(targets.numel())
+    stats = torch.stack([total.double(), torch.tensor(count, dtype=torch.float64)])
     if reducer is not None:
         stats = reducer.sum(stats)
     return name, float(stats[0] / stats[1])
 
 
 def higher_is_better(metric_name: str) -> bool:
-    return metric_name not in ("mse", "MeanSquaredError", "MeanAbsoluteError")
+    return metric_name not in ("mse", "loss", "MeanSquaredError", "MeanAbsoluteError")
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:

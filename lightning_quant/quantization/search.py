@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from lightning_quant.quantization.distributed import RankReducer
-from lightning_quant.quantization.outputs import collect_outputs, mean_cosine, task_metric
+from lightning_quant.quantization.outputs import collect_outputs, is_causal_lm, mean_cosine, task_metric
 from lightning_quant.utils.modules import state_dict_bytes
 
 #: module types a layer-level analysis looks at (what static and dynamic modes quantize)
@@ -225,14 +225,19 @@ def _scorer(
 ) -> tuple[Callable[[nn.Module], float], float]:
     """The score of an int8 model (top-1 accuracy with targets, else cosine to float) and the float model's."""
     float_out = collect_outputs(float_model, batches, batch_to_input=batch_to_input)
+    # a causal LM scores its next-token loss, negated so that higher is better as accuracy is
+    causal = is_causal_lm(float_model)
+    sign = -1.0 if causal else 1.0
 
     def score(int8: nn.Module) -> float:
         out = collect_outputs(int8, batches, engine, batch_to_input)
         if targets is not None:
-            return task_metric(out, targets, reducer=reducer)[1]
+            return sign * task_metric(out, targets, reducer=reducer, causal=causal)[1]
         return mean_cosine(float_out, out, reducer)
 
-    reference = task_metric(float_out, targets, reducer=reducer)[1] if targets is not None else 1.0
+    reference = (
+        sign * task_metric(float_out, targets, reducer=reducer, causal=causal)[1] if targets is not None else 1.0
+    )
     return score, reference
 
 

@@ -21,19 +21,27 @@ def _run(out: Path, kind: str, fails: bool = False) -> str:
 def test_fsdp2_qat_converts_the_model_ddp_trains_and_writes_one_folder(tmp_path):
     """Prepared whole, sharded by the user's configure_model, trained; converted from the full state dict gathered
     from the shards: the int8 model of every rank equals DDP's on the same data bit for bit (two ranks: a
-    reduce-scatter and an all-reduce both add the same two gradients; measured 0.0)."""
-    _run(tmp_path / "fsdp2", "fsdp2")
-    _run(tmp_path / "ddp", "ddp")
+    reduce-scatter and an all-reduce both add the same two gradients; measured 0.0). With a validation step that
+    logs the model's own loss and validate_int8, the int8 model's next-token loss over both ranks' batches is
+    logged beside it, the same on every rank and as DDP's."""
+    _run(tmp_path / "fsdp2", "fsdp2-val")
+    _run(tmp_path / "ddp", "ddp-val")
     fsdp = [torch.load(tmp_path / "fsdp2" / f"rank{r}_logits.pt") for r in (0, 1)]
     ddp = torch.load(tmp_path / "ddp" / "rank0_logits.pt")
     assert torch.equal(fsdp[0]["logits"], fsdp[1]["logits"])  # every rank converted the same model
     assert torch.equal(fsdp[0]["logits"], ddp["logits"])
+    validated = [torch.load(tmp_path / "fsdp2" / f"rank{r}_val.pt") for r in (0, 1)]
+    assert validated[0] == validated[1] == torch.load(tmp_path / "ddp" / "rank0_val.pt")
+    # int8 (dynamic activations, int8 weights) is within 0.1% of the fake-quant model's loss on random tokens
+    assert validated[0]["val/loss_int8"] == pytest.approx(validated[0]["val_loss"], rel=1e-3)
     # one set of files, written by rank 0, that transformers loads into the same model
     assert visible_files(tmp_path / "fsdp2") == [
         "model_int8.manifest.json",
         "model_int8_hf",
         "rank0_logits.pt",
+        "rank0_val.pt",
         "rank1_logits.pt",
+        "rank1_val.pt",
     ]
     assert visible_files(tmp_path / "fsdp2" / "model_int8_hf") == [
         "config.json",

@@ -41,3 +41,30 @@ def test_prediction_of_takes_logits_never_a_loss():
     assert prediction_of((logits, hidden)) is logits
     with pytest.raises(ValueError, match=r"the model's output \(NoneType\) holds no tensor to compare"):
         prediction_of(None)
+
+
+def test_token_outputs_are_scored_per_token_and_a_causal_lms_by_its_next_token_loss():
+    """Rows of token logits against [batch, length] labels: per-token accuracy, or for a causal LM the loss its own
+    forward computes (labels shifted by one, -100 left out), so the int8 figure reads beside a logged val_loss."""
+    transformers = pytest.importorskip("transformers")
+    from lightning_quant.quantization.outputs import collect_outputs, is_causal_lm, task_metric
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 32, (6, 10))
+    labels = ids.clone()
+    labels[0, :3] = -100  # a padded or prompt part, as Hugging Face's collators mark it
+    batches = [{"input_ids": ids[:3], "labels": labels[:3]}, {"input_ids": ids[3:], "labels": labels[3:]}]
+    rows = collect_outputs(model, batches, batch_to_input=lambda b: {"input_ids": b["input_ids"]})
+    assert rows.shape == (60, 32) and is_causal_lm(model)
+    with torch.no_grad():
+        own = torch.stack([model(**b).loss * (b["labels"][:, 1:] != -100).sum() for b in batches]).sum()
+    name, loss = task_metric(rows, labels, causal=True)
+    assert name == "loss" and loss == pytest.approx(float(own) / int((labels[:, 1:] != -100).sum()), rel=1e-5)
+    name, accuracy = task_metric(rows, labels)  # token classification: each token against its own label
+    expected = (rows.view(6, 10, 32).argmax(-1) == labels)[labels != -100].float().mean()
+    assert name == "accuracy" and accuracy == pytest.approx(float(expected))
+    assert not is_causal_lm(torch.nn.Linear(2, 2))

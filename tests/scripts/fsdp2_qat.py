@@ -1,10 +1,11 @@
 """QAT of a small Llama on 2 CPU processes, sharded by FSDP2 or replicated by DDP; rank 0 saves its logits.
 
-Run as ``python tests/scripts/fsdp2_qat.py OUT_DIR fsdp2|ddp|crash|resume[-kd]``; Lightning relaunches this script for
-rank 1. Two epochs of two steps. ``crash`` is ``fsdp2`` saving a distributed checkpoint at the end of epoch 0
+Run as ``python tests/scripts/fsdp2_qat.py OUT_DIR fsdp2|ddp|crash|resume[-kd|-val]``; Lightning relaunches this
+script for rank 1. Two epochs of two steps. ``crash`` is ``fsdp2`` saving a distributed checkpoint at the end of epoch 0
 (step 2) and failing at the first step of epoch 1; ``resume`` goes on from that checkpoint
 (``OUT_DIR/../crash/checkpoints/last.ckpt``) to the end. ``-kd`` adds ``KnowledgeDistillation`` from the float
-model. The LightningModule is written as the Lightning docs write
+model; ``-val`` a validation step (``self.log("val_loss", ...)``) and ``validate_int8=True``, each rank saving the
+logged int8 and fake-quant validation losses. The LightningModule is written as the Lightning docs write
 one for ``ModelParallelStrategy``: ``configure_model`` shards each decoder layer and the model with ``fully_shard``.
 """
 
@@ -63,6 +64,9 @@ class CausalLM(LightningModule):
     def training_step(self, batch, batch_idx):
         return self.model(**batch).loss
 
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.model(**batch).loss, sync_dist=True)
+
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
@@ -80,6 +84,8 @@ class CrashAtStep(Callback):
 def main(out: Path, kind: str) -> None:
     seed_everything(0)
     callbacks: list[Callback] = []
+    validate = kind.endswith("-val")
+    kind = kind.removesuffix("-val")
     if kind.endswith("-kd"):  # distillation from the float model beside QAT: the student sharded or replicated
         kind = kind.removesuffix("-kd")
         callbacks.append(KnowledgeDistillation(alpha=0.5, temperature=2.0))
@@ -93,7 +99,11 @@ def main(out: Path, kind: str) -> None:
     else:
         strategy = "ddp"
     qat = QuantizationAwareTraining(
-        TorchaoRecipe("int8_dyn_int8_weight"), schedule=QATSchedule(quant_start_step=1), export="hf", export_dir=out
+        TorchaoRecipe("int8_dyn_int8_weight"),
+        schedule=QATSchedule(quant_start_step=1),
+        export="hf",
+        export_dir=out,
+        validate_int8=validate,
     )
     trainer = Trainer(
         accelerator="cpu",
@@ -108,12 +118,17 @@ def main(out: Path, kind: str) -> None:
         use_distributed_sampler=False,
     )
     module = CausalLM(shard=kind != "ddp")
+    if validate:  # each rank validates on its own two batches
+        module.val_dataloader = lambda: DataLoader(batches(2, 50 + module.global_rank), batch_size=None)
     resume = out.parent / "crash" / "checkpoints" / "last.ckpt" if kind == "resume" else None
     trainer.fit(module, ckpt_path=resume)
     inputs = batches(1, 99)[0]
     with torch.no_grad():
         logits = qat.quantized_model(input_ids=inputs["input_ids"]).logits
     torch.save({"input_ids": inputs["input_ids"], "logits": logits}, out / f"rank{trainer.global_rank}_logits.pt")
+    if validate:
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val")}
+        torch.save(logged, out / f"rank{trainer.global_rank}_val.pt")
 
 
 if __name__ == "__main__":

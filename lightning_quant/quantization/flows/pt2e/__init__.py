@@ -167,7 +167,8 @@ class Pt2eFlow:
             return graph
 
         prepared = prepared_graph(example)
-        prepared.meta[Pt2eGraphModule.META] = {"backend": config.backend.value}
+        # the class it was captured from: a causal LM's int8 metric shifts its labels (outputs.is_causal_lm)
+        prepared.meta[Pt2eGraphModule.META] = {"backend": config.backend.value, "source": type(model).__name__}
         prepared = as_pt2e_module(prepared, qat)
         if inference is not example:
             # QAT trains the graph of the training call (labels in, loss out); the int8 model is the graph
