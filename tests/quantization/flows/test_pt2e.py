@@ -120,6 +120,34 @@ def test_a_module_called_twice_is_quantized_for_x86_at_each_call(qat):
         assert mean_cosine(int8(x), model(x)) > 0.99
 
 
+class UnusedPooler(nn.Module):
+    """A Hugging Face encoder as a caller uses it: the pooler (Linear-Tanh) runs, its result is not taken."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder, self.act = nn.Linear(8, 8), nn.GELU()
+        self.pooler, self.tanh = nn.Linear(8, 8), nn.Tanh()
+
+    def forward(self, x):
+        hidden = self.act(self.encoder(x))
+        pooled = self.tanh(self.pooler(hidden[:, 0]))  # noqa: F841 - computed by the model, unused by its caller
+        return hidden.mean(1)
+
+
+def test_a_computation_nothing_uses_is_left_out_before_the_quantizer_annotates():
+    """torchao's X86InductorQuantizer failed with an IndexError on a Linear-Tanh whose result nothing uses (MiniLM's
+    pooler under a caller that takes the hidden states): such nodes are removed from the captured graph."""
+    torch.manual_seed(0)
+    model, x = UnusedPooler().eval(), torch.randn(4, 5, 8)
+    prepared = get_flow("pt2e").prepare(model, QuantizationConfig(flow="pt2e"), ExampleInputs((x,)), qat=False)
+    assert not [n for n in prepared.graph.nodes if "tanh" in str(n.target)]
+    prepared(x)
+    int8 = convert_copy(prepared, "pt2e", "x86")
+    assert flows.int8_layers(int8) == {"encoder": "int8"}
+    with torch.no_grad():
+        assert mean_cosine(int8(x), model(x)) > 0.99
+
+
 def test_prepared_model_takes_other_batch_sizes_and_converts_close_to_its_fake_quant_model():
     torch.manual_seed(0)
     prepared = _prepared(TinyNet(), qat=False)

@@ -158,6 +158,10 @@ def capture(module: nn.Module, example: ExampleInputs) -> torch.fx.GraphModule:
     for node in [n for n in graph_module.graph.nodes if n.target is _aten._assert_tensor_metadata.default]:
         if not node.users:
             graph_module.graph.erase_node(node)
+    # computations whose result nothing uses (a Hugging Face encoder's pooler, when the caller takes the hidden
+    # states): a quantizer's pattern ending in one has no output, and torchao's X86InductorQuantizer failed on
+    # MiniLM's pooler Linear-Tanh with an IndexError; they cost time in the int8 model too. Mutations stay.
+    graph_module.graph.eliminate_dead_code()
     graph_module.recompile()
     for node in graph_module.graph.nodes:
         if node.op == "placeholder" and isinstance(node.meta.get("val"), torch.Tensor):
