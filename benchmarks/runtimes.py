@@ -11,7 +11,8 @@ statistics of its data; the pretrained all-MiniLM-L6-v2 encoder on 48 word-piece
 - ours: the fx int8 model in process; the TorchScript file (``export="torchscript"``) at one batch size and with
   batch sizes alternating as a server's do; the ONNX file (``export="onnx"``) in ONNX Runtime; the pt2e/x86 program
   compiled as served; and its AOTInductor package (``export="aoti"``). For MiniLM: torch.ao's dynamic int8 in
-  process and its TorchScript file, and torchao's int8 dynamic-activation/int8-weight model compiled; its peers are
+  process and its TorchScript file, torchao's int8 dynamic-activation/int8-weight model compiled, and pt2e/x86's
+  static int8 compiled and as an AOTInductor package; its peers are
   ONNX Runtime's ``quantize_dynamic`` and NNCF's transformer int8.
 
 Each path is timed at batch 1 and 32, with 1 thread and with all of them, in interleaved rounds (every round
@@ -226,8 +227,8 @@ def add_torch_paths(case: Case, folder: Path) -> None:
 
 
 def add_encoder_paths(case: Case, folder: Path, example: ExampleInputs) -> None:
-    """A transformer encoder's int8 ways here: torch.ao's dynamic int8 Linear (in process, and its TorchScript file)
-    and torchao's int8 dynamic-activation/int8-weight tensors compiled."""
+    """A transformer encoder's int8 ways here: torch.ao's dynamic int8 Linear (in process, and its TorchScript file),
+    torchao's int8 dynamic-activation/int8-weight tensors compiled, and static int8 through pt2e/x86."""
     int8 = quantize(case.float_model, recipe=DynamicRecipe(per_channel=True), progress=False)
     export_int8(lambda engine: int8, [ExportTarget.TORCHSCRIPT], folder, example, Backend.X86)
     case.sizes["our TorchScript file"] = (folder / "model_int8.pt").stat().st_size
@@ -235,11 +236,14 @@ def add_encoder_paths(case: Case, folder: Path, example: ExampleInputs) -> None:
     case.paths["ours: TorchScript file (dynamic int8)"] = torch_runner(torch.jit.load(str(folder / "model_int8.pt")))
     torchao_int8 = quantize(case.float_model, recipe="int8_dyn_int8_weight", progress=False)
     case.paths["ours: torchao int8-dyn/int8 compiled"] = compiled(torchao_int8)
-    # static int8 activations, as NNCF's, would be pt2e/x86: torchao 0.18's X86InductorQuantizer raises an IndexError
-    # annotating this graph's Linear-GELU pairs (_annotate_linear_unary), so there is no such row
-    case.notes.append(
-        "no pt2e/x86 (static int8) row: torchao 0.18's X86InductorQuantizer fails annotating MiniLM's Linear-GELU pairs"
-    )
+    # static int8 activations, as NNCF's: the pt2e/x86 program compiled, and its AOTInductor package
+    program = quantize(case.float_model, [(b,) for b in case.calibration], Pt2eRecipe("x86"), progress=False)
+    case.paths["ours: pt2e/x86 compiled (static int8)"] = compiled(program)
+    aoti = aoti_runner(program, example, folder)
+    if aoti is not None:
+        case.paths["ours: pt2e/x86 AOTInductor package"] = aoti
+    else:
+        case.notes.append("our AOTInductor package of this model was refused by the export check")
 
 
 def add_cnn_paths(case: Case, folder: Path, example: ExampleInputs) -> None:

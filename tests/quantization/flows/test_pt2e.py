@@ -418,7 +418,7 @@ def test_a_quantizer_that_fails_on_the_graph_is_named_with_where_and_the_ways_ou
 
     class Broken(type(_user_x86_quantizer(qat=False))):
         def annotate(self, model):
-            return [][0]  # as torchao's X86InductorQuantizer does on MiniLM's Linear-GELU pairs
+            return [][0]  # as a quantizer that fails on a pattern of the graph does
 
     broken = Broken()
     broken.set_global(_user_x86_quantizer(qat=False).global_config)

@@ -152,8 +152,9 @@ class Pt2eFlow:
                     prepare = prepare_qat_pt2e if qat else prepare_pt2e
                     graph = prepare_with_call_sites_apart(prepare, graph_module, quantizer)
                 except (IndexError, KeyError, AttributeError, AssertionError, TypeError, ValueError) as err:
-                    # the quantizer's own failure on this graph (torchao 0.18's X86InductorQuantizer raises an
-                    # IndexError on MiniLM's Linear-GELU pairs): say whose, where, and the ways out
+                    # the quantizer's own failure on a pattern of this graph (two of torchao 0.18's
+                    # X86InductorQuantizer are repaired before: see capture and prepare_with_call_sites_apart):
+                    # say whose, where, and the ways out
                     frame = traceback.extract_tb(err.__traceback__)[-1]
                     raise Pt2eExportError(
                         f"{type(quantizer).__name__} failed annotating the graph of {type(model).__name__} "
