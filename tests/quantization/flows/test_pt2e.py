@@ -148,6 +148,34 @@ def test_a_computation_nothing_uses_is_left_out_before_the_quantizer_annotates()
         assert mean_cosine(int8(x), model(x)) > 0.99
 
 
+def test_a_hugging_face_encoder_called_for_its_hidden_states_is_quantized_for_x86():
+    """A BertModel whose caller averages the last hidden states, as sentence embedders do: its pooler runs unused.
+    The static int8 model is close to float and its Linear layers, but not the pooler's, are int8."""
+    transformers = pytest.importorskip("transformers")
+    from lightning_quant import Pt2eRecipe, quantize
+
+    class Embedder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            config = transformers.BertConfig(
+                vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+            )
+            self.bert = transformers.BertModel(config)
+
+        def forward(self, input_ids):
+            return self.bert(input_ids=input_ids).last_hidden_state.mean(1)
+
+    torch.manual_seed(0)
+    model = Embedder().eval()
+    ids = [torch.randint(0, 64, (4, 12)) for _ in range(4)]
+    int8 = quantize(model, [(x,) for x in ids], Pt2eRecipe("x86"), progress=False)
+    layers = flows.int8_layers(int8)
+    assert "bert.encoder.layer.0.attention.self.query" in layers and "bert.pooler.dense" not in layers
+    held_out = torch.randint(0, 64, (8, 12))
+    with torch.no_grad():
+        assert mean_cosine(int8(held_out), model(held_out)) > 0.98
+
+
 def test_prepared_model_takes_other_batch_sizes_and_converts_close_to_its_fake_quant_model():
     torch.manual_seed(0)
     prepared = _prepared(TinyNet(), qat=False)
