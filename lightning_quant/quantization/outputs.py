@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_quant.quantization import flows
 from lightning_quant.quantization.convert import quantized_engine
 from lightning_quant.quantization.distributed import RankReducer
 from lightning_quant.quantization.inputs import batch_inputs
@@ -59,13 +60,9 @@ def collect_outputs(
 
 def is_causal_lm(model: nn.Module) -> bool:
     """Whether ``model`` is a Hugging Face causal language model (``...ForCausalLM``, GPT-2's ``...LMHeadModel``),
-    whose labels are its input ids: its token ``i`` predicts label ``i + 1``. A pt2e graph of one says so in its
-    metadata (the class it was captured from)."""
-    names = [type(model).__name__]
-    meta = getattr(model, "meta", None)
-    if isinstance(meta, dict):
-        names += [str(v.get("source", "")) for v in meta.values() if isinstance(v, dict)]
-    return any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in names)
+    whose labels are its input ids: its token ``i`` predicts label ``i + 1``. A pt2e graph of one is one too (its
+    flow keeps the class it was captured from)."""
+    return flows.source_class(model).endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def task_metric(

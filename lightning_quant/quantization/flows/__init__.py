@@ -20,6 +20,7 @@ from typing import Any
 import torch.nn as nn
 
 from lightning_quant.quantization.flows.common import (
+    CapturesModel,
     ChecksModel,
     FreezesBatchNorm,
     FusesLayers,
@@ -41,6 +42,7 @@ from lightning_quant.utils.checks import parse_enum
 
 __all__ = [
     "FLOWS",
+    "CapturesModel",
     "ChecksModel",
     "FlowSpec",
     "FreezesBatchNorm",
@@ -126,6 +128,13 @@ def inference_view(model: nn.Module) -> nn.Module:
     else ``model`` itself."""
     flow = capable(flow_of(model), HasInferenceView)
     return flow.inference_view(model) if flow is not None else model
+
+
+def source_class(model: nn.Module) -> str:
+    """The class name of the model ``model`` was made from: its own, or for a captured graph (pt2e) the class it
+    was captured from."""
+    flow = capable(flow_of(model), CapturesModel)
+    return flow.source_class(model) if flow is not None else type(model).__name__
 
 
 def fake_quantizers(model: nn.Module) -> list[tuple[str, Any]]:

@@ -178,6 +178,14 @@ class WritesHuggingFace(Protocol):
 
 
 @runtime_checkable
+class CapturesModel(Protocol):
+    """A flow whose prepared model is a graph captured from the model, not the model's own class."""
+
+    def source_class(self, model: nn.Module) -> str:
+        """The class name of the model ``model`` was captured from."""
+
+
+@runtime_checkable
 class HasInferenceView(Protocol):
     """A flow whose QAT model trained on a call with training-only inputs (labels) and predicts with another."""
 

@@ -144,6 +144,7 @@ def test_a_computation_nothing_uses_is_left_out_before_the_quantizer_annotates()
     prepared(x)
     int8 = convert_copy(prepared, "pt2e", "x86")
     assert flows.int8_layers(int8) == {"encoder": "int8"}
+    assert flows.source_class(prepared) == flows.source_class(int8) == "UnusedPooler"  # the class it came from
     with torch.no_grad():
         assert mean_cosine(int8(x), model(x)) > 0.99
 

@@ -168,7 +168,7 @@ class Pt2eFlow:
             return graph
 
         prepared = prepared_graph(example)
-        # the class it was captured from: a causal LM's int8 metric shifts its labels (outputs.is_causal_lm)
+        # the class it was captured from (source_class): a causal LM's metric shifts its labels
         prepared.meta[Pt2eGraphModule.META] = {"backend": config.backend.value, "source": type(model).__name__}
         prepared = as_pt2e_module(prepared, qat)
         if inference is not example:
@@ -226,11 +226,16 @@ class Pt2eFlow:
         converted.recompile()
         drop_unused_tensors(converted)
         backend = prepared.meta.get(Pt2eGraphModule.META, {}).get("backend", Backend.X86.value)
-        converted.meta[Pt2eGraphModule.META] = {"converted": True, "backend": backend}
+        source = prepared.meta.get(Pt2eGraphModule.META, {}).get("source", type(prepared).__name__)
+        converted.meta[Pt2eGraphModule.META] = {"converted": True, "backend": backend, "source": source}
         return as_pt2e_module(converted, False)
 
     def owns(self, model: nn.Module) -> bool:
         return any(True for _ in pt2e_modules(model))
+
+    def source_class(self, model: nn.Module) -> str:
+        state = model.meta.get(Pt2eGraphModule.META, {}) if isinstance(model, Pt2eGraphModule) else {}
+        return str(state.get("source", type(model).__name__))
 
     def served_by(self, model: nn.Module) -> str:
         """x86 programs: Inductor lowers their quantize/dequantize pairs to int8 kernels. xnnpack ones
