@@ -236,14 +236,8 @@ def add_encoder_paths(case: Case, folder: Path, example: ExampleInputs) -> None:
     case.paths["ours: TorchScript file (dynamic int8)"] = torch_runner(torch.jit.load(str(folder / "model_int8.pt")))
     torchao_int8 = quantize(case.float_model, recipe="int8_dyn_int8_weight", progress=False)
     case.paths["ours: torchao int8-dyn/int8 compiled"] = compiled(torchao_int8)
-    # static int8 activations, as NNCF's: the pt2e/x86 program compiled, and its AOTInductor package
-    program = quantize(case.float_model, [(b,) for b in case.calibration], Pt2eRecipe("x86"), progress=False)
-    case.paths["ours: pt2e/x86 compiled (static int8)"] = compiled(program)
-    aoti = aoti_runner(program, example, folder)
-    if aoti is not None:
-        case.paths["ours: pt2e/x86 AOTInductor package"] = aoti
-    else:
-        case.notes.append("our AOTInductor package of this model was refused by the export check")
+    # static int8 activations, as NNCF's
+    add_pt2e_paths(case, folder, example, "ours: pt2e/x86 compiled (static int8)")
 
 
 def add_cnn_paths(case: Case, folder: Path, example: ExampleInputs) -> None:
@@ -275,9 +269,14 @@ def add_cnn_paths(case: Case, folder: Path, example: ExampleInputs) -> None:
     case.alternating.add("ours: TorchScript file, batch sizes alternating")
     case.paths["ours: ONNX file in ONNX Runtime"] = ("ort", str(folder / "model_int8.onnx"))
 
-    # ours, pt2e/x86: the program compiled as served, and its AOTInductor package
-    program = quantize(float_model, [(b,) for b in case.calibration], Pt2eRecipe("x86"), progress=False)
-    case.paths["ours: pt2e/x86 compiled"] = compiled(program)
+    add_pt2e_paths(case, folder, example, "ours: pt2e/x86 compiled")
+
+
+def add_pt2e_paths(case: Case, folder: Path, example: ExampleInputs, compiled_name: str) -> None:
+    """Ours, pt2e/x86 static int8 calibrated on the case's batches: the program compiled as served, and its
+    AOTInductor package (or a note where the export check refused it)."""
+    program = quantize(case.float_model, [(b,) for b in case.calibration], Pt2eRecipe("x86"), progress=False)
+    case.paths[compiled_name] = compiled(program)
     aoti = aoti_runner(program, example, folder)
     if aoti is not None:
         case.paths["ours: pt2e/x86 AOTInductor package"] = aoti
