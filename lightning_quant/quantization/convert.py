@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +20,7 @@ from lightning_quant.quantization.sharding import whole_copy
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
 from lightning_quant.utils.checks import parse_enum
 from lightning_quant.utils.modules import within
+from lightning_quant.utils.tensors import flat_tensors
 
 log = logging.getLogger(__name__)
 
@@ -37,13 +39,16 @@ def compiled_runner(module: nn.Module) -> Callable[[ExampleInputs], Any]:
 
     Each batch size is one graph (``dynamic=False``, as Inductor's int8 kernels are chosen for a
     shape). Past dynamo's ``recompile_limit`` (8 graphs of one forward) torch would run the model
-    eagerly without a word, and a timing would be of eager code under the compiled name: inside
-    each call the limit is :data:`RECOMPILE_LIMIT`, and going past it raises.
+    eagerly without a word, and a timing would be of eager code under the compiled name: a call
+    that compiles runs with the limit at :data:`RECOMPILE_LIMIT`, and going past it raises. The
+    settings that matter only while compiling (freezing, the limit) are set only on a call with
+    inputs of a shape not seen before, so that a served call does not pay for them (about 40 us).
     """
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     compiled: list[Any] = []
+    shapes: set[tuple[Any, ...]] = set()  # the inputs' shapes and dtypes each compiled graph was made for
 
     def run(inputs: ExampleInputs) -> Any:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -52,17 +57,16 @@ def compiled_runner(module: nn.Module) -> Callable[[ExampleInputs], Any]:
         try:
             if not compiled:
                 compiled.append(torch.compile(module, dynamic=False))
-            with (
-                inductor_config.patch(freezing=True),
-                dynamo_config.patch(
-                    recompile_limit=max(dynamo_config.recompile_limit, RECOMPILE_LIMIT),
-                    fail_on_recompile_limit_hit=True,
-                ),
-                torch.inference_mode(False),
-                torch.no_grad(),
-                known_torch_warnings_silenced(),
-            ):
-                return inputs(compiled[0])
+            shape = tuple((t.shape, t.dtype, t.device) for t in flat_tensors((inputs.args, inputs.kwargs)))
+            with contextlib.ExitStack() as stack:
+                if shape not in shapes:  # this call compiles a graph
+                    stack.enter_context(inductor_config.patch(freezing=True))
+                    limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+                    stack.enter_context(dynamo_config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True))
+                with torch.inference_mode(False), torch.no_grad(), known_torch_warnings_silenced():
+                    out = inputs(compiled[0])
+            shapes.add(shape)
+            return out
         finally:
             torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
