@@ -17,7 +17,9 @@ Targets and engines:
   line when it does not (the CPU wheels of torch 2.13 do not);
 - ``onnx``: legacy TorchScript-based ONNX export with QuantizeLinear/DequantizeLinear pairs, a
   dynamic batch axis on every input and output and a dynamic sequence axis on token inputs
-  (needs ``pip install onnx``; checked with onnxruntime when that is installed);
+  (needs ``pip install onnx``; checked with onnxruntime when that is installed); signed activations
+  are written as int8 with zero point 0 and outputs left float, the form OpenVINO runs fastest
+  (:mod:`lightning_quant.onnx_graph`);
 - ``pt2`` (pt2e flow): the converted program saved with ``torch.export.save``, dynamic batch
   (and sequence) axes; the reload check runs an x86 one compiled (``torch.compile`` with freezing,
   how it is served: Inductor turns its quantize/dequantize pairs into int8 kernels) and an
@@ -51,6 +53,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from lightning_quant.onnx_graph import rewrite_for_serving
 from lightning_quant.quantization import flows
 from lightning_quant.quantization.config import Backend, ExportTarget, pt2e_engine
 from lightning_quant.quantization.convert import compiled_runner, quantized_engine
@@ -261,8 +264,11 @@ def _onnx_bytes(
             output_names=output_names,
             dynamic_axes=axes,
         )
-    data = buffer.getvalue()
-    onnx.checker.check_model(onnx.load_from_string(data))
+    proto = onnx.load_from_string(buffer.getvalue())
+    for line in rewrite_for_serving(proto, flows.activation_codes(model)):
+        log.debug("ONNX file: %s", line)
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
     try:
         import onnxruntime  # noqa: F401
     except ImportError:

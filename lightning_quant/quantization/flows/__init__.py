@@ -30,6 +30,7 @@ from lightning_quant.quantization.flows.common import (
     Observes,
     QuantizationFlow,
     QuantizesWithoutData,
+    RecordsActivationCodes,
     WritesHuggingFace,
     WritesWeights,
     graph_boundaries,
@@ -53,6 +54,7 @@ __all__ = [
     "Observes",
     "QuantizationFlow",
     "QuantizesWithoutData",
+    "RecordsActivationCodes",
     "SPECS",
     "WritesHuggingFace",
     "WritesWeights",
@@ -135,6 +137,13 @@ def source_class(model: nn.Module) -> str:
     was captured from."""
     flow = capable(flow_of(model), CapturesModel)
     return flow.source_class(model) if flow is not None else type(model).__name__
+
+
+def activation_codes(model: nn.Module) -> tuple[int, int] | None:
+    """The uint8 codes (lowest, highest) the activations of the int8 model ``model`` were calibrated to (torch.ao
+    on x86/fbgemm: 0..127), where its flow recorded them; ``None`` where it did not."""
+    flow = capable(flow_of(model), RecordsActivationCodes)
+    return flow.activation_codes(model) if flow is not None else None
 
 
 def fake_quantizers(model: nn.Module) -> list[tuple[str, Any]]:

@@ -186,6 +186,14 @@ class CapturesModel(Protocol):
 
 
 @runtime_checkable
+class RecordsActivationCodes(Protocol):
+    """A flow whose int8 models remember the uint8 codes their activations were calibrated to."""
+
+    def activation_codes(self, model: nn.Module) -> tuple[int, int] | None:
+        """The codes (lowest, highest) of ``model``'s calibrated activations; ``None`` if not recorded."""
+
+
+@runtime_checkable
 class HasInferenceView(Protocol):
     """A flow whose QAT model trained on a call with training-only inputs (labels) and predicts with another."""
 

@@ -37,9 +37,11 @@ from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
 from lightning_quant.quantization.flows.spec import SPECS
 from lightning_quant.quantization.flows.torch_ao_quantization import (
     TorchAoModels,
+    calibrated_codes,
     convert_with_trained_qparams,
     fake_quantize_in_float32,
     fused_names,
+    record_activation_codes,
 )
 from lightning_quant.quantization.fusion import fusable_groups as find_fusable_groups
 from lightning_quant.quantization.inputs import ExampleInputs
@@ -313,6 +315,7 @@ class EagerFlow(TorchAoModels):
         return fake_quantize_in_float32(prepared)
 
     def convert(self, prepared: nn.Module) -> nn.Module:
+        codes = calibrated_codes(prepared)
         convert_with_trained_qparams(prepared)
         with known_torch_warnings_silenced():
-            return convert(prepared, inplace=True)
+            return record_activation_codes(convert(prepared, inplace=True), codes)

@@ -17,9 +17,11 @@ from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
 from lightning_quant.quantization.flows.spec import SPECS
 from lightning_quant.quantization.flows.torch_ao_quantization import (
     TorchAoModels,
+    calibrated_codes,
     convert_with_trained_qparams,
     fake_quantize_in_float32,
     is_quantized_module,
+    record_activation_codes,
 )
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.layers import resolve_skip
@@ -76,10 +78,11 @@ class FxFlow(TorchAoModels):
             mapping = copy.deepcopy(prepared.meta["_observed_graph_module_attrs"].qconfig_mapping)
             for name in names:
                 mapping.set_module_name(name, None)
+        codes = calibrated_codes(prepared)
         with known_torch_warnings_silenced():
             convert_with_trained_qparams(prepared)
             converted = _drop_string_annotations(convert_fx(prepared, qconfig_mapping=mapping))
-        return _drop_round_trips(converted) if names else converted
+        return record_activation_codes(_drop_round_trips(converted) if names else converted, codes)
 
 
 def _drop_round_trips(model: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -7,13 +7,14 @@ observers, fused intrinsic modules, quantized modules), so the answers are share
 from __future__ import annotations
 
 import types
+import weakref
 from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.ao.nn.intrinsic import _FusedModule
-from torch.ao.quantization import FakeQuantizeBase, QConfigMapping
-from torch.ao.quantization.observer import HistogramObserver, ObserverBase
+from torch.ao.quantization import FakeQuantizeBase, FixedQParamsFakeQuantize, QConfigMapping
+from torch.ao.quantization.observer import FixedQParamsObserver, HistogramObserver, ObserverBase
 
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.inputs import ExampleInputs
@@ -98,6 +99,36 @@ def convert_with_trained_qparams(prepared: nn.Module, base: type = FakeQuantizeB
             setattr(module, "calculate_qparams", types.MethodType(_trained_qparams, module))  # noqa: B010
 
 
+#: converted model -> the uint8 codes its calibrated activations span (see :func:`record_activation_codes`)
+_ACTIVATION_CODES: weakref.WeakKeyDictionary[nn.Module, tuple[int, int]] = weakref.WeakKeyDictionary()
+
+
+def calibrated_codes(prepared: nn.Module) -> tuple[int, int] | None:
+    """The uint8 codes (lowest, highest) the observing activation quantizers of ``prepared`` calibrate to:
+    ``quant_min``/``quant_max`` of every ``quint8`` observer or fake quantizer, the fixed ranges of sigmoid, tanh
+    and softmax left out (their zero points are 0 or 128); ``None`` when it has none."""
+    ranges = [
+        (int(m.quant_min), int(m.quant_max))
+        for m in prepared.modules()
+        if _quantizer(m)
+        and not isinstance(m, (FixedQParamsObserver, FixedQParamsFakeQuantize))
+        and getattr(m, "dtype", None) == torch.quint8
+        and isinstance(getattr(m, "quant_min", None), int)
+        and isinstance(getattr(m, "quant_max", None), int)
+    ]
+    if not ranges:
+        return None
+    return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
+
+
+def record_activation_codes(converted: nn.Module, codes: tuple[int, int] | None) -> nn.Module:
+    """Remember ``codes`` (:func:`calibrated_codes` of the prepared model, read before converting it) for
+    ``converted``, so a writer of its file knows which uint8 codes hold calibrated values; returns ``converted``."""
+    if codes is not None:
+        _ACTIVATION_CODES[converted] = codes
+    return converted
+
+
 def _output_quantizers(model: nn.Module) -> dict[str, str]:
     """Layer name -> the observer (or fake quantizer) module its output goes to, in an FX graph."""
     graph = getattr(model, "graph", None)
@@ -144,6 +175,9 @@ class TorchAoModels:
 
     def owns(self, model: nn.Module) -> bool:
         return any(_quantizer(m) or is_quantized_module(m) for m in model.modules())
+
+    def activation_codes(self, model: nn.Module) -> tuple[int, int] | None:
+        return _ACTIVATION_CODES.get(model)
 
     def fake_quantizers(self, model: nn.Module) -> list[tuple[str, Any]]:
         return [(name, m) for name, m in model.named_modules() if isinstance(m, FakeQuantizeBase)]

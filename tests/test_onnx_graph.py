@@ -1,0 +1,191 @@
+"""The ONNX file's serving rewrites: int8 signed activations that decode to the same values, float outputs."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_quant import QuantizationAwareTraining
+from lightning_quant.onnx_graph import rewrite_for_serving
+from lightning_quant.quantization import ExampleInputs, QuantizationConfig, convert_copy, flows, get_flow
+from lightning_quant.quantization.convert import quantized_engine
+from tests.helpers import BoringClassifier, quiet_trainer
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper  # noqa: E402
+
+SCALE = 0.05
+
+
+def _pair_graph(zero_point: int, tail: str = "Abs", dq_scale: float = SCALE) -> onnx.ModelProto:
+    """x -> QuantizeLinear(uint8) -> Cast -> DequantizeLinear -> ``tail`` -> y, as torch's exporter writes a pair."""
+    nodes = [
+        helper.make_node("Constant", [], ["s"], value=helper.make_tensor("s", TensorProto.FLOAT, [], [SCALE])),
+        helper.make_node("Constant", [], ["z"], value=helper.make_tensor("z", TensorProto.UINT8, [], [zero_point])),
+        helper.make_node("Identity", ["s"], ["s2"]),
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+        helper.make_node("Cast", ["q"], ["c"], to=TensorProto.UINT8),
+    ]
+    if dq_scale != SCALE:
+        nodes.append(
+            helper.make_node(
+                "Constant", [], ["s2b"], value=helper.make_tensor("s2b", TensorProto.FLOAT, [], [dq_scale])
+            )
+        )
+    nodes += [
+        helper.make_node("DequantizeLinear", ["c", "s2" if dq_scale == SCALE else "s2b", "z"], ["d"]),
+        helper.make_node(tail, ["d"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "pair",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        value_info=[helper.make_tensor_value_info("q", TensorProto.UINT8, [None, 4])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    onnx.checker.check_model(model)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})[0]
+
+
+def _codes_input(zero_point: int, codes: list[int]) -> np.ndarray:
+    """Inputs that quantize to ``codes`` (uint8, zero point ``zero_point``)."""
+    values = (np.array(codes, dtype=np.float32) - zero_point) * SCALE
+    return values.reshape(-1, 4)
+
+
+def _zero_point_of_quantize(model: onnx.ModelProto) -> tuple[int, int]:
+    """(ONNX data type, value) of the first QuantizeLinear's zero point, an initializer or a Constant node."""
+    from onnx import numpy_helper
+
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+    tensors = {i.name: i for i in model.graph.initializer}
+    tensors.update({n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant"})
+    tensor = tensors[q.input[2]]
+    return tensor.data_type, int(numpy_helper.to_array(tensor))
+
+
+def test_signed_pair_becomes_int8_zero_point_0_decoding_every_calibrated_code_exactly():
+    model = _pair_graph(61)
+    x = _codes_input(61, list(range(128)))  # every code a 0..127 calibration gives
+    before = _run(model, x)
+    rewritten = copy.deepcopy(model)
+    assert rewrite_for_serving(rewritten, codes=(0, 127)) == ["q: uint8 zero point 61 -> int8 zero point 0"]
+    assert _zero_point_of_quantize(rewritten) == (TensorProto.INT8, 0)
+    np.testing.assert_array_equal(_run(rewritten, x), before)
+    assert next(v for v in rewritten.graph.value_info if v.name == "q").type.tensor_type.elem_type == TensorProto.INT8
+    # above the calibrated codes the file clips at 127 + z (the in-process model at 255): 188 here; below code 0
+    # it clips where the model does
+    beyond = _codes_input(61, [200, 255, 188, -40])
+    np.testing.assert_allclose(_run(rewritten, beyond)[0], np.array([127, 127, 127, 61]) * SCALE, rtol=1e-6)
+    np.testing.assert_allclose(_run(model, beyond)[0][3], 61 * SCALE, rtol=1e-6)
+
+
+def test_zero_point_128_maps_every_uint8_code_and_others_need_the_calibrated_range():
+    x = _codes_input(128, list(range(256)))
+    model = _pair_graph(128)
+    before = _run(model, x)
+    assert rewrite_for_serving(model) == ["q: uint8 zero point 128 -> int8 zero point 0"]
+    np.testing.assert_array_equal(_run(model, x), before)
+    # codes not recorded (or a full 0..255 calibration): int8 cannot hold them all with zero point 61
+    for codes in (None, (0, 255)):
+        kept = _pair_graph(61)
+        assert rewrite_for_serving(kept, codes=codes) == []
+        assert _zero_point_of_quantize(kept) == (TensorProto.UINT8, 61)
+
+
+def test_unsigned_pairs_and_pairs_decoded_with_another_scale_are_kept():
+    unsigned = _pair_graph(0)
+    assert rewrite_for_serving(unsigned, codes=(0, 127)) == []
+    other_scale = _pair_graph(61, dq_scale=0.1)
+    assert rewrite_for_serving(other_scale, codes=(0, 127)) == []
+    assert _zero_point_of_quantize(other_scale) == (TensorProto.UINT8, 61)
+
+
+def _rounded_output_graph(extra_reader: bool) -> onnx.ModelProto:
+    """x @ w -> QuantizeLinear -> Cast -> DequantizeLinear -> y (and, if ``extra_reader``, the pair read again)."""
+    w = np.linspace(-1, 1, 16, dtype=np.float32).reshape(4, 4)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["m"]),
+        helper.make_node("QuantizeLinear", ["m", "s", "z"], ["q"]),
+        helper.make_node("Cast", ["q"], ["c"], to=TensorProto.UINT8),
+        helper.make_node("DequantizeLinear", ["c", "s", "z"], ["y"]),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])]
+    if extra_reader:
+        nodes.append(helper.make_node("DequantizeLinear", ["c", "s", "z"], ["y2"]))
+        outputs.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, [None, 4]))
+    graph = helper.make_graph(
+        nodes,
+        "out",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        outputs,
+        initializer=[
+            helper.make_tensor("w", TensorProto.FLOAT, [4, 4], w.ravel()),
+            helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]),
+            helper.make_tensor("z", TensorProto.UINT8, [], [0]),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_the_pair_before_an_output_is_removed_so_the_output_is_the_unrounded_result():
+    model = _rounded_output_graph(extra_reader=False)
+    x = np.random.default_rng(0).uniform(0, 1, (3, 4)).astype(np.float32)
+    rounded = _run(model, x)
+    assert rewrite_for_serving(model) == ["y: float, clipped to its int8 range but not rounded to its grid"]
+    assert [n.op_type for n in model.graph.node] == ["MatMul", "Clip"]
+    # uint8 with zero point 0 and scale 0.1 holds 0..25.5: the clip keeps that range
+    exact = np.clip(x @ np.linspace(-1, 1, 16, dtype=np.float32).reshape(4, 4), 0, 25.5)
+    out = _run(model, x)
+    np.testing.assert_allclose(out, exact, rtol=1e-6, atol=1e-6)
+    assert (out < 0).sum() == 0 and (exact == 0).any()  # the clip is what it says: some results were negative
+    assert 0 < np.abs(out - rounded).max() <= 0.05 + 1e-6  # within half a step of 0.1 of the rounded one
+    assert {i.name for i in model.graph.initializer} == {"w", "y_clip_min", "y_clip_max"}
+    shared = _rounded_output_graph(extra_reader=True)
+    assert rewrite_for_serving(shared) == []
+    assert len(shared.graph.node) == 5
+
+
+def test_fx_x86_records_its_calibrated_codes_and_qnnpack_the_full_range():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 2))
+    example = ExampleInputs((torch.randn(2, 3, 6, 6),))
+    for backend, codes in (("x86", (0, 127)), ("qnnpack", (0, 255))):
+        config = QuantizationConfig(backend=backend, flow="fx")
+        prepared = get_flow("fx").prepare(copy.deepcopy(model), config, example, qat=False)
+        prepared(*example.args)
+        converted = convert_copy(prepared, "fx", config.engine)
+        assert flows.activation_codes(converted) == codes
+        assert flows.activation_codes(copy.deepcopy(converted)) is None  # a copy is not known: all codes assumed
+
+
+def test_exported_onnx_file_has_int8_input_float_output_and_agrees_with_the_int8_model(tmp_path):
+    callback = QuantizationAwareTraining(export=("onnx",), export_dir=tmp_path)
+    model = BoringClassifier()
+    quiet_trainer(callbacks=[callback], max_epochs=2).fit(model)
+    proto = onnx.load(callback.export_paths["onnx"])
+    first = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear")
+    clip = next(n for n in proto.graph.node if first.input[0] in n.output)
+    assert clip.op_type == "Clip" and clip.input[0] == proto.graph.input[0].name
+    zero_points = {i.name: i for i in proto.graph.initializer}
+    assert zero_points[first.input[2]].data_type == TensorProto.INT8
+    last = next(n for n in proto.graph.node if proto.graph.output[0].name in n.output)
+    assert last.op_type == "Clip"
+    assert next(n for n in proto.graph.node if last.input[0] in n.output).op_type == "Gemm"
+    x = torch.cat([b[0] for b in model.val_dataloader()])
+    session = onnxruntime.InferenceSession(str(callback.export_paths["onnx"]), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    int8 = callback.convert(model, "x86")
+    with quantized_engine("x86"), torch.inference_mode():
+        expected = int8(x)
+    # the file returns the head's result clipped where the int8 model clips it but not rounded: within half an
+    # output step of the model, plus the steps ONNX Runtime may round a requantization the other way
+    assert (got - expected).abs().max() <= 2.0 * float(callback.quantized_model.head.scale)
