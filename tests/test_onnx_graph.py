@@ -21,13 +21,15 @@ from onnx import TensorProto, helper  # noqa: E402
 SCALE = 0.05
 
 
-def _pair_graph(zero_point: int, tail: str = "Abs", dq_scale: float = SCALE) -> onnx.ModelProto:
-    """x -> QuantizeLinear(uint8) -> Cast -> DequantizeLinear -> ``tail`` -> y, as torch's exporter writes a pair."""
-    nodes = [
+def _pair_graph(zero_point: int, tail: str = "Abs", dq_scale: float = SCALE, inner: bool = False) -> onnx.ModelProto:
+    """x -> QuantizeLinear(uint8) -> Cast -> DequantizeLinear -> ``tail`` -> y, as torch's exporter writes a pair
+    (``inner``: the pair quantizes ``Neg(x)``, an activation inside the model, not the graph's input)."""
+    nodes = [helper.make_node("Neg", ["x"], ["xn"])] if inner else []
+    nodes += [
         helper.make_node("Constant", [], ["s"], value=helper.make_tensor("s", TensorProto.FLOAT, [], [SCALE])),
         helper.make_node("Constant", [], ["z"], value=helper.make_tensor("z", TensorProto.UINT8, [], [zero_point])),
         helper.make_node("Identity", ["s"], ["s2"]),
-        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+        helper.make_node("QuantizeLinear", ["xn" if inner else "x", "s", "z"], ["q"]),
         helper.make_node("Cast", ["q"], ["c"], to=TensorProto.UINT8),
     ]
     if dq_scale != SCALE:
@@ -102,12 +104,16 @@ def test_zero_point_128_maps_every_uint8_code_and_others_need_the_calibrated_ran
         assert _zero_point_of_quantize(kept) == (TensorProto.UINT8, 61)
 
 
-def test_unsigned_pairs_and_pairs_decoded_with_another_scale_are_kept():
+def test_unsigned_pairs_inner_pairs_and_pairs_decoded_with_another_scale_are_kept():
     unsigned = _pair_graph(0)
     assert rewrite_for_serving(unsigned, codes=(0, 127)) == []
     other_scale = _pair_graph(61, dq_scale=0.1)
     assert rewrite_for_serving(other_scale, codes=(0, 127)) == []
     assert _zero_point_of_quantize(other_scale) == (TensorProto.UINT8, 61)
+    # inside the model activations stay uint8 (ONNX Runtime runs a residual add of int8 and uint8 in float)
+    inner = _pair_graph(61, inner=True)
+    assert rewrite_for_serving(inner, codes=(0, 127)) == []
+    assert _zero_point_of_quantize(inner) == (TensorProto.UINT8, 61)
 
 
 def _rounded_output_graph(extra_reader: bool) -> onnx.ModelProto:
