@@ -41,14 +41,17 @@ def compiled_runner(module: nn.Module) -> Callable[[ExampleInputs], Any]:
     shape). Past dynamo's ``recompile_limit`` (8 graphs of one forward) torch would run the model
     eagerly without a word, and a timing would be of eager code under the compiled name: a call
     that compiles runs with the limit at :data:`RECOMPILE_LIMIT`, and going past it raises. The
-    settings that matter only while compiling (freezing, the limit) are set only on a call with
-    inputs of a shape not seen before, so that a served call does not pay for them (about 40 us).
+    settings that matter only while compiling (freezing, the limit) are set only on a call that
+    may compile: inputs of a shape, or a thread count, not seen before (dynamo recompiles on
+    either), so that a served call does not pay for them (about 40 us). Freezing given as
+    ``torch.compile``'s ``options`` instead fails on torch 2.13 (Inductor cannot fake-run
+    ``onednn.qconv_prepack``).
     """
     import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
 
     compiled: list[Any] = []
-    shapes: set[tuple[Any, ...]] = set()  # the inputs' shapes and dtypes each compiled graph was made for
+    shapes: set[tuple[Any, ...]] = set()  # the inputs' shapes and dtypes, and the thread count, of each graph
 
     def run(inputs: ExampleInputs) -> Any:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -57,9 +60,12 @@ def compiled_runner(module: nn.Module) -> Callable[[ExampleInputs], Any]:
         try:
             if not compiled:
                 compiled.append(torch.compile(module, dynamic=False))
-            shape = tuple((t.shape, t.dtype, t.device) for t in flat_tensors((inputs.args, inputs.kwargs)))
+            shape = (
+                tuple((t.shape, t.dtype, t.device) for t in flat_tensors((inputs.args, inputs.kwargs))),
+                torch.get_num_threads(),
+            )
             with contextlib.ExitStack() as stack:
-                if shape not in shapes:  # this call compiles a graph
+                if shape not in shapes:  # this call may compile a graph
                     stack.enter_context(inductor_config.patch(freezing=True))
                     limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
                     stack.enter_context(dynamo_config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True))

@@ -116,6 +116,38 @@ def test_compiled_runner_keeps_a_graph_per_batch_size_and_raises_past_its_limit(
     torch._dynamo.reset()
 
 
+def test_compiled_runner_freezes_a_graph_dynamo_compiles_for_another_thread_count():
+    """dynamo recompiles when the thread count changes; that graph must get Inductor's int8 kernels too (with
+    freezing set only while compiling a new batch size, the perf CNN's pt2e program ran at fp32 speed on 2 threads
+    after a 1-thread run)."""
+    pytest.importorskip("torchao")
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from lightning_quant.quantization.convert import compiled_runner
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 6, 6)
+    config = QuantizationConfig(flow="pt2e", backend="x86")
+    prepared = get_flow("pt2e").prepare(TinyNet().eval(), config, ExampleInputs((x,)), qat=False)
+    prepared(x)
+    int8 = convert_copy(prepared, "pt2e", config.engine)
+    threads = torch.get_num_threads()
+    torch._dynamo.reset()
+    counters.clear()
+    run = compiled_runner(int8)
+    try:
+        lowered = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            torch.testing.assert_close(run(ExampleInputs((x,))), int8(x), atol=0.05, rtol=0)
+            lowered.append(counters["inductor"]["qconv_unary_lower_count"])
+    finally:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()
+    assert lowered[0] >= 1 and lowered[1] > lowered[0]  # both graphs run Inductor's int8 convolution
+
+
 @pytest.mark.parametrize("flow", ["fx", "eager"])
 def test_int8_weights_are_the_weights_qat_trained_with(flow):
     """Conversion quantizes each weight with the scale its fake quantizer last used: torch's own
