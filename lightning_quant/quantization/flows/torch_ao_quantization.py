@@ -107,15 +107,17 @@ def calibrated_codes(prepared: nn.Module) -> tuple[int, int] | None:
     """The uint8 codes (lowest, highest) the observing activation quantizers of ``prepared`` calibrate to:
     ``quant_min``/``quant_max`` of every ``quint8`` observer or fake quantizer, the fixed ranges of sigmoid, tanh
     and softmax left out (their zero points are 0 or 128); ``None`` when it has none."""
-    ranges = [
-        (int(m.quant_min), int(m.quant_max))
-        for m in prepared.modules()
-        if _quantizer(m)
-        and not isinstance(m, (FixedQParamsObserver, FixedQParamsFakeQuantize))
-        and getattr(m, "dtype", None) == torch.quint8
-        and isinstance(getattr(m, "quant_min", None), int)
-        and isinstance(getattr(m, "quant_max", None), int)
-    ]
+    ranges = []
+    for m in prepared.modules():
+        lowest, highest = getattr(m, "quant_min", None), getattr(m, "quant_max", None)
+        if (
+            _quantizer(m)
+            and not isinstance(m, (FixedQParamsObserver, FixedQParamsFakeQuantize))
+            and getattr(m, "dtype", None) == torch.quint8
+            and isinstance(lowest, int)
+            and isinstance(highest, int)
+        ):
+            ranges.append((lowest, highest))
     if not ranges:
         return None
     return min(lo for lo, _ in ranges), max(hi for _, hi in ranges)
