@@ -10,9 +10,10 @@ statistics of its data; the pretrained all-MiniLM-L6-v2 encoder on 48 word-piece
   both calibrated on the batches ours are;
 - ours: the fx int8 model in process; the TorchScript file (``export="torchscript"``) at one batch size and with
   batch sizes alternating as a server's do; the ONNX file (``export="onnx"``) in ONNX Runtime; the pt2e/x86 program
-  compiled as served; and its AOTInductor package (``export="aoti"``). For MiniLM: torch.ao's dynamic int8 in
-  process and its TorchScript file, torchao's int8 dynamic-activation/int8-weight model compiled, and pt2e/x86's
-  static int8 compiled and as an AOTInductor package; its peers are
+  compiled as served, its AOTInductor package (``export="aoti"``) and its ONNX file (``export="onnx"``) in OpenVINO.
+  For MiniLM: torch.ao's dynamic int8 in process and its TorchScript file, torchao's int8
+  dynamic-activation/int8-weight model compiled, and pt2e/x86's static int8 compiled, as an AOTInductor package and
+  as an ONNX file in OpenVINO; its peers are
   ONNX Runtime's ``quantize_dynamic`` and NNCF's transformer int8.
 
 Each path is timed at batch 1 and 32, with 1 thread and with all of them, in interleaved rounds (every round
@@ -277,6 +278,8 @@ def add_pt2e_paths(case: Case, folder: Path, example: ExampleInputs, compiled_na
     AOTInductor package (or a note where the export check refused it)."""
     program = quantize(case.float_model, [(b,) for b in case.calibration], Pt2eRecipe("x86"), progress=False)
     case.paths[compiled_name] = compiled(program)
+    # its ONNX file (export="onnx": torch.onnx's dynamo exporter), served by OpenVINO in add_peer_paths
+    export_int8(lambda engine: program, [ExportTarget.ONNX], folder / "pt2e", example, Backend.X86)
     aoti = aoti_runner(program, example, folder)
     if aoti is not None:
         case.paths["ours: pt2e/x86 AOTInductor package"] = aoti
@@ -370,6 +373,10 @@ def add_peer_paths(case: Case, folder: Path) -> None:
     if (folder / "model_int8.onnx").exists():
         case.paths["ours: ONNX file in OpenVINO"] = ("ov", ov.Core().read_model(str(folder / "model_int8.onnx")), {})
         case.kinds["ours: ONNX file in OpenVINO"] = "ours"
+    if (folder / "pt2e" / "model_int8.onnx").exists():
+        program_file = str(folder / "pt2e" / "model_int8.onnx")
+        case.paths["ours: pt2e ONNX file in OpenVINO"] = ("ov", ov.Core().read_model(program_file), {})
+        case.kinds["ours: pt2e ONNX file in OpenVINO"] = "ours"
     case.paths["OpenVINO fp32 (f32 precision)"] = ("ov", ov_model, {"INFERENCE_PRECISION_HINT": "f32"})
     case.paths["OpenVINO fp32 (its default precision)"] = ("ov", ov_model, {})
     case.paths["OpenVINO int8 (NNCF quantize)"] = ("ov", ov_int8, {})

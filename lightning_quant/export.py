@@ -40,6 +40,7 @@ Targets and engines:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import io
@@ -128,6 +129,8 @@ def engine_for(target: ExportTarget, backend: Backend) -> str:
         ExportTarget.HF,
         ExportTarget.AOTI,
     ):
+        return pt2e_engine()
+    if backend is Backend.XNNPACK:  # a pt2e program's ONNX file: xnnpack is not one of torch's engines
         return pt2e_engine()
     return Backend.QNNPACK.value if target is ExportTarget.MOBILE else backend.value
 
@@ -250,21 +253,25 @@ def _onnx_bytes(
     require_module("onnx", "onnx", 'export="onnx"')
     import onnx
 
-    input_names, output_names, axes = _onnx_axes(model, example)
-    buffer = io.BytesIO()
-    with known_torch_warnings_silenced():
-        torch.onnx.export(
-            model,
-            example.args,
-            buffer,  # type: ignore[arg-type]  # the legacy exporter writes to file-like objects too
-            kwargs=example.kwargs or None,
-            dynamo=False,
-            opset_version=17,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=axes,
-        )
-    proto = onnx.load_from_string(buffer.getvalue())
+    spec = flows.spec_of_model(model)
+    if spec is not None and spec.int8_file == "program":
+        proto = _onnx_of_program(model, example)
+    else:
+        input_names, output_names, axes = _onnx_axes(model, example)
+        buffer = io.BytesIO()
+        with known_torch_warnings_silenced():
+            torch.onnx.export(
+                model,
+                example.args,
+                buffer,  # type: ignore[arg-type]  # the legacy exporter writes to file-like objects too
+                kwargs=example.kwargs or None,
+                dynamo=False,
+                opset_version=17,
+                input_names=input_names,
+                output_names=output_names,
+                dynamic_axes=axes,
+            )
+        proto = onnx.load_from_string(buffer.getvalue())
     for line in rewrite_for_serving(proto, flows.activation_codes(model)):
         log.debug("ONNX file: %s", line)
     onnx.checker.check_model(proto)
@@ -275,6 +282,18 @@ def _onnx_bytes(
         log.info("onnxruntime is not installed: the ONNX file is checked with onnx.checker only")
         return data, None
     return data, _load_onnx
+
+
+def _onnx_of_program(model: nn.Module, example: ExampleInputs) -> Any:
+    """A pt2e program as ONNX: ``torch.export`` with dynamic batch (and sequence) axes, written by torch.onnx's
+    dynamo exporter, whose quantize/dequantize nodes become QuantizeLinear/DequantizeLinear pairs with the
+    program's scales (what OpenVINO and ONNX Runtime run as their own int8)."""
+    require_module("onnxscript", "onnxscript", 'export="onnx" of a pt2e program')
+    program = export_program(model, example)
+    with known_torch_warnings_silenced(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
+        onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, report=False)
+    assert onnx_program is not None, "torch.onnx.export(dynamo=True) returns the program it wrote"
+    return onnx_program.model_proto
 
 
 def _load_onnx(data: bytes) -> Loaded:

@@ -167,6 +167,46 @@ def test_export_onnx_without_onnx_installed_raises_with_pip_command(monkeypatch)
         QuantizationAwareTraining(export=["onnx"])
 
 
+def test_pt2e_onnx_without_onnxscript_installed_raises_with_pip_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
+    with pytest.raises(
+        ModuleNotFoundError,
+        match=r"export=\"onnx\" of a pt2e program needs the optional package 'onnxscript': "
+        r"run `pip install onnxscript`",
+    ):
+        QuantizationAwareTraining(flow="pt2e", export=["onnx"])
+    QuantizationAwareTraining(export=["onnx"])  # the fx flow's file is written without it
+
+
+def test_pt2e_onnx_file_holds_the_programs_int8_reloads_in_fresh_process_and_agrees(tmp_path):
+    """A pt2e program is written as ONNX by torch.onnx's dynamo exporter: its quantize/dequantize nodes become
+    QuantizeLinear/DequantizeLinear pairs, with a dynamic batch axis, run by ONNX Runtime (and OpenVINO)."""
+    import onnx
+    from onnx import numpy_helper
+
+    callback = QuantizationAwareTraining(flow="pt2e", backend="x86", export=("onnx",), export_dir=tmp_path / "files")
+    model = BoringClassifier()
+    quiet_trainer(callbacks=[callback], max_epochs=2).fit(model)
+    record = callback.export_records["onnx"]
+    assert record.path.name == "model_int8.onnx"
+    graph = onnx.load(record.path).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # batch: any size
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    quantize = [n for n in graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantize) >= 2 and all(constants[n.input[2]].dtype.name == "uint8" for n in quantize)
+    step = max(flows.output_steps(callback.quantized_model))
+    x = torch.cat([b[0] for b in model.val_dataloader()])
+    for batch in (1, 5):
+        with torch.inference_mode():
+            expected = callback.quantized_model(x[:batch])
+        reloaded = _reload_in_fresh_process(record.path, x[:batch], "x86", tmp_path)
+        assert max_abs_diff(expected, reloaded) <= 4 * step
+    assert record.max_abs_diff <= 4 * step
+
+
 def test_onnx_graph_has_a_dynamic_batch_axis(exported):
     import onnx
 

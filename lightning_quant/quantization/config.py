@@ -102,6 +102,8 @@ def require_packages(flow: Flow, backend: Backend, export: tuple[ExportTarget, .
             require_module(module, f"'{install}'", purpose)
     if ExportTarget.ONNX in export:
         require_module("onnx", "onnx", 'export="onnx"')
+        if spec_of(flow).int8_file == "program":  # written by torch.onnx's dynamo exporter, which needs onnxscript
+            require_module("onnxscript", "onnxscript", 'export="onnx" of a pt2e program')
 
 
 @dataclass
@@ -127,7 +129,7 @@ class QuantizationConfig:
         modules_to_fuse: eager flow only: explicit groups of module names to fuse.
         export: ``"default"`` (the flow's server file, and its phone file for qnnpack/xnnpack:
             :func:`default_exports`), ``None``, or any of the flow's targets: ``"torchscript"``,
-            ``"mobile"``, ``"onnx"`` (fx, eager); ``"pt2"``, ``"executorch"`` (pt2e).
+            ``"mobile"``, ``"onnx"`` (fx, eager, pt2e); ``"pt2"``, ``"executorch"``, ``"aoti"`` (pt2e).
         export_dir: folder for exported files; ``None`` means ``<trainer.log_dir>/quantized``.
         scheme: torchao flow: what its Linear layers compute in (:class:`Scheme`):
             ``"int8_weight_only"``, ``"int4_weight_only"``, ``"int8_dyn_int8_weight"``,

@@ -112,6 +112,27 @@ def test_hugging_face_qat_through_pt2e_exports_and_reloads(kind, tmp_path):
     torch.testing.assert_close(reloaded(**inputs).logits, out.logits, rtol=0, atol=4 * step)
 
 
+def test_hugging_face_encoder_through_pt2e_writes_an_onnx_file_onnx_runtime_runs_by_input_name(tmp_path):
+    """The program of a model called with keyword token inputs is written as ONNX whose inputs are named after them
+    (what a server feeds); ONNX Runtime computes the int8 model's logits within the export check's bound."""
+    import onnxruntime
+
+    seed_everything(0)
+    model = HFClassifier("bert")
+    callback = PostTrainingQuantization(
+        flow="pt2e", calibration_batches=4, export=("onnx",), export_dir=tmp_path, progress=False
+    )
+    quiet_trainer(callbacks=[callback]).validate(model, verbose=False)
+    int8 = callback.quantized_model
+    inputs, _ = _batches(1, 5)[0]
+    session = onnxruntime.InferenceSession(str(callback.export_paths["onnx"]), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    assert "input_ids" in names and set(names) <= set(inputs)
+    logits = session.run(None, {name: inputs[name].numpy() for name in names})[0]
+    step = max(output_steps(int8))
+    torch.testing.assert_close(torch.from_numpy(logits), int8(**inputs).logits, rtol=0, atol=4 * step)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_hugging_face_ptq_through_pt2e_is_close_to_float(kind, tmp_path):
     model = HFClassifier(kind)

@@ -84,7 +84,7 @@ SPECS: dict[Flow, FlowSpec] = {
     Flow.PT2E: FlowSpec(
         Flow.PT2E,
         backends=(Backend.X86, Backend.XNNPACK),
-        exports=(ExportTarget.PT2, ExportTarget.EXECUTORCH, ExportTarget.AOTI),
+        exports=(ExportTarget.PT2, ExportTarget.EXECUTORCH, ExportTarget.AOTI, ExportTarget.ONNX),
         modes=(Mode.STATIC,),
         package=("torchao", "lightning-quant[pt2e]"),
         options=frozenset(),
