@@ -51,7 +51,7 @@ def compiled_runner(module: nn.Module) -> Callable[[ExampleInputs], Any]:
     import torch._inductor.config as inductor_config
 
     compiled: list[Any] = []
-    shapes: set[tuple[Any, ...]] = set()  # the inputs' shapes and dtypes, and the thread count, of each graph
+    seen: set[tuple[Any, ...]] = set()  # the inputs' shapes and dtypes, and the thread count, of each graph
 
     def run(inputs: ExampleInputs) -> Any:
         deterministic = torch.are_deterministic_algorithms_enabled()
@@ -60,18 +60,18 @@ def compiled_runner(module: nn.Module) -> Callable[[ExampleInputs], Any]:
         try:
             if not compiled:
                 compiled.append(torch.compile(module, dynamic=False))
-            shape = (
+            key = (
                 tuple((t.shape, t.dtype, t.device) for t in flat_tensors((inputs.args, inputs.kwargs))),
                 torch.get_num_threads(),
             )
             with contextlib.ExitStack() as stack:
-                if shape not in shapes:  # this call may compile a graph
+                if key not in seen:  # this call may compile a graph
                     stack.enter_context(inductor_config.patch(freezing=True))
                     limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
                     stack.enter_context(dynamo_config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True))
                 with torch.inference_mode(False), torch.no_grad(), known_torch_warnings_silenced():
                     out = inputs(compiled[0])
-            shapes.add(shape)
+            seen.add(key)
             return out
         finally:
             torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
