@@ -131,7 +131,7 @@ def _signed_to_int8(g: _Graph, codes: tuple[int, int]) -> list[str]:
             continue
         name = f"{q.output[0]}_int8_zero_point"
         g.graph.initializer.append(helper.make_tensor(name, onnx.TensorProto.INT8, list(zero_point.shape), [0]))
-        _clip_before(g, q, -z * float(scale.reshape(())), None)
+        _clip_below(g, q, -z * float(scale.reshape(())))
         q.input[2] = name
         for dq in dequantizes:
             dq.input[2] = name
@@ -148,27 +148,27 @@ def _signed_to_int8(g: _Graph, codes: tuple[int, int]) -> list[str]:
     return done
 
 
-def _clip_before(g: _Graph, node: onnx.NodeProto, lowest: float | None, highest: float | None) -> None:
-    """Clip what ``node`` reads first to [lowest, highest] (``None``: no bound), where the int8 model clips it."""
+def _float_constant(g: _Graph, name: str, value: float) -> str:
+    """Add a float scalar initializer named ``name``; returns the name."""
     import onnx
     from onnx import helper
 
+    g.graph.initializer.append(helper.make_tensor(name, onnx.TensorProto.FLOAT, [], [value]))
+    return name
+
+
+def _clip_below(g: _Graph, node: onnx.NodeProto, lowest: float) -> None:
+    """Clip what ``node`` reads first from below at ``lowest``, where the int8 model clips it."""
+    from onnx import helper
+
     source = node.input[0]
-    names = []
-    for bound, value in (("min", lowest), ("max", highest)):
-        if value is None:
-            names.append("")
-            continue
-        names.append(f"{source}_clip_{bound}")
-        g.graph.initializer.append(helper.make_tensor(names[-1], onnx.TensorProto.FLOAT, [], [value]))
     clipped = f"{source}_clipped"
-    clip = helper.make_node("Clip", [source, *names], [clipped], name=clipped)
+    clip = helper.make_node("Clip", [source, _float_constant(g, f"{source}_clip_min", lowest)], [clipped], name=clipped)
     g.graph.node.insert(list(g.graph.node).index(node), clip)
     node.input[0] = clipped
 
 
 def _float_outputs(g: _Graph) -> list[str]:
-    import onnx
     from onnx import helper
 
     done = []
@@ -190,28 +190,24 @@ def _float_outputs(g: _Graph) -> list[str]:
         source = g.producer.get(node.input[0])
         if source is None:
             continue
-        for other in g.consumers[node.input[0]]:
-            if other is not node:
-                for i, name in enumerate(other.input):
-                    if name == node.input[0]:
-                        other.input[i] = output.name
         scale, zero_point = g.scalar(node.input[1]), g.scalar(node.input[2]) if len(node.input) == 3 else None
         if scale is None or zero_point is None or zero_point.dtype not in (np.uint8, np.int8):
             continue
         z, step = int(zero_point.reshape(())), float(scale.reshape(()))
         low, high = (0, 255) if zero_point.dtype == np.uint8 else (-128, 127)
-        for other in g.consumers[node.input[0]]:
+        computed = f"{output.name}_unclipped"
+        for other in g.consumers[node.input[0]]:  # other readers of the result read it as before: unclipped
             if other is not node:
                 for i, name in enumerate(other.input):
                     if name == node.input[0]:
-                        other.input[i] = output.name
-        computed = f"{output.name}_unclipped"
+                        other.input[i] = computed
         source.output[list(source.output).index(node.input[0])] = computed
         for n in chain:
             g.graph.node.remove(n)
-        clip_names = [f"{output.name}_clip_min", f"{output.name}_clip_max"]
-        for name, value in zip(clip_names, ((low - z) * step, (high - z) * step)):
-            g.graph.initializer.append(helper.make_tensor(name, onnx.TensorProto.FLOAT, [], [value]))
+        clip_names = [
+            _float_constant(g, f"{output.name}_clip_{bound}", (code - z) * step)
+            for bound, code in (("min", low), ("max", high))
+        ]
         g.graph.node.append(helper.make_node("Clip", [computed, *clip_names], [output.name], name=output.name))
         removed = {n.output[0] for n in chain[1:]} | {node.input[0]}
         kept = [info for info in g.graph.value_info if info.name not in removed]

@@ -161,6 +161,20 @@ def test_the_pair_before_an_output_is_removed_so_the_output_is_the_unrounded_res
     assert len(shared.graph.node) == 5
 
 
+def test_another_reader_of_the_rounded_result_still_reads_it_unclipped():
+    model = _rounded_output_graph(extra_reader=False)
+    model.graph.node.append(helper.make_node("Neg", ["m"], ["y3"]))  # reads the MatMul's result, not the pair
+    model.graph.output.append(helper.make_tensor_value_info("y3", TensorProto.FLOAT, [None, 4]))
+    x = np.random.default_rng(1).uniform(0, 1, (3, 4)).astype(np.float32)
+    expected = -(x @ np.linspace(-1, 1, 16, dtype=np.float32).reshape(4, 4))
+    assert rewrite_for_serving(model) == ["y: float, clipped to its int8 range but not rounded to its grid"]
+    onnx.checker.check_model(model)
+    session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, y3 = session.run(None, {"x": x})
+    np.testing.assert_allclose(y3, expected, rtol=1e-6, atol=1e-6)  # both signs: not clipped at the pair's 0
+    assert (expected > 0).any() and (y >= 0).all()
+
+
 def test_fx_x86_records_its_calibrated_codes_and_qnnpack_the_full_range():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(64, 2))
     example = ExampleInputs((torch.randn(2, 3, 6, 6),))
