@@ -289,9 +289,10 @@ def _onnx_of_program(model: nn.Module, example: ExampleInputs) -> Any:
     dynamo exporter, whose quantize/dequantize nodes become QuantizeLinear/DequantizeLinear pairs with the
     program's scales (what OpenVINO and ONNX Runtime run as their own int8)."""
     require_module("onnxscript", "onnxscript", 'export="onnx" of a pt2e program')
+    _, output_names, _ = _onnx_axes(model, example)  # outputs named as in the fx flow's file (output_0, ...)
     program = export_program(model, example)
     with known_torch_warnings_silenced(), contextlib.redirect_stdout(io.StringIO()):  # its progress lines
-        onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, report=False)
+        onnx_program = torch.onnx.export(program, dynamo=True, output_names=output_names, verbose=False, report=False)
     assert onnx_program is not None, "torch.onnx.export(dynamo=True) returns the program it wrote"
     return onnx_program.model_proto
 

@@ -128,6 +128,7 @@ def test_hugging_face_encoder_through_pt2e_writes_an_onnx_file_onnx_runtime_runs
     session = onnxruntime.InferenceSession(str(callback.export_paths["onnx"]), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     assert "input_ids" in names and set(names) <= set(inputs)
+    assert [o.name for o in session.get_outputs()] == ["output_0"]  # as the fx flow's file names them
     logits = session.run(None, {name: inputs[name].numpy() for name in names})[0]
     step = max(output_steps(int8))
     torch.testing.assert_close(torch.from_numpy(logits), int8(**inputs).logits, rtol=0, atol=4 * step)
