@@ -209,3 +209,77 @@ def test_exported_onnx_file_has_int8_input_float_output_and_agrees_with_the_int8
     # the file returns the head's result clipped where the int8 model clips it but not rounded: within half an
     # output step of the model, plus the steps ONNX Runtime may round a requantization the other way
     assert (got - expected).abs().max() <= 2.0 * float(callback.quantized_model.head.scale)
+
+
+class _Attention(torch.nn.Module):
+    """One attention call with a boolean mask (as Hugging Face's models pass it): True where a query sees a key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.proj(x).unsqueeze(1).chunk(3, dim=-1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, :, :])
+
+
+def _attention_file() -> tuple[onnx.ModelProto, tuple[np.ndarray, np.ndarray], np.ndarray]:
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    x = torch.randn(2, 5, 8)
+    mask = torch.ones(2, 5, 5, dtype=torch.bool)
+    mask[0, :, 3:] = False  # padding keys
+    mask[1, 4] = False  # a query that sees no key: torch gives it zeros
+    with torch.no_grad():
+        expected = model(x, mask).numpy()
+    proto = torch.onnx.export(torch.export.export(model, (x, mask)), dynamo=True, verbose=False, report=False)
+    return proto.model_proto, (x.numpy(), mask.numpy()), expected
+
+
+def _run_inputs(proto: onnx.ModelProto, inputs: tuple[np.ndarray, ...]) -> np.ndarray:
+    onnx.checker.check_model(proto)
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, dict(zip([i.name for i in session.get_inputs()], inputs)))[0]
+
+
+def _ops(proto: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in proto.graph.node]
+
+
+def test_attention_softmax_guard_is_dropped_where_the_exporter_made_the_mask_finite():
+    """The exporter writes a boolean mask as a bias of 0 or the lowest float and guards the softmax against NaN:
+    a guard that cannot act. Dropped, the file computes the same values, bit for bit."""
+    proto, inputs, expected = _attention_file()
+    assert "IsNaN" in _ops(proto)
+    before = _run_inputs(proto, inputs)
+    done = rewrite_for_serving(proto)
+    assert len(done) == 1 and done[0].endswith("the NaN guard on its weights is dropped (its mask is finite)")
+    assert "IsNaN" not in _ops(proto) and _ops(proto).count("Softmax") == 1
+    after = _run_inputs(proto, inputs)
+    np.testing.assert_array_equal(after, before)
+    # the queries that see a key get torch's result (the one that sees none averages the values in both files)
+    np.testing.assert_allclose(after[:, :, :4], expected[:, :, :4], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(after[0], expected[0], rtol=0, atol=1e-5)
+
+
+def test_attention_softmax_guard_is_kept_where_the_mask_may_be_minus_infinity():
+    """With a bias that may be -inf, a query that sees no key gets NaN weights: the guard gives torch's zeros and
+    is kept."""
+    from onnx import numpy_helper
+
+    proto, inputs, expected = _attention_file()
+    lowest = [
+        init
+        for init in proto.graph.initializer
+        if numpy_helper.to_array(init).dtype == np.float32
+        and numpy_helper.to_array(init).size == 1
+        and float(numpy_helper.to_array(init).reshape(())) == np.finfo(np.float32).min
+    ]
+    assert len(lowest) == 1  # the masked keys' bias
+    lowest[0].CopyFrom(numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), lowest[0].name))
+    assert rewrite_for_serving(proto) == []
+    assert "IsNaN" in _ops(proto)
+    got = _run_inputs(proto, inputs)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    assert np.all(got[1, 0, 4] == 0)
