@@ -283,31 +283,56 @@ class ResumableClassifier(BoringClassifier):
         return ResumableLoader(random_images(self.n), batch_size=self.batch_size)
 
 
-def launch_ranks(script: Path, *args: Any, fails: bool = False, timeout: float = 300) -> str:
+def _rendezvous_port() -> int:
+    """A free port below Linux's ephemeral range (32768-60999 by default).
+
+    Lightning's own pick binds port 0, which hands out an ephemeral port: any outgoing connection opened before
+    rank 0's store listens on it may take the same number (one CI run failed with EADDRINUSE this way).
+    """
+    import random
+    import socket
+
+    for _ in range(100):
+        port = random.randint(20000, 32000)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port between 20000 and 32000")
+
+
+def launch_ranks(script: Path, *args: Any, fails: bool = False, timeout: float = 300, attempts: int = 3) -> str:
     """Run a multi-process script (rank 0; Lightning starts the other ranks from it) and return its output.
 
     The output goes to a file and only rank 0 is waited for: when rank 0 fails, a rank left waiting in a collective
     would otherwise hold the pipes open until the timeout and hide rank 0's error. Whatever is left of the run
-    (its process group) is killed after it.
+    (its process group) is killed after it. The ranks meet on a port chosen here (``MASTER_PORT``); a run whose
+    port was taken before its store could listen (``EADDRINUSE``) is started again on another, up to ``attempts``.
     """
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    with tempfile.TemporaryFile("w+") as handle:
-        process = subprocess.Popen(
-            [sys.executable, str(script), *map(str, args)],
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
-        try:
-            returncode: int | None = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            returncode = None
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-        handle.seek(0)
-        output = handle.read()
+    for attempt in range(attempts):
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(_rendezvous_port())}
+        with tempfile.TemporaryFile("w+") as handle:
+            process = subprocess.Popen(
+                [sys.executable, str(script), *map(str, args)],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+            try:
+                returncode: int | None = process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                returncode = None
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+            handle.seek(0)
+            output = handle.read()
+        if returncode and "EADDRINUSE" in output and attempt + 1 < attempts:
+            continue
+        break
     assert returncode is not None, f"{script.name} {args} timed out after {timeout} s:\n{output[-3000:]}"
     assert (returncode != 0) is fails, output[-3000:]
     return output
