@@ -311,7 +311,7 @@ def launch_ranks(script: Path, *args: Any, fails: bool = False, timeout: float =
     (its process group) is killed after it. The ranks meet on a port chosen here (``MASTER_PORT``); a run whose
     port was taken before its store could listen (``EADDRINUSE``) is started again on another, up to ``attempts``.
     """
-    for attempt in range(attempts):
+    for _ in range(attempts):
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(_rendezvous_port())}
         with tempfile.TemporaryFile("w+") as handle:
             process = subprocess.Popen(
@@ -330,9 +330,8 @@ def launch_ranks(script: Path, *args: Any, fails: bool = False, timeout: float =
                     os.killpg(process.pid, signal.SIGKILL)
             handle.seek(0)
             output = handle.read()
-        if returncode and "EADDRINUSE" in output and attempt + 1 < attempts:
-            continue
-        break
+        if not (returncode and "EADDRINUSE" in output):
+            break
     assert returncode is not None, f"{script.name} {args} timed out after {timeout} s:\n{output[-3000:]}"
     assert (returncode != 0) is fails, output[-3000:]
     return output
