@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -135,6 +136,20 @@ def test_hugging_face_encoder_through_pt2e_writes_an_onnx_file_onnx_runtime_runs
     graph = onnx.load(str(callback.export_paths["onnx"])).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("Softmax") == 2 and "IsNaN" not in ops
+    # each layer's product of query and key takes both from int8 pairs with zero point 0 (activations, not
+    # weights), the form OpenVINO runs as its int8 attention
+    producer = {name: node for node in graph.node for name in node.output}
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+
+    def int8_activation(name: str) -> bool:
+        node = producer.get(name)
+        if node is None or node.op_type != "DequantizeLinear" or node.input[0] in constants:
+            return False
+        zero_point = constants[node.input[2]]
+        return zero_point.dtype == np.int8 and not zero_point.any()
+
+    scores = [n for n in graph.node if n.op_type == "MatMul" and all(int8_activation(i) for i in n.input)]
+    assert len(scores) == 2
     logits = session.run(None, {name: inputs[name].numpy() for name in names})[0]
     step = max(output_steps(int8))
     torch.testing.assert_close(torch.from_numpy(logits), int8(**inputs).logits, rtol=0, atol=4 * step)

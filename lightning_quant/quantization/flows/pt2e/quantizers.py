@@ -92,17 +92,19 @@ def build_quantizer(model: nn.Module, config: QuantizationConfig, rules: LayerRu
         return quantization_config(config.backend, setting.observer or config.observer, per_channel, qat)
 
     quantizer: Any
+    global_config = quantization_config(config.backend, config.observer, config.per_channel, qat)
     if config.backend is Backend.X86:
-        from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
+        from lightning_quant.quantization.flows.pt2e.attention import AttentionScoresQuantizer
 
-        quantizer = X86InductorQuantizer()
+        # torchao's X86InductorQuantizer, and attention's score product in int8 with the activations' observer
+        quantizer = AttentionScoresQuantizer(global_config.input_activation.observer_or_fake_quant_ctr)
         by_name, by_type = quantizer.set_module_name_qconfig, quantizer.set_module_type_qconfig
     else:
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
 
         quantizer = XNNPACKQuantizer()
         by_name, by_type = quantizer.set_module_name, quantizer.set_module_type
-    quantizer.set_global(quantization_config(config.backend, config.observer, config.per_channel, qat))
+    quantizer.set_global(global_config)
     for name, setting in rules.names.items():
         by_name(name, setting_config(setting))
     for cls, setting in rules.types:
