@@ -163,7 +163,9 @@ class Pt2eRecipe(Recipe):
         quantizer: a pt2e ``Quantizer`` you configured (``X86InductorQuantizer``, ``XNNPACKQuantizer``,
             ``ComposableQuantizer`` or your own; for QAT configured with ``is_qat=True``), used as it is; or
             ``"x86"`` (Inductor's int8 kernels, default) / ``"xnnpack"`` (ExecuTorch on phones) for the built-in
-            quantizer of that backend, which the options below configure.
+            quantizer of that backend, which the options below configure. The x86 one is torchao's
+            ``X86InductorQuantizer`` that also quantizes attention's query and key to int8, as OpenVINO's int8
+            attention takes them (:mod:`lightning_quant.quantization.flows.pt2e.attention`).
         observer, per_channel, layers, skip: the built-in quantizer's settings, as :class:`FxRecipe`'s; a
             quantizer object holds its own, so they are refused beside one.
     """
