@@ -39,6 +39,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -391,6 +392,43 @@ def add_peer_paths(case: Case, folder: Path) -> None:
     }
 
 
+def ov_program(model: Any) -> Counter[str]:
+    """The nodes OpenVINO compiles ``model`` into on this CPU, by layer type and the precision it runs in."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": "1"})
+    kinds: Counter[str] = Counter()
+    for op in compiled.get_runtime_model().get_ops():
+        info = op.get_rt_info()
+        layer, precision = info["layerType"].astype(str), info["runtimePrecision"].astype(str)
+        if layer not in ("Const", "Input", "Output"):
+            kinds[f"{layer} {precision}"] += 1
+    return kinds
+
+
+def same_program_notes(case: Case) -> list[str]:
+    """Whether OpenVINO runs each of our ONNX files as the same program as NNCF's int8: where it does, their rows
+    differ by the run's noise only, whichever is ahead."""
+    peer = case.paths.get("OpenVINO int8 (NNCF quantize)")
+    notes = []
+    for name in ("ours: ONNX file in OpenVINO", "ours: pt2e ONNX file in OpenVINO"):
+        if peer is None or name not in case.paths:
+            continue
+        ours, theirs = ov_program(case.paths[name][1]), ov_program(peer[1])
+        label = name.removeprefix("ours: ").removesuffix(" in OpenVINO")
+        if ours == theirs:
+            nodes = ", ".join(f"{n} {kind}" for kind, n in ours.most_common(3))
+            notes.append(
+                f"OpenVINO compiles our {label} and NNCF's int8 into the same program ({sum(ours.values())} nodes: "
+                f"{nodes}, ...): their rows differ by this run's noise"
+            )
+        else:
+            more = ", ".join(f"{n} {kind}" for kind, n in (ours - theirs).most_common(4)) or "nothing"
+            fewer = ", ".join(f"{n} {kind}" for kind, n in (theirs - ours).most_common(4)) or "nothing"
+            notes.append(f"OpenVINO's program of our {label} has {more} more than NNCF's int8, and {fewer} fewer")
+    return notes
+
+
 def ort_runner(path: str, threads: int) -> Callable[[torch.Tensor], Any]:
     import onnxruntime as ort
 
@@ -539,7 +577,7 @@ def main() -> None:
             f"{tuple(case.held_out.shape[1:])}"
         )
         table = format_table(headers, rows)
-        lines = summary(case, results, batches) + [f"- {note}" for note in case.notes]
+        lines = summary(case, results, batches) + [f"- {note}" for note in case.notes + same_program_notes(case)]
         fp32_bytes = case.sizes["fp32 state dict"]
         lines.append(
             f"- sizes: fp32 state dict {fp32_bytes:,} bytes; "
