@@ -484,7 +484,14 @@ def agreement(run: Callable[[torch.Tensor], Any], case: Case, reference: torch.T
     return (out.argmax(-1) == reference.argmax(-1)).float().mean().item()
 
 
-def measure(case: Case, threads: int, batches: tuple[int, ...], rounds: int, repeats: int) -> dict[tuple, float]:
+#: idle time before each path's calls in a round: ONNX Runtime's and OpenMP's threads spin-wait for a while after a
+#: call, and on 2 cores the spinning threads of the path timed before took the cores from the next one
+IDLE_S = 0.05
+
+
+def measure(
+    case: Case, threads: int, batches: tuple[int, ...], rounds: int, repeats: int, idle_s: float = IDLE_S
+) -> dict[tuple, float]:
     torch.set_num_threads(threads)
     inputs = {bs: case.held_out[:bs].contiguous() for bs in batches}
     calls: dict[tuple[str, int], Timed] = {}
@@ -501,6 +508,7 @@ def measure(case: Case, threads: int, batches: tuple[int, ...], rounds: int, rep
         order = list(calls)
         random.Random(r).shuffle(order)
         for key in order:
+            time.sleep(idle_s)
             rounds_ms[key].append(statistics.median(calls[key]() for _ in range(repeats)) * 1e3)
     return {key: statistics.median(values) for key, values in rounds_ms.items()}
 
