@@ -65,6 +65,22 @@ class TinyMLP(nn.Module):
         return self.head(torch.relu(self.bn(self.fc1(self.flat(x)))))
 
 
+class BertEmbedder(nn.Module):
+    """A two-layer BertModel whose caller averages its last hidden states, as sentence embedders do (its pooler runs
+    unused); ``attention_mask`` optional, as a tokenizer's output has it or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        transformers = pytest.importorskip("transformers")
+        config = transformers.BertConfig(
+            vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+        )
+        self.bert = transformers.BertModel(config)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.mean(1)
+
+
 def random_images(n: int = 64, seed: int = 0, classes: int = 4) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, classes, (n,), generator=g)

@@ -15,7 +15,7 @@ from lightning_quant.quantization.flows.pt2e import Pt2eExportError, Pt2eGraphMo
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.outputs import mean_cosine
 from lightning_quant.quantization.schedule import fake_quantizers, set_bn_frozen, set_observers
-from tests.helpers import TinyNet, requires_executorch
+from tests.helpers import BertEmbedder, TinyNet, requires_executorch
 
 pytest.importorskip("torchao")
 
@@ -152,22 +152,10 @@ def test_a_computation_nothing_uses_is_left_out_before_the_quantizer_annotates()
 def test_a_hugging_face_encoder_called_for_its_hidden_states_is_quantized_for_x86():
     """A BertModel whose caller averages the last hidden states, as sentence embedders do: its pooler runs unused.
     The static int8 model is close to float and its Linear layers, but not the pooler's, are int8."""
-    transformers = pytest.importorskip("transformers")
     from lightning_quant import Pt2eRecipe, quantize
 
-    class Embedder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            config = transformers.BertConfig(
-                vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-            )
-            self.bert = transformers.BertModel(config)
-
-        def forward(self, input_ids):
-            return self.bert(input_ids=input_ids).last_hidden_state.mean(1)
-
     torch.manual_seed(0)
-    model = Embedder().eval()
+    model = BertEmbedder().eval()
     ids = [torch.randint(0, 64, (4, 12)) for _ in range(4)]
     int8 = quantize(model, [(x,) for x in ids], Pt2eRecipe("x86"), progress=False)
     layers = flows.int8_layers(int8)

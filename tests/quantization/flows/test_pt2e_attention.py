@@ -12,6 +12,7 @@ from lightning_quant.quantization.flows.pt2e import capture
 from lightning_quant.quantization.flows.pt2e.graph import quant_ops
 from lightning_quant.quantization.inputs import ExampleInputs
 from lightning_quant.quantization.outputs import mean_cosine
+from tests.helpers import BertEmbedder
 
 pytest.importorskip("torchao")
 from lightning_quant.quantization.flows.pt2e.attention import SCORES, spell_out_attention, true_everywhere  # noqa: E402
@@ -122,22 +123,9 @@ def test_a_mask_true_everywhere_is_recognised_and_others_are_not():
     assert [true_everywhere(node) for node in output.args[0]] == [True, False, False, False]
 
 
-def _embedder():
-    transformers = pytest.importorskip("transformers")
-
-    class Embedder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            config = transformers.BertConfig(
-                vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
-            )
-            self.bert = transformers.BertModel(config)
-
-        def forward(self, input_ids, attention_mask=None):
-            return self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.mean(1)
-
+def _embedder() -> BertEmbedder:
     torch.manual_seed(0)
-    return Embedder().eval()
+    return BertEmbedder().eval()
 
 
 def _score_inputs(graph_module: torch.fx.GraphModule) -> list[list[torch.fx.Node]]:
