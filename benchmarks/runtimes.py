@@ -410,11 +410,14 @@ def same_program_notes(case: Case) -> list[str]:
     """Whether OpenVINO runs each of our ONNX files as the same program as NNCF's int8: where it does, their rows
     differ by the run's noise only, whichever is ahead."""
     peer = case.paths.get("OpenVINO int8 (NNCF quantize)")
+    if peer is None:
+        return []
+    theirs = ov_program(peer[1])
     notes = []
     for name in ("ours: ONNX file in OpenVINO", "ours: pt2e ONNX file in OpenVINO"):
-        if peer is None or name not in case.paths:
+        if name not in case.paths:
             continue
-        ours, theirs = ov_program(case.paths[name][1]), ov_program(peer[1])
+        ours = ov_program(case.paths[name][1])
         label = name.removeprefix("ours: ").removesuffix(" in OpenVINO")
         if ours == theirs:
             nodes = ", ".join(f"{n} {kind}" for kind, n in ours.most_common(3))
@@ -489,9 +492,7 @@ def agreement(run: Callable[[torch.Tensor], Any], case: Case, reference: torch.T
 IDLE_S = 0.05
 
 
-def measure(
-    case: Case, threads: int, batches: tuple[int, ...], rounds: int, repeats: int, idle_s: float = IDLE_S
-) -> dict[tuple, float]:
+def measure(case: Case, threads: int, batches: tuple[int, ...], rounds: int, repeats: int) -> dict[tuple, float]:
     torch.set_num_threads(threads)
     inputs = {bs: case.held_out[:bs].contiguous() for bs in batches}
     calls: dict[tuple[str, int], Timed] = {}
@@ -508,7 +509,7 @@ def measure(
         order = list(calls)
         random.Random(r).shuffle(order)
         for key in order:
-            time.sleep(idle_s)
+            time.sleep(IDLE_S)
             rounds_ms[key].append(statistics.median(calls[key]() for _ in range(repeats)) * 1e3)
     return {key: statistics.median(values) for key, values in rounds_ms.items()}
 

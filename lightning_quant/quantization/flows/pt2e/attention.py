@@ -31,7 +31,8 @@ from typing import Any
 import torch
 import torch.fx
 from torch._guards import detect_fake_mode
-from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec
+from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
 from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
 _aten = torch.ops.aten
@@ -41,16 +42,15 @@ _RESHAPES = (_aten.unsqueeze.default, _aten.expand.default, _aten.view.default, 
 _KEPT_META = ("nn_module_stack", "source_fn_stack", "stack_trace", "torch_fn")
 #: the tag of a score product this module wrote, whose inputs it annotates
 SCORES = "lightning_quant_attention_scores"
-_ANNOTATION = "quantization_annotation"
 
 
 def _lowest_value(node: Any) -> int | None:
     """A lower bound of every element of ``node`` where it is an ``arange`` from a known start, shifted by integer
     constants and reshaped; else ``None``."""
-    if isinstance(node, bool) or not isinstance(node, (int, torch.fx.Node)):
-        return None
-    if isinstance(node, int):
+    if isinstance(node, int) and not isinstance(node, bool):
         return node
+    if not isinstance(node, torch.fx.Node):
+        return None
     if node.target is _aten.arange.default:
         return 0
     if node.target is _aten.arange.start and isinstance(node.args[0], int):
@@ -76,20 +76,6 @@ def true_everywhere(mask: Any) -> bool:
     return False
 
 
-def _arguments(node: torch.fx.Node) -> dict[str, Any]:
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-    given: dict[str, Any] = {
-        "attn_mask": None,
-        "dropout_p": 0.0,
-        "is_causal": False,
-        "scale": None,
-        "enable_gqa": False,
-    }
-    given.update(zip(names, node.args))
-    given.update(node.kwargs)
-    return given
-
-
 class _Writer:
     """Adds nodes before one attention node, named after it, with its meta and their values under its fake mode."""
 
@@ -105,8 +91,11 @@ class _Writer:
         return new
 
 
-def _spell_out(node: torch.fx.Node) -> bool:
-    args = _arguments(node)
+def _spell_out(graph_module: torch.fx.GraphModule, node: torch.fx.Node) -> bool:
+    normalized = node.normalized_arguments(graph_module, normalize_to_only_use_kwargs=True)
+    if normalized is None:
+        return False
+    args = normalized.kwargs  # every argument by name, defaults included (the op's schema)
     if args["is_causal"] or args["enable_gqa"]:
         return False
     query, key, value, mask = args["query"], args["key"], args["value"], args["attn_mask"]
@@ -127,11 +116,14 @@ def _spell_out(node: torch.fx.Node) -> bool:
         )
         scores.meta[SCORES] = True
         dtype = scores.meta["val"].dtype
-        if mask is not None and not (mask.meta["val"].dtype == torch.bool and true_everywhere(mask)):
-            if mask.meta["val"].dtype == torch.bool:
-                mask = add(_aten.where.Scalar, mask, 0.0, torch.finfo(dtype).min, part="bias")
-                if mask.meta["val"].dtype != dtype:  # where's scalars give the default dtype
-                    mask = add(_aten.to.dtype, mask, dtype, part="bias_typed")
+        boolean = mask is not None and mask.meta["val"].dtype == torch.bool
+        if boolean and true_everywhere(mask):
+            mask = None
+        elif boolean:
+            mask = add(_aten.where.Scalar, mask, 0.0, torch.finfo(dtype).min, part="bias")
+            if mask.meta["val"].dtype != dtype:  # where's scalars give the default dtype
+                mask = add(_aten.to.dtype, mask, dtype, part="bias_typed")
+        if mask is not None:
             scores = add(_aten.add.Tensor, scores, mask, part="masked")
         weights = add(_aten.softmax.int, scores, -1, part="weights")
         if args["dropout_p"] > 0:
@@ -147,7 +139,9 @@ def spell_out_attention(graph_module: torch.fx.GraphModule) -> int:
     docstring), its score product tagged :data:`SCORES`; returns how many were written. New nodes are named after
     the attention node, so two captures of one model (QAT's training and prediction calls) name them alike."""
     graph = graph_module.graph
-    written = sum(_spell_out(n) for n in list(graph.nodes) if n.op == "call_function" and n.target is _SDPA)
+    written = sum(
+        _spell_out(graph_module, n) for n in list(graph.nodes) if n.op == "call_function" and n.target is _SDPA
+    )
     if written:
         graph.eliminate_dead_code()  # the computation of a mask that was true everywhere
         graph.lint()
@@ -165,8 +159,6 @@ class AttentionScoresQuantizer(X86InductorQuantizer):
 
     def __init__(self, observer_or_fake_quant_ctr: Any) -> None:
         super().__init__()
-        from torchao.quantization.pt2e.quantizer import QuantizationSpec
-
         self.scores_spec = QuantizationSpec(
             dtype=torch.int8,
             quant_min=-128,
@@ -184,10 +176,10 @@ class AttentionScoresQuantizer(X86InductorQuantizer):
     def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
         super().annotate(model)  # first: a rule that keeps a layer float marks its products annotated
         for node in model.graph.nodes:
-            if not node.meta.get(SCORES) or _ANNOTATION in node.meta:
+            if not node.meta.get(SCORES) or Q_ANNOTATION_KEY in node.meta:
                 continue
             inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
-            node.meta[_ANNOTATION] = QuantizationAnnotation(
+            node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
                 input_qspec_map=dict.fromkeys(inputs, self.scores_spec), _annotated=True
             )
         return model
