@@ -25,6 +25,7 @@ from lightning_quant.callbacks import (
 from lightning_quant.export import verify_export
 from lightning_quant.quantization import (
     Backend,
+    CpuFusedFakeQuantize,
     DynamicRecipe,
     EagerRecipe,
     ExampleInputs,
@@ -64,6 +65,7 @@ __all__ = [
     "Algorithm",
     "Backend",
     "CorruptFileError",
+    "CpuFusedFakeQuantize",
     "DynamicRecipe",
     "EagerRecipe",
     "ExampleInputs",
