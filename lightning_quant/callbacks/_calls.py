@@ -28,7 +28,7 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs
+from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, required_inputs
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ class StepCalls:
         found = self.read(batch)
         if found is not None:
             return found
-        return batch_inputs(batch)
+        return batch_inputs(batch, inputs=required_inputs(self.target()))
 
     def read(self, batch: Any) -> ExampleInputs | None:
         """The submodule's inputs in the step on ``batch``, or ``None`` (with ``guessed`` set) when the step
@@ -143,7 +143,8 @@ class StepCalls:
             rank_zero_warn(
                 f"lightning-quant could not read how {type(self.pl_module).__name__}.{self.step} calls the quantized "
                 f"module ({why[:300]}); its inputs are read off each batch instead (a tensor, the first item of a "
-                "tuple, or a mapping of keyword inputs). Pass batch_to_input= if that is not the call"
+                "tuple or its first n for a forward of n inputs, or a mapping of keyword inputs). Pass "
+                "batch_to_input= if that is not the call"
             )
         self.guessed = why
 

@@ -43,6 +43,7 @@ from lightning_quant.quantization.inputs import (
     forward_signature,
     inference_inputs,
     input_kinds,
+    required_inputs,
 )
 from lightning_quant.quantization.target import resolve_target
 from lightning_quant.utils.checks import check_callable
@@ -265,7 +266,7 @@ class QuantizationCallback(Callback):
             example = ExampleInputs.from_value(pl_module.example_input_array).to("cpu")
             source, guessed = f"{type(pl_module).__name__}.example_input_array", False
         elif batch is not None:
-            example = batch_inputs(batch, self.batch_to_input).to("cpu")
+            example = batch_inputs(batch, self.batch_to_input, required_inputs(target)).to("cpu")
             source, guessed = f"the first {stage} batch", self.batch_to_input is None
         else:
             raise ValueError(

@@ -7,7 +7,9 @@ way Lightning users expect:
 - a tensor is the single positional input;
 - a tuple or list is ``(input, target, ...)``: its first element is the input (and when that
   first element is itself a tuple/list, its items are the positional inputs; when it is a
-  mapping, its items are keyword inputs);
+  mapping, its items are keyword inputs). For a forward that requires ``n > 1`` positional
+  inputs (``forward(x, mask)``), a batch of tensors is ``(x, mask, target, ...)``: its first
+  ``n`` items are the inputs (:func:`required_inputs`);
 - a mapping (a Hugging Face batch, say) is passed as keyword arguments.
 
 Anything else needs a ``batch_to_input`` callable returning one of those forms.
@@ -16,6 +18,7 @@ Anything else needs a ``batch_to_input`` callable returning one of those forms.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -78,20 +81,59 @@ class ExampleInputs:
         return module(*self.args, **self.kwargs)
 
 
-def default_batch_to_input(batch: Any) -> ExampleInputs:
-    """Take the model input from a batch (see the module docstring for the rules)."""
+def default_batch_to_input(batch: Any, inputs: int = 1) -> ExampleInputs:
+    """Take the model input from a batch (see the module docstring for the rules); ``inputs``: how many
+    positional inputs the model's forward requires (:func:`required_inputs`)."""
     if isinstance(batch, torch.Tensor) or isinstance(batch, Mapping):
         return ExampleInputs.from_value(batch)
     if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 0:
+        if inputs > 1 and len(batch) >= inputs and isinstance(batch[0], torch.Tensor):
+            return ExampleInputs(tuple(batch[:inputs]))
         return ExampleInputs.from_value(batch[0] if not isinstance(batch[0], str) else batch)
     return ExampleInputs.from_value(batch)
 
 
-def batch_inputs(batch: Any, batch_to_input: Callable[[Any], Any] | None = None) -> ExampleInputs:
-    """Inputs of ``batch``, through the user's ``batch_to_input`` when one is given."""
+def batch_inputs(batch: Any, batch_to_input: Callable[[Any], Any] | None = None, inputs: int = 1) -> ExampleInputs:
+    """Inputs of ``batch``, through the user's ``batch_to_input`` when one is given (``inputs``: see
+    :func:`default_batch_to_input`)."""
     if batch_to_input is None:
-        return default_batch_to_input(batch)
+        return default_batch_to_input(batch, inputs)
     return ExampleInputs.from_value(batch_to_input(batch))
+
+
+def required_inputs(module: torch.nn.Module) -> int:
+    """How many positional inputs ``module``'s forward requires (those without a default)."""
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(
+        1
+        for p in forward_signature(module).parameters.values()
+        if p.kind in positional and p.default is inspect.Parameter.empty
+    )
+
+
+def batch_reader(module: torch.nn.Module) -> Callable[[Any], ExampleInputs] | None:
+    """``batch -> inputs`` for a module whose forward requires several positional inputs (the first items
+    of a tuple batch); ``None`` where the default reading serves (one input)."""
+    count = required_inputs(module)
+    return functools.partial(default_batch_to_input, inputs=count) if count > 1 else None
+
+
+def check_call(module: torch.nn.Module, example: ExampleInputs, source: str) -> None:
+    """Refuse, before any work, inputs ``module``'s forward cannot be called with.
+
+    Raises:
+        TypeError: naming the forward's signature, what ``source`` gave, and ``batch_to_input=``.
+    """
+    signature = forward_signature(module)
+    try:
+        signature.bind(*example.args, **example.kwargs)
+    except TypeError as err:
+        given = [f"{type(a).__name__}" for a in example.args] + [f"{k}=" for k in example.kwargs]
+        raise TypeError(
+            f"{type(module).__name__}.forward{signature} cannot be called with the inputs read off {source} "
+            f"({', '.join(given) or 'nothing'}): {err}. Pass batch_to_input= returning the inputs of one call: "
+            "a tensor, a tuple of positional inputs or a dict of keyword inputs"
+        ) from None
 
 
 def as_positional(module: torch.nn.Module, example: ExampleInputs) -> ExampleInputs:
@@ -305,18 +347,19 @@ def inference_inputs(signature: inspect.Signature, example: ExampleInputs) -> Ex
     return ExampleInputs(tuple(args), kwargs)
 
 
-def target_of(batch: Any) -> Any:
-    """The target of a batch: the second item of a tuple/list, or ``labels``/``label``/``y``/``target`` of a mapping."""
+def target_of(batch: Any, inputs: int = 1) -> Any:
+    """The target of a batch: the item of a tuple/list after its ``inputs`` inputs (the second, for a model of
+    one input), or ``labels``/``label``/``y``/``target`` of a mapping."""
     if isinstance(batch, Mapping):
         return next((batch[k] for k in ("labels", "label", "y", "target") if k in batch), None)
-    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 1:
-        return batch[1]
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > inputs:
+        return batch[inputs]
     return None
 
 
-def batch_targets(batches: Sequence[Any]) -> torch.Tensor | None:
+def batch_targets(batches: Sequence[Any], inputs: int = 1) -> torch.Tensor | None:
     """Every batch's target concatenated on CPU, or ``None`` when a batch has no tensor target."""
-    targets = [target_of(b) for b in batches]
+    targets = [target_of(b, inputs) for b in batches]
     if not targets or not all(isinstance(t, torch.Tensor) for t in targets):
         return None
     return torch.cat([t.cpu().reshape(-1) if t.dim() == 0 else t.cpu() for t in targets])

@@ -42,7 +42,14 @@ from lightning_quant.quantization.flows.dynamic import (
     dynamic_spec,
 )
 from lightning_quant.quantization.flows.spec import DEFAULT_FLOW, SPECS, FlowSpec, flows_with, spec_of, spelled
-from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, batch_targets
+from lightning_quant.quantization.inputs import (
+    ExampleInputs,
+    batch_inputs,
+    batch_reader,
+    batch_targets,
+    check_call,
+    required_inputs,
+)
 from lightning_quant.quantization.layers import STATIC_PRECISIONS, check_static_setting, resolve_layers
 from lightning_quant.quantization.options import MODE_SCHEMES, Mode
 from lightning_quant.quantization.recipe import attach, static_recipe
@@ -187,6 +194,7 @@ def prepare_and_calibrate(
     batches: Iterable[Any] = iter(calibration_data)
     if example is None:
         example, batches = first_example(batches, batch_to_input)
+        check_call(model, example, "the first calibration batch")
     float_copy = copy.deepcopy(model).cpu().eval()
     prepared = get_flow(config.flow).prepare(float_copy, config, example, qat=False)
     attach(prepared, static_recipe(config, example, qat=False))
@@ -363,7 +371,7 @@ def quantize(
         calibration_data: an iterable of batches (a DataLoader, a list); required for static
             mode, ignored (may be ``None``) for dynamic mode. The model input is read from each
             batch as Lightning users expect (tensor, first item of a tuple, mapping as keyword
-            arguments) or by ``batch_to_input``.
+            arguments; for ``forward(x, mask)``, the first two items of a tuple) or by ``batch_to_input``.
         recipe: how the model is quantized, on which stack and in which mode, as for
             :class:`~lightning_quant.PostTrainingQuantization`: a recipe (``FxRecipe``, ``EagerRecipe``,
             ``Pt2eRecipe``: static; ``DynamicRecipe``; ``TorchaoRecipe``: its scheme's mode), a stack's own
@@ -488,6 +496,9 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | PrecisionSe
     dtype, module_types = args["dtype"], args["module_types"]
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    # a forward of several inputs, forward(x, mask), reads a batch (x, mask, target...): the target follows them
+    inputs = required_inputs(model) if batch_to_input is None else 1
+    batch_to_input = batch_to_input or batch_reader(model)
     check_mode_options(mode, dtype, module_types, config.flow)
     ladder = check_precision_ladder(args["search_precisions"], search_precisions_of(mode, config.flow))
     max_size_bytes = check_positive_int(args["max_size_bytes"], "max_size_bytes", allow_none=True)
@@ -523,7 +534,7 @@ def _quantize(args: dict[str, Any]) -> tuple[nn.Module, SkipSearch | PrecisionSe
         batches,
         config.engine,
         max_metric_drop,
-        search_targets(batches, args["search_score"]),
+        search_targets(batches, args["search_score"], inputs),
         batch_to_input,
         ladder=ladder,
         max_size_bytes=max_size_bytes,
@@ -624,15 +635,16 @@ def check_search_score(score: Any) -> str:
     return str(score)
 
 
-def search_targets(batches: Sequence[Any], score: str) -> Any:
-    """The targets the search scores against: ``None`` means cosine to the float outputs.
+def search_targets(batches: Sequence[Any], score: str, inputs: int = 1) -> Any:
+    """The targets the search scores against: ``None`` means cosine to the float outputs; a tuple batch's
+    target is its item after the model's ``inputs`` inputs.
 
     Raises:
         ValueError: an unknown score, or ``"accuracy"`` for batches without targets.
     """
     if check_search_score(score) == "cosine":
         return None
-    targets = batch_targets(batches)
+    targets = batch_targets(batches, max(inputs, 1))
     if score == "accuracy" and targets is None:
         raise ValueError('search_score="accuracy" needs batches with targets; use "cosine" for these')
     return targets

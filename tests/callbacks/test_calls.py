@@ -74,6 +74,27 @@ def test_step_calls_fall_back_to_the_batch_with_the_reason_when_the_step_cannot_
     assert calls.guessed == "training_step raised RuntimeError: needs the loop"
 
 
+def test_step_calls_fall_back_to_the_first_items_of_a_tuple_batch_for_a_module_of_several_inputs():
+    class Masked(nn.Module):
+        def forward(self, x, mask):
+            return x * mask
+
+    class Broken(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = Masked()
+
+        def training_step(self, batch, batch_idx):
+            raise RuntimeError("needs the loop")
+
+    module = Broken()
+    calls = StepCalls(module, lambda: module.net)
+    x, mask, y = torch.ones(2, 4), torch.zeros(2, 4), torch.zeros(2)
+    with pytest.warns(UserWarning, match=r"the first item of a tuple or its first n for a forward of n inputs"):
+        inputs = calls((x, mask, y))
+    assert inputs.args == (x, mask) and inputs.kwargs == {}
+
+
 def test_step_name_falls_back_to_training_step_where_the_module_defines_no_other():
     module = Stepper()
     assert step_name(module, "val") == "training_step" and step_name(module, "fit") == "training_step"

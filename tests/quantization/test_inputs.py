@@ -1,7 +1,23 @@
 import pytest
 import torch
 
-from lightning_quant.quantization.inputs import ExampleInputs, as_positional, batch_inputs, default_batch_to_input
+import torch.nn as nn
+
+from lightning_quant.quantization.inputs import (
+    ExampleInputs,
+    as_positional,
+    batch_inputs,
+    batch_reader,
+    batch_targets,
+    check_call,
+    default_batch_to_input,
+    required_inputs,
+)
+
+
+class Masked(nn.Module):
+    def forward(self, x, mask, scale=1.0, *rest, flag=False):
+        return x * mask * scale
 
 
 def test_default_batch_to_input_conventions():
@@ -12,6 +28,33 @@ def test_default_batch_to_input_conventions():
     assert default_batch_to_input(({"x": x}, y)).kwargs == {"x": x}
     assert default_batch_to_input({"input_ids": x, "mask": e}).kwargs == {"input_ids": x, "mask": e}
     assert batch_inputs((x, y), lambda b: b[1]).args == (y,)
+
+
+def test_a_forward_of_several_inputs_reads_the_first_items_of_a_tuple_batch_and_its_target_after_them():
+    x, mask, y = torch.zeros(4, 3), torch.ones(4, 3), torch.arange(4)
+    assert required_inputs(Masked()) == 2 and required_inputs(nn.Linear(3, 3)) == 1
+    assert batch_reader(nn.Linear(3, 3)) is None
+    read = batch_reader(Masked())
+    assert read is not None
+    assert read((x, mask)).args == (x, mask) and read((x, mask, y)).args == (x, mask)
+    assert read([(x, mask), y]).args == (x, mask)  # inputs grouped in the batch's first item: as before
+    assert read({"x": x, "mask": mask}).kwargs == {"x": x, "mask": mask}
+    assert batch_inputs((x, mask, y), inputs=2).args == (x, mask)
+    assert torch.equal(batch_targets([(x, mask, y)], inputs=2), y)
+    assert batch_targets([(x, mask)], inputs=2) is None  # no item after the inputs: no target
+    assert torch.equal(batch_targets([(x, y)]), y)
+
+
+def test_check_call_raises_naming_the_forward_and_what_the_batch_gave():
+    check_call(Masked(), ExampleInputs((torch.zeros(1), torch.zeros(1))), "the first calibration batch")
+    with pytest.raises(
+        TypeError,
+        match=r"^Masked.forward\(x, mask, scale=1.0, \*rest, flag=False\) cannot be called with the inputs read "
+        r"off the first calibration batch \(Tensor, flag=\): missing a required argument: 'mask'\. Pass "
+        r"batch_to_input= returning the inputs of one call: a tensor, a tuple of positional inputs or a dict of "
+        r"keyword inputs$",
+    ):
+        check_call(Masked(), ExampleInputs((torch.zeros(1),), {"flag": True}), "the first calibration batch")
 
 
 def test_unsupported_batch_raises():

@@ -4,6 +4,7 @@ import torch.nn as nn
 
 from lightning_quant import QuantizationConfig, quantize, quantize_within_budget
 from lightning_quant.quantization.convert import quantized_engine
+from lightning_quant.quantization.ptq import search_targets
 from tests.helpers import FLOWS, Erf, TinyNet, TwoInputNet, boundary_cost
 
 
@@ -32,6 +33,30 @@ def test_quantize_reads_mapping_batches_as_keywords():
     int8 = quantize(model, batches, progress=False)
     with torch.no_grad(), quantized_engine("x86"):
         assert int8(**batches[0]).shape == (8, 4)
+
+
+@pytest.mark.parametrize("flow", ["eager", *FLOWS])
+def test_quantize_reads_the_first_items_of_tuple_batches_for_a_forward_of_several_inputs(flow):
+    torch.manual_seed(0)
+    model = TwoInputNet().eval()  # forward(x, extra)
+    batches = [(torch.randn(8, 1, 6, 6), torch.randn(8, 3), torch.randint(0, 4, (8,))) for _ in range(4)]
+    int8 = quantize(model, batches, flow=flow, progress=False)
+    x, extra, _ = batches[0]
+    with torch.no_grad(), quantized_engine("x86"):
+        reference, out = model(x, extra), int8(x, extra)
+    assert (out - reference).abs().max() < 0.1 * reference.abs().max()
+    targets = search_targets(batches, "accuracy", inputs=2)
+    assert torch.equal(targets, torch.cat([b[2] for b in batches]))  # the item after the inputs
+
+
+def test_quantize_refuses_batches_that_lack_a_required_input_before_calibrating():
+    batches = [(torch.randn(8, 1, 6, 6),) for _ in range(2)]
+    with pytest.raises(
+        TypeError,
+        match=r"^TwoInputNet.forward\(x, extra\) cannot be called with the inputs read off the first calibration "
+        r"batch \(Tensor\): missing a required argument: 'extra'\. Pass batch_to_input=",
+    ):
+        quantize(TwoInputNet().eval(), batches, progress=False)
 
 
 def test_quantize_batch_to_input():
