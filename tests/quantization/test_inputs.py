@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 import torch.nn as nn
 
 from lightning_quant.quantization.inputs import (
