@@ -9,9 +9,13 @@ not run, nothing is logged, no gradient is taken, and the random state is restor
 training is exactly what it would be without the callback.
 
 What the step hands the submodule is used for preparing, calibrating, checking, the report and every
-export. Guessing from the batch (:func:`~lightning_quant.quantization.inputs.default_batch_to_input`)
-is the last resort, for a step that cannot run outside the loop (one that calls ``self.optimizers()``
-before the model, say); the user hears of it.
+export. It also says where a tuple batch's target is: the item after the last one the step hands the
+submodule as it is for a prediction (``(input_ids, attention_mask, labels)`` with
+``model(input_ids, attention_mask=mask)``: the third), the second where it hands none as they are.
+
+Guessing from the batch (:func:`~lightning_quant.quantization.inputs.default_batch_to_input`) is the last
+resort, for a step that cannot run outside the loop (one that calls ``self.optimizers()`` before the model,
+say); the user hears of it.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,7 +32,14 @@ import torch.nn as nn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from lightning_quant.quantization.inputs import ExampleInputs, batch_inputs, required_inputs
+from lightning_quant.quantization.inputs import (
+    ExampleInputs,
+    batch_inputs,
+    batch_targets,
+    forward_signature,
+    inference_inputs,
+    required_inputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +113,7 @@ class StepCalls:
     ) -> None:
         self.pl_module, self.target, self.step, self.batch_to_input = pl_module, target, step, batch_to_input
         self.guessed: str | None = None  # why the last call was read off the batch instead
+        self.passed_items = 0  # 1 + the index of the last item of the last tuple batch handed on as it is
 
     def __call__(self, batch: Any) -> ExampleInputs:
         if self.batch_to_input is not None:
@@ -129,6 +141,7 @@ class StepCalls:
                 step(moved, 0, *extra)
         except _Called as call:
             self.guessed = None
+            self.passed_items = _passed_items(moved, inference_inputs(forward_signature(self.target()), call.inputs))
             return call.inputs
         except Exception as err:  # the step cannot run outside the loop: the batch is read instead
             self._guess(f"{self.step} raised {type(err).__name__}: {err}")
@@ -137,6 +150,16 @@ class StepCalls:
             handle.remove()
         self._guess(f"{self.step} returned without calling it")
         return None
+
+    def targets(self, batches: Sequence[Any]) -> torch.Tensor | None:
+        """The targets of ``batches`` concatenated (``None`` where they hold none): each tuple batch's item after
+        the inputs the step hands on as they are (read off the first batch), else its second item."""
+        inputs = 1
+        if batches and self.batch_to_input is None and _is_tuple(batches[0]):
+            with contextlib.suppress(Exception):
+                if self.read(batches[0]) is not None:
+                    inputs = max(self.passed_items, 1)
+        return batch_targets(batches, inputs)
 
     def _guess(self, why: str) -> None:
         if self.guessed is None:
@@ -147,6 +170,27 @@ class StepCalls:
                 "batch_to_input= if that is not the call"
             )
         self.guessed = why
+
+
+def _is_tuple(batch: Any) -> bool:
+    return isinstance(batch, Sequence) and not isinstance(batch, str)
+
+
+def _passed_items(batch: Any, inputs: ExampleInputs) -> int:
+    """1 + the index of the last item of a tuple ``batch`` that ``inputs`` hold as it is (the same tensor), else 0."""
+    if not _is_tuple(batch):
+        return 0
+    held = {
+        (t.data_ptr(), tuple(t.shape))
+        for t in (*inputs.args, *inputs.kwargs.values())
+        if isinstance(t, torch.Tensor) and t.numel() > 0
+    }
+    passed = [
+        i
+        for i, item in enumerate(batch)
+        if isinstance(item, torch.Tensor) and item.numel() > 0 and (item.data_ptr(), tuple(item.shape)) in held
+    ]
+    return passed[-1] + 1 if passed else 0
 
 
 def _to_module_device(pl_module: pl.LightningModule, batch: Any) -> Any:

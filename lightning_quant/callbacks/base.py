@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import multiprocessing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -285,6 +285,13 @@ class QuantizationCallback(Callback):
         calls = StepCalls(pl_module, lambda: self.target(pl_module), step_name(pl_module, stage), self.batch_to_input)
         signature = self._signature or forward_signature(self.target(pl_module))
         return lambda batch: inference_inputs(signature, calls(batch))
+
+    def targets_reader(self, pl_module: pl.LightningModule, stage: str) -> Callable[[Sequence[Any]], Any]:
+        """``batches -> targets`` (or ``None``) for scoring the models on ``stage``'s data: a tuple batch's item
+        after the inputs ``stage``'s step hands the quantized submodule, else its second item or a mapping's
+        ``labels``."""
+        calls = StepCalls(pl_module, lambda: self.target(pl_module), step_name(pl_module, stage), self.batch_to_input)
+        return calls.targets
 
     def _record_real_call(self, pl_module: pl.LightningModule) -> None:
         """Take the quantized module's inputs from its first call in this run (see :meth:`_on_real_call`)."""

@@ -232,7 +232,8 @@ class PostTrainingQuantization(QuantizationCallback):
     ) -> QuantizationConfig:
         """Run the skip search on validation batches; returns the config with the layers kept in float."""
         loader = first_of(trainer.val_dataloaders) or stage_dataloader(trainer, "validate")
-        eval_reader = self.inputs_reader(pl_module, "val" if loader is not None else self._calibration_stage)
+        eval_stage = "val" if loader is not None else self._calibration_stage
+        eval_reader = self.inputs_reader(pl_module, eval_stage)
         loader = loader or self._calibration_source(trainer)
         batches = list(itertools.islice(iter(loader), self.eval_batches))
         reducer = self._reducer(trainer)
@@ -255,7 +256,7 @@ class PostTrainingQuantization(QuantizationCallback):
             batches,
             self.config.engine,
             self.max_metric_drop,
-            search_targets(batches, self.search_score),
+            search_targets(batches, self.search_score, read=self.targets_reader(pl_module, eval_stage)),
             eval_reader,
             reducer=reducer,
             ladder=self.search_precisions,

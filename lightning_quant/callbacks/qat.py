@@ -31,7 +31,6 @@ from lightning_quant.quantization.flows import get_flow, inference_view
 from lightning_quant.quantization.flows.spec import SPECS, check_qat_native, spec_of, spelled
 from lightning_quant.quantization.inputs import (
     ExampleInputs,
-    batch_targets,
     describe_inputs,
     input_kinds,
 )
@@ -639,7 +638,7 @@ class QuantizationAwareTraining(QuantizationCallback):
         loader = first_of(trainer.val_dataloaders)
         limit = first_of(trainer.num_val_batches) if trainer.num_val_batches else None
         batches = list(itertools.islice(iter(loader), int(limit) if limit not in (None, float("inf")) else None))
-        targets = batch_targets(batches)
+        targets = self.targets_reader(pl_module, "val")(batches)
         if targets is None:
             return
         to_input = self.inputs_reader(pl_module, "val")

@@ -19,7 +19,6 @@ from lightning_quant.callbacks.base import QuantizationCallback, QuantizationLis
 from lightning_quant.evaluation.analysis import next_steps
 from lightning_quant.evaluation.report import build_report, write_report
 from lightning_quant.quantization.distributed import RankReducer
-from lightning_quant.quantization.inputs import batch_targets
 from lightning_quant.quantization.sharding import whole_copy
 from lightning_quant.quantization.target import resolve_target
 from lightning_quant.utils.checks import check_non_negative, check_positive_int
@@ -156,7 +155,7 @@ class QuantizationReport(QuantizationListener, Callback):
             # would share the machine's cores and time each other; the other ranks join only the metric
             export_paths=callback.export_paths if trainer.is_global_zero else {},
             batch_sizes=(self.batch_sizes or tuple(dict.fromkeys((1, train_bs)))) if trainer.is_global_zero else (),
-            targets=batch_targets(batches),
+            targets=callback.targets_reader(pl_module, self.data if isinstance(self.data, str) else "val")(batches),
             metric=module_metric(pl_module),
             threshold=self.threshold,
             next_steps=steps,

@@ -635,16 +635,22 @@ def check_search_score(score: Any) -> str:
     return str(score)
 
 
-def search_targets(batches: Sequence[Any], score: str, inputs: int = 1) -> Any:
+def search_targets(
+    batches: Sequence[Any],
+    score: str,
+    inputs: int = 1,
+    read: Callable[[Sequence[Any]], Any] | None = None,
+) -> Any:
     """The targets the search scores against: ``None`` means cosine to the float outputs; a tuple batch's
-    target is its item after the model's ``inputs`` inputs.
+    target is its item after the model's ``inputs`` inputs, or what ``read`` (a callback's reading of the
+    step) finds.
 
     Raises:
         ValueError: an unknown score, or ``"accuracy"`` for batches without targets.
     """
     if check_search_score(score) == "cosine":
         return None
-    targets = batch_targets(batches, max(inputs, 1))
+    targets = read(batches) if read is not None else batch_targets(batches, max(inputs, 1))
     if score == "accuracy" and targets is None:
         raise ValueError('search_score="accuracy" needs batches with targets; use "cosine" for these')
     return targets

@@ -95,6 +95,47 @@ def test_step_calls_fall_back_to_the_first_items_of_a_tuple_batch_for_a_module_o
     assert inputs.args == (x, mask) and inputs.kwargs == {}
 
 
+class Scorer(nn.Module):
+    def forward(self, x, mask=None, labels=None):
+        return x if mask is None else x * mask
+
+
+class TupleSteps(LightningModule):
+    """Steps as people write them for tuple batches: inputs, then the labels."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.net, self.how = Scorer(), how
+
+    def training_step(self, batch, batch_idx):
+        if self.how == "ids, mask, labels":
+            ids, mask, labels = batch
+            return self.net(ids, mask=mask).sum()
+        if self.how == "x, labels, scaled":
+            x, labels = batch
+            return self.net(x.float() / 255).sum()
+        if self.how == "hugging face labels":
+            ids, labels = batch
+            return self.net(ids, labels=labels).sum()
+        x, mask = batch  # "x, mask": no labels at all
+        return self.net(x, mask).sum()
+
+
+@pytest.mark.parametrize(
+    ("how", "items", "target"),
+    [("ids, mask, labels", 3, 2), ("x, labels, scaled", 2, 1), ("hugging face labels", 2, 1), ("x, mask", 2, None)],
+)
+def test_step_calls_find_a_tuple_batchs_target_after_the_inputs_the_step_hands_on(how, items, target):
+    module = TupleSteps(how)
+    calls = StepCalls(module, lambda: module.net)
+    batches = [tuple(torch.full((2, 3), float(10 * b + i)) for i in range(items)) for b in range(2)]
+    targets = calls.targets(batches)
+    if target is None:
+        assert targets is None
+    else:
+        assert torch.equal(targets, torch.cat([batch[target] for batch in batches]))
+
+
 def test_step_name_falls_back_to_training_step_where_the_module_defines_no_other():
     module = Stepper()
     assert step_name(module, "val") == "training_step" and step_name(module, "fit") == "training_step"

@@ -326,3 +326,47 @@ def test_ptq_of_a_step_that_normalises_keeps_digits_accuracy_within_a_point(tmp_
     assert float_acc > 0.85 and abs(float_acc - int8_acc) <= 0.01, (float_acc, int8_acc)
     assert report.report["metric"]["float"] == pytest.approx(float_acc, abs=1e-6)
     assert report.report["metric"]["int8"] == pytest.approx(int8_acc, abs=1e-6)
+
+
+class MaskedClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 16), nn.Linear(16, 3)
+
+    def forward(self, x, mask=None):
+        return self.head(F.relu(self.fc(x * mask)))
+
+
+class TupleBatchModule(LightningModule):
+    """(features, mask, labels) batches from a TensorDataset, the mask handed to the model by keyword."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = MaskedClassifier()
+
+    def training_step(self, batch, batch_idx):
+        x, mask, y = batch
+        return F.cross_entropy(self.model(x, mask=mask), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, mask, y = batch
+        self.log("val_loss", F.cross_entropy(self.model(x, mask=mask), y))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.05)
+
+
+def test_int8_validation_scores_a_tuple_batch_against_its_labels_not_its_mask():
+    seed_everything(0)
+    x = torch.randn(96, 6)
+    mask = (torch.rand(96, 6) > 0.2).float()  # taken for the target, it would fail or score nonsense
+    y = (x * mask).sum(1).gt(0).long() + (x[:, 0] > 1).long()
+    loader = DataLoader(TensorDataset(x, mask, y), batch_size=32)
+    qat = QuantizationAwareTraining(validate_int8=True, export=None)
+    trainer = quiet_trainer(max_epochs=3, callbacks=[qat])
+    trainer.fit(TupleBatchModule(), loader, loader)
+    with torch.no_grad(), quantized_engine("x86"):
+        expected = (qat.quantized_model(x, mask=mask).argmax(1) == y).float().mean()
+    logged = float(trainer.callback_metrics["val/accuracy_int8"])
+    assert logged == pytest.approx(float(expected), abs=1e-6)
+    assert logged > 0.6  # learned from the labels (chance: about 0.4)
