@@ -113,7 +113,6 @@ class StepCalls:
     ) -> None:
         self.pl_module, self.target, self.step, self.batch_to_input = pl_module, target, step, batch_to_input
         self.guessed: str | None = None  # why the last call was read off the batch instead
-        self.passed_items = 0  # 1 + the index of the last item of the last tuple batch handed on as it is
 
     def __call__(self, batch: Any) -> ExampleInputs:
         if self.batch_to_input is not None:
@@ -126,6 +125,11 @@ class StepCalls:
     def read(self, batch: Any) -> ExampleInputs | None:
         """The submodule's inputs in the step on ``batch``, or ``None`` (with ``guessed`` set) when the step
         raised or returned before calling it."""
+        found = self._read(batch)
+        return found[0] if found is not None else None
+
+    def _read(self, batch: Any) -> tuple[ExampleInputs, Any] | None:
+        """:meth:`read`'s inputs, with the batch as the step received it (moved to the module's device)."""
         pl_module = self.pl_module
 
         def called(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -141,8 +145,7 @@ class StepCalls:
                 step(moved, 0, *extra)
         except _Called as call:
             self.guessed = None
-            self.passed_items = _passed_items(moved, inference_inputs(forward_signature(self.target()), call.inputs))
-            return call.inputs
+            return call.inputs, moved
         except Exception as err:  # the step cannot run outside the loop: the batch is read instead
             self._guess(f"{self.step} raised {type(err).__name__}: {err}")
             return None
@@ -154,12 +157,12 @@ class StepCalls:
     def targets(self, batches: Sequence[Any]) -> torch.Tensor | None:
         """The targets of ``batches`` concatenated (``None`` where they hold none): each tuple batch's item after
         the inputs the step hands on as they are (read off the first batch), else its second item."""
-        inputs = 1
-        if batches and self.batch_to_input is None and _is_tuple(batches[0]):
-            with contextlib.suppress(Exception):
-                if self.read(batches[0]) is not None:
-                    inputs = max(self.passed_items, 1)
-        return batch_targets(batches, inputs)
+        found = self._read(batches[0]) if batches and self.batch_to_input is None and _is_tuple(batches[0]) else None
+        if found is None:
+            return batch_targets(batches)
+        call, moved = found
+        prediction = inference_inputs(forward_signature(self.target()), call)
+        return batch_targets(batches, max(_passed_items(moved, prediction), 1))
 
     def _guess(self, why: str) -> None:
         if self.guessed is None:

@@ -258,7 +258,7 @@ class QuantizationCallback(Callback):
         loader = stage_dataloader(trainer, stage)
         with torch.random.fork_rng(devices=[]):  # a shuffled loader draws a seed: training shuffles as without us
             batch = next(iter(loader), None) if loader is not None else None
-        calls = StepCalls(pl_module, lambda: self.target(pl_module), step_name(pl_module, stage), self.batch_to_input)
+        calls = self._step_calls(pl_module, stage)
         real = calls.read(batch) if batch is not None and self.batch_to_input is None else None
         if real is not None:
             example, source, guessed = real.to("cpu"), f"{type(pl_module).__name__}.{calls.step}", False
@@ -282,7 +282,7 @@ class QuantizationCallback(Callback):
         """``batch -> inputs``: the quantized submodule's prediction inputs as the LightningModule's step for
         ``stage``'s data (``"train"``, ``"val"``, ``"test"``) calls it on that batch. Everything that runs the
         float or int8 model on data (calibration, checks, the report, searches) reads batches through it."""
-        calls = StepCalls(pl_module, lambda: self.target(pl_module), step_name(pl_module, stage), self.batch_to_input)
+        calls = self._step_calls(pl_module, stage)
         signature = self._signature or forward_signature(self.target(pl_module))
         return lambda batch: inference_inputs(signature, calls(batch))
 
@@ -290,8 +290,11 @@ class QuantizationCallback(Callback):
         """``batches -> targets`` (or ``None``) for scoring the models on ``stage``'s data: a tuple batch's item
         after the inputs ``stage``'s step hands the quantized submodule, else its second item or a mapping's
         ``labels``."""
-        calls = StepCalls(pl_module, lambda: self.target(pl_module), step_name(pl_module, stage), self.batch_to_input)
-        return calls.targets
+        return self._step_calls(pl_module, stage).targets
+
+    def _step_calls(self, pl_module: pl.LightningModule, stage: str) -> StepCalls:
+        """The reading of ``stage``'s step calling the quantized submodule (or ``batch_to_input``)."""
+        return StepCalls(pl_module, lambda: self.target(pl_module), step_name(pl_module, stage), self.batch_to_input)
 
     def _record_real_call(self, pl_module: pl.LightningModule) -> None:
         """Take the quantized module's inputs from its first call in this run (see :meth:`_on_real_call`)."""

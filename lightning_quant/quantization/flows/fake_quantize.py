@@ -46,40 +46,50 @@ class _FakeQuantizePerTensor(torch.autograd.Function):
 class CpuFusedFakeQuantizeMixin:
     """The CPU path of :class:`CpuFusedFakeQuantize`, over any class with torch's fused quantizer's buffers."""
 
+    # what the mixin reads of torch's fused fake quantizer (declared for the type checker only)
+    activation_post_process: Any
+    observer_enabled: torch.Tensor
+    fake_quant_enabled: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    ch_axis: int
+    is_per_channel: bool
+    is_symmetric_quant: bool
+
     def _vectorized(self, X: torch.Tensor) -> bool:
         return (
             type(X) is torch.Tensor  # not a fake, functional or traced tensor
             and X.device.type == "cpu"
             and X.dtype == torch.float32
             and X.numel() > 0
-            and not self.is_per_channel  # type: ignore[attr-defined]
+            and not self.is_per_channel
             and not torch.compiler.is_compiling()
             and not torch.jit.is_tracing()
-            and bool(self.fake_quant_enabled[0] == 1)  # type: ignore[attr-defined]
+            and bool(self.fake_quant_enabled[0] == 1)
         )
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         if not self._vectorized(X):
             return super().forward(X)  # type: ignore[misc]
-        observer = self.activation_post_process  # type: ignore[attr-defined]
+        observer = self.activation_post_process
         # torch's operator on (min, max): it reads the tensor only through its minimum and maximum
         torch.fused_moving_avg_obs_fake_quant(
             torch.stack(torch.aminmax(X.detach())),
-            self.observer_enabled,  # type: ignore[attr-defined]
-            self.fake_quant_enabled,  # type: ignore[attr-defined]
+            self.observer_enabled,
+            self.fake_quant_enabled,
             observer.min_val,
             observer.max_val,
-            self.scale,  # type: ignore[attr-defined]
-            self.zero_point,  # type: ignore[attr-defined]
+            self.scale,
+            self.zero_point,
             observer.averaging_constant,
             observer.quant_min,
             observer.quant_max,
-            self.ch_axis,  # type: ignore[attr-defined]
+            self.ch_axis,
             False,
-            self.is_symmetric_quant,  # type: ignore[attr-defined]
+            self.is_symmetric_quant,
         )
-        scale = self.scale  # type: ignore[attr-defined]
-        zero_point = int(self.zero_point)  # type: ignore[attr-defined]
+        scale = self.scale
+        zero_point = int(self.zero_point)
         return _FakeQuantizePerTensor.apply(
             X,
             scale.item(),
