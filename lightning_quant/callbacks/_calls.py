@@ -154,14 +154,16 @@ class StepCalls:
         self._guess(f"{self.step} returned without calling it")
         return None
 
-    def targets(self, batches: Sequence[Any]) -> torch.Tensor | None:
+    def targets(self, batches: Sequence[Any], signature: inspect.Signature | None = None) -> torch.Tensor | None:
         """The targets of ``batches`` concatenated (``None`` where they hold none): each tuple batch's item after
-        the inputs the step hands on as they are (read off the first batch), else its second item."""
+        the inputs the step hands on as they are (read off the first batch), else its second item. Inputs that
+        only training gives (``labels``) are not inputs here; ``signature`` is the submodule's as written (a
+        prepared graph's forward may name its inputs otherwise)."""
         found = self._read(batches[0]) if batches and self.batch_to_input is None and _is_tuple(batches[0]) else None
         if found is None:
             return batch_targets(batches)
         call, moved = found
-        prediction = inference_inputs(forward_signature(self.target()), call)
+        prediction = inference_inputs(signature or forward_signature(self.target()), call)
         return batch_targets(batches, max(_passed_items(moved, prediction), 1))
 
     def _guess(self, why: str) -> None:

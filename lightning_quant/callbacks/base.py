@@ -290,7 +290,9 @@ class QuantizationCallback(Callback):
         """``batches -> targets`` (or ``None``) for scoring the models on ``stage``'s data: a tuple batch's item
         after the inputs ``stage``'s step hands the quantized submodule, else its second item or a mapping's
         ``labels``."""
-        return self._step_calls(pl_module, stage).targets
+        calls = self._step_calls(pl_module, stage)
+        signature = self._signature or forward_signature(self.target(pl_module))
+        return lambda batches: calls.targets(batches, signature)
 
     def _step_calls(self, pl_module: pl.LightningModule, stage: str) -> StepCalls:
         """The reading of ``stage``'s step calling the quantized submodule (or ``batch_to_input``)."""

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lightning_quant import (
     KnowledgeDistillation,
     PostTrainingQuantization,
+    Pt2eRecipe,
     QuantizationAwareTraining,
     QuantizationReport,
 )
@@ -370,3 +371,57 @@ def test_int8_validation_scores_a_tuple_batch_against_its_labels_not_its_mask():
     logged = float(trainer.callback_metrics["val/accuracy_int8"])
     assert logged == pytest.approx(float(expected), abs=1e-6)
     assert logged > 0.6  # learned from the labels (chance: about 0.4)
+
+
+class LabelledEncoder(nn.Module):
+    """A Hugging Face-style classifier: forward(input_ids, attention_mask=None, labels=None) -> loss and logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.fc, self.classifier = nn.Embedding(40, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        hidden = F.relu(self.fc(self.embed(input_ids)))
+        weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        logits = self.classifier((hidden * weights).sum(1) / weights.sum(1))
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class LabelledTupleModule(LightningModule):
+    """TensorDataset(input_ids, attention_mask, labels), the labels handed to the model for its loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = LabelledEncoder()
+
+    def training_step(self, batch, batch_idx):
+        ids, mask, labels = batch
+        return self.model(ids, attention_mask=mask, labels=labels).loss
+
+    def validation_step(self, batch, batch_idx):
+        ids, mask, labels = batch
+        self.log("val_loss", self.model(ids, attention_mask=mask, labels=labels).loss)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.02)
+
+
+@requires_torchao
+def test_pt2e_int8_validation_scores_against_the_labels_the_step_hands_the_model_for_its_loss():
+    pytest.importorskip("transformers.modeling_outputs")
+    import transformers.modeling_outputs  # noqa: F401  (registers its outputs with torch.export before capture)
+
+    seed_everything(0)
+    ids = torch.randint(0, 40, (96, 12))
+    mask = torch.ones(96, 12, dtype=torch.long)
+    labels = ids[:, 0] % 3
+    loader = DataLoader(TensorDataset(ids, mask, labels), batch_size=32)
+    qat = QuantizationAwareTraining(Pt2eRecipe("x86"), validate_int8=True, export=None)
+    trainer = quiet_trainer(max_epochs=2, callbacks=[qat])
+    trainer.fit(LabelledTupleModule(), loader, loader)
+    with torch.no_grad():
+        expected = (qat.quantized_model(ids, attention_mask=mask).logits.argmax(1) == labels).float().mean()
+    assert float(trainer.callback_metrics["val/accuracy_int8"]) == pytest.approx(float(expected), abs=1e-6)
