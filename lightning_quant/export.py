@@ -152,9 +152,10 @@ def to_torchscript(model: nn.Module, example: ExampleInputs) -> torch.jit.Script
             return scripted
         except Exception as script_error:  # TorchScript rejects many Python constructs
             log.info("torch.jit.script failed (%s); tracing on the example inputs instead", type(script_error).__name__)
+            # strict=False: a dict output (a Hugging Face ModelOutput) is kept, its keys those of this call
             if example.kwargs:
-                return torch.jit.trace(model, example_kwarg_inputs=example.kwargs, check_trace=False)
-            return torch.jit.trace(model, example.args, check_trace=False)
+                return torch.jit.trace(model, example_kwarg_inputs=example.kwargs, check_trace=False, strict=False)
+            return torch.jit.trace(model, example.args, check_trace=False, strict=False)
 
 
 Loaded = Callable[[ExampleInputs], Any]

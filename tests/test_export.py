@@ -415,3 +415,23 @@ def test_an_aoti_package_that_computes_something_else_is_never_written(tmp_path)
     with pytest.raises(ExportFailedError, match=r"the reloaded aoti file differs from the int8 model by"):
         _aoti_fit(TinyNet(), tmp_path)
     assert visible_files(tmp_path) == []
+
+
+def test_torchscript_by_tracing_keeps_a_dict_output():
+    """A forward TorchScript cannot script (``*args``) that returns a dict (a ``ModelOutput``): traced, its
+    output keeps its keys."""
+    from lightning_quant.export import to_torchscript
+    from lightning_quant.quantization.inputs import ExampleInputs
+
+    class DictOut(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+        def forward(self, *args):
+            return {"logits": self.fc(args[0]), "hidden": args[0]}
+
+    model, x = DictOut().eval(), torch.randn(3, 4)
+    scripted = to_torchscript(model, ExampleInputs((x,)))
+    out = scripted(x)
+    assert set(out) == {"logits", "hidden"} and torch.allclose(out["logits"], model(x)["logits"])
