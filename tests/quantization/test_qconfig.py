@@ -57,3 +57,20 @@ def test_user_mapping_is_used_as_is():
     assert (
         build_qconfig_mapping(QuantizationConfig(qconfig_mapping=mapping, skip=["nothing"]), TinyNet(), True) is mapping
     )
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_embeddings_are_weight_only_int8_per_row_and_float_for_onnx(qat):
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    mapping = build_qconfig_mapping(QuantizationConfig(), model, qat)
+    for embedding in (nn.Embedding, nn.EmbeddingBag):
+        weight = mapping.object_type_qconfigs[embedding].weight()
+        assert weight.qscheme == torch.per_channel_affine_float_qparams and weight.dtype == torch.quint8
+    onnx = build_qconfig_mapping(QuantizationConfig(export=["torchscript", "onnx"]), model, qat)
+    assert onnx.object_type_qconfigs[nn.Embedding] is None
+
+
+def test_a_layer_rule_that_names_an_embedding_gives_it_the_int8_an_embedding_has():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 2))
+    mapping = build_qconfig_mapping(QuantizationConfig(layers={"0": {"per_channel": False}}), model, False)
+    assert mapping.module_name_qconfigs["0"].weight().qscheme == torch.per_channel_affine_float_qparams

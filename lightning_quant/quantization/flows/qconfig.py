@@ -12,6 +12,9 @@ the same thing everywhere:
   with its fake quantization vectorized on CPU (:mod:`.fake_quantize`: the same numbers);
 - torch's per-operator entries for the backend (fixed ranges for sigmoid, tanh, softmax...)
   are kept, because converting those ops needs them;
+- embeddings (``nn.Embedding``, ``nn.EmbeddingBag``) are weight-only int8: a scale and offset per
+  row (torch's ``float_qparams`` scheme, the only one its int8 lookups take), float output; their
+  integer indices are not quantized; float when exporting to ONNX (no int8 lookup there);
 - every ``skip`` entry is mapped to ``None`` (kept in float).
 """
 
@@ -32,11 +35,20 @@ from torch.ao.quantization import (
     PerChannelMinMaxObserver,
     QConfig,
     QConfigMapping,
+    default_embedding_qat_qconfig,
+    float_qparams_weight_only_qconfig,
     get_default_qat_qconfig_mapping,
     get_default_qconfig_mapping,
 )
 
-from lightning_quant.quantization.config import Backend, LayerSetting, Observer, Precision, QuantizationConfig
+from lightning_quant.quantization.config import (
+    Backend,
+    ExportTarget,
+    LayerSetting,
+    Observer,
+    Precision,
+    QuantizationConfig,
+)
 from lightning_quant.quantization.flows.fake_quantize import CpuFusedFakeQuantize
 from lightning_quant.quantization.fusion import fusable_groups
 from lightning_quant.quantization.layers import check_static_setting, resolve_layers, resolve_skip
@@ -78,6 +90,17 @@ def build_qconfig(config: QuantizationConfig, qat: bool) -> QConfig:
     )
 
 
+EMBEDDINGS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def embedding_qconfig(qat: bool, config: QuantizationConfig) -> QConfig | None:
+    """Weight-only int8 for an embedding: per-row scale and offset (QAT: fake quantized as it trains);
+    float where the model is exported to ONNX, whose exporter has no int8 lookup."""
+    if isinstance(config.export, tuple) and ExportTarget.ONNX in config.export:
+        return None
+    return default_embedding_qat_qconfig if qat else float_qparams_weight_only_qconfig
+
+
 def qconfig_for(config: QuantizationConfig, setting: LayerSetting | None, qat: bool) -> QConfig | None:
     """The ``QConfig`` of a layer with ``setting`` (``None``: the global one; float: ``None``)."""
     if setting is None:
@@ -103,6 +126,8 @@ def build_qconfig_mapping(config: QuantizationConfig, model: nn.Module, qat: boo
         default = get_default_qat_qconfig_mapping if qat else get_default_qconfig_mapping
         mapping = default(config.engine)
         mapping.set_global(build_qconfig(config, qat))
+    for embedding in EMBEDDINGS:
+        mapping.set_object_type(embedding, embedding_qconfig(qat, config))
     skip_names, skip_types = resolve_skip(model, config.skip)
     for name in skip_names:  # skipped layers are also left untraced by FX, so never fused
         mapping.set_module_name(name, None)
@@ -129,5 +154,8 @@ def build_qconfig_mapping(config: QuantizationConfig, model: nn.Module, qat: boo
                 effective[name] = own[group[0]]
     for name, setting in effective.items():
         if setting is not None or own[name] is not None:
-            mapping.set_module_name(name, qconfig_for(config, setting, qat))
+            qconfig = qconfig_for(config, setting, qat)
+            if qconfig is not None and isinstance(modules[name], EMBEDDINGS):
+                qconfig = embedding_qconfig(qat, config)  # an int8 rule: the int8 an embedding has
+            mapping.set_module_name(name, qconfig)
     return mapping
