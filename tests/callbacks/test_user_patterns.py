@@ -22,6 +22,8 @@ from lightning_quant import (
     Pt2eRecipe,
     QuantizationAwareTraining,
     QuantizationReport,
+    load_int8,
+    save_int8,
 )
 from lightning_quant.callbacks.base import QuantizationRehearsalError
 from lightning_quant.evaluation.analysis import fake_quant_reference
@@ -425,3 +427,95 @@ def test_pt2e_int8_validation_scores_against_the_labels_the_step_hands_the_model
     with torch.no_grad():
         expected = (qat.quantized_model(ids, attention_mask=mask).logits.argmax(1) == labels).float().mean()
     assert float(trainer.callback_metrics["val/accuracy_int8"]) == pytest.approx(float(expected), abs=1e-6)
+
+
+class MaskedTextModule(LightningModule):
+    """TensorDataset(input_ids, attention_mask, labels); the model embeds the ids and casts the integer
+    mask in its forward (``attention_mask.unsqueeze(-1).to(hidden.dtype)``); the loss is the step's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = LabelledEncoder()
+
+    def training_step(self, batch, batch_idx):
+        ids, mask, labels = batch
+        return F.cross_entropy(self.model(ids, attention_mask=mask).logits, labels)
+
+    def validation_step(self, batch, batch_idx):
+        ids, mask, labels = batch
+        self.log("val_loss", F.cross_entropy(self.model(ids, attention_mask=mask).logits, labels))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=0.02)
+
+
+def _text_loader() -> tuple[DataLoader, torch.Tensor, torch.Tensor, torch.Tensor]:
+    seed_everything(0)
+    ids = torch.randint(0, 40, (96, 12))
+    mask = (torch.rand(96, 12) > 0.2).long()
+    labels = ids[:, 0] % 3
+    return DataLoader(TensorDataset(ids, mask, labels), batch_size=32), ids, mask, labels
+
+
+@pytest.mark.parametrize("module", [MaskedTextModule, LabelledTupleModule])
+def test_fx_qat_of_a_text_model_validates_exports_and_predicts_without_labels(module, tmp_path):
+    """An integer mask cast in the forward, an embedding, a ``ModelOutput``; the loss computed in the step, or
+    by the model from the labels the step hands it (``self.model(ids, attention_mask=mask, labels=y).loss``:
+    FX traces the loss into the graph it trains, and the int8 model is that graph without ``labels``)."""
+    pytest.importorskip("transformers.modeling_outputs")
+    loader, ids, mask, labels = _text_loader()
+    qat = QuantizationAwareTraining(validate_int8=True, export="torchscript", export_dir=tmp_path)
+    trainer = quiet_trainer(max_epochs=8, callbacks=[qat])
+    trainer.fit(module(), loader, loader)
+    int8 = qat.quantized_model
+    assert isinstance(int8.get_submodule("embed"), torch.ao.nn.quantized.Embedding)
+    with torch.no_grad(), quantized_engine("x86"):
+        out = int8(ids, attention_mask=mask)
+        with pytest.raises(TypeError, match="labels"):  # not an input of the int8 model: never silently ignored
+            int8(ids, attention_mask=mask, labels=labels)
+        scripted = torch.jit.load(str(tmp_path / "model_int8.pt"))(ids, attention_mask=mask)
+    assert out.loss is None and out.logits.shape == (96, 3)
+    expected = (out.logits.argmax(1) == labels).float().mean()
+    assert float(trainer.callback_metrics["val/accuracy_int8"]) == pytest.approx(float(expected), abs=1e-6)
+    assert float(expected) > 0.6  # learned from the labels (chance: 0.33)
+    assert torch.equal(scripted["logits"], out.logits)  # (TorchScript gives a ModelOutput back as a dict)
+    save_int8(int8, tmp_path / "int8.pt")  # rebuilt from the float model as it predicts: the same graph
+    with torch.no_grad(), quantized_engine("x86"):
+        assert torch.equal(
+            load_int8(LabelledEncoder(), tmp_path / "int8.pt")(ids, attention_mask=mask).logits, out.logits
+        )
+
+
+class BranchesOnLabels(nn.Module):
+    """A forward that does something else when no labels are given: the trace with labels cannot stand for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x, labels=None):
+        logits = self.fc(x)
+        if labels is None:
+            return logits.softmax(-1)
+        return F.cross_entropy(logits, labels), logits
+
+
+class BranchesOnLabelsModule(LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = BranchesOnLabels()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.model(x, labels=y)[0]
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_fx_qat_refuses_before_training_a_model_that_computes_otherwise_without_labels():
+    loader = DataLoader(TensorDataset(torch.randn(32, 6), torch.randint(0, 3, (32,))), batch_size=16)
+    trainer = quiet_trainer(max_epochs=1, callbacks=[QuantizationAwareTraining(export=None)])
+    with pytest.raises(ValueError, match=r"traced BranchesOnLabels.forward.*\['labels'\].*does not compute.*pt2e"):
+        trainer.fit(BranchesOnLabelsModule(), loader)
+    assert trainer.global_step == 0
