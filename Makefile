@@ -70,8 +70,9 @@ $(BENCH)/.installed: pyproject.toml constraints.txt
 bench: $(BENCH)/.installed
 	$(BENCH)/bin/python benchmarks/runtimes.py --publish 'benchmarks/results/runtimes_{cpu}.md' $(ARGS)
 
-# `make bench-fit`: what QAT costs a fit of the 1M-parameter CNN (the callback, torch.ao's QAT by hand, float),
-# interleaved rounds, and a profile of a QAT step (benchmarks/fit_cost.py). A few minutes; outside CI.
+# `make bench-fit`: what QAT costs a fit of the 1M-parameter CNN (the callback, torch.ao's QAT by hand, float;
+# the default and the min/max observer), interleaved rounds, and a profile of a QAT step (benchmarks/fit_cost.py).
+# About 7 minutes; outside CI.
 bench-fit: $(INSTALLED)
 	$(BIN)/python benchmarks/fit_cost.py --publish benchmarks/results/fit_cost.md
 

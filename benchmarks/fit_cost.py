@@ -11,7 +11,10 @@ median of its rounds):
 - ``QAT, by hand, vectorized activations``: the same loop with the callback's qconfig, whose activations' fake
   quantization is ``CpuFusedFakeQuantize`` (torch's fused quantizer, the same numbers, vectorized on CPU): what
   that quantizer saves, in the same run;
-- ``float, by hand``: the same plain loop on the float network (what the hand-written QAT adds to it).
+- ``float, by hand``: the same plain loop on the float network (what the hand-written QAT adds to it);
+- ``QAT, callback, min/max observer`` and ``QAT, torch.ao by hand, min/max observer``: the same two QAT fits with
+  the ``"minmax"`` activation observer, whose fake quantizer is torch's ``FakeQuantize`` by hand and
+  ``CpuFakeQuantize`` (the same numbers, vectorized on CPU) in the callback.
 
 Then one profile of a QAT step as the callback runs it (``torch.profiler``): the operators that take the most
 time, so the cost can be read as fake-quant kernels, observers, BatchNorm folding and the rest.
@@ -39,7 +42,7 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from runtimes import PerfCNN  # noqa: E402
 
-from lightning_quant import QuantizationAwareTraining  # noqa: E402
+from lightning_quant import FxRecipe, QuantizationAwareTraining  # noqa: E402
 from lightning_quant.quantization.config import QuantizationConfig  # noqa: E402
 from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping  # noqa: E402
 from lightning_quant.utils import format_table  # noqa: E402
@@ -77,11 +80,11 @@ def loader(steps: int, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=32)
 
 
-def lightning_fit(net: nn.Module, steps: int, qat: bool) -> float:
+def lightning_fit(net: nn.Module, steps: int, qat: bool, observer: str | None = None) -> float:
     clock = StepClock()
     callbacks: list[pl.Callback] = [clock]
     if qat:
-        callbacks.append(QuantizationAwareTraining(export=None))
+        callbacks.append(QuantizationAwareTraining(FxRecipe(observer=observer), export=None))
     trainer = pl.Trainer(
         max_epochs=1,
         accelerator="cpu",
@@ -95,22 +98,28 @@ def lightning_fit(net: nn.Module, steps: int, qat: bool) -> float:
     return clock.seconds / (steps - 1) * 1e3
 
 
-def qat_mapping(net: nn.Module, ours: bool) -> Any:
-    """torch's default x86 QAT qconfig mapping, or the one the callback builds (``ours``)."""
-    from torch.ao.quantization import get_default_qat_qconfig_mapping
+def qat_mapping(net: nn.Module, ours: bool, minmax: bool = False) -> Any:
+    """torch's default x86 QAT qconfig mapping, or the one the callback builds (``ours``); with ``minmax``,
+    torch's ``FakeQuantize`` over a ``MinMaxObserver`` for the global activations of torch's."""
+    from torch.ao.quantization import FakeQuantize, MinMaxObserver, QConfig, get_default_qat_qconfig_mapping
 
-    return (
-        build_qconfig_mapping(QuantizationConfig(), net, qat=True) if ours else get_default_qat_qconfig_mapping("x86")
-    )
+    if ours:
+        config = QuantizationConfig(observer="minmax") if minmax else QuantizationConfig()
+        return build_qconfig_mapping(config, net, qat=True)
+    mapping = get_default_qat_qconfig_mapping("x86")
+    if minmax:
+        activation = FakeQuantize.with_args(observer=MinMaxObserver, quant_min=0, quant_max=127, dtype=torch.quint8)
+        mapping.set_global(QConfig(activation=activation, weight=mapping.global_qconfig.weight))
+    return mapping
 
 
-def hand_fit(net: nn.Module, steps: int, qat: bool, ours: bool = False) -> float:
+def hand_fit(net: nn.Module, steps: int, qat: bool, ours: bool = False, minmax: bool = False) -> float:
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     model = copy.deepcopy(net).train()
     data = list(loader(steps))
     if qat:
-        model = prepare_qat_fx(model, qat_mapping(net, ours), (data[0][0],))
+        model = prepare_qat_fx(model, qat_mapping(net, ours, minmax), (data[0][0],))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     start = 0.0
     for i, (x, y) in enumerate(data):
@@ -128,6 +137,8 @@ WAYS = {
     "float, by hand": lambda net, steps: hand_fit(net, steps, qat=False),
     "QAT, torch.ao by hand": lambda net, steps: hand_fit(net, steps, qat=True),
     "QAT, by hand, vectorized activations": lambda net, steps: hand_fit(net, steps, qat=True, ours=True),
+    "QAT, callback, min/max observer": lambda net, steps: lightning_fit(net, steps, qat=True, observer="minmax"),
+    "QAT, torch.ao by hand, min/max observer": lambda net, steps: hand_fit(net, steps, qat=True, minmax=True),
 }
 
 
@@ -184,6 +195,8 @@ def main() -> None:
     rows = [(way, f"{ms[way]:.1f}", f"{ms[way] / ms['float']:.2f}x") for way in WAYS]
     table = format_table(("fit", "ms per step", "vs float"), rows)
     by_hand = ms["QAT, torch.ao by hand"]
+    minmax_callback = ms["QAT, callback, min/max observer"] / ms["float"]
+    minmax_by_hand = ms["QAT, torch.ao by hand, min/max observer"] / ms["float, by hand"]
     notes = [
         f"- QAT through the callback costs {ms['QAT, callback'] / ms['float']:.2f}x a float fit; torch.ao's QAT "
         f"by hand costs {by_hand / ms['float, by hand']:.2f}x its own float loop, "
@@ -191,6 +204,8 @@ def main() -> None:
         f"activation fake quantization.",
         f"- the callback against the hand-written QAT loop with torch's quantizer: "
         f"{ms['QAT, callback'] / by_hand:.2f}x.",
+        f"- with the min/max activation observer: the callback {minmax_callback:.2f}x a float fit, torch.ao by hand "
+        f"{minmax_by_hand:.2f}x its own float loop.",
         f"- {args.steps - 1} timed steps per fit, batch 32, median of {args.rounds} interleaved rounds.",
     ]
     profile = profile_qat_step(net, args.profile_rows)

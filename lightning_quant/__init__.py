@@ -25,6 +25,7 @@ from lightning_quant.callbacks import (
 from lightning_quant.export import verify_export
 from lightning_quant.quantization import (
     Backend,
+    CpuFakeQuantize,
     CpuFusedFakeQuantize,
     DynamicRecipe,
     EagerRecipe,
@@ -65,6 +66,7 @@ __all__ = [
     "Algorithm",
     "Backend",
     "CorruptFileError",
+    "CpuFakeQuantize",
     "CpuFusedFakeQuantize",
     "DynamicRecipe",
     "EagerRecipe",

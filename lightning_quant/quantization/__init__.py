@@ -5,7 +5,7 @@ from lightning_quant.quantization.calibrate import NonFiniteError
 from lightning_quant.quantization.config import Backend, ExportTarget, Flow, Observer, QuantizationConfig, Scheme
 from lightning_quant.quantization.convert import convert_copy, quantized_engine
 from lightning_quant.quantization.flows import get_flow
-from lightning_quant.quantization.flows.fake_quantize import CpuFusedFakeQuantize
+from lightning_quant.quantization.flows.fake_quantize import CpuFakeQuantize, CpuFusedFakeQuantize
 from lightning_quant.quantization.flows.fx import FxTracingError
 from lightning_quant.quantization.flows.pt2e import Pt2eExportError, load_pt2
 from lightning_quant.quantization.flows.recipes import (
@@ -25,6 +25,7 @@ from lightning_quant.quantization.search import SkipSearch
 
 __all__ = [
     "Backend",
+    "CpuFakeQuantize",
     "CpuFusedFakeQuantize",
     "DynamicRecipe",
     "EagerRecipe",

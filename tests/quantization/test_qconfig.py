@@ -4,6 +4,7 @@ import torch.nn as nn
 from torch.ao.quantization import FusedMovingAvgObsFakeQuantize, HistogramObserver, MinMaxObserver
 
 from lightning_quant.quantization.config import QuantizationConfig
+from lightning_quant.quantization.flows.fake_quantize import CpuFakeQuantize, CpuFusedFakeQuantize
 from lightning_quant.quantization.flows.qconfig import build_qconfig, build_qconfig_mapping
 from lightning_quant.quantization.layers import resolve_skip
 from tests.helpers import TinyNet
@@ -29,8 +30,10 @@ def test_qat_qconfig_uses_fake_quantization():
     assert isinstance(qat.activation(), FusedMovingAvgObsFakeQuantize)
     weight = qat.weight()
     assert weight.qscheme == torch.per_channel_symmetric and (weight.quant_min, weight.quant_max) == (-128, 127)
+    assert isinstance(qat.activation(), CpuFusedFakeQuantize)  # vectorized on CPU, torch's numbers
     histogram = build_qconfig(QuantizationConfig(observer="histogram"), qat=True).activation()
     assert isinstance(histogram.activation_post_process, HistogramObserver)
+    assert isinstance(histogram, CpuFakeQuantize)
 
 
 def test_skip_names_and_types_map_to_float():

@@ -15,7 +15,10 @@ the loop:
 
 It does so for a float32 CPU tensor, per-tensor schemes, fake quantization on and eager execution; anything else
 (CUDA, per-channel weights, a disabled fake quantization, ``torch.compile`` or ``torch.export`` tracing it) runs
-torch's operator unchanged. The tests compare outputs, gradients and every buffer with torch's, bit for bit.
+torch's operator unchanged. :class:`CpuFakeQuantize` does the same for torch's ``FakeQuantize``, the activation
+quantizer of the min/max and histogram observers: its observer and the scale and zero point it gives are torch's,
+the fake quantization the vectorized one. The tests compare outputs, gradients and every buffer with torch's, bit
+for bit.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.ao.quantization import FusedMovingAvgObsFakeQuantize
+from torch.ao.quantization import FakeQuantize, FusedMovingAvgObsFakeQuantize
 
 
 class _FakeQuantizePerTensor(torch.autograd.Function):
@@ -43,10 +46,10 @@ class _FakeQuantizePerTensor(torch.autograd.Function):
         return torch.where(inside, grad, 0.0), None, None, None, None
 
 
-class CpuFusedFakeQuantizeMixin:
-    """The CPU path of :class:`CpuFusedFakeQuantize`, over any class with torch's fused quantizer's buffers."""
+class _VectorizedFakeQuantize:
+    """What both vectorized quantizers share: when to take the vectorized path, and the path itself."""
 
-    # what the mixin reads of torch's fused fake quantizer (declared for the type checker only)
+    # what the mixins read of torch's fake quantizers (declared for the type checker only)
     activation_post_process: Any
     observer_enabled: torch.Tensor
     fake_quant_enabled: torch.Tensor
@@ -54,7 +57,6 @@ class CpuFusedFakeQuantizeMixin:
     zero_point: torch.Tensor
     ch_axis: int
     is_per_channel: bool
-    is_symmetric_quant: bool
 
     def _vectorized(self, X: torch.Tensor) -> bool:
         return (
@@ -67,6 +69,24 @@ class CpuFusedFakeQuantizeMixin:
             and not torch.jit.is_tracing()
             and bool(self.fake_quant_enabled[0] == 1)
         )
+
+    def _fake_quantize(self, X: torch.Tensor) -> torch.Tensor:
+        """``X`` fake quantized with the current scale and zero point, as torch's per-tensor kernel does it."""
+        scale = self.scale
+        zero_point = int(self.zero_point)
+        return _FakeQuantizePerTensor.apply(
+            X,
+            scale.item(),
+            (1.0 / scale).item(),  # in float32, as torch's kernel computes it
+            self.activation_post_process.quant_min - zero_point,
+            self.activation_post_process.quant_max - zero_point,
+        )
+
+
+class CpuFusedFakeQuantizeMixin(_VectorizedFakeQuantize):
+    """The CPU path of :class:`CpuFusedFakeQuantize`, over any class with torch's fused quantizer's buffers."""
+
+    is_symmetric_quant: bool
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         if not self._vectorized(X):
@@ -88,15 +108,28 @@ class CpuFusedFakeQuantizeMixin:
             False,
             self.is_symmetric_quant,
         )
-        scale = self.scale
-        zero_point = int(self.zero_point)
-        return _FakeQuantizePerTensor.apply(
-            X,
-            scale.item(),
-            (1.0 / scale).item(),  # in float32, as torch's kernel computes it
-            observer.quant_min - zero_point,
-            observer.quant_max - zero_point,
-        )
+        return self._fake_quantize(X)
+
+
+class CpuFakeQuantizeMixin(_VectorizedFakeQuantize):
+    """The CPU path of :class:`CpuFakeQuantize`: torch's ``FakeQuantize.forward`` with the fake quantization
+    vectorized. The observer (min/max, histogram) and the scale and zero point it gives are torch's."""
+
+    calculate_qparams: Any  # torch's (declared for the type checker)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        if not self._vectorized(X):
+            return super().forward(X)  # type: ignore[misc]
+        if self.observer_enabled[0] == 1:  # torch's FakeQuantize.forward, as it is
+            self.activation_post_process(X.detach())
+            scale, zero_point = self.calculate_qparams()
+            scale, zero_point = scale.to(self.scale.device), zero_point.to(self.zero_point.device)
+            if self.scale.shape != scale.shape:
+                self.scale.resize_(scale.shape)
+                self.zero_point.resize_(zero_point.shape)
+            self.scale.copy_(scale)
+            self.zero_point.copy_(zero_point)
+        return self._fake_quantize(X)
 
 
 class CpuFusedFakeQuantize(CpuFusedFakeQuantizeMixin, FusedMovingAvgObsFakeQuantize):
@@ -107,8 +140,22 @@ class CpuFusedFakeQuantize(CpuFusedFakeQuantizeMixin, FusedMovingAvgObsFakeQuant
     Example::
 
         >>> import torch
-        >>> from torch.ao.quantization import FusedMovingAvgObsFakeQuantize
+        >>> from torch.ao.quantization import FakeQuantize, FusedMovingAvgObsFakeQuantize
         >>> x = torch.randn(4, 8)
         >>> torch.equal(CpuFusedFakeQuantize()(x), FusedMovingAvgObsFakeQuantize()(x))
+        True
+    """
+
+
+class CpuFakeQuantize(CpuFakeQuantizeMixin, FakeQuantize):
+    """torch.ao's ``FakeQuantize`` (the QAT activation quantizer of the ``"minmax"`` and ``"histogram"``
+    observers) with the vectorized CPU fake quantization above; built and saved the same way.
+
+    Example::
+
+        >>> import torch
+        >>> from torch.ao.quantization import FakeQuantize, MinMaxObserver
+        >>> x = torch.randn(4, 8)
+        >>> torch.equal(CpuFakeQuantize(MinMaxObserver)(x), FakeQuantize(MinMaxObserver)(x))
         True
     """

@@ -8,8 +8,10 @@ the same thing everywhere:
   VNNI), on qnnpack the full 0..255;
 - weights: symmetric ``qint8`` -128..127, per channel when ``per_channel`` is on; min/max
   for PTQ (weights do not change), moving-average min/max for QAT (they do);
-- QAT wraps both in fake quantization: torch's fused moving-average quantizer, the activations'
-  with its fake quantization vectorized on CPU (:mod:`.fake_quantize`: the same numbers);
+- QAT wraps both in fake quantization: torch's fused moving-average quantizer (weights, and
+  activations with the moving-average observer) or its ``FakeQuantize`` (activations with the min/max
+  and histogram observers), the activations' with their fake quantization vectorized on CPU
+  (:mod:`.fake_quantize`: the same numbers);
 - torch's per-operator entries for the backend (fixed ranges for sigmoid, tanh, softmax...)
   are kept, because converting those ops needs them;
 - embeddings (``nn.Embedding``, ``nn.EmbeddingBag``) are weight-only int8: a scale and offset per
@@ -26,7 +28,6 @@ from typing import Any
 import torch
 import torch.nn as nn
 from torch.ao.quantization import (
-    FakeQuantize,
     FusedMovingAvgObsFakeQuantize,
     HistogramObserver,
     MinMaxObserver,
@@ -49,7 +50,7 @@ from lightning_quant.quantization.config import (
     Precision,
     QuantizationConfig,
 )
-from lightning_quant.quantization.flows.fake_quantize import CpuFusedFakeQuantize
+from lightning_quant.quantization.flows.fake_quantize import CpuFakeQuantize, CpuFusedFakeQuantize
 from lightning_quant.quantization.fusion import fusable_groups
 from lightning_quant.quantization.layers import check_static_setting, resolve_layers, resolve_skip
 from lightning_quant.quantization.warnings import known_torch_warnings_silenced
@@ -83,7 +84,7 @@ def build_qconfig(config: QuantizationConfig, qat: bool) -> QConfig:
         return QConfig(
             activation=act_observer.with_args(**act_kwargs), weight=weight_observer.with_args(**weight_kwargs)
         )
-    act_fake_quant = CpuFusedFakeQuantize if act_observer is MovingAverageMinMaxObserver else FakeQuantize
+    act_fake_quant = CpuFusedFakeQuantize if act_observer is MovingAverageMinMaxObserver else CpuFakeQuantize
     return QConfig(
         activation=act_fake_quant.with_args(observer=act_observer, **act_kwargs),
         weight=FusedMovingAvgObsFakeQuantize.with_args(observer=weight_observer, **weight_kwargs),

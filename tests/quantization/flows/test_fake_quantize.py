@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.ao.quantization import (
+    FakeQuantize,
     FusedMovingAvgObsFakeQuantize,
+    HistogramObserver,
+    MinMaxObserver,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
     QConfig,
@@ -14,7 +17,7 @@ from torch.ao.quantization import (
 
 from lightning_quant.quantization.config import QuantizationConfig
 from lightning_quant.quantization.flows import get_flow
-from lightning_quant.quantization.flows.fake_quantize import CpuFusedFakeQuantize
+from lightning_quant.quantization.flows.fake_quantize import CpuFakeQuantize, CpuFusedFakeQuantize
 from lightning_quant.quantization.flows.qconfig import build_qconfig_mapping
 from lightning_quant.quantization.inputs import ExampleInputs
 from tests.helpers import TinyNet
@@ -79,6 +82,32 @@ def test_pt2e_quantizer_gives_torchaos_outputs_gradients_and_ranges_bit_for_bit(
 
     kwargs = dict(observer=Pt2eMovingAverage, **SCHEMES[scheme])
     assert _assert_same_as(CpuFusedFakeQuantizePt2e(**kwargs), Pt2eFused(**kwargs)) > 100
+
+
+@pytest.mark.parametrize("observer", ["minmax", "histogram"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_the_quantizer_of_the_other_observers_gives_torchs_outputs_gradients_and_ranges_bit_for_bit(scheme, observer):
+    classes = {"minmax": MinMaxObserver, "histogram": HistogramObserver}
+    if observer == "histogram" and SCHEMES[scheme]["qscheme"] is torch.per_tensor_symmetric:
+        pytest.skip("torch's histogram observer is per-tensor affine only")
+    kwargs = dict(observer=classes[observer], **SCHEMES[scheme])
+    ours, torchs = CpuFakeQuantize(**kwargs), FakeQuantize(**kwargs)
+    assert set(ours.state_dict()) == set(torchs.state_dict())
+    assert _assert_same_as(ours, torchs) > 100
+    assert float(ours.scale) > 0
+
+
+@pytest.mark.parametrize("observer", ["minmax", "histogram"])
+def test_pt2e_quantizer_of_the_other_observers_gives_torchaos_numbers_bit_for_bit(observer):
+    pytest.importorskip("torchao")
+    from torchao.quantization.pt2e.fake_quantize import FakeQuantize as Pt2eFakeQuantize
+    from torchao.quantization.pt2e.observer import HistogramObserver as Pt2eHistogram
+    from torchao.quantization.pt2e.observer import MinMaxObserver as Pt2eMinMax
+
+    from lightning_quant.quantization.flows.pt2e.fake_quantize import CpuFakeQuantizePt2e
+
+    kwargs = dict(observer={"minmax": Pt2eMinMax, "histogram": Pt2eHistogram}[observer], **SCHEMES[next(iter(SCHEMES))])
+    assert _assert_same_as(CpuFakeQuantizePt2e(**kwargs), Pt2eFakeQuantize(**kwargs)) > 100
 
 
 def _operator_inputs(monkeypatch: pytest.MonkeyPatch) -> list[torch.Size]:

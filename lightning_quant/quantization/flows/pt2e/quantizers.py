@@ -32,16 +32,14 @@ def _observer_class(observer: Observer) -> Any:
 
 def _with_observer(spec: Any, observer: Observer, qat: bool) -> Any:
     """An activation spec whose range comes from ``observer`` (QAT: inside fake quantization)."""
-    from torchao.quantization.pt2e.fake_quantize import FakeQuantize
-
-    from lightning_quant.quantization.flows.pt2e.fake_quantize import CpuFusedFakeQuantizePt2e
+    from lightning_quant.quantization.flows.pt2e.fake_quantize import CpuFakeQuantizePt2e, CpuFusedFakeQuantizePt2e
 
     if spec is None or getattr(spec, "is_dynamic", False):
         return spec
     cls = _observer_class(observer)
     if qat:
-        # torchao's fused quantizer, vectorized on CPU (the same numbers: see flows/fake_quantize.py)
-        fake = CpuFusedFakeQuantizePt2e if observer is Observer.MOVING_AVERAGE else FakeQuantize
+        # torchao's quantizers, vectorized on CPU (the same numbers: see flows/fake_quantize.py)
+        fake = CpuFusedFakeQuantizePt2e if observer is Observer.MOVING_AVERAGE else CpuFakeQuantizePt2e
         ctr = fake.with_args(observer=cls)
     else:
         ctr = cls.with_args(eps=2**-12)
