@@ -722,11 +722,12 @@ def serialized(
             raise
         except Exception as err:
             first = " ".join(str(err).split())[:400]
+            others = [t.value for t in targets if t is not target]
             raise ExportFailedError(
                 target,
                 f"export {target.value!r} failed: {type(err).__name__}: {first}. Drop {target.value!r} from "
-                f"export= (the other targets of this flow: {[t.value for t in targets if t is not target]}), "
-                "or make that construct of the model serialisable",
+                f"export={f' (keeping {others})' if others else ''}, or make that construct of the model "
+                "serialisable",
             ) from err
         out[target] = (engine, data, diff)
     return out

@@ -435,3 +435,22 @@ def test_torchscript_by_tracing_keeps_a_dict_output():
     scripted = to_torchscript(model, ExampleInputs((x,)))
     out = scripted(x)
     assert set(out) == {"logits", "hidden"} and torch.allclose(out["logits"], model(x)["logits"])
+
+
+def test_a_target_that_fails_is_named_with_the_targets_that_would_be_kept(monkeypatch):
+    from lightning_quant import export
+    from lightning_quant.export import ExportFailedError, serialized
+    from lightning_quant.quantization.inputs import ExampleInputs
+
+    def failing(*args):
+        raise RuntimeError("no such operator")
+
+    monkeypatch.setitem(export._SERIALIZERS, ExportTarget.ONNX, failing)
+    model = torch.nn.Linear(4, 2).eval()
+    targets = (ExportTarget.TORCHSCRIPT, ExportTarget.ONNX)
+    with pytest.raises(
+        ExportFailedError,
+        match=r"export 'onnx' failed: RuntimeError: no such operator. Drop 'onnx' from export= "
+        r"\(keeping \['torchscript'\]\)",
+    ):
+        serialized(lambda engine: model, targets, ExampleInputs((torch.randn(3, 4),)), Backend.X86, compare=False)
