@@ -465,7 +465,7 @@ def test_fx_qat_of_a_text_model_validates_exports_and_predicts_without_labels(mo
     pytest.importorskip("transformers.modeling_outputs")
     loader, ids, mask, labels = _text_loader()
     qat = QuantizationAwareTraining(validate_int8=True, export="torchscript", export_dir=tmp_path)
-    trainer = quiet_trainer(max_epochs=8, callbacks=[qat])
+    trainer = quiet_trainer(max_epochs=8, callbacks=[qat], num_sanity_val_steps=1)  # (before any observation)
     trainer.fit(module(), loader, loader)
     int8 = qat.quantized_model
     assert isinstance(int8.get_submodule("embed"), torch.ao.nn.quantized.Embedding)

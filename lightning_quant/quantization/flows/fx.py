@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.fx
 import torch.nn as nn
-from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+from torch.ao.quantization import FakeQuantize, FakeQuantizeBase, FusedMovingAvgObsFakeQuantize, ObserverBase
 from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx, prepare_qat_fx
 
@@ -65,6 +65,8 @@ class FxFlow(TorchAoModels):
                 raise
             raise FxTracingError(message) from err
         prepared = drop_non_float_observers(_output_as_traced(prepared, trace.output_type), example)
+        if qat:
+            _observe_row_weights(prepared)
         predicting = inference_inputs(forward_signature(model), example)
         training_only = tuple(n for n in _left_out(prepared, predicting) if n not in _left_out(prepared, example))
         if training_only:  # labels handed to the model for its loss: the int8 model is called without them
@@ -103,6 +105,25 @@ class FxFlow(TorchAoModels):
             convert_with_trained_qparams(prepared)
             converted = _drop_string_annotations(convert_fx(prepared, qconfig_mapping=mapping))
         return record_activation_codes(_drop_round_trips(converted) if names else converted, codes)
+
+
+def _observe_row_weights(prepared: nn.Module) -> None:
+    """Give the embeddings' per-row weight quantizers their ranges now, from the weights as they are: torch's
+    ``FakeQuantize`` cannot fake-quantize per row before it has observed, and a validation before the first
+    training step (Lightning's sanity check) runs with observers paused. The first training step observes the
+    same weights, so it ends as it would have."""
+    for module in prepared.modules():
+        quantizer = getattr(module, "weight_fake_quant", None)
+        weight = getattr(module, "weight", None)
+        if (
+            isinstance(quantizer, FakeQuantize)
+            and not isinstance(quantizer, FusedMovingAvgObsFakeQuantize)  # (it handles an unobserved weight)
+            and quantizer.is_per_channel
+            and isinstance(weight, torch.Tensor)
+            and bool(quantizer.observer_enabled[0])
+        ):
+            with torch.no_grad():
+                quantizer(weight.detach())
 
 
 def drop_non_float_observers(prepared: torch.fx.GraphModule, example: ExampleInputs) -> torch.fx.GraphModule:
