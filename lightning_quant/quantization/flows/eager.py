@@ -273,9 +273,10 @@ def check_float_inputs(model: nn.Module, example: ExampleInputs) -> None:
     if tensors and not any(t.is_floating_point() for t in tensors):
         raise ValueError(
             f"flow='eager' quantizes a model at its float inputs, and {type(model).__name__} takes only integer "
-            "inputs (token ids?): nothing would be quantized. Use flow='pt2e' (static int8 through torch.export), "
-            "mode='dynamic' or flow='torchao' (weight schemes, for transformers), or module=<the submodule after "
-            "the embeddings>, whose input is float"
+            "inputs (token ids?): nothing would be quantized. Use flow='fx' (it quantizes from the embeddings "
+            "on, their rows int8), flow='pt2e' (static int8 through torch.export), mode='dynamic' or "
+            "flow='torchao' (weight schemes, for transformers), or module=<the submodule after the embeddings>, "
+            "whose input is float"
         )
 
 

@@ -204,7 +204,8 @@ def test_eager_keeps_the_output_type_of_a_model_output():
 def test_eager_refuses_a_model_with_only_integer_inputs_naming_what_works():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2))
     with pytest.raises(
-        ValueError, match=r"takes only integer inputs \(token ids\?\): nothing would be quantized. Use flow='pt2e'"
+        ValueError,
+        match=r"takes only integer inputs \(token ids\?\): nothing would be quantized. Use flow='fx' .*flow='pt2e'",
     ):
         get_flow("eager").prepare(
             model, QuantizationConfig(flow="eager"), ExampleInputs((torch.ones(2, 3).long(),)), False
