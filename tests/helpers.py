@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -351,3 +353,24 @@ def launch_ranks(script: Path, *args: Any, fails: bool = False, timeout: float =
     assert returncode is not None, f"{script.name} {args} timed out after {timeout} s:\n{output[-3000:]}"
     assert (returncode != 0) is fails, output[-3000:]
     return output
+
+
+@dataclasses.dataclass
+class ModelOutputLike(OrderedDict):
+    """The shape of Hugging Face's ``ModelOutput``: a dict built by keyword."""
+
+    logits: torch.Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        self["logits"] = self.logits
+
+
+class ReturnsModelOutput(nn.Module):
+    """A Linear layer whose forward returns a :class:`ModelOutputLike`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> ModelOutputLike:
+        return ModelOutputLike(logits=self.fc(x))

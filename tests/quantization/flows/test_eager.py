@@ -12,7 +12,7 @@ from lightning_quant.quantization.convert import convert_copy, quantized_engine
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.flows.eager import FloatIsland, QuantBoundary, find_fusable_groups
 from lightning_quant.quantization.inputs import ExampleInputs
-from tests.helpers import TinyNet, TwoInputNet
+from tests.helpers import ModelOutputLike, ReturnsModelOutput, TinyNet, TwoInputNet
 
 
 def test_find_fusable_groups_in_sequentials_only():
@@ -176,29 +176,11 @@ def test_eager_float_island_passes_token_ids_and_the_wrapped_attributes():
 
 
 def test_eager_keeps_the_output_type_of_a_model_output():
-    from collections import OrderedDict
-    from dataclasses import dataclass
-
-    @dataclass
-    class Output(OrderedDict):  # the shape of Hugging Face's ModelOutput: a dict built by keyword
-        logits: torch.Tensor = None  # type: ignore[assignment]
-
-        def __post_init__(self) -> None:
-            self["logits"] = self.logits
-
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return Output(logits=self.fc(x))
-
     x = torch.randn(8, 4)
-    _, int8 = _calibrated_int8(Net(), False, x)
+    _, int8 = _calibrated_int8(ReturnsModelOutput(), False, x)
     with quantized_engine("x86"):
         out = int8(x)
-    assert type(out) is Output and out.logits.shape == (8, 2) and not out.logits.is_quantized
+    assert type(out) is ModelOutputLike and out.logits.shape == (8, 2) and not out.logits.is_quantized
 
 
 def test_eager_refuses_a_model_with_only_integer_inputs_naming_what_works():

@@ -11,7 +11,7 @@ from lightning_quant.quantization.convert import convert_copy, quantized_engine
 from lightning_quant.quantization.flows import get_flow
 from lightning_quant.quantization.flows.fx import FxTracingError
 from lightning_quant.quantization.inputs import ExampleInputs
-from tests.helpers import TinyNet
+from tests.helpers import ModelOutputLike, ReturnsModelOutput, TinyNet
 
 
 class AnnotatedNet(nn.Module):
@@ -177,26 +177,13 @@ def test_fx_traces_the_branch_a_call_that_leaves_out_an_optional_input_takes():
 
 
 def test_fx_gives_back_the_dict_subclass_the_model_returns():
-    from collections import OrderedDict
-
-    class Output(OrderedDict):
-        pass
-
-    class Returns(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = nn.Linear(4, 2)
-
-        def forward(self, x):
-            return Output(logits=self.fc(x))
-
     x = torch.randn(8, 4)
-    prepared = get_flow("fx").prepare(Returns(), QuantizationConfig(), ExampleInputs((x,)), qat=False)
+    prepared = get_flow("fx").prepare(ReturnsModelOutput(), QuantizationConfig(), ExampleInputs((x,)), qat=False)
     prepared(x)
     int8 = convert_copy(prepared, "fx", "x86")
     with quantized_engine("x86"), torch.no_grad():
         out = int8(x)
-    assert type(out) is Output and out["logits"].shape == (8, 2)
+    assert type(out) is ModelOutputLike and out.logits.shape == (8, 2) and not out.logits.is_quantized
 
 
 def test_fx_raises_torchs_own_error_where_the_model_traced_and_preparing_failed():
