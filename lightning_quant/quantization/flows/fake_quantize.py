@@ -115,20 +115,15 @@ class CpuFakeQuantizeMixin(_VectorizedFakeQuantize):
     """The CPU path of :class:`CpuFakeQuantize`: torch's ``FakeQuantize.forward`` with the fake quantization
     vectorized. The observer (min/max, histogram) and the scale and zero point it gives are torch's."""
 
-    calculate_qparams: Any  # torch's (declared for the type checker)
-
     def forward(self, X: torch.Tensor) -> torch.Tensor:
         if not self._vectorized(X):
             return super().forward(X)  # type: ignore[misc]
-        if self.observer_enabled[0] == 1:  # torch's FakeQuantize.forward, as it is
-            self.activation_post_process(X.detach())
-            scale, zero_point = self.calculate_qparams()
-            scale, zero_point = scale.to(self.scale.device), zero_point.to(self.zero_point.device)
-            if self.scale.shape != scale.shape:
-                self.scale.resize_(scale.shape)
-                self.zero_point.resize_(zero_point.shape)
-            self.scale.copy_(scale)
-            self.zero_point.copy_(zero_point)
+        # torch's forward with its fake quantization switched off does the observing, as it is
+        self.fake_quant_enabled[0] = 0
+        try:
+            super().forward(X)  # type: ignore[misc]
+        finally:
+            self.fake_quant_enabled[0] = 1
         return self._fake_quantize(X)
 
 
