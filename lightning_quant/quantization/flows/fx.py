@@ -68,9 +68,11 @@ class FxFlow(TorchAoModels):
         if qat:
             _observe_row_weights(prepared)
         predicting = inference_inputs(forward_signature(model), example)
-        training_only = tuple(n for n in _left_out(prepared, predicting) if n not in _left_out(prepared, example))
+        passed = _left_out(prepared, example)
+        training_only = tuple(name for name in _left_out(prepared, predicting) if name not in passed)
         if training_only:  # labels handed to the model for its loss: the int8 model is called without them
-            _check_prediction_graph(model, prepared, predicting, training_only)
+            prepared.meta[_TRAINING_ONLY] = training_only
+            _check_prediction_graph(model, prepared, predicting)
         return fake_quantize_in_float32(prepared)
 
     def convert(self, prepared: nn.Module) -> nn.Module:
@@ -140,16 +142,16 @@ def drop_non_float_observers(prepared: torch.fx.GraphModule, example: ExampleInp
             interpreter.run(*_placeholder_values(prepared, example))
     except Exception:
         return prepared  # the graph's own run fails with torch's error, which says where
-    for node in interpreter.integer:
+    for node in interpreter.not_float:
         source = node.args[0]
         assert isinstance(source, torch.fx.Node), "an observer observes a node"
         node.replace_all_uses_with(source)
         prepared.graph.erase_node(node)
     used = {str(node.target) for node in prepared.graph.nodes if node.op == "call_module"}
-    for node in interpreter.integer:
+    for node in interpreter.not_float:
         if str(node.target) not in used and hasattr(prepared, str(node.target)):
             delattr(prepared, str(node.target))
-    if interpreter.integer:
+    if interpreter.not_float:
         prepared.recompile()
     return prepared
 
@@ -157,11 +159,11 @@ def drop_non_float_observers(prepared: torch.fx.GraphModule, example: ExampleInp
 class _PassingObservers(torch.fx.Interpreter):
     """Runs a prepared graph with its observer and fake-quantizer nodes passed over (each hands on its
     input: nothing observed), noting those that were handed anything but a floating-point tensor
-    (``integer``: an integer tensor, or a Python number such as a ``scale=2.0`` input)."""
+    (``not_float``: an integer tensor, or a Python number such as a ``scale=2.0`` input)."""
 
     def __init__(self, graph_module: torch.fx.GraphModule) -> None:
         super().__init__(graph_module)
-        self.integer: list[torch.fx.Node] = []
+        self.not_float: list[torch.fx.Node] = []
         self.observers = {  # (by target: FX shares one observer between an op's input and output, under two names)
             node
             for node in graph_module.graph.nodes
@@ -174,7 +176,7 @@ class _PassingObservers(torch.fx.Interpreter):
             return super().run_node(node)
         value = self.env[node.args[0]] if isinstance(node.args[0], torch.fx.Node) else node.args[0]
         if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
-            self.integer.append(node)
+            self.not_float.append(node)
         return value
 
 
@@ -220,9 +222,8 @@ def _placeholder_values(graph_module: torch.fx.GraphModule, example: ExampleInpu
 
 @dataclasses.dataclass
 class _Trace:
-    """What :func:`traced_as_called` saw: the inputs it fixed at ``None``, the type the forward returned."""
+    """What :func:`traced_as_called` saw: the type the forward returned."""
 
-    fixed: tuple[str, ...] = ()
     output_type: type | None = None
 
 
@@ -249,15 +250,15 @@ def traced_as_called(model: nn.Module, example: ExampleInputs) -> Iterator[_Trac
         yield trace
         return
     given = {p.name for p in params[: len(example.args)]} | set(example.kwargs)
-    trace.fixed = tuple(p.name for p in params if p.name not in given and p.default is None)
-    kept = [p for p in params if p.name not in trace.fixed]
+    fixed = [p.name for p in params if p.name not in given and p.default is None]
+    kept = [p for p in params if p.name not in fixed]
     defaults = {f"_default_{p.name}": p.default for p in kept if p.default is not inspect.Parameter.empty}
     declared = ["self"]
     for p in kept:
         if p.kind is inspect.Parameter.KEYWORD_ONLY and "*" not in declared:
             declared.append("*")
         declared.append(p.name if p.default is inspect.Parameter.empty else f"{p.name}=_default_{p.name}")
-    passed = [*(f"{p.name}={p.name}" for p in kept), *(f"{name}=None" for name in trace.fixed)]
+    passed = [*(f"{p.name}={p.name}" for p in kept), *(f"{name}=None" for name in fixed)]
     # FX reads a forward's inputs off its code object, so the forward it traces is written as code (from the
     # identifiers of the signature only), made by a factory so that what it uses are closure variables and
     # its globals can be those of the model's own forward, which FX patches while tracing (``math`` calls)
@@ -363,35 +364,29 @@ def _builds_output(node: torch.fx.Node) -> bool:
 
 
 def _leaving_out(value: Any, gone: set[torch.fx.Node]) -> Any:
+    """A node's arguments without the ``gone`` nodes: left out of a dict, ``None`` in a sequence."""
     if isinstance(value, torch.fx.Node):
         return None if value in gone else value
     if isinstance(value, dict):
         return {k: _leaving_out(v, gone) for k, v in value.items() if not (isinstance(v, torch.fx.Node) and v in gone)}
     if isinstance(value, (tuple, list)):
-        return (
-            type(value)(_leaving_out(v, gone) for v in value)
-            if isinstance(value, tuple)
-            else [_leaving_out(v, gone) for v in value]
-        )
+        return type(value)([_leaving_out(v, gone) for v in value])  # (FX's immutable list: a list)
     return value
 
 
-def _check_prediction_graph(
-    model: nn.Module, prepared: torch.fx.GraphModule, predicting: ExampleInputs, training_only: tuple[str, ...]
-) -> None:
-    """Mark ``prepared`` as traced with the training-only inputs ``training_only``. Its prediction graph
-    (:meth:`FxFlow.inference_view`) must compute what ``model`` computes called without them (a forward
-    that does something else when ``labels is None`` would differ): both are run in float on ``predicting``.
+def _check_prediction_graph(model: nn.Module, prepared: torch.fx.GraphModule, predicting: ExampleInputs) -> None:
+    """The prediction graph of ``prepared`` (:func:`prediction_graph`: without its training-only inputs) must
+    compute what ``model`` computes called without them (a forward that does something else when ``labels is
+    None`` would differ): both are run in float on ``predicting``.
 
     Raises:
         ValueError: they differ, or the graph cannot run without those inputs.
     """
-    prepared.meta[_TRAINING_ONLY] = training_only
+    training_only = list(prepared.meta[_TRAINING_ONLY])
     sliced = prediction_graph(prepared)
-    training = {module: module.training for module in model.modules()}
     try:
-        model.eval()
-        with torch.no_grad(), _float_run(prepared):
+        # (model first: the layers it shares with prepared get their modes back last, as the model had them)
+        with torch.no_grad(), _float_run(model), _float_run(prepared):
             expected = predicting(model)
             got = _PassingObservers(sliced).run(*_placeholder_values(sliced, predicting))
         wanted, computed = flat_tensors(expected), flat_tensors(got)
@@ -403,13 +398,10 @@ def _check_prediction_graph(
         same, why = False, f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     else:
         why = ""
-    finally:
-        for module, mode in training.items():
-            module.training = mode
     if not same:
         raise ValueError(
             f"the fx flow traced {type(model).__name__}.forward as the training step calls it, with "
-            f"{list(training_only)}, and that graph without them does not compute what the model computes "
+            f"{training_only}, and that graph without them does not compute what the model computes "
             f"called without them{why}: "
             'a trace cannot follow `if labels is None`. Use flow="pt2e" (it captures the int8 model from its '
             "own call), or compute the loss in the step from the model's outputs"
