@@ -283,7 +283,7 @@ class QuantizationCallback(Callback):
         ``stage``'s data (``"train"``, ``"val"``, ``"test"``) calls it on that batch. Everything that runs the
         float or int8 model on data (calibration, checks, the report, searches) reads batches through it."""
         calls = self._step_calls(pl_module, stage)
-        signature = self._signature or forward_signature(self.target(pl_module))
+        signature = self._written_signature(pl_module)
         return lambda batch: inference_inputs(signature, calls(batch))
 
     def targets_reader(self, pl_module: pl.LightningModule, stage: str) -> Callable[[Sequence[Any]], Any]:
@@ -291,8 +291,13 @@ class QuantizationCallback(Callback):
         after the inputs ``stage``'s step hands the quantized submodule, else its second item or a mapping's
         ``labels``."""
         calls = self._step_calls(pl_module, stage)
-        signature = self._signature or forward_signature(self.target(pl_module))
+        signature = self._written_signature(pl_module)
         return lambda batches: calls.targets(batches, signature)
+
+    def _written_signature(self, pl_module: pl.LightningModule) -> inspect.Signature:
+        """The quantized submodule's forward signature as written (a prepared graph's may name its inputs
+        otherwise): the one read when the example was taken, else the module's own."""
+        return self._signature or forward_signature(self.target(pl_module))
 
     def _step_calls(self, pl_module: pl.LightningModule, stage: str) -> StepCalls:
         """The reading of ``stage``'s step calling the quantized submodule (or ``batch_to_input``)."""
