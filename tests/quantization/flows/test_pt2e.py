@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import copy
+import operator
 
 import pytest
 import torch
@@ -444,3 +445,113 @@ def test_a_quantizer_that_fails_on_the_graph_is_named_with_where_and_the_ways_ou
         Pt2eExportError, match=r"Broken failed annotating the graph of TinyNet \(IndexError: list index"
     ):
         quantize(TinyNet().eval(), [(x,)], broken, progress=False)
+
+
+class TiedLM(nn.Module):
+    """Word and position embeddings, a Linear layer and a head that shares the word embeddings' weight, as a
+    decoder language model ties them."""
+
+    def __init__(self, vocab: int = 96, width: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(8, width)
+        self.fc = nn.Linear(width, width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc(self.embed(ids) + self.pos(torch.arange(ids.shape[1])))))
+
+
+def _table(int8: torch.fx.GraphModule, lookup: torch.fx.Node) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a lookup of ``int8`` reads: its int8 codes and per-row scales, or its float table and ``None``."""
+    weight = lookup.args[0]
+    if weight.op == "get_attr":
+        return operator.attrgetter(weight.target)(int8), None
+    assert weight.target is torch.ops.quantized_decomposed.dequantize_per_channel.default and weight.args[3] == 0
+    return operator.attrgetter(weight.args[0].target)(int8), operator.attrgetter(weight.args[1].target)(int8)
+
+
+def _rows_within_half_a_step(int8: torch.fx.GraphModule, table: torch.Tensor) -> None:
+    """``int8`` looks ``table`` up in int8 with one scale per row, each row within half its step of ``table``."""
+    (lookup,) = [
+        n
+        for n in int8.graph.nodes
+        if n.target is torch.ops.aten.embedding.default
+        and n.meta["val"].shape[-1] == 16
+        and _table(int8, n)[0].shape == table.shape
+    ]
+    codes, scales = _table(int8, lookup)
+    assert codes.dtype == torch.int8 and scales is not None and scales.shape == (table.shape[0],)
+    rows = codes.float() * scales[:, None]
+    assert ((rows - table).abs() <= scales[:, None] / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_x86_stores_embeddings_in_int8_rows_and_a_tied_head_reads_the_same_table(per_channel):
+    """The word and position tables are int8 with a scale per row (per_channel=False too: it is the Linear layers'
+    setting); the head that shares the word table reads the one int8 copy; the model stays close to float."""
+    from lightning_quant import Pt2eRecipe, quantize
+
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    batches = [(torch.randint(0, 96, (4, 8)),) for _ in range(4)]
+    int8 = quantize(model, batches, Pt2eRecipe("x86", per_channel=per_channel), progress=False)
+    assert flows.int8_layers(int8) == {"embed": "int8", "pos": "int8", "fc": "int8", "head": "int8"}
+    _rows_within_half_a_step(int8, model.embed.weight.detach())
+    _rows_within_half_a_step(int8, model.pos.weight.detach())
+    tables = [v for v in int8.state_dict().values() if tuple(v.shape) == (96, 16)]
+    # one int8 table for the lookup and the tied head; per tensor, the head's codes are another int8 table
+    assert [t.dtype for t in tables] == [torch.int8] * (1 if per_channel else 2)
+    held_out = torch.randint(0, 96, (16, 8))
+    with torch.no_grad():
+        assert mean_cosine(int8(held_out).flatten(0, 1), model(held_out).flatten(0, 1)) > 0.999
+    # the rows are the lookups' own (weight-only), not boundaries: the graph's float passes are as with float tables
+    float_tables = quantize(model, batches, Pt2eRecipe("x86", layers={"torch.nn.Embedding": "float"}), progress=False)
+    assert flows.boundaries(int8) == flows.boundaries(float_tables)
+
+
+@pytest.mark.parametrize("layers", [{"embed": "float"}, {"torch.nn.Embedding": "float"}], ids=["name", "type"])
+def test_a_rule_that_keeps_an_embedding_float_keeps_its_table_float(layers, recwarn):
+    from lightning_quant import Pt2eRecipe, quantize
+
+    torch.manual_seed(0)
+    model = TiedLM().eval()
+    model.head.weight = nn.Parameter(model.head.weight.detach().clone())  # untied: the head stays int8
+    batches = [(torch.randint(0, 96, (4, 8)),) for _ in range(4)]
+    int8 = quantize(model, batches, Pt2eRecipe("x86", layers=layers), progress=False)
+    floats = {"embed": "float"} if "embed" in layers else {"embed": "float", "pos": "float"}
+    assert flows.int8_layers(int8) == {"embed": "int8", "pos": "int8", "fc": "int8", "head": "int8"} | floats
+    lookups = {n.meta["val"].shape[-1]: n for n in int8.graph.nodes if n.target is torch.ops.aten.embedding.default}
+    tables = [_table(int8, n) for n in int8.graph.nodes if n.target is torch.ops.aten.embedding.default]
+    floats_read = [table for table, scales in tables if scales is None]
+    assert len(floats_read) == len(floats) and lookups
+    torch.testing.assert_close(
+        next(t for t in floats_read if t.shape == (96, 16)), model.embed.weight.detach(), rtol=0, atol=0
+    )
+    assert not [w for w in recwarn if "Unable to customize" in str(w.message)]  # the type rule is ours, not torchao's
+
+
+def test_qat_fake_quantizes_embedding_rows_and_converts_to_the_int8_table_it_trained():
+    torch.manual_seed(0)
+    model = TiedLM()
+    before = model.embed.weight.detach().clone()
+    ids = torch.randint(0, 96, (8, 8))
+    config = QuantizationConfig(flow="pt2e")
+    prepared = get_flow("pt2e").prepare(model, config, ExampleInputs((ids,)), qat=True)
+    optimizer = torch.optim.SGD(prepared.parameters(), lr=0.1)
+    for _ in range(3):
+        loss = F.cross_entropy(prepared(ids).flatten(0, 1), ids.roll(-1, 1).flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    (trained,) = [p.detach().clone() for p in prepared.parameters() if p.shape == (96, 16)]  # one: tied
+    assert not torch.equal(trained, before)  # the lookups' table is trained through QAT
+    assert any(int(getattr(f, "ch_axis", -1)) == 0 and tuple(f.scale.shape) == (96,) for f in fake_quantizers(prepared))
+    prepared.eval()
+    set_observers(prepared, False)
+    int8 = convert_copy(prepared, "pt2e", "x86")
+    assert flows.int8_layers(int8)["embed"] == "int8"
+    _rows_within_half_a_step(int8, trained)
+    with torch.no_grad():
+        torch.testing.assert_close(int8(ids), prepared(ids), rtol=0, atol=1e-4)

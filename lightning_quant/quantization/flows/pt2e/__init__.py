@@ -2,7 +2,8 @@
 and ``convert_pt2e`` with a backend quantizer.
 
 - ``backend="x86"``: torchao's ``X86InductorQuantizer`` (uint8 activations, int8 per-channel
-  weights); the converted model runs int8 kernels once ``torch.compile`` lowers it;
+  weights), with attention's score product and embeddings' rows in int8 too (:mod:`.x86`); the
+  converted model runs int8 kernels once ``torch.compile`` lowers it;
 - ``backend="xnnpack"``: ExecuTorch's ``XNNPACKQuantizer`` (int8 symmetric weights); the
   converted model lowers to XNNPACK in an ExecuTorch program (``export="executorch"``).
 
@@ -11,7 +12,8 @@ axis on integer inputs), from a batch of at least two, so the prepared model tak
 size; a model whose code fixes the batch size is refused at prepare, before any training.
 
 The package keeps its concerns apart: :mod:`.graph` (capture and the mode-following graph module),
-:mod:`.quantizers` (the backend quantizers with our observers and per-layer rules), :mod:`.repairs`
+:mod:`.quantizers` (the backend quantizers with our observers and per-layer rules; :mod:`.x86` and
+:mod:`.attention` the x86 one's parts beyond torchao's), :mod:`.repairs`
 (what quantizers and conversion leave wrong, and state carried between captures), :mod:`.inspection`
 (layers of a graph and their values) and :mod:`.compat` (torchao patches, feature-detected).
 """
@@ -34,6 +36,7 @@ from lightning_quant.quantization.config import Backend, Precision, Quantization
 from lightning_quant.quantization.flows.pt2e.compat import import_pt2e, quicker_conv_bn_folding
 from lightning_quant.quantization.flows.pt2e.graph import (
     COMPUTE,
+    LOOKUPS,
     Pt2eExportError,
     Pt2eGraphModule,
     as_pt2e_module,
@@ -269,22 +272,24 @@ class Pt2eFlow:
 
     def int8_layers(self, model: nn.Module) -> dict[str, str]:
         """Every compute node (conv, linear) of a converted graph: ``int8`` when its input and weight
-        come through dequantize nodes, else ``float``."""
+        come through dequantize nodes, else ``float``; and every embedding lookup: ``int8`` when its weight
+        does (weight-only: it reads indices)."""
         layers: dict[str, str] = {}
         for module in pt2e_modules(model):
             if not module.meta.get(Pt2eGraphModule.META, {}).get("converted"):
                 continue
             _, dequantize = quant_ops()
             for node in module.graph.nodes:
-                if node.op == "call_function" and node.target in COMPUTE:
-                    name = layer_name(node)
-                    if name is None:
-                        continue
-                    inputs = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
-                    quantized = len(inputs) == 2 and all(
-                        a.op == "call_function" and a.target in dequantize for a in inputs
-                    )
-                    layers[name] = "int8" if quantized else layers.get(name, "float")
+                if node.op != "call_function" or node.target not in (*COMPUTE, *LOOKUPS):
+                    continue
+                name = layer_name(node)
+                if name is None:
+                    continue
+                inputs = [a for a in node.args[: 1 if node.target in LOOKUPS else 2] if isinstance(a, torch.fx.Node)]
+                quantized = len(inputs) == (1 if node.target in LOOKUPS else 2) and all(
+                    a.op == "call_function" and a.target in dequantize for a in inputs
+                )
+                layers[name] = "int8" if quantized else layers.get(name, "float")
         return layers
 
     def output_steps(self, model: nn.Module, output: Any = None) -> list[float]:
@@ -301,10 +306,18 @@ class Pt2eFlow:
         ``torch.compile`` lowers it: Inductor folds the pairs around an int8 conv/linear and the ops
         fused into its output (an activation, a pooling or add that goes straight to quantize) into
         int8 kernels, so those are not counted as float; an op between a dequantize and a float
-        consumer stays a pass in float."""
+        consumer stays a pass in float. An embedding's int8 rows are part of its lookup (weight-only, as
+        torch.ao's int8 embedding module holds them), not a boundary: what follows a lookup is float as before."""
         from lightning_quant.quantization.flows.common import graph_boundaries
 
         quantize, dequantize = quant_ops()
+
+        def boundary(node: torch.fx.Node) -> bool:
+            return (
+                node.op == "call_function"
+                and node.target in dequantize
+                and not (node.users and all(u.target in LOOKUPS for u in node.users))
+            )
 
         def lowered(node: torch.fx.Node) -> bool:
             if node.target in COMPUTE:
@@ -318,7 +331,7 @@ class Pt2eFlow:
             found = graph_boundaries(
                 module.graph,
                 lambda node: node.op == "call_function" and node.target in quantize,
-                lambda node: node.op == "call_function" and node.target in dequantize,
+                boundary,
                 lambda node: str(getattr(node.target, "__name__", node.target)).split(".")[0],
                 lowered,
             )
@@ -335,13 +348,14 @@ class Pt2eFlow:
         assert isinstance(model, Pt2eGraphModule)
         wanted: dict[torch.fx.Node, tuple[str, str]] = {}
         for node in model.graph.nodes:
-            if node.op == "call_function" and node.target in COMPUTE:
+            if node.op == "call_function" and node.target in (*COMPUTE, *LOOKUPS):
                 name = layer_name(node)
                 if name in names and (name, "out") not in wanted.values():
-                    source = node.args[0]
+                    lookup = node.target in LOOKUPS  # its input is the indices, its output the rows it read
+                    source = node.args[1 if lookup else 0]
                     if isinstance(source, torch.fx.Node):
                         wanted.setdefault(source, (name, "in"))
-                    wanted[layer_end(node)] = (name, "out")
+                    wanted[node if lookup else layer_end(node)] = (name, "out")
         recorder = Recorder(model, wanted)
         recorder.run(*flat_inputs(model, inputs))
         result = {}

@@ -7,7 +7,8 @@ the softmax scale, to int8 with zero point 0, and runs each layer's attention as
 file with its attention in float ran 1.03-1.06x slower than NNCF's int8 in OpenVINO on an AMD EPYC with VNNI
 (``make bench``); with the product in int8 as below, as fast.
 
-:class:`AttentionScoresQuantizer` is the X86 quantizer with one step more on each side of its annotation:
+The x86 quantizer (:class:`~lightning_quant.quantization.flows.pt2e.x86.X86Quantizer`) takes one step more on each
+side of torchao's annotation:
 
 - before it, :func:`spell_out_attention` writes each ``scaled_dot_product_attention`` node as the ops it computes
   (the scaling of query and key, their product, the mask, softmax, dropout, the product with the values), the
@@ -16,8 +17,9 @@ file with its attention in float ran 1.03-1.06x slower than NNCF's int8 in OpenV
   padding) averages the values where torch's kernel returns zeros, and never NaN. A mask that is true
   everywhere, as Hugging Face's models build when called without ``attention_mask`` (``arange(n) >= 0``), is
   left out: it changes nothing and costs a select per score. Nodes with ``is_causal`` or ``enable_gqa`` stay;
-- after it, the two inputs of each score product it wrote are annotated as int8, symmetric per tensor, with the
-  setting's observer, unless the quantizer already annotated that product (a layer rule keeps it float).
+- after it, :func:`annotate_scores` annotates the two inputs of each score product it wrote as int8, symmetric per
+  tensor, with the setting's observer, unless the quantizer already annotated that product (a layer rule keeps it
+  float).
 
 The spelled-out attention runs in float where torch compiles the program (Inductor has no int8 kernel for it),
 measured no slower there than the fused kernel for MiniLM (0.88-1.0x its time).
@@ -33,7 +35,6 @@ import torch.fx
 from torch._guards import detect_fake_mode
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec
 from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
-from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
 _aten = torch.ops.aten
 _SDPA = _aten.scaled_dot_product_attention.default
@@ -149,37 +150,17 @@ def spell_out_attention(graph_module: torch.fx.GraphModule) -> int:
     return written
 
 
-class AttentionScoresQuantizer(X86InductorQuantizer):
-    """torchao's ``X86InductorQuantizer`` that also quantizes attention's score product to int8 (module docstring).
-
-    Args:
-        observer_or_fake_quant_ctr: the observer (post-training) or fake quantizer (QAT) of the two inputs; the
-            dtype (int8), range and per-tensor symmetric scheme are set here.
-    """
-
-    def __init__(self, observer_or_fake_quant_ctr: Any) -> None:
-        super().__init__()
-        self.scores_spec = QuantizationSpec(
-            dtype=torch.int8,
-            quant_min=-128,
-            quant_max=127,
-            qscheme=torch.per_tensor_symmetric,
-            is_dynamic=False,
-            observer_or_fake_quant_ctr=observer_or_fake_quant_ctr,
+def annotate_scores(graph_module: torch.fx.GraphModule, spec: QuantizationSpec) -> int:
+    """Annotate the two inputs of each score product :func:`spell_out_attention` wrote with ``spec`` (int8,
+    symmetric per tensor), unless the quantizer already annotated that product (a layer rule keeps it float);
+    returns how many were annotated."""
+    annotated = 0
+    for node in graph_module.graph.nodes:
+        if not node.meta.get(SCORES) or Q_ANNOTATION_KEY in node.meta:
+            continue
+        inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
+            input_qspec_map=dict.fromkeys(inputs, spec), _annotated=True
         )
-
-    def transform_for_annotation(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        model = super().transform_for_annotation(model)
-        spell_out_attention(model)
-        return model
-
-    def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
-        super().annotate(model)  # first: a rule that keeps a layer float marks its products annotated
-        for node in model.graph.nodes:
-            if not node.meta.get(SCORES) or Q_ANNOTATION_KEY in node.meta:
-                continue
-            inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
-            node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
-                input_qspec_map=dict.fromkeys(inputs, self.scores_spec), _annotated=True
-            )
-        return model
+        annotated += 1
+    return annotated

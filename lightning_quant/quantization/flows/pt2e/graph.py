@@ -38,6 +38,9 @@ COMPUTE = (
     _aten.linear.default,
 )
 
+#: lookups whose weight the x86 quantizer stores in int8 rows (weight-only: their input is indices)
+LOOKUPS = (_aten.embedding.default,)
+
 
 class Pt2eExportError(RuntimeError):
     """``torch.export`` could not capture the model; the message names the construct and the remedies."""

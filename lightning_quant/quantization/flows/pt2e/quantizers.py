@@ -95,10 +95,18 @@ def build_quantizer(model: nn.Module, config: QuantizationConfig, rules: LayerRu
     quantizer: Any
     global_config = quantization_config(config.backend, config.observer, config.per_channel, qat)
     if config.backend is Backend.X86:
-        from lightning_quant.quantization.flows.pt2e.attention import AttentionScoresQuantizer
+        from lightning_quant.quantization.flows.pt2e.x86 import X86Quantizer
 
-        # torchao's X86InductorQuantizer, and attention's score product in int8 with the activations' observer
-        quantizer = AttentionScoresQuantizer(global_config.input_activation.observer_or_fake_quant_ctr)
+        # torchao's X86InductorQuantizer, attention's score product in int8 with the activations' observer, and
+        # embeddings' rows in int8 (per row whatever per_channel says: see flows/pt2e/x86.py)
+        rows = quantization_config(config.backend, config.observer, True, qat).weight
+        embeddings = {
+            name: None if setting is not None and setting.precision is Precision.FLOAT else rows
+            for name, module in model.named_modules()
+            if isinstance(module, nn.Embedding)
+            for setting in (rules.setting_of(name, module),)
+        }
+        quantizer = X86Quantizer(global_config.input_activation.observer_or_fake_quant_ctr, embeddings)
         by_name, by_type = quantizer.set_module_name_qconfig, quantizer.set_module_type_qconfig
     else:
         from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer
@@ -109,5 +117,7 @@ def build_quantizer(model: nn.Module, config: QuantizationConfig, rules: LayerRu
     for name, setting in rules.names.items():
         by_name(name, setting_config(setting))
     for cls, setting in rules.types:
+        if config.backend is Backend.X86 and issubclass(cls, nn.Embedding):
+            continue  # the x86 quantizer's own part (above); torchao's would warn it cannot take the type
         by_type(cls, setting_config(setting))
     return quantizer
