@@ -31,6 +31,13 @@ NNCF's int8 of the same model). :func:`rewrite_for_serving` rewrites both, and o
   with it, 1.63 ms without, against 1.69 ms for NNCF's int8). It is dropped only where the scores are one
   ``MatMul`` plus at most a bias built of finite constants; a bias that may hold ``-inf`` keeps its guard.
 
+- **the file holds the int8 weights, their scales and the graph, little else.** A constant the exporter casts
+  where it is read (a pt2e program's per-channel zero points, int64 in the program, int8 where read) is stored in
+  the type it is read in; a weight's zero point of 0 everywhere is left out (what an absent one means, and the
+  form NNCF writes); the nodes' metadata (the exporter's record of each node's Python stack and module path) is
+  left out. all-MiniLM-L6-v2's file, its word embeddings in int8 rows, went from 23.8 MB to 22.97 MB (3.96x
+  smaller than fp32), with the same values bit for bit and the same program in OpenVINO.
+
 Each rewrite keeps the graph's tensor types consistent (a rewritten tensor's ``value_info`` says int8) and
 touches only pairs whose every use it can see: a pair another node reads is left as it is.
 """
@@ -278,6 +285,58 @@ def _unguarded_attention(g: _Graph) -> list[str]:
     return done
 
 
+def _folded_casts(g: _Graph) -> list[str]:
+    """Each ``Cast`` of an initializer replaced by the initializer in the cast's type. torch's exporter writes a
+    per-channel zero point of a pt2e program (int64 in the program) as an int64 initializer cast to int8 where
+    it is read: 8 bytes a row where 1 is read (244 KB of all-MiniLM-L6-v2's ONNX file, for its word embeddings)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    initializers = {init.name: init for init in g.graph.initializer}
+    done = []
+    for cast in [n for n in g.graph.node if n.op_type == "Cast" and n.input[0] in initializers]:
+        to = _cast_to(cast)
+        if to is None or cast.output[0] in g.outputs:
+            continue
+        value = numpy_helper.to_array(initializers[cast.input[0]])
+        typed = value.astype(helper.tensor_dtype_to_np_dtype(to))
+        if not np.array_equal(typed.astype(value.dtype), value):
+            continue  # the cast changes values (a float truncated, an integer wrapped): the runtime's to do
+        g.graph.initializer.append(numpy_helper.from_array(typed, cast.output[0]))
+        g.graph.node.remove(cast)
+        done.append(
+            f"{cast.input[0]}: {onnx.TensorProto.DataType.Name(initializers[cast.input[0]].data_type)} "
+            f"-> {onnx.TensorProto.DataType.Name(to)} initializer"
+        )
+    return done
+
+
+def _symmetric_weights(g: _Graph) -> list[str]:
+    """Drop the zero point of each int8 weight's ``DequantizeLinear`` where it is 0 everywhere (symmetric
+    weights: every pt2e/x86 and fx weight), which is what an absent one means: one byte an output channel or
+    embedding row, and the form NNCF writes its weights in."""
+    done = []
+    for dq in [n for n in g.graph.node if n.op_type == "DequantizeLinear" and len(n.input) == 3]:
+        weight, zero_point = g.values.get(dq.input[0]), g.values.get(dq.input[2])
+        if weight is None or zero_point is None or weight.dtype != np.int8 or zero_point.dtype != np.int8:
+            continue
+        if np.any(zero_point):
+            continue
+        del dq.input[2]
+        done.append(f"{dq.input[0]}: zero point 0 left out")
+    return done
+
+
+def _without_node_metadata(graph: onnx.GraphProto) -> list[str]:
+    """Drop the nodes' ``metadata_props``: torch's dynamo exporter records each node's Python stack, module path
+    and FX node there (600 KB of all-MiniLM-L6-v2's 23 MB ONNX file); no runtime reads them."""
+    kept = 0
+    for node in graph.node:
+        kept += len(node.metadata_props)
+        del node.metadata_props[:]
+    return [f"{kept} node metadata entries dropped"] if kept else []
+
+
 def rewrite_for_serving(model: onnx.ModelProto, codes: tuple[int, int] | None = None) -> list[str]:
     """Rewrite ``model``'s quantize/dequantize pairs in place (see the module's docstring); one line per rewrite.
 
@@ -289,6 +348,8 @@ def rewrite_for_serving(model: onnx.ModelProto, codes: tuple[int, int] | None = 
     done = _float_outputs(_Graph(graph))
     done += _signed_to_int8(_Graph(graph), codes or ALL_CODES)
     done += _unguarded_attention(_Graph(graph))
+    done += _folded_casts(_Graph(graph))
+    done += _symmetric_weights(_Graph(graph))
     if done:
         _drop_unused_constants(graph)
-    return done
+    return done + _without_node_metadata(graph)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -254,7 +255,8 @@ def test_attention_softmax_guard_is_dropped_where_the_exporter_made_the_mask_fin
     assert "IsNaN" in _ops(proto)
     before = _run_inputs(proto, inputs)
     done = rewrite_for_serving(proto)
-    assert len(done) == 1 and done[0].endswith("the NaN guard on its weights is dropped (its mask is finite)")
+    assert done[0].endswith("the NaN guard on its weights is dropped (its mask is finite)")
+    assert len(done) == 2 and re.fullmatch(r"[1-9][0-9]* node metadata entries dropped", done[1])  # the exporter's
     assert "IsNaN" not in _ops(proto) and _ops(proto).count("Softmax") == 1
     after = _run_inputs(proto, inputs)
     np.testing.assert_array_equal(after, before)
@@ -278,8 +280,64 @@ def test_attention_softmax_guard_is_kept_where_the_mask_may_be_minus_infinity():
     ]
     assert len(lowest) == 1  # the masked keys' bias
     lowest[0].CopyFrom(numpy_helper.from_array(np.array(-np.inf, dtype=np.float32), lowest[0].name))
-    assert rewrite_for_serving(proto) == []
+    assert [line for line in rewrite_for_serving(proto) if "metadata" not in line] == []
     assert "IsNaN" in _ops(proto)
     got = _run_inputs(proto, inputs)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
     assert np.all(got[1, 0, 4] == 0)
+
+
+def _weight_graph(zero_point: list[int], zero_point_type: int = TensorProto.INT64) -> onnx.ModelProto:
+    """x @ DequantizeLinear(W int8, per-row scales, Cast(zero point) to int8): a per-channel weight as torch's
+    dynamo exporter writes a pt2e program's (its zero points int64 in the program), with node metadata."""
+    weight = np.array([[1, -2, 3, 4], [-5, 6, 7, -8], [9, 10, -11, 12], [13, 14, 15, -16]], dtype=np.int8)
+    initializers = [
+        onnx.numpy_helper.from_array(weight, "w"),
+        onnx.numpy_helper.from_array(np.array([0.1, 0.2, 0.3, 0.4], dtype=np.float32), "s"),
+        helper.make_tensor("z64", zero_point_type, [4], zero_point),
+    ]
+    matmul = helper.make_node("MatMul", ["x", "wf"], ["y"])
+    matmul.metadata_props.add(key="pkg.torch.onnx.stack_trace", value="File model.py, line 1, in forward")
+    nodes = [
+        helper.make_node("Cast", ["z64"], ["z"], to=TensorProto.INT8),
+        helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wf"], axis=0),
+        matmul,
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "weight",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        initializer=initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_cast_zero_point_is_stored_in_int8_and_a_symmetric_weights_zero_point_is_left_out():
+    model = _weight_graph([0, 0, 0, 0])
+    x = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    before = _run(copy.deepcopy(model), x)
+    size = model.ByteSize()
+    done = rewrite_for_serving(model)
+    assert done == ["z64: INT64 -> INT8 initializer", "w: zero point 0 left out", "1 node metadata entries dropped"]
+    assert [n.op_type for n in model.graph.node] == ["DequantizeLinear", "MatMul"]
+    assert list(model.graph.node[0].input) == ["w", "s"]
+    assert not any(node.metadata_props for node in model.graph.node)
+    assert sorted(i.name for i in model.graph.initializer) == ["s", "w"]  # the unread zero points are gone
+    np.testing.assert_array_equal(_run(model, x), before)  # the same values, bit for bit
+    assert model.ByteSize() < size - 4 * 8 - 20
+
+
+def test_a_nonzero_zero_point_is_kept_and_a_cast_that_changes_values_is_left_to_the_runtime():
+    model = _weight_graph([0, 1, 0, -1])
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(np.float32)
+    before = _run(copy.deepcopy(model), x)
+    assert rewrite_for_serving(model)[:1] == ["z64: INT64 -> INT8 initializer"]
+    zero_points = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    np.testing.assert_array_equal(zero_points["z"], np.array([0, 1, 0, -1], dtype=np.int8))
+    assert len(model.graph.node[0].input) == 3  # read: it is not 0 everywhere
+    np.testing.assert_array_equal(_run(model, x), before)
+
+    wrapping = _weight_graph([0, 300, 0, 0])  # int8 cannot hold 300: the Cast stays as it is
+    assert not any("INT8 initializer" in line for line in rewrite_for_serving(wrapping))
+    assert [n.op_type for n in wrapping.graph.node] == ["Cast", "DequantizeLinear", "MatMul"]
