@@ -285,9 +285,11 @@ def add_pt2e_paths(case: Case, folder: Path, example: ExampleInputs, compiled_na
     case.paths[compiled_name] = compiled(program)
     # its ONNX file (export="onnx": torch.onnx's dynamo exporter), served by OpenVINO in add_peer_paths
     export_int8(lambda engine: program, [ExportTarget.ONNX], folder / "pt2e", example, Backend.X86)
+    case.sizes["our pt2e ONNX file"] = (folder / "pt2e" / "model_int8.onnx").stat().st_size
     aoti = aoti_runner(program, example, folder)
     if aoti is not None:
         case.paths["ours: pt2e/x86 AOTInductor package"] = aoti
+        case.sizes["our AOTInductor package"] = (folder / "aoti" / "model_int8_aoti.pt2").stat().st_size
     else:
         case.notes.append(
             "our AOTInductor package of this model was refused by the export check (see the exports page)"
