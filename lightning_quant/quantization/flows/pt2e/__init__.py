@@ -285,8 +285,10 @@ class Pt2eFlow:
                 name = layer_name(node)
                 if name is None:
                     continue
-                inputs = [a for a in node.args[: 1 if node.target in LOOKUPS else 2] if isinstance(a, torch.fx.Node)]
-                quantized = len(inputs) == (1 if node.target in LOOKUPS else 2) and all(
+                # a layer's input and weight; a lookup's weight only (its input is indices)
+                reads = 1 if node.target in LOOKUPS else 2
+                inputs = [a for a in node.args[:reads] if isinstance(a, torch.fx.Node)]
+                quantized = len(inputs) == reads and all(
                     a.op == "call_function" and a.target in dequantize for a in inputs
                 )
                 layers[name] = "int8" if quantized else layers.get(name, "float")
