@@ -343,14 +343,16 @@ def _aoti_bytes(model: nn.Module, example: ExampleInputs, backend: Backend) -> t
 
     It is compiled without gradients and with freezing on: only then does Inductor fold the weights and replace the
     quantize/dequantize pairs around each convolution and linear layer by its int8 kernels (with gradients on it
-    keeps them as float convolutions, slower than fp32)."""
+    keeps them as float convolutions, slower than fp32). It is compiled without line tables (the ``-g1`` debug
+    sections Inductor adds for profilers' stack traces), which were 1.2 MB of a 1M-parameter CNN's 2.6 MB package."""
     import tempfile
 
     import torch._inductor.config as inductor_config
 
     program = export_program(model, example)
+    settings = {"freezing": True, "aot_inductor.enable_line_tables": False}
     with tempfile.TemporaryDirectory() as folder:
-        with inductor_config.patch(freezing=True), torch.no_grad(), known_torch_warnings_silenced():
+        with inductor_config.patch(settings), torch.no_grad(), known_torch_warnings_silenced():
             path = torch._inductor.aoti_compile_and_package(program, package_path=os.path.join(folder, "model.pt2"))
         return Path(path).read_bytes(), _load_aoti
 
