@@ -12,7 +12,7 @@
   it) keeps its weight float.
 
 Where the program is compiled (``torch.compile``, an AOTInductor package), Inductor keeps the int8 table and reads
-the rows a call looks up in one fused kernel: MiniLM's AOTInductor package went from 61.8 MB to 26.5 MB. A head
+the rows a call looks up in one fused kernel: MiniLM's AOTInductor package went from 61.8 MB to 24.9 MB. A head
 tied to the embeddings keeps its own int8 copy (:func:`_lookups_read_their_own_weight_node`).
 """
 
