@@ -286,28 +286,25 @@ def _unguarded_attention(g: _Graph) -> list[str]:
 
 
 def _folded_casts(g: _Graph) -> list[str]:
-    """Each ``Cast`` of an initializer replaced by the initializer in the cast's type. torch's exporter writes a
+    """Each ``Cast`` of a constant replaced by an initializer in the cast's type. torch's exporter writes a
     per-channel zero point of a pt2e program (int64 in the program) as an int64 initializer cast to int8 where
     it is read: 8 bytes a row where 1 is read (244 KB of all-MiniLM-L6-v2's ONNX file, for its word embeddings)."""
     import onnx
     from onnx import helper, numpy_helper
 
-    initializers = {init.name: init for init in g.graph.initializer}
     done = []
-    for cast in [n for n in g.graph.node if n.op_type == "Cast" and n.input[0] in initializers]:
+    for cast in [n for n in g.graph.node if n.op_type == "Cast" and n.input[0] in g.values]:
         to = _cast_to(cast)
         if to is None or cast.output[0] in g.outputs:
             continue
-        value = numpy_helper.to_array(initializers[cast.input[0]])
+        value = g.values[cast.input[0]]
         typed = value.astype(helper.tensor_dtype_to_np_dtype(to))
         if not np.array_equal(typed.astype(value.dtype), value):
             continue  # the cast changes values (a float truncated, an integer wrapped): the runtime's to do
         g.graph.initializer.append(numpy_helper.from_array(typed, cast.output[0]))
         g.graph.node.remove(cast)
-        done.append(
-            f"{cast.input[0]}: {onnx.TensorProto.DataType.Name(initializers[cast.input[0]].data_type)} "
-            f"-> {onnx.TensorProto.DataType.Name(to)} initializer"
-        )
+        source = onnx.TensorProto.DataType.Name(helper.np_dtype_to_tensor_dtype(value.dtype))
+        done.append(f"{cast.input[0]}: {source} -> {onnx.TensorProto.DataType.Name(to)} initializer")
     return done
 
 

@@ -150,11 +150,9 @@ def spell_out_attention(graph_module: torch.fx.GraphModule) -> int:
     return written
 
 
-def annotate_scores(graph_module: torch.fx.GraphModule, spec: QuantizationSpec) -> int:
+def annotate_scores(graph_module: torch.fx.GraphModule, spec: QuantizationSpec) -> None:
     """Annotate the two inputs of each score product :func:`spell_out_attention` wrote with ``spec`` (int8,
-    symmetric per tensor), unless the quantizer already annotated that product (a layer rule keeps it float);
-    returns how many were annotated."""
-    annotated = 0
+    symmetric per tensor), unless the quantizer already annotated that product (a layer rule keeps it float)."""
     for node in graph_module.graph.nodes:
         if not node.meta.get(SCORES) or Q_ANNOTATION_KEY in node.meta:
             continue
@@ -162,5 +160,3 @@ def annotate_scores(graph_module: torch.fx.GraphModule, spec: QuantizationSpec) 
         node.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
             input_qspec_map=dict.fromkeys(inputs, spec), _annotated=True
         )
-        annotated += 1
-    return annotated

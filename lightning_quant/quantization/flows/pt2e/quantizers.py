@@ -100,11 +100,15 @@ def build_quantizer(model: nn.Module, config: QuantizationConfig, rules: LayerRu
         # torchao's X86InductorQuantizer, attention's score product in int8 with the activations' observer, and
         # embeddings' rows in int8 (per row whatever per_channel says: see flows/pt2e/x86.py)
         rows = quantization_config(config.backend, config.observer, True, qat).weight
+
+        def kept_float(name: str, module: nn.Module) -> bool:
+            setting = rules.setting_of(name, module)
+            return setting is not None and setting.precision is Precision.FLOAT
+
         embeddings = {
-            name: None if setting is not None and setting.precision is Precision.FLOAT else rows
+            name: None if kept_float(name, module) else rows
             for name, module in model.named_modules()
             if isinstance(module, nn.Embedding)
-            for setting in (rules.setting_of(name, module),)
         }
         quantizer = X86Quantizer(global_config.input_activation.observer_or_fake_quant_ctr, embeddings)
         by_name, by_type = quantizer.set_module_name_qconfig, quantizer.set_module_type_qconfig

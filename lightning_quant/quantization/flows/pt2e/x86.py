@@ -32,14 +32,14 @@ from lightning_quant.quantization.flows.pt2e.attention import annotate_scores, s
 _EMBEDDING = torch.ops.aten.embedding.default
 
 
-def _lookups_read_their_own_weight_node(graph_module: torch.fx.GraphModule) -> int:
+def _lookups_read_their_own_weight_node(graph_module: torch.fx.GraphModule) -> None:
     """Give each lookup whose weight another node reads too (a head tied to the embeddings) its own ``get_attr``
-    node of the same parameter; returns how many. pt2e quantizes one node's value once for all the readers whose
+    node of the same parameter. pt2e quantizes one node's value once for all the readers whose
     specs match, so a tied head and its lookup would read one int8 table, and Inductor packs a weight for its
     int8 linear kernel only when nothing else reads it: the compiled head became a float matmul over the whole
     table, dequantized at every call. Apart, the head's weight is packed for the int8 kernel and the lookup reads
     rows of its own copy (a second int8 table in the files: 2 bytes a parameter where float was 4)."""
-    split = 0
+    split = False
     for node in list(graph_module.graph.nodes):
         if node.op != "call_function" or node.target is not _EMBEDDING:
             continue
@@ -50,10 +50,9 @@ def _lookups_read_their_own_weight_node(graph_module: torch.fx.GraphModule) -> i
             own = graph_module.graph.get_attr(str(weight.target))
         own.meta.update(weight.meta)
         node.replace_input_with(weight, own)
-        split += 1
+        split = True
     if split:
         graph_module.recompile()
-    return split
 
 
 class X86Quantizer(X86InductorQuantizer):
